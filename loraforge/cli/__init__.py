@@ -1,0 +1,47 @@
+"""The `loraforge` command line: a click group whose sub-commands are imported lazily.
+
+Each command lives in its own module under loraforge/cli/ and stays thin: parse the flags, build a
+config, call the library, print the result. Commands are loaded only when invoked, so
+`loraforge --help` and `loraforge init` do not pay for importing what other commands need.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute" of the click command; one line per command.
+COMMANDS: dict[str, str] = {
+    "init": "loraforge.cli.init_cmd:init",
+}
+
+HELP_SUMMARY: dict[str, str] = {
+    "init": "Initialise a LoRA adapter directory from a pretrained model.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        # Show one-line summaries without importing every command module.
+        rows = [(name, HELP_SUMMARY.get(name, "")) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="loraforge")
+def main():
+    """loraforge: LoRA initialisations for RL with verifiable rewards (DAPO, GRPO).
+
+    Run `loraforge COMMAND --help` for the flags of each command.
+    """
