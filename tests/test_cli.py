@@ -1,0 +1,155 @@
+"""`loraforge init` through click's CliRunner, bad input included, and once through the installed script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from loraforge.cli import main
+from loraforge.methods import METHODS
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_init_writes_adapter_and_prints_a_summary(tiny_models, tmp_path):
+    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 4, "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert "rlpo r=4: 14 modules in" in res.output and str(tmp_path / "out") in res.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_method_choices_come_from_the_registry():
+    res = invoke("init", "--help")
+    assert "[" + "|".join(METHODS) + "]" in res.output.replace("\n", "").replace(" ", "")
+
+
+def test_unknown_method_is_a_usage_error(tiny_models, tmp_path):
+    res = invoke("init", tiny_models["llama"], "--method", "qlora", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "qlora" in res.output and "rlpo" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/model"], "No such directory: /nonexistent/model"),
+    (["no-such-org/no-such-model"], "not in the local cache"),
+])
+def test_missing_model_says_so(tmp_path, args, message):
+    res = invoke("init", *args, "--method", "rlpo", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and message in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_directory_without_weights(tiny_models, tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    shutil.copy(tiny_models["llama"] / "config.json", d)
+    res = invoke("init", d, "--method", "rlpo", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "has no weights" in res.output and "config.json" in res.output
+
+
+def test_rank_too_large_names_the_module_and_its_shape(tiny_models, tmp_path):
+    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 40, "-o", tmp_path / "o")
+    # k_proj is 32 x 64 (2 kv heads x 16), the first module with min dimension < 40.
+    assert res.exit_code == 1
+    assert "-r 40 is larger than module model.layers.0.self_attn.k_proj allows: its weight is 32 x 64" in res.output
+
+
+def test_rank_above_numerical_rank_is_refused(tmp_path):
+    from conftest import build_tiny, make_tokenizer
+
+    model = build_tiny("llama")
+    with torch.no_grad():  # make one weight rank 2
+        w = model.model.layers[1].mlp.up_proj.weight
+        w.copy_(w[:, :2] @ torch.randn(2, w.shape[1]))
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    res = invoke("init", tmp_path / "m", "--method", "rlmo", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "model.layers.1.mlp.up_proj (96 x 64) has numerical rank 2" in res.output
+
+
+def test_target_modules_that_match_nothing_list_the_linear_modules(tiny_models, tmp_path):
+    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 4, "--target-modules", "qkv", "-o", tmp_path / "o")
+    assert res.exit_code == 1
+    assert "No modules match ['qkv'] in LlamaForCausalLM. Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in res.output
+
+
+def test_layers_out_of_range(tiny_models, tmp_path):
+    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 4, "--layers", "5-9", "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "the model's layers are 0-1" in res.output
+
+
+def test_existing_out_needs_overwrite(tiny_models, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 4, "-o", out)
+    assert res.exit_code == 1 and "already exists. Pass --overwrite" in res.output
+    assert (out / "keep.txt").read_text() == "mine"
+    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 4, "-o", out, "--overwrite")
+    assert res.exit_code == 0 and not (out / "keep.txt").exists()
+
+
+def test_out_cannot_be_the_model_directory(tiny_models, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    res = invoke("init", model, "--method", "rlpo", "-r", 4, "-o", model, "--overwrite")
+    assert res.exit_code == 1 and "source model directory" in res.output
+    assert (model / "config.json").exists()
+
+
+def test_non_finite_weights_name_the_module(tmp_path):
+    from conftest import build_tiny
+
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    res = invoke("init", tmp_path / "m", "--method", "lora", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "model.layers.0.mlp.gate_proj has non-finite weights" in res.output
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
+
+
+def test_fast_svd_is_refused_for_bottom_r_methods(tiny_models, tmp_path):
+    res = invoke("init", tiny_models["llama"], "--method", "rlmo", "-r", 4, "--svd", "fast", "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "needs the bottom of the spectrum" in res.output
+
+
+def test_fast_svd_for_principal_methods(tiny_models, tmp_path):
+    res = invoke("init", tiny_models["llama"], "--method", "pissa", "-r", 4, "--svd", "fast", "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "loraforge.json").read_text())["svd"] == "fast"
+
+
+def test_interruption_leaves_the_previous_result(tiny_models, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert invoke("init", tiny_models["qwen2"], "--method", "rlpo", "-r", 4, "-o", out).exit_code == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+
+    import loraforge.writers
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loraforge.writers, "write_residual_base", interrupted)
+    res = invoke("init", tiny_models["qwen2"], "--method", "pissa", "-r", 4, "-o", out, "--overwrite")
+    assert res.exit_code == 1 and "Aborted" in res.output  # click's answer to Ctrl-C
+    assert (out / "adapter_model.safetensors").read_bytes() == before  # the old, complete rlpo adapter
+    assert json.loads((out / "loraforge.json").read_text())["method"] == "rlpo"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no partial directory left behind
+
+
+def test_installed_console_script_and_python_m(tiny_models, tmp_path):
+    exe = shutil.which("loraforge") or str(__import__("pathlib").Path(sys.executable).parent / "loraforge")
+    res = subprocess.run([exe, "init", str(tiny_models["gpt2"]), "--method", "olora", "-r", "4", "-o", str(tmp_path / "a")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "olora r=4: 8 modules" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "loraforge", "init", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--method" in res.stdout

@@ -1,0 +1,185 @@
+"""End to end: init_adapter on tiny checkpoints, loaded back with PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loraforge import LoraforgeError
+from loraforge.init import InitConfig, init_adapter, init_model
+from loraforge.methods import METHODS
+
+from conftest import TINY, build_tiny
+
+ARCHS = list(TINY)
+PROBE = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model_dir, adapter=None, dtype=torch.float32):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    with torch.no_grad():
+        return model(PROBE).logits.double()
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def original_logits(tiny_models):
+    return {arch: logits(path) for arch, path in tiny_models.items()}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_round_trip_gives_the_original_logits(tiny_models, original_logits, tmp_path, arch, method):
+    spec = METHODS[method]
+    out = tmp_path / "adapter"
+    result = init_adapter(str(tiny_models[arch]), out, InitConfig(method=method, r=4, base_dtype="float32"))
+    base = out / "base" if spec.residual else tiny_models[arch]
+    got = logits(base, out)
+    if spec.residual:
+        # float32 residual base: the only error is float32 rounding of W0 - s*B0 A0.
+        assert rel_err(got, original_logits[arch]) < 1e-5
+    else:
+        assert torch.equal(got, original_logits[arch])  # B0 = 0: exactly the original model
+    assert (out / "base").exists() == spec.residual
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] is True
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["fan_in_fan_out"] == (arch == "gpt2")
+    manifest = json.loads((out / "loraforge.json").read_text())
+    assert manifest["method"] == method and manifest["scaling"] == 2.0
+    assert len(manifest["modules"]) == result.modules > 0
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_bf16_base_error_is_reported_and_bounded(tiny_models, original_logits, tmp_path, method):
+    # The llama fixture is a bf16 checkpoint; base_dtype auto keeps bf16 for the residual.
+    out = tmp_path / "a"
+    result = init_adapter(str(tiny_models["llama"]), out, InitConfig(method=method, r=4))
+    assert result.manifest["dtypes"]["base"] == "bfloat16"
+    rel = result.manifest["summary"]["recon_rel_max"]
+    assert 1e-4 < rel < 1e-2  # bf16 rounding of the residual: ~3 significant digits
+    assert rel_err(logits(out / "base", out), original_logits["llama"]) < 2e-2
+
+
+def test_manifest_records_norms_errors_and_hashes(tiny_models, tmp_path):
+    out = tmp_path / "a"
+    init_adapter(str(tiny_models["qwen2"]), out, InitConfig(method="pissa", r=4, alpha=16, base_dtype="float32"))
+    m = json.loads((out / "loraforge.json").read_text())
+    assert m["alpha"] == 16 and m["scaling"] == 4.0 and m["seed"] == 0
+    assert m["source"]["local"] is True and m["base"] == "base"
+    assert m["dtypes"] == {"adapter": "float32", "base": "float32", "source": "float32"}
+    assert set(m["versions"]) >= {"torch", "transformers", "peft"}
+    q = m["modules"]["model.layers.0.self_attn.q_proj"]
+    assert q["shape"] == [64, 64] and q["rank"] == 64
+    # PiSSA: s*B0 A0 is the rank-4 SVD part, so update_norm = sqrt(sum of top-4 sigma^2) and
+    # init_norm = update_norm / s.
+    assert q["init_norm"] == pytest.approx(q["update_norm"] / 4.0)
+    assert 0 < q["recon_rel"] < 1e-6
+    import hashlib
+
+    for rel, digest in m["files"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest
+    assert any(k.startswith("base/") for k in m["files"])
+
+
+def test_pissa_update_norm_equals_top_singular_energy(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "a"
+    init_adapter(str(tiny_models["llama-tied"]), out, InitConfig(method="pissa", r=3))
+    m = json.loads((out / "loraforge.json").read_text())
+    W = AutoModelForCausalLM.from_pretrained(tiny_models["llama-tied"]).model.layers[1].mlp.down_proj.weight.detach().double()
+    S = torch.linalg.svdvals(W)
+    assert m["modules"]["model.layers.1.mlp.down_proj"]["update_norm"] == pytest.approx(float(S[:3].norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["rlpo", "pissa", "wavelet"])
+def test_same_command_twice_gives_byte_identical_files(tiny_models, tmp_path, method):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        init_adapter(str(tiny_models["qwen2"]), out, InitConfig(method=method, r=4))
+    for name in ["adapter_model.safetensors", "adapter_config.json"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    if METHODS[method].residual:
+        for f in (a / "base").glob("*.safetensors"):
+            assert f.read_bytes() == (b / "base" / f.name).read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_streaming_and_in_memory_paths_write_identical_adapters(tiny_models, tmp_path, arch):
+    streamed, loaded = tmp_path / "s", tmp_path / "m"
+    cfg = dict(method="milora", r=4, base_dtype="float32")
+    r1 = init_adapter(str(tiny_models[arch]), streamed, InitConfig(**cfg))
+    r2 = init_adapter(str(tiny_models[arch]), loaded, InitConfig(**cfg), device_map="cpu")
+    assert (r1.manifest["path"], r2.manifest["path"]) == ("streaming", "in-memory")
+    assert (streamed / "adapter_model.safetensors").read_bytes() == (loaded / "adapter_model.safetensors").read_bytes()
+    ref = logits(streamed / "base", streamed)
+    torch.testing.assert_close(logits(loaded / "base", loaded), ref, rtol=0, atol=0)
+
+
+def test_init_model_in_memory_returns_a_ready_peft_model():
+    from peft import PeftModel
+
+    model = build_tiny("llama").float()
+    model.name_or_path = "tiny-llama"
+    with torch.no_grad():
+        ref = model(PROBE).logits
+    peft_model = init_model(model, InitConfig(method="pissa", r=4))
+    assert isinstance(peft_model, PeftModel)
+    with torch.no_grad():
+        got = peft_model(PROBE).logits
+    assert rel_err(got.double(), ref.double()) < 1e-5
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B["default"].weight.abs().sum() > 0  # PiSSA's B0 != 0 was copied in
+
+
+def test_layers_and_target_modules_select_modules(tiny_models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "a"
+    r = init_adapter(str(tiny_models["llama-tied"]), out,
+                     InitConfig(method="rlpo", r=2, target_modules=["q_proj", "v_proj"], layers=[0, 2]))
+    assert sorted(r.manifest["modules"]) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 2) for p in ("q_proj", "v_proj")]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama-tied"]), out)
+    wrapped = sorted(n.removesuffix(".lora_A") for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    assert wrapped == sorted("base_model.model." + n for n in r.manifest["modules"])
+
+
+def test_default_targets_are_all_linear_but_the_head(tiny_models, tmp_path):
+    r = init_adapter(str(tiny_models["llama"]), tmp_path / "a", InitConfig(method="lora", r=2))
+    assert len(r.manifest["modules"]) == 2 * 7 and not any("lm_head" in k for k in r.manifest["modules"])
+    assert r.manifest["alpha"] == 4.0  # alpha defaults to 2r
+
+
+def test_hub_id_resolves_through_the_huggingface_cache(tiny_models, tmp_path, monkeypatch):
+    """The real huggingface_hub code path, offline, against a cache laid out as the Hub client does."""
+    import shutil
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snap = repo / "snapshots" / sha
+    shutil.copytree(tiny_models["llama"], snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    r = init_adapter("tiny-org/tiny-llama", tmp_path / "a", InitConfig(method="rlpo", r=2))
+    assert r.manifest["source"] == {"model_id": "tiny-org/tiny-llama", "revision": sha, "local": False}
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny-org/tiny-llama"
+    with pytest.raises(LoraforgeError, match="not in the local cache"):
+        init_adapter("tiny-org/absent", tmp_path / "b", InitConfig(method="rlpo", r=2))

@@ -1,0 +1,189 @@
+"""Golden tests of every method's math against an independent float64 numpy reference.
+
+We compare products that do not depend on the sign ambiguity of singular vectors: s*B0 A0 (the
+initial update), projectors A0^T A0, and residuals W - s*B0 A0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loraforge.linalg import RANK_EPS, exact_spectrum, fast_spectrum
+from loraforge.methods import METHODS, MethodInput, dct_rows, haar
+
+SHAPES = [(24, 16), (16, 24), (20, 20)]  # tall, wide (Gram on the other side), square
+
+
+def make_matrix(m: int, n: int, rank: int | None = None, seed: int = 0) -> np.ndarray:
+    """W = U diag(S) V^T with well-separated singular values (geometric 10 -> 0.05), and exact zeros
+    beyond RANK when given, so the reference subspaces are unambiguous."""
+    rng = np.random.default_rng(seed)
+    k = min(m, n)
+    U, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    S = np.geomspace(10.0, 0.05, k)
+    if rank is not None:
+        S[rank:] = 0.0
+    return (U * S) @ V.T
+
+
+def reference(W: np.ndarray, r: int, which: str):
+    """(U_sel, S_sel, V_sel) of the top r or the bottom r NONZERO singular triplets, via np.linalg.svd."""
+    U, S, Vt = np.linalg.svd(W, full_matrices=False)
+    k = int((S > max(W.shape) * RANK_EPS * S[0]).sum())
+    sel = slice(0, r) if which == "top" else slice(k - r, k)
+    return U[:, sel], S[sel], Vt[sel].T
+
+
+def run(method: str, W: np.ndarray, r: int, scaling: float, seed: int = 7):
+    spec = METHODS[method]
+    Wt = torch.from_numpy(W).unsqueeze(0)
+    spectrum = exact_spectrum(Wt, r, spec.spectrum) if spec.spectrum else None
+    A, B = spec.init(MethodInput(W=Wt, r=r, scaling=scaling, spectrum=spectrum, seeds=[seed]))
+    assert A.shape == (1, r, W.shape[1]) and B.shape == (1, W.shape[0], r)
+    assert A.dtype == B.dtype == torch.float64
+    return A[0].numpy(), B[0].numpy()
+
+
+def expected_update(method: str, W: np.ndarray, r: int, scaling: float) -> np.ndarray:
+    """s * B0 A0 as the method's formula says it should be."""
+    spec = METHODS[method]
+    if not spec.residual:
+        return np.zeros_like(W)
+    U, S, V = reference(W, r, spec.spectrum)
+    if method in ("pissa", "milora"):
+        return (U * S) @ V.T  # S divided by s inside the factors, times s outside: the SVD part itself
+    return scaling * U @ V.T  # olora, olora-tail: B0 A0 = U V^T
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("method", list(METHODS))
+def test_update_and_residual_match_reference(method, shape):
+    W = make_matrix(*shape)
+    r, scaling = 4, 2.0  # alpha = 8, r = 4
+    A, B = run(method, W, r, scaling)
+    update = scaling * B @ A
+    np.testing.assert_allclose(update, expected_update(method, W, r, scaling), atol=1e-10)
+    np.testing.assert_allclose(W - update, W - expected_update(method, W, r, scaling), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", [m for m, s in METHODS.items() if s.spectrum])
+def test_A0_spans_the_chosen_right_singular_subspace(method):
+    W = make_matrix(24, 16, seed=1)
+    r = 5
+    A, _ = run(method, W, r, scaling=1.0)
+    _, _, V = reference(W, r, METHODS[method].spectrum)
+    # Projector onto A0's row space equals V V^T (sign-free comparison).
+    Q, _ = np.linalg.qr(A.T)
+    np.testing.assert_allclose(Q @ Q.T, V @ V.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", [m for m, s in METHODS.items() if s.orthonormal])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_orthonormal_methods_have_orthonormal_rows_and_zero_B(method, shape):
+    W = make_matrix(*shape)
+    A, B = run(method, W, 6, scaling=2.0)
+    np.testing.assert_allclose(A @ A.T, np.eye(6), atol=1e-12)
+    assert not B.any()
+    # And in float32, as stored: A0 A0^T = I to float32 precision.
+    A32 = torch.from_numpy(A).float()
+    torch.testing.assert_close(A32 @ A32.T, torch.eye(6), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", [m for m, s in METHODS.items() if s.spectrum == "bottom"])
+def test_bottom_r_skips_exact_zero_singular_values(method):
+    # Rank 10 in a 24 x 16 matrix: the bottom 3 NONZERO directions are singular values 8, 9, 10 (1-based).
+    W = make_matrix(24, 16, rank=10, seed=2)
+    A, B = run(method, W, 3, scaling=1.0)
+    U, S, Vt = np.linalg.svd(W)
+    V_minor = Vt[7:10].T  # the 8th..10th right singular vectors
+    Q, _ = np.linalg.qr(A.T)
+    np.testing.assert_allclose(Q @ Q.T, V_minor @ V_minor.T, atol=1e-9)
+    # A0 is orthogonal to the null space (directions 11..16) of W.
+    assert np.abs(A @ Vt[10:].T).max() < 1e-9
+
+
+def test_numerical_rank_is_reported_for_rank_deficient_matrices():
+    W = torch.from_numpy(np.stack([make_matrix(24, 16, rank=10), make_matrix(24, 16)]))
+    spectrum = exact_spectrum(W, 3, "bottom")
+    assert spectrum.rank.tolist() == [10, 16]
+
+
+def test_lora_is_gaussian_with_variance_one_over_n_and_seeded():
+    W = np.zeros((64, 4096))
+    A, B = run("lora", W, 8, scaling=1.0, seed=3)
+    # 8 * 4096 = 32768 draws: the sample variance of N(0, 1/4096) is within ~2% of 1/4096.
+    assert abs(A.var() * 4096 - 1) < 0.05 and abs(A.mean()) < 3 / math.sqrt(32768 * 4096)
+    assert not B.any()
+    A_again, _ = run("lora", W, 8, scaling=1.0, seed=3)
+    A_other, _ = run("lora", W, 8, scaling=1.0, seed=4)
+    assert np.array_equal(A, A_again) and not np.array_equal(A, A_other)
+
+
+def test_dct_rows_match_the_textbook_formula():
+    n, r = 10, 4
+    ref = np.array([[(math.sqrt(1 / n) if i == 0 else math.sqrt(2 / n)) * math.cos(math.pi * (2 * j + 1) * i / (2 * n))
+                     for j in range(n)] for i in range(r)])
+    np.testing.assert_allclose(dct_rows(r, n).numpy(), ref, atol=1e-15)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 13, 576])
+def test_haar_is_orthonormal_for_any_length(n):
+    H = haar(torch.eye(n, dtype=torch.float64))  # rows: the transform of each basis vector
+    torch.testing.assert_close(H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_haar_of_a_pair_is_sum_and_difference_over_sqrt2():
+    # [3, 1] -> [(3+1)/sqrt2, (3-1)/sqrt2] = [2.828..., 1.414...]
+    out = haar(torch.tensor([3.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([4 / math.sqrt(2), 2 / math.sqrt(2)], dtype=torch.float64))
+
+
+def test_wavelet_rows_span_the_haar_transform_of_the_seeded_gaussian():
+    n, r, seed = 16, 4, 11
+    A, _ = run("wavelet", np.zeros((8, n)), r, scaling=1.0, seed=seed)
+    G = torch.randn((r, n), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    HG = haar(G).numpy()
+    Q, _ = np.linalg.qr(HG.T)
+    np.testing.assert_allclose(A.T @ A, Q @ Q.T, atol=1e-12)  # same row space
+    # QR sign convention: diag(R) > 0, i.e. each row has a positive inner product with H(G)'s row.
+    assert (np.diag(A @ HG.T) > 0).all()
+
+
+def test_pissa_is_independent_of_alpha_in_the_update_but_not_in_the_factors():
+    W = make_matrix(24, 16)
+    A1, B1 = run("pissa", W, 4, scaling=1.0)
+    A2, B2 = run("pissa", W, 4, scaling=4.0)
+    np.testing.assert_allclose(1.0 * B1 @ A1, 4.0 * B2 @ A2, atol=1e-10)
+    np.testing.assert_allclose(np.linalg.norm(A2), np.linalg.norm(A1) / 2, rtol=1e-10)  # sqrt(S/4) = sqrt(S)/2
+
+
+def test_signs_are_canonical():
+    W = torch.from_numpy(make_matrix(24, 16)).unsqueeze(0)
+    spectrum = exact_spectrum(W, 4, "top")
+    V = spectrum.V[0]
+    idx = V.abs().argmax(dim=0)
+    assert (V[idx, torch.arange(4)] > 0).all()
+    flipped = exact_spectrum(-W, 4, "top")  # same V up to sign, so canonical V is identical
+    torch.testing.assert_close(flipped.V, spectrum.V, atol=1e-12, rtol=0)
+
+
+def test_fast_spectrum_captures_the_top_subspace():
+    W = torch.from_numpy(make_matrix(64, 48, seed=5)).unsqueeze(0)
+    exact = exact_spectrum(W, 6, "top")
+    fast = fast_spectrum(W, 6)
+    energy = lambda V: float((W[0] @ V[0]).norm() ** 2)  # noqa: E731 captured energy ||W V_r||_F^2
+    assert abs(energy(fast.V) - energy(exact.V)) / energy(exact.V) < 1e-6
+    torch.testing.assert_close(fast.S, exact.S, rtol=1e-6, atol=0)
+
+
+def test_batched_equals_one_by_one():
+    Ws = [make_matrix(24, 16, seed=s) for s in range(3)]
+    batched = exact_spectrum(torch.from_numpy(np.stack(Ws)), 4, "bottom")
+    for i, W in enumerate(Ws):
+        single = exact_spectrum(torch.from_numpy(W).unsqueeze(0), 4, "bottom")
+        torch.testing.assert_close(batched.V[i], single.V[0], atol=1e-12, rtol=0)
