@@ -59,6 +59,7 @@ def materialize_smollm2(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; this is an ordinary model directory
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -66,3 +67,9 @@ def materialize_smollm2(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+if __name__ == "__main__":  # python -m loraforge.demo DEST
+    import sys
+
+    print(materialize_smollm2(sys.argv[1] if len(sys.argv) > 1 else "models/SmolLM2-135M-Instruct"))

@@ -225,3 +225,16 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise LoraforgeError(f"Unknown method {name!r}. Known methods: {', '.join(METHODS)}.") from None
+
+
+def method_table_markdown() -> str:
+    """The README's method table, rendered from METHODS (tests check the README carries it verbatim)."""
+    rows = [
+        "| `--method` | paper name | A0 (r x n) | B0 (m x r) | base weight | needs | source |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in METHODS.values():
+        base = "`W0 - s B0 A0` (written to base/)" if m.residual else "unchanged"
+        needs = {"top": "top-r SVD (exact or `--svd fast`)", "bottom": "bottom-r nonzero SVD (exact)", None: "no SVD"}[m.spectrum]
+        rows.append(f"| `{m.name}` | {m.paper_name} | `{m.A0}` | `{m.B0}` | {base} | {needs} | {m.source} |")
+    return "\n".join(rows)

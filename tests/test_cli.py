@@ -153,3 +153,12 @@ def test_installed_console_script_and_python_m(tiny_models, tmp_path):
     assert "olora r=4: 8 modules" in res.stdout
     res = subprocess.run([sys.executable, "-m", "loraforge", "init", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--method" in res.stdout
+
+
+def test_readme_method_table_is_the_registry():
+    from pathlib import Path
+
+    from loraforge.methods import method_table_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert method_table_markdown() in readme

