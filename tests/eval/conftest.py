@@ -90,9 +90,15 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def write_jsonl(path, rows):
+def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def write_jsonl():
+    """write_jsonl(path, rows) -> path: a benchmark file (a fixture, so tests need not import conftest)."""
+    return _write_jsonl
 
 
 # Five problems whose greedy answers are known (see NEXT): correct, correct, wrong, no answer, and a
@@ -108,4 +114,4 @@ GREEDY_ROWS = [
 
 @pytest.fixture
 def greedy_file(tmp_path):
-    return write_jsonl(tmp_path / "tiny.jsonl", GREEDY_ROWS)
+    return _write_jsonl(tmp_path / "tiny.jsonl", GREEDY_ROWS)
