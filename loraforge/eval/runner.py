@@ -96,12 +96,13 @@ def generation_sample_fn(model, tokenizer, batch_size: int) -> SampleFn:
         # One generator per (benchmark, seed) across all chunks: the run is reproducible.
         gen = torch.Generator(device=device).manual_seed(int(seed))
         n = settings["samples"]
-        # generate's batch_size counts rows (prompt x sample); keep whole prompts in one chunk.
+        # batch_size counts rows (prompt x sample), as generate's does; each call takes whole prompts
+        # (at least one, whose n rows generate splits further when n > batch_size).
         per_call = max(1, batch_size // n)
         out: list[list[str]] = []
         for start in range(0, len(prompts), per_call):
             chunk = list(prompts[start:start + per_call])
-            g = generate(model, tokenizer, chunk, params, generator=gen, batch_size=max(batch_size, n))
+            g = generate(model, tokenizer, chunk, params, generator=gen, batch_size=batch_size)
             out += [g.texts[i * n:(i + 1) * n] for i in range(len(chunk))]
         return out
 

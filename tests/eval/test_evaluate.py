@@ -176,3 +176,13 @@ def test_run_eval_writes_report_and_samples(bigram_model, tokenizer, greedy_file
 
 def test_load_benchmark_roundtrip_keeps_ids(greedy_file):
     assert [p.id for p in load_benchmark(str(greedy_file)).problems] == list("abcde")
+
+
+def test_batch_size_smaller_than_samples(bigram_model, tokenizer, tmp_path, write_jsonl):
+    # 4 samples decoded 3 rows at a time: same counts as a deterministic prompt must give.
+    path = write_jsonl(tmp_path / "b.jsonl", [{"problem": "two plus three", "answer": "5"},
+                                              {"problem": "one plus four", "answer": "5"}])
+    res = evaluate(bigram_model, tokenizer, str(path),
+                   cfg(samples=4, temperature=1.0, max_new_tokens=3, batch_size=3))
+    assert res["counts"]["correct_per_problem"] == [[4, 0]]
+    assert metric(res, "pass@4")["score"] == pytest.approx(0.5)  # (1 + 0) / 2
