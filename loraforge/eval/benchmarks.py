@@ -220,7 +220,8 @@ def load_file(path: str | os.PathLike, limit: int | None = None) -> Benchmark:
     """A benchmark from a local .jsonl / .json / .parquet file."""
     p = Path(path)
     if not p.is_file():
-        raise LoraforgeError(f"benchmark file {p} does not exist")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise LoraforgeError(f"benchmark file {p} {what}; give a .jsonl, .json or .parquet file to --bench")
     rows = _read_file(p)
     if not rows:
         raise LoraforgeError(f"benchmark file {p} holds no rows")

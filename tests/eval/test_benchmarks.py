@@ -109,3 +109,20 @@ def test_prompt_templates():
         resolve_template("Solve it")
     with pytest.raises(LoraforgeError, match="cannot be filled"):
         resolve_template("{problem} {other}")
+
+
+def test_parquet_without_pandas_says_what_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pandas(name, *a, **kw):
+        if name == "pandas":
+            raise ImportError("No module named 'pandas'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    p = tmp_path / "b.parquet"
+    p.write_bytes(b"PAR1")
+    with pytest.raises(LoraforgeError, match="pip install pandas pyarrow"):
+        load_benchmark(str(p))
