@@ -164,7 +164,9 @@ class DapoScorer:
         # dapo_result gives acc and the normalised prediction; dapo_score (+1/-1) is the same decision.
         if hasattr(self._rewards, "dapo_result"):
             r = self._rewards.dapo_result(response, gold, boxed_fallback=self.boxed_fallback)
-            return Score(bool(r.acc), r.pred, {"score": r.score})
+            # "[INVALID]" is verl's marker for "no Answer: line": report it as no answer.
+            pred = None if r.pred == getattr(self._rewards, "INVALID", "[INVALID]") else r.pred
+            return Score(bool(r.acc), pred, {"score": r.score})
         if self.boxed_fallback:
             raise LoraforgeError("this loraforge.rl.rewards has no dapo_result: use --scorer dapo")
         value = float(self._rewards.dapo_score(response, gold))

@@ -49,6 +49,7 @@ def test_greedy_tiny_model_dapo(bigram_model, tokenizer, greedy_file):
     res = evaluate(bigram_model, tokenizer, str(greedy_file), cfg(scorer="dapo"))
     assert metric(res, "pass@1")["score"] == pytest.approx(2 / 5)
     assert res["scorer"] == "dapo" and "samples" not in res
+    assert res["counts"]["no_answer"] == 2  # "hmm" and the bare box have no Answer: line
 
 
 # pass@k for n = 4, by hand: 1 - C(4-c, k) / C(4, k)
