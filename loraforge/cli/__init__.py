@@ -14,10 +14,12 @@ import click
 # name -> "module:attribute" of the click command; one line per command.
 COMMANDS: dict[str, str] = {
     "init": "loraforge.cli.init_cmd:init",
+    "eval": "loraforge.cli.eval_cmd:eval_command",
 }
 
 HELP_SUMMARY: dict[str, str] = {
     "init": "Initialise a LoRA adapter directory from a pretrained model.",
+    "eval": "Evaluate a model or adapter on GSM8K, MATH500, AIME: pass@k and mean@k.",
 }
 
 

@@ -1,0 +1,346 @@
+"""Running an evaluation: prompts, batched sampling (loraforge.generation, shared with `train`),
+scoring, pass@k / mean@k with their spread.
+
+Two entry points:
+- `evaluate(model, tokenizer, benchmark, config)`: one benchmark on an already loaded model; this is
+  what a training loop calls every N steps on a held-out slice (returns a dict, writes nothing).
+- `run_eval(config)`: what `loraforge eval` runs: loads the model (and adapter), evaluates every
+  benchmark, writes the JSON report and the per-sample jsonl.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from loraforge.errors import LoraforgeError
+from loraforge.eval.benchmarks import Benchmark, load_benchmark, resolve_template
+from loraforge.eval.config import EvalConfig
+from loraforge.eval.metrics import bootstrap_std, problem_scores, seed_spread
+from loraforge.eval.report import SampleWriter, samples_path_for, write_report
+from loraforge.eval.scoring import make_scorer
+
+# (prompts, settings, seed) -> for each prompt, `settings["samples"]` response texts.
+SampleFn = Callable[[Sequence, dict, int], list[list[str]]]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_settings(config: EvalConfig, bench: Benchmark) -> dict:
+    """The sampling settings one benchmark runs with, checked against each other."""
+    s = config.settings_for(bench.defaults)
+    given = "--samples" if config.samples is not None else f"{bench.name}'s default"
+    if max(s["ks"]) > s["samples"]:
+        raise LoraforgeError(
+            f"--k {max(s['ks'])} is larger than the {s['samples']} samples per problem of {bench.name} "
+            f"({given}): pass@k needs n >= k samples; pass --samples {max(s['ks'])} or a smaller --k"
+        )
+    if s["temperature"] == 0 and s["samples"] > 1:
+        raise LoraforgeError(
+            f"{bench.name} would sample {s['samples']} responses per problem with temperature 0 (greedy), "
+            "which makes them all identical; pass --samples 1 for greedy decoding or --temperature > 0"
+        )
+    s.update(top_k=-1, max_prompt_tokens=config.max_prompt_tokens, seeds=list(config.seeds),
+             batch_size=config.batch_size)
+    return s
+
+
+def build_prompts(tokenizer, bench: Benchmark, template: str, chat_template: bool | None):
+    """Token ids of every problem's prompt, and the prompt texts (for the per-sample records).
+
+    With a chat template the filled template is the user turn and the generation prompt is added
+    (its special tokens come from the template); without one, the tokenizer adds its usual special
+    tokens (e.g. Llama's BOS), as a plain `tokenizer(text)` would.
+    """
+    has_chat = getattr(tokenizer, "chat_template", None) is not None
+    use_chat = has_chat if chat_template is None else chat_template
+    if use_chat and not has_chat:
+        raise LoraforgeError(
+            "--chat-template was asked for but the tokenizer has no chat template; pass --no-chat-template"
+        )
+    texts, ids = [], []
+    for p in bench.problems:
+        text = template.format(problem=p.question)
+        if use_chat:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            tok = tokenizer(text, add_special_tokens=True)["input_ids"]
+        texts.append(text)
+        ids.append(list(tok))
+    return texts, ids, use_chat
+
+
+def generation_sample_fn(model, tokenizer, batch_size: int) -> SampleFn:
+    """The default sampler: loraforge.generation.generate, the code `train` samples rollouts with."""
+    import torch
+
+    from loraforge.generation import SamplingParams, generate
+
+    device = next(model.parameters()).device
+
+    def sample(prompts, settings, seed):
+        params = SamplingParams(
+            n=settings["samples"], max_new_tokens=settings["max_new_tokens"],
+            temperature=settings["temperature"], top_p=settings["top_p"], top_k=-1,
+            max_prompt_tokens=None,  # over-long prompts were rejected before sampling
+        )
+        # One generator per (benchmark, seed) across all chunks: the run is reproducible.
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        n = settings["samples"]
+        # batch_size counts rows (prompt x sample), as generate's does; each call takes whole prompts
+        # (at least one, whose n rows generate splits further when n > batch_size).
+        per_call = max(1, batch_size // n)
+        out: list[list[str]] = []
+        for start in range(0, len(prompts), per_call):
+            chunk = list(prompts[start:start + per_call])
+            g = generate(model, tokenizer, chunk, params, generator=gen, batch_size=batch_size)
+            out += [g.texts[i * n:(i + 1) * n] for i in range(len(chunk))]
+        return out
+
+    return sample
+
+
+def _model_info(model) -> dict:
+    cfg = getattr(model, "config", None)
+    info = {"name_or_path": getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None),
+            "revision": getattr(cfg, "_commit_hash", None), "adapter": None}
+    peft_cfg = getattr(model, "peft_config", None)
+    if isinstance(peft_cfg, dict) and peft_cfg:
+        first = next(iter(peft_cfg.values()))
+        info["adapter"] = {"peft_type": str(getattr(first, "peft_type", "")),
+                           "base_model_name_or_path": getattr(first, "base_model_name_or_path", None)}
+    return info
+
+
+def evaluate(model, tokenizer, benchmark: Benchmark | str, config: EvalConfig | None = None, *,
+             sample_fn: SampleFn | None = None, scorer=None, keep_samples: bool = False,
+             model_info: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Evaluate one benchmark on a loaded model; return its result dict (see docs/eval.md).
+
+    `benchmark` is a Benchmark or a name / file path (loaded with config.limit). `sample_fn` replaces
+    sampling (tests, other engines); by default loraforge.generation samples. With keep_samples the
+    result carries the per-sample records under "samples". The model's train/eval mode is restored.
+    """
+    config = config or EvalConfig(model="(in memory)", benchmarks=("(in memory)",))
+    if isinstance(benchmark, str):
+        benchmark = load_benchmark(benchmark, limit=config.limit)
+    elif config.limit is not None:
+        benchmark = Benchmark(benchmark.name, benchmark.problems[: config.limit], benchmark.source,
+                              benchmark.defaults)
+    if not benchmark.problems:
+        raise LoraforgeError(f"benchmark {benchmark.name} has no problems to evaluate")
+    settings = resolve_settings(config, benchmark)
+    template = resolve_template(config.prompt_template)
+    scorer = scorer or make_scorer(config.scorer)
+    texts, prompt_ids, used_chat = build_prompts(tokenizer, benchmark, template, config.chat_template)
+    for p, ids in zip(benchmark.problems, prompt_ids):
+        if len(ids) > config.max_prompt_tokens:
+            raise LoraforgeError(
+                f"{benchmark.name}: the prompt of problem {p.id} is {len(ids)} tokens, over "
+                f"--max-prompt-tokens {config.max_prompt_tokens}; raise the limit or drop the problem"
+            )
+    sample_fn = sample_fn or generation_sample_fn(model, tokenizer, config.batch_size)
+    n = settings["samples"]
+
+    started, t0 = _now(), time.perf_counter()
+    gen_s = score_s = 0.0
+    per_seed_counts: list[list[tuple[int, int]]] = []
+    records: list[dict] = []
+    no_answer = 0
+    for seed in config.seeds:
+        if progress:
+            progress(f"{benchmark.name}: sampling {len(texts)} prompts x {n} (seed {seed})")
+        t = time.perf_counter()
+        responses = sample_fn(prompt_ids, settings, seed)
+        gen_s += time.perf_counter() - t
+        if len(responses) != len(texts) or any(len(r) != n for r in responses):
+            raise LoraforgeError(
+                f"the sampler returned {[len(r) for r in responses][:8]}... responses for {len(texts)} "
+                f"prompts; expected {n} per prompt"
+            )
+        t = time.perf_counter()
+        counts = []
+        for i, (problem, outs) in enumerate(zip(benchmark.problems, responses)):
+            c = 0
+            for j, response in enumerate(outs):
+                s = scorer.score(response, problem.answer)
+                c += int(s.correct)
+                no_answer += int(s.extracted is None)
+                if keep_samples:
+                    records.append({"benchmark": benchmark.name, "problem_id": problem.id, "problem_index": i,
+                                    "seed": seed, "sample": j, "prompt": texts[i], "response": response,
+                                    "gold": problem.answer, "extracted": s.extracted, "correct": s.correct,
+                                    "scorer": scorer.name, **({"detail": s.detail} if s.detail else {})})
+            counts.append((n, c))
+        score_s += time.perf_counter() - t
+        per_seed_counts.append(counts)
+
+    metrics = []
+    for kind, k in [("pass", k) for k in settings["ks"]] + [("mean", n)]:
+        per_seed = [problem_scores(counts, kind, k) for counts in per_seed_counts]
+        seed_scores = [sum(v) / len(v) for v in per_seed]
+        score = sum(seed_scores) / len(seed_scores)
+        if len(config.seeds) > 1:
+            spread = seed_spread(seed_scores, config.seeds)
+        elif config.bootstrap > 0:
+            spread = bootstrap_std(per_seed[0], config.bootstrap, seed=config.seeds[0])
+        else:
+            spread = None
+        metrics.append({"metric": f"{kind}@{k}", "k": k, "n": n, "score": score, "spread": spread})
+
+    total_samples = n * len(texts) * len(config.seeds)
+    result = {
+        "benchmark": benchmark.name,
+        "source": benchmark.source,
+        "problems": len(benchmark.problems),
+        "scorer": scorer.name,
+        "prompt_template": template,
+        "chat_template": used_chat,
+        "settings": settings,
+        "model": model_info if model_info is not None else _model_info(model),
+        "metrics": metrics,
+        "counts": {"samples": total_samples,
+                   "correct": sum(c for counts in per_seed_counts for _, c in counts),
+                   "no_answer": no_answer,
+                   "correct_per_problem": [[c for _, c in counts] for counts in per_seed_counts]},
+        "started": started,
+        "time_s": {"generate": round(gen_s, 3), "score": round(score_s, 3),
+                   "total": round(time.perf_counter() - t0, 3)},
+    }
+    if keep_samples:
+        result["samples"] = records
+    return result
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LoraforgeError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoraforgeError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+    return dev
+
+
+def _resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU half precision is slow and inaccurate
+    return getattr(torch, name)
+
+
+def _file_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(config: EvalConfig):
+    """The base model (at --revision) with the --adapter on top, its tokenizer, and what to record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = _resolve_device(config.device)
+    dtype = _resolve_dtype(config.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision)
+        model = AutoModelForCausalLM.from_pretrained(config.model, revision=config.revision, dtype=dtype)
+    except OSError as e:
+        raise LoraforgeError(
+            f"could not load the model {config.model!r}: {e}. Give a local model directory or a Hub id "
+            "reachable from here"
+        ) from None
+    info = {"name_or_path": config.model, "revision": config.revision,
+            "commit": getattr(model.config, "_commit_hash", None), "adapter": None,
+            "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
+    if config.adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, config.adapter, is_trainable=False)
+        except (OSError, ValueError) as e:
+            raise LoraforgeError(
+                f"could not load the adapter {config.adapter!r} onto {config.model}: {e}. --adapter takes a "
+                "PEFT adapter directory (adapter_config.json + weights); --model must be the base it was made "
+                "for (for residual inits such as PiSSA/MiLoRA/OLoRA, the residual base)"
+            ) from None
+        adir = Path(config.adapter)
+        info["adapter"] = config.adapter
+        info["adapter_sha256"] = next(
+            (d for d in (_file_digest(adir / f) for f in ("adapter_model.safetensors", "adapter_model.bin")) if d),
+            None,
+        )
+    model.to(device)
+    model.eval()
+    return model, tokenizer, info
+
+
+def run_eval(config: EvalConfig, *, echo: Callable[[str], None] | None = None,
+             model=None, tokenizer=None, sample_fn: SampleFn | None = None) -> dict:
+    """`loraforge eval`: every benchmark of the config, report JSON + per-sample jsonl; returns the report.
+
+    Benchmarks are all loaded (and checked) before the model, so a typo fails in a second, not
+    after minutes of loading. `model`/`tokenizer` may be passed in to skip loading.
+    """
+    config.validate()
+    echo = echo or (lambda msg: print(msg, file=sys.stderr))
+    benches: list[Benchmark] = []
+    names: set[str] = set()
+    for b in config.benchmarks:
+        bench = load_benchmark(b, limit=config.limit)
+        base, i = bench.name, 2
+        while bench.name in names:  # two files with one stem: keep both in the report
+            bench.name = f"{base}-{i}"
+            i += 1
+        names.add(bench.name)
+        resolve_settings(config, bench)
+        benches.append(bench)
+    resolve_template(config.prompt_template)
+    scorer = make_scorer(config.scorer)
+    if model is None:
+        echo(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""))
+        model, tokenizer, info = load_model(config)
+    else:
+        info = {"name_or_path": config.model, "revision": config.revision, "adapter": config.adapter}
+
+    report = {"created": _now(), "model": info, "scorer": scorer.name, "config": config.to_dict(),
+              "benchmarks": {}}
+    samples_path = Path(config.samples_path) if config.samples_path else (
+        samples_path_for(config.output) if config.output else None)
+    if samples_path:
+        report["samples_file"] = str(samples_path)
+    writer = SampleWriter(samples_path) if samples_path else None
+    try:
+        for bench in benches:
+            res = evaluate(model, tokenizer, bench, config, sample_fn=sample_fn, scorer=scorer,
+                           keep_samples=writer is not None, model_info=info, progress=echo)
+            if writer is not None:
+                writer.write(res.pop("samples"))
+            report["benchmarks"][bench.name] = res
+            if config.output:  # rewritten after each benchmark: a long run keeps what it finished
+                write_report(report, config.output)
+    finally:
+        if writer is not None:
+            writer.close()
+    if config.output:
+        write_report(report, config.output)
+    return report

@@ -1,0 +1,70 @@
+"""`loraforge eval` on the saved bigram model: exit codes, the table, the files, the error messages."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from loraforge.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["eval", *args])
+
+
+def test_eval_command_end_to_end(model_dir, greedy_file, tmp_path):
+    out = tmp_path / "report.json"
+    r = run("--model", str(model_dir), "--bench", str(greedy_file), "--prompt-template", "raw",
+            "--max-new-tokens", "4", "--device", "cpu", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert "pass@1" in r.output and "60.00" in r.output and "math-verify" in r.output
+    report = json.loads(out.read_text())
+    res = report["benchmarks"]["tiny"]
+    assert res["metrics"][0] == {**res["metrics"][0], "metric": "pass@1", "k": 1, "n": 1, "score": pytest.approx(0.6)}
+    assert res["model"]["name_or_path"] == str(model_dir) and res["model"]["adapter"] is None
+    assert res["settings"]["max_new_tokens"] == 4 and res["time_s"]["total"] >= 0
+    assert report["config"]["prompt_template"] == "raw"
+    samples = [json.loads(x) for x in (tmp_path / "report.samples.jsonl").read_text().splitlines()]
+    assert {"prompt", "response", "extracted", "correct", "gold"} <= set(samples[0])
+    assert sum(s["correct"] for s in samples) == 3
+
+
+def test_eval_command_with_adapter(model_dir, greedy_file, tmp_path):
+    # A fresh LoRA adapter (B = 0) leaves the model's answers unchanged: the same 3 of 5.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adir = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).save_pretrained(str(adir))
+    out = tmp_path / "report.json"
+    r = run("--model", str(model_dir), "--adapter", str(adir), "--bench", str(greedy_file),
+            "--prompt-template", "raw", "--max-new-tokens", "4", "--scorer", "dapo", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["benchmarks"]["tiny"]
+    assert res["metrics"][0]["score"] == pytest.approx(0.4)  # DAPO: 2 of 5
+    assert res["model"]["adapter"] == str(adir) and len(res["model"]["adapter_sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--bench", "gsm9k"], "neither a known benchmark (gsm8k, math500, aime22, aime23, aime24)"),
+        (["--bench", "BENCH", "--samples", "2", "--k", "1,4", "--temperature", "1"], "--k 4 is larger than --samples 2"),
+        (["--bench", "BENCH", "--k", "2"], "--k 2 is larger than the 1 samples per problem of tiny"),
+        (["--bench", "BENCH", "--k", "one"], "--k 'one': expected comma-separated int values"),
+        (["--bench", "BENCH", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--bench", "NOANSWER"], "row 1 has no `answer` field"),
+    ],
+)
+def test_eval_command_errors(model_dir, greedy_file, tmp_path, write_jsonl, args, words):
+    noanswer = write_jsonl(tmp_path / "na.jsonl", [{"problem": "what is two plus three", "solution": "5"}])
+    args = [str(greedy_file) if a == "BENCH" else str(noanswer) if a == "NOANSWER" else a for a in args]
+    r = run("--model", str(model_dir), *args, "-o", str(tmp_path / "r.json"))
+    assert r.exit_code == 1, r.output
+    assert words in r.output and "Traceback" not in r.output
+
+
+def test_eval_listed_in_help():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0 and "eval" in r.output
