@@ -197,7 +197,8 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
             "update_norm": float(s * BA[i].norm()),  # ||s B0 A0||_F: what the adapter adds at step 0
         }
         if spectrum is not None:
-            stats["rank"] = int(spectrum.rank[i])
+            if method.spectrum == "bottom":  # the whole spectrum was computed: the rank is exact
+                stats["rank"] = int(spectrum.rank[i])
             # Share of ||W||_F^2 in the chosen singular directions (captured energy).
             stats["energy"] = float((spectrum.S[i] ** 2).sum() / w_norm[i] ** 2) if w_norm[i] > 0 else 0.0
         base = None

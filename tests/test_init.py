@@ -79,7 +79,7 @@ def test_manifest_records_norms_errors_and_hashes(tiny_models, tmp_path):
     assert m["dtypes"] == {"adapter": "float32", "base": "float32", "source": "float32"}
     assert set(m["versions"]) >= {"torch", "transformers", "peft"}
     q = m["modules"]["model.layers.0.self_attn.q_proj"]
-    assert q["shape"] == [64, 64] and q["rank"] == 64
+    assert q["shape"] == [64, 64] and "rank" not in q  # top-r methods do not compute the whole spectrum
     # PiSSA: s*B0 A0 is the rank-4 SVD part, so update_norm = sqrt(sum of top-4 sigma^2) and
     # init_norm = update_norm / s.
     assert q["init_norm"] == pytest.approx(q["update_norm"] / 4.0)
@@ -89,6 +89,11 @@ def test_manifest_records_norms_errors_and_hashes(tiny_models, tmp_path):
     for rel, digest in m["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest
     assert any(k.startswith("base/") for k in m["files"])
+
+
+def test_bottom_r_methods_record_the_numerical_rank(tiny_models, tmp_path):
+    r = init_adapter(str(tiny_models["qwen2"]), tmp_path / "a", InitConfig(method="rlmo", r=4))
+    assert r.manifest["modules"]["model.layers.0.mlp.down_proj"]["rank"] == 64  # 64 x 112, full rank
 
 
 def test_pissa_update_norm_equals_top_singular_energy(tiny_models, tmp_path):

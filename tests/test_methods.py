@@ -67,8 +67,11 @@ def test_update_and_residual_match_reference(method, shape):
     r, scaling = 4, 2.0  # alpha = 8, r = 4
     A, B = run(method, W, r, scaling)
     update = scaling * B @ A
-    np.testing.assert_allclose(update, expected_update(method, W, r, scaling), atol=1e-10)
-    np.testing.assert_allclose(W - update, W - expected_update(method, W, r, scaling), atol=1e-10)
+    # Bottom-r is a float64 eigh (float64-exact); top-r starts from a float32 eigh refined in float64,
+    # which the issue's bar ("float32 tolerance") allows; we hold it to 1e-8 of ||W||.
+    atol = 1e-10 if METHODS[method].spectrum != "top" else 1e-8 * np.linalg.norm(W)
+    np.testing.assert_allclose(update, expected_update(method, W, r, scaling), atol=atol)
+    np.testing.assert_allclose(W - update, W - expected_update(method, W, r, scaling), atol=atol)
 
 
 @pytest.mark.parametrize("method", [m for m, s in METHODS.items() if s.spectrum])
@@ -79,7 +82,20 @@ def test_A0_spans_the_chosen_right_singular_subspace(method):
     _, _, V = reference(W, r, METHODS[method].spectrum)
     # Projector onto A0's row space equals V V^T (sign-free comparison).
     Q, _ = np.linalg.qr(A.T)
-    np.testing.assert_allclose(Q @ Q.T, V @ V.T, atol=1e-10)
+    np.testing.assert_allclose(Q @ Q.T, V @ V.T, atol=1e-8)
+
+
+def test_top_r_captured_energy_matches_float64_svd_on_a_flat_spectrum():
+    # A slowly decaying spectrum (ratio 0.97 per index) makes the top-r subspace hard to separate:
+    # captured energy ||W V_r||_F^2 must still match a float64 SVD within 1e-6 relative (issue 3).
+    rng = np.random.default_rng(4)
+    U, _ = np.linalg.qr(rng.standard_normal((300, 120)))
+    V, _ = np.linalg.qr(rng.standard_normal((120, 120)))
+    W = (U * 0.97 ** np.arange(120)) @ V.T
+    A, _ = run("rlpo", W, 16, scaling=1.0)
+    _, _, Vr = reference(W, 16, "top")
+    energy, ref = np.linalg.norm(W @ A.T) ** 2, np.linalg.norm(W @ Vr) ** 2
+    assert abs(energy - ref) / ref < 1e-6
 
 
 @pytest.mark.parametrize("method", [m for m, s in METHODS.items() if s.orthonormal])
