@@ -186,15 +186,17 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     adapter_dtype = DTYPES[config.adapter_dtype]
     A_s, B_s = A.to(adapter_dtype), B.to(adapter_dtype)
     # Norms and residuals use the factors AS STORED (after rounding to the adapter dtype), so
-    # base + s * B0 A0 reproduces W as closely as the base dtype allows.
-    BA = B_s.double() @ A_s.double()
+    # base + s * B0 A0 reproduces W as closely as the base dtype allows. B0 = 0 methods skip the
+    # (m x n) product: it is exactly zero.
+    BA = B_s.double() @ A_s.double() if method.residual else None
     w_norm = W.flatten(1).norm(dim=1)
     results = []
     for i, t in enumerate(batch):
+        init_norm = float(BA[i].norm()) if BA is not None else 0.0
         stats = {
             "shape": [t.out_features, t.in_features],
-            "init_norm": float(BA[i].norm()),  # ||B0 A0||_F (the paper's Table 4)
-            "update_norm": float(s * BA[i].norm()),  # ||s B0 A0||_F: what the adapter adds at step 0
+            "init_norm": init_norm,  # ||B0 A0||_F (the paper's Table 4)
+            "update_norm": s * init_norm,  # ||s B0 A0||_F: what the adapter adds at step 0
         }
         if spectrum is not None:
             if method.spectrum == "bottom":  # the whole spectrum was computed: the rank is exact
