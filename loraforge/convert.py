@@ -82,8 +82,10 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
         factors[name] = concat_factors(A, B, A0, B0)
 
     out = Path(out)
-    writers.check_destination(out, overwrite, protect=Path(trained))
-    writers.check_destination(out, overwrite, protect=Path(init))
+    for given, role in ((trained, "TRAINED_ADAPTER"), (init, "--init")):
+        o, p = out.resolve(), Path(given).resolve()
+        if o == p or o in p.parents:
+            raise LoraforgeError(f"-o {out} is (or contains) the {role} directory, which convert reads; choose another -o.")
     with writers.staged_dir(out, overwrite) as tmp:
         writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
         if trained_ad.other_keys:

@@ -107,6 +107,11 @@ def diagnose_module(W0: torch.Tensor, r: int, A0: Optional[torch.Tensor] = None,
             Bs = torch.cat([Bs, -s0 * B0.double()], dim=1)
             As = torch.cat([As, A0.double()], dim=0)
         c = aligned_update(svd.U, svd.V, Bs, As)
+        # An unchanged adapter gives dW = 0 up to rounding; do not normalise rounding noise into a
+        # distribution. The floor is float64 rounding of the two products that cancel.
+        floor = 64 * torch.finfo(torch.float64).eps * float(Bs.norm() * As.norm()) * max(1, c.numel())
+        if float(c.sum()) <= floor:
+            c = torch.zeros_like(c)
         p, energy = update_distribution(c), cumulative_energy(c)
         gram = (Bs.T @ Bs) * (As @ As.T)  # ||B A||_F^2 = sum_ij (B^T B)_ij (A A^T)_ij
         out.update(update_norm=float(gram.sum().clamp_min(0).sqrt()), p=p.tolist(), energy=energy.tolist(),
