@@ -177,7 +177,8 @@ def module_kind(name: str) -> str:
 def select_modules(names: list[str], config: InspectConfig) -> list[str]:
     from loraforge.targets import layer_index
 
-    chosen = names
+    # safetensors stores keys sorted as strings (layers.10 before layers.2): order by layer number.
+    chosen = sorted(names, key=lambda n: (layer_index(n) if layer_index(n) is not None else -1, n))
     if config.modules:
         chosen = [n for n in chosen if any(n == w or n.endswith("." + w) for w in config.modules)]
         if not chosen:

@@ -5,8 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run each test_ship_* module with one torch thread, then restore the setting.
+
+    The matrices here are tiny (at most 112 x 64): on a shared 2-core machine, waking torch's worker
+    threads for every float64 SVD/eigh cost up to 200x the work itself (3 min vs 26 s for these files).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 PROBE = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 

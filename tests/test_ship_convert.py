@@ -15,7 +15,7 @@ from loraforge.cli import main
 from loraforge.convert import convert_adapter, converted_alpha
 from loraforge.init import InitConfig, init_adapter
 
-from ship_helpers import fake_train, logits, rel_err
+from ship_helpers import fake_train, logits, rel_err, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def invoke(*args):

@@ -16,7 +16,7 @@ from loraforge.cli import main
 from loraforge.diagnostics import InspectConfig, diagnose_module, inspect_adapter, module_kind
 from loraforge.init import InitConfig, init_adapter
 
-from ship_helpers import fake_train
+from ship_helpers import fake_train, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def invoke(*args):

@@ -22,7 +22,7 @@ from loraforge.cli import main
 from loraforge.hub import PushConfig, plan_push, push
 from loraforge.init import InitConfig, init_adapter
 
-from ship_helpers import fake_train, front_matter
+from ship_helpers import fake_train, front_matter, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def invoke(*args):

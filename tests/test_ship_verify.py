@@ -15,7 +15,7 @@ from loraforge.methods import METHODS
 from loraforge.verify import verify_adapter
 
 from conftest import build_tiny, make_tokenizer
-from ship_helpers import rewrite_factor
+from ship_helpers import rewrite_factor, one_torch_thread  # noqa: F401 (autouse fixture)
 
 Q = "model.layers.0.self_attn.q_proj"
 
