@@ -146,7 +146,11 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
     elif (path / LEGACY_WEIGHTS).exists():
         weights_file = path / LEGACY_WEIGHTS
         # Legacy pickles are read with weights_only=True: tensors only, no code runs (DESIGN.md, safety).
-        reader = torch.load(weights_file, map_location="cpu", weights_only=True)
+        try:
+            reader = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged or non-tensor pickle
+            raise LoraforgeError(f"{weights_file} could not be read as a tensor file ({type(e).__name__}: {e}); "
+                                 "re-save the adapter with safetensors.") from None
         keys = list(reader)
     else:
         raise LoraforgeError(f"{role} {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}); the adapter is incomplete.")

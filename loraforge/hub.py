@@ -186,7 +186,13 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
     cards = {}
     if manifest is not None:
         pushed = json.loads(json.dumps(manifest))
-        pushed["source"] = dict(pushed["source"], model_id=original)
+        if pushed["source"].get("local"):
+            # The pushed manifest names a Hub model (so verify/inspect of a downloaded copy resolve it);
+            # that the init read a local copy of it stays on record.
+            pushed["source"] = dict(pushed["source"], model_id=original, revision=original_rev, local=False,
+                                    local_copy_at_init=True)
+        else:
+            pushed["source"] = dict(pushed["source"], model_id=original)
         pushed["hub"] = {"repo_id": repo, "base_repo": base_repo, "revision": config.revision}
         uploads.append(Upload(repo, MANIFEST, content=_json_bytes(pushed, sort_keys=False),
                               note=f"rewritten: source.model_id = {original}; hub repos added"))

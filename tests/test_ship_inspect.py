@@ -249,3 +249,11 @@ def test_bad_inputs(inits, tiny_models, tmp_path):
     with pytest.raises(LoraforgeError, match="not trained from --init"):
         inspect_adapter(trained, init=init_adapter(str(tiny_models["llama"]), tmp_path / "r2", InitConfig(method="pissa", r=2)).out)
     assert inspect_adapter(trained, init=inits["pissa"], config=InspectConfig(layers=[0])).trained
+
+
+def test_unreachable_hub_base_is_a_clear_error(inits, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(LoraforgeError, match="Could not reach the Hugging Face Hub to get --base org/some-model"):
+        inspect_adapter(inits["rlpo"], base="org/some-model")

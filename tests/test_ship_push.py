@@ -84,7 +84,7 @@ def test_residual_init_pushes_base_repo_first_then_adapter(inits, tiny_models):
     cfg = json.loads(adapter["adapter_config.json"])
     assert cfg["base_model_name_or_path"] == base and cfg["revision"] == "exp1" and cfg["init_lora_weights"] is True
     manifest = json.loads(adapter["loraforge.json"])
-    assert manifest["source"]["model_id"] == "org/tiny-llama"
+    assert manifest["source"] == {"model_id": "org/tiny-llama", "revision": None, "local": False, "local_copy_at_init": True}
     assert manifest["hub"] == {"repo_id": "me/tiny-pissa", "base_repo": base, "revision": "exp1"}
 
     base_files = pushed_files(api, base)
@@ -97,6 +97,22 @@ def test_residual_init_pushes_base_repo_first_then_adapter(inits, tiny_models):
         assert str(tiny_models["llama"]).encode() not in content
         assert str(inits["pissa"].parent).encode() not in content
         assert b"hf_secret_token_value" not in content
+
+
+def test_what_is_pushed_verifies_after_download(inits, tiny_models, tmp_path):
+    """Lay the two pushed repositories out as `hf download` would (adapter, then base/) and verify."""
+    from loraforge.verify import verify_adapter
+
+    config = PushConfig("me/tiny-pissa", base_model="org/tiny-llama")
+    api = recording_api()
+    push(plan_push(inits["pissa"], config), config, api=api)
+    for repo, where in (("me/tiny-pissa", tmp_path / "dl"), ("me/tiny-pissa-residual-base", tmp_path / "dl" / "base")):
+        where.mkdir(parents=True, exist_ok=True)
+        for name, content in pushed_files(api, repo).items():
+            (where / name).write_bytes(content)
+    report = verify_adapter(tmp_path / "dl", base=str(tiny_models["llama"]))
+    assert report.ok, {c.name: c.failures for c in report.checks}
+    assert report.modules and "residual base" in report.serve
 
 
 def test_b0_zero_init_pushes_one_repo_naming_the_original_model(tiny_models, tmp_path):

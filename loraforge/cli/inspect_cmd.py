@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -42,6 +43,7 @@ def inspect_(adapter, init, base, modules, layers, plots_dir, plot_modules, json
         click.echo(f"note: {note}")
     click.echo(format_table(report) + "\n" + LEGEND)
     if json_file:
+        Path(json_file).parent.mkdir(parents=True, exist_ok=True)
         with open(json_file, "w") as f:
             json.dump(report.to_json(), f, indent=1)
         click.echo(f"numbers -> {json_file}")
