@@ -99,11 +99,11 @@ class VerifyReport:
         return list(dict.fromkeys(k for c in self.checks for k in c.failures))
 
 
-def serve_line(adapter_dir: Path, method: Method, original: str, r: int, base_ref: Optional[str] = None) -> str:
+def serve_line(adapter_dir: Path, method: Method, original: str, r: int) -> str:
     """One line naming the base a server (vLLM) must load with this adapter."""
     rank = vllm_max_lora_rank(r)
     if method.residual:
-        base = base_ref or str(adapter_dir / "base")
+        base = str(adapter_dir / "base")
         return (f"vLLM must load the residual base {base}, NOT the original {original}: "
                 f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules adapter={adapter_dir}")
     return (f"vLLM loads the original base {original} with this adapter (B0 = 0): "
