@@ -15,11 +15,19 @@ import click
 COMMANDS: dict[str, str] = {
     "init": "loraforge.cli.init_cmd:init",
     "eval": "loraforge.cli.eval_cmd:eval_command",
+    "push": "loraforge.cli.push_cmd:push",
+    "verify": "loraforge.cli.verify_cmd:verify",
+    "convert": "loraforge.cli.convert_cmd:convert",
+    "inspect": "loraforge.cli.inspect_cmd:inspect_",
 }
 
 HELP_SUMMARY: dict[str, str] = {
     "init": "Initialise a LoRA adapter directory from a pretrained model.",
     "eval": "Evaluate a model or adapter on GSM8K, MATH500, AIME: pass@k and mean@k.",
+    "push": "Upload an adapter (and its residual base) to the Hugging Face Hub with a model card.",
+    "verify": "Check an init directory against its manifest and base model.",
+    "convert": "Turn an adapter trained from a residualised init into a rank-2r LoRA for the original base.",
+    "inspect": "Spectra, init norms, subspace similarity and update distribution (tables, JSON, plots).",
 }
 
 
