@@ -14,10 +14,14 @@ import click
 # name -> "module:attribute" of the click command; one line per command.
 COMMANDS: dict[str, str] = {
     "init": "loraforge.cli.init_cmd:init",
+    "train": "loraforge.cli.train_cmd:train",
+    "plot": "loraforge.cli.plot_cmd:plot",
 }
 
 HELP_SUMMARY: dict[str, str] = {
     "init": "Initialise a LoRA adapter directory from a pretrained model.",
+    "train": "Train a LoRA adapter with DAPO or GRPO on verifiable rewards.",
+    "plot": "Plot reward, grad norm and KL of training runs (PNG).",
 }
 
 

@@ -32,7 +32,7 @@ class TrainConfig:
     adapter: str = ""  # PEFT adapter dir to train (from `loraforge init` or any PEFT save_pretrained)
     data: str = ""  # training prompts: .jsonl/.json/.parquet file, Hub dataset id, or synthetic[:k=v,...]
     output_dir: str = ""  # RUN_DIR: metrics.jsonl, checkpoints/, the final adapter/
-    algo: str = "dapo"  # dapo (the paper's 1.5B recipe) or grpo (its 7B recipe); sets the None fields below
+    algo: str = "dapo"  # dapo (the paper's 1.5B recipe) or grpo (its 7B recipe); sets the defaults marked dapo/grpo
     gguf_file: str | None = None  # load the base from this GGUF file inside --model (dequantised)
     tokenizer: str | None = None  # tokenizer dir or id (default: the base model's)
     data_split: str = "train"  # split of a Hub dataset
