@@ -168,3 +168,44 @@ def test_lr_schedules():
     assert lr_factor(10, 10, "cosine", 0) == pytest.approx(0.0, abs=1e-12)
     # min_lr_ratio 0.1: 0.1 + 0.9 * 0.5 = 0.55 half way
     assert lr_factor(5, 10, "cosine", 0, 0.1) == pytest.approx(0.55)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits(model_dir, adapter_dir, tmp_path):
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def scorer(response, gt):
+        calls["n"] += 1
+        if calls["n"] == 40:  # during step 2's rollout (32 responses per step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return answer_scorer(response, gt)
+
+    lines = []
+    cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", steps=5, dynamic_sampling=False)
+    result = train(cfg, scorer=scorer, echo=lines.append)
+    assert result.interrupted and result.steps_done == 2
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_000002"]
+    assert any("Ctrl-C: finishing this step" in ln for ln in lines)
+    assert any(f"--resume {tmp_path / 'run'}" in ln for ln in lines)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_eval_every_logs_greedy_accuracy(model_dir, adapter_dir, tmp_path):
+    cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", steps=2, eval_data="synthetic:n=5,max=2,style=bare,seed=9",
+                   eval_every=2)
+    train(cfg, scorer=answer_scorer, echo=quiet([]))
+    m = read_metrics(tmp_path / "run")
+    assert "eval_acc" not in m[0] and 0.0 <= m[1]["eval_acc"] <= 1.0
+
+
+def test_out_of_memory_names_the_setting(model_dir, adapter_dir, tmp_path, monkeypatch):
+    import loraforge.rl.trainer as trainer_mod
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainer_mod, "response_logprobs", oom)
+    with pytest.raises(LoraforgeError, match=r"out of memory .* lower --micro-batch \(now 8\) or --max-response-length"):
+        train(tiny_cfg(model_dir, adapter_dir, tmp_path / "run"), scorer=answer_scorer, echo=quiet([]))
