@@ -95,3 +95,15 @@ def test_plot_without_runs_or_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     r = CliRunner().invoke(main, ["plot", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "pip install 'loraforge[plot]'" in r.output
+
+
+def test_docs_list_every_flag():
+    import dataclasses
+    from pathlib import Path
+
+    from loraforge.rl.cli_support import flag_of
+    from loraforge.rl.config import TrainConfig
+
+    text = (Path(__file__).parents[2] / "docs" / "train.md").read_text()
+    missing = [flag_of(f.name) for f in dataclasses.fields(TrainConfig) if f"`{flag_of(f.name)}" not in text]
+    assert not missing, f"docs/train.md does not describe {missing}"
