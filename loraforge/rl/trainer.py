@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from loraforge.errors import LoraforgeError
-from loraforge.generation import SamplingParams, generate, left_pad, position_ids_from_mask
+from loraforge.generation import SamplingParams, model_forward_kwargs, generate, left_pad, position_ids_from_mask
 from loraforge.rl import checkpoint as ckpt
 from loraforge.rl.advantage import fill_batch, group_advantages
 from loraforge.rl.config import TrainConfig
@@ -127,6 +127,8 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
     R = r_ids.shape[1]
     kwargs = {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids_from_mask(attn),
               "use_cache": False}
+    if model_forward_kwargs(model)[1]:
+        kwargs["logits_to_keep"] = R + 1  # no logits for the prompt: they are the bulk of the memory
     if params is None:
         logits = model(**kwargs).logits
     else:
