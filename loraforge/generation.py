@@ -145,7 +145,7 @@ def _tokenize(tokenizer, prompts, max_prompt_tokens) -> list[list[int]]:
     return out
 
 
-def _forward_kwargs(model) -> tuple[str, bool]:
+def model_forward_kwargs(model) -> tuple[str, bool]:
     """The KV-cache argument name of this model's forward (transformers 5.2x renamed `past_key_values`
     to `cache`) and whether it accepts `logits_to_keep` (compute only the last position's logits)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap a PeftModel
@@ -164,7 +164,7 @@ def _sample_rows(model, prompt_ids, prompt_mask, params, eos: set[int], pad: int
     device = prompt_ids.device
     rows = prompt_ids.shape[0]
     attn = prompt_mask.clone()
-    cache_kw, can_keep = _forward_kwargs(model)
+    cache_kw, can_keep = model_forward_kwargs(model)
     extra = {"logits_to_keep": 1} if can_keep else {}
     out = model(
         input_ids=prompt_ids,

@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "verify": "loraforge.cli.verify_cmd:verify",
     "convert": "loraforge.cli.convert_cmd:convert",
     "inspect": "loraforge.cli.inspect_cmd:inspect_",
+    "train": "loraforge.cli.train_cmd:train",
+    "plot": "loraforge.cli.plot_cmd:plot",
 }
 
 HELP_SUMMARY: dict[str, str] = {
@@ -28,6 +30,8 @@ HELP_SUMMARY: dict[str, str] = {
     "verify": "Check an init directory against its manifest and base model.",
     "convert": "Turn an adapter trained from a residualised init into a rank-2r LoRA for the original base.",
     "inspect": "Spectra, init norms, subspace similarity and update distribution (tables, JSON, plots).",
+    "train": "Train a LoRA adapter with DAPO or GRPO on verifiable rewards.",
+    "plot": "Plot reward, grad norm and KL of training runs (PNG).",
 }
 
 

@@ -1,0 +1,190 @@
+"""The settings of one `loraforge train` run: a dataclass whose fields are the CLI flags and YAML keys.
+
+Defaults are the paper's 1.5B DAPO run (appendix C, Table 2), scaled down where one machine must:
+the paper's value is named in each field's comment when it differs. Fields left at None take the
+preset of the chosen algorithm (`ALGO_PRESETS`): `--algo dapo` is the paper's 1.5B recipe,
+`--algo grpo` its 7B one (KL against the initial policy, no dynamic sampling, no overlong shaping,
+symmetric clip). Every range check names the flag it is about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraforge.errors import LoraforgeError
+
+ALGO_PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's 1.5B run: clip 0.2/0.28, dynamic sampling, overlong shaping, no KL
+    "dapo": {"eps_high": 0.28, "kl_beta": 0.0, "dynamic_sampling": True, "overlong_buffer": 256},
+    # the paper's 7B run: GRPO with KL beta 0.001 against the initial adapter; symmetric clip 0.2
+    "grpo": {"eps_high": 0.2, "kl_beta": 0.001, "dynamic_sampling": False, "overlong_buffer": 0},
+}
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train -------------------------------------------------------------------------
+    model: str | None = None  # base model: a local dir or Hub id (default: ADAPTER/base if present, else the adapter's base_model_name_or_path)
+    adapter: str = ""  # PEFT adapter dir to train (from `loraforge init` or any PEFT save_pretrained)
+    data: str = ""  # training prompts: .jsonl/.json/.parquet file, Hub dataset id, or synthetic[:k=v,...]
+    output_dir: str = ""  # RUN_DIR: metrics.jsonl, checkpoints/, the final adapter/
+    algo: str = "dapo"  # dapo (the paper's 1.5B recipe) or grpo (its 7B recipe); sets the defaults marked dapo/grpo
+    gguf_file: str | None = None  # load the base from this GGUF file inside --model (dequantised)
+    tokenizer: str | None = None  # tokenizer dir or id (default: the base model's)
+    data_split: str = "train"  # split of a Hub dataset
+    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the base model weights
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    trust_remote_code: bool = False  # allow a model repository's own code to run
+    # --- prompts and rewards ------------------------------------------------------------------
+    reward: str = "dapo"  # dapo (verl 0.7, +1/-1), dapo-boxed (newer verl), math-verify (1/0), or module:function
+    prompt_template: str = "dapo"  # for question rows (GSM8K, synthetic): dapo (DAPO-Math's instruction), none, or a text with {question}
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
+    max_prompt_length: int = 512  # prompt tokens kept (left truncation) [paper 512]
+    max_response_length: int = 1024  # new tokens per response [paper 16384]
+    overlong_buffer: int | None = None  # DAPO length shaping buffer in tokens, 0 = off [paper 4096 of 16384; dapo 256]
+    overlong_penalty: float = 1.0  # penalty at max length (the factor alpha) [paper 1.0]
+    # --- sampling ------------------------------------------------------------------------------
+    group_size: int = 8  # responses per prompt G [paper 8]
+    temperature: float = 1.0  # rollout temperature [paper 1.0]
+    top_p: float = 1.0  # rollout nucleus sampling, 1.0 = off [paper 1.0]
+    top_k: int = -1  # rollout top-k, -1 = off [paper -1]
+    dynamic_sampling: bool | None = None  # DAPO: drop groups whose accuracies are all equal, refill [dapo on, grpo off]
+    max_gen_batches: int = 10  # dynamic sampling gives up after this many generation batches per step, 0 = never
+    rollout_batch_size: int = 64  # rows (prompt x sample) decoded at once; lower it on out-of-memory
+    # --- optimisation --------------------------------------------------------------------------
+    steps: int = 500  # training steps (one rollout batch each) [paper 500]
+    prompt_batch: int = 16  # prompts per step [paper 128]
+    mini_batch: int = 4  # prompts per optimizer step; prompt_batch / mini_batch updates per step [paper 32: 4 updates]
+    micro_batch: int = 8  # rows per forward/backward (gradient accumulation); lower it on out-of-memory
+    epochs: int = 1  # passes over each rollout batch (PPO epochs) [paper 1]
+    lr: float = 1e-5  # AdamW learning rate [paper 1e-5]
+    lr_schedule: str = "constant"  # constant | cosine [paper: both]
+    warmup_steps: int = 0  # linear warmup steps [paper 0]
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (verl's default 0)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay [paper 0.1]
+    grad_clip: float = 1.0  # max total grad norm; steps with a non-finite norm are skipped [paper 1.0]
+    eps_low: float = 0.2  # lower clip ratio [paper 0.2]
+    eps_high: float | None = None  # upper clip ratio ("clip-higher") [dapo 0.28 as the paper; grpo 0.2]
+    clip_c: float = 10.0  # dual-clip bound for negative advantages, > 1 [paper 10]
+    loss_agg: str = "token-mean"  # token-mean (DAPO) | seq-mean-token-mean (original GRPO) [paper token-mean]
+    kl_beta: float | None = None  # k3 KL penalty weight against the INITIAL adapter [dapo 0 as the paper; grpo 0.001]
+    # --- bookkeeping ---------------------------------------------------------------------------
+    seed: int = 0  # seeds data order, sampling and torch
+    save_every: int = 50  # checkpoint every N steps (and at the end), 0 = only at the end
+    keep_checkpoints: int = 2  # keep the newest N step checkpoints, 0 = keep all
+    eval_data: str | None = None  # held-out prompts scored greedily every eval_every steps
+    eval_every: int = 0  # evaluation interval in steps, 0 = off
+    eval_max_prompts: int = 64  # evaluate on at most this many held-out prompts
+    tensorboard: bool = True  # also log to RUN_DIR/tb when tensorboard is installed
+
+    # ------------------------------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """A copy with the algorithm preset filled into the None fields, checked."""
+        if self.algo not in ALGO_PRESETS:
+            raise LoraforgeError(f"--algo must be one of {sorted(ALGO_PRESETS)}, got {self.algo!r}")
+        cfg = dataclasses.replace(self)
+        for key, value in ALGO_PRESETS[cfg.algo].items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        def need(ok: bool, flag: str, what: str, got: Any) -> None:
+            if not ok:
+                raise LoraforgeError(f"{flag} must be {what}, got {got!r}")
+
+        need(bool(self.adapter), "--adapter", "a PEFT adapter directory", self.adapter)
+        need(bool(self.data), "--data", "a dataset (file, Hub id or synthetic)", self.data)
+        need(bool(self.output_dir), "--output/-o", "a run directory", self.output_dir)
+        need(self.dtype in ("float32", "bfloat16", "float16"), "--dtype", "float32, bfloat16 or float16", self.dtype)
+        need(self.max_prompt_length >= 1, "--max-prompt-length", ">= 1", self.max_prompt_length)
+        need(self.max_response_length >= 1, "--max-response-length", ">= 1", self.max_response_length)
+        need(0 <= self.overlong_buffer < self.max_response_length, "--overlong-buffer",
+             f"in [0, max response length {self.max_response_length})", self.overlong_buffer)
+        need(self.overlong_penalty >= 0, "--overlong-penalty", ">= 0", self.overlong_penalty)
+        need(self.group_size >= 1, "--group-size", ">= 1", self.group_size)
+        need(self.temperature > 0, "--temperature", "> 0 for training rollouts", self.temperature)
+        need(0 < self.top_p <= 1, "--top-p", "in (0, 1]", self.top_p)
+        need(self.top_k == -1 or self.top_k >= 1, "--top-k", "-1 (off) or >= 1", self.top_k)
+        need(self.max_gen_batches >= 0, "--max-gen-batches", ">= 0 (0 = no limit)", self.max_gen_batches)
+        need(self.rollout_batch_size >= 1, "--rollout-batch-size", ">= 1", self.rollout_batch_size)
+        need(self.steps >= 1, "--steps", ">= 1", self.steps)
+        need(self.prompt_batch >= 1, "--prompt-batch", ">= 1", self.prompt_batch)
+        need(1 <= self.mini_batch <= self.prompt_batch and self.prompt_batch % self.mini_batch == 0,
+             "--mini-batch", f"between 1 and --prompt-batch ({self.prompt_batch}) and divide it", self.mini_batch)
+        need(self.micro_batch >= 1, "--micro-batch", ">= 1", self.micro_batch)
+        need(self.epochs >= 1, "--epochs", ">= 1", self.epochs)
+        need(self.lr > 0, "--lr", "> 0", self.lr)
+        need(self.lr_schedule in ("constant", "cosine"), "--lr-schedule", "constant or cosine", self.lr_schedule)
+        need(0 <= self.warmup_steps < self.steps, "--warmup-steps", f"in [0, --steps {self.steps})", self.warmup_steps)
+        need(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio", "in [0, 1]", self.min_lr_ratio)
+        need(self.weight_decay >= 0, "--weight-decay", ">= 0", self.weight_decay)
+        need(self.grad_clip > 0, "--grad-clip", "> 0", self.grad_clip)
+        need(0 <= self.eps_low < 1, "--eps-low", "in [0, 1)", self.eps_low)
+        need(self.eps_high >= 0, "--eps-high", ">= 0", self.eps_high)
+        need(self.clip_c > 1, "--clip-c", "> 1 (the dual clip bounds ratios above 1)", self.clip_c)
+        need(self.loss_agg in ("token-mean", "seq-mean-token-mean"), "--loss-agg",
+             "token-mean or seq-mean-token-mean", self.loss_agg)
+        need(self.kl_beta >= 0, "--kl-beta", ">= 0", self.kl_beta)
+        need(self.save_every >= 0, "--save-every", ">= 0", self.save_every)
+        need(self.keep_checkpoints >= 0, "--keep-checkpoints", ">= 0", self.keep_checkpoints)
+        need(self.eval_every >= 0, "--eval-every", ">= 0", self.eval_every)
+        need(self.eval_every == 0 or bool(self.eval_data), "--eval-data", "given when --eval-every > 0",
+             self.eval_data)
+        need(self.eval_max_prompts >= 1, "--eval-max-prompts", ">= 1", self.eval_max_prompts)
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in (k.replace("-", "_") for k in values) if k not in names)
+        if unknown:
+            raise LoraforgeError(
+                f"{source}: unknown key(s) {unknown}; the keys are the flag names with _ for -, "
+                "see `loraforge train --help`"
+            )
+        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(path.read_text()), str(path))
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> its one-line comment (what `--help` and docs/train.md show)."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+= .*?  # (.*)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2)
+    return docs
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a --config YAML file into a dict of config keys (needs pyyaml)."""
+    try:
+        import yaml
+    except ImportError as e:
+        raise LoraforgeError("--config needs pyyaml: pip install 'loraforge[train]'") from e
+    p = Path(path)
+    if not p.is_file():
+        raise LoraforgeError(f"--config {path}: no such file")
+    values = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(values, dict):
+        raise LoraforgeError(f"--config {path}: expected a mapping of keys to values, found {type(values).__name__}")
+    return values
+

@@ -1,0 +1,255 @@
+"""Training prompts with verifiable answers: reading rows, recognising their format, the synthetic
+arithmetic task, prompt formatting, and a resumable shuffled stream of prompt batches.
+
+Row formats recognised (per row, so mixed files work):
+  DAPO-Math-17k  {"prompt": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": ...}}
+  GSM8K          {"question": ..., "answer": "... #### 42"}     ground truth: after the last ####, commas dropped
+  plain          {"prompt": "..." or chat messages, "answer": ...}   ("ground_truth" is accepted for "answer")
+Sources: a local .jsonl / .json / .parquet file, a Hub dataset id (needs the `datasets` package),
+or `synthetic[:key=value,...]`, the built-in arithmetic task (see `synthetic_rows`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraforge.errors import LoraforgeError
+
+# The instruction DAPO-Math-17k's prompts carry; the DAPO scorer reads the "Answer:" line it asks for.
+DAPO_TEMPLATE = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{question}\n\n"
+    'Remember to put your answer on its own line after "Answer:".'
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str | list  # text, or chat messages [{"role", "content"}]
+    ground_truth: str
+    is_question: bool = False  # a bare question (GSM8K, synthetic) that the prompt template wraps
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+def read_rows(source: str, split: str = "train") -> list[dict]:
+    """Rows of a local jsonl/json/parquet file, a Hub dataset, or the synthetic task, as dicts."""
+    if source == "synthetic" or source.startswith("synthetic:"):
+        return synthetic_rows(**_parse_synthetic(source))
+    path = Path(source)
+    if path.is_file():
+        return _read_file(path)
+    if path.exists() or source.startswith((".", "/")) or Path(source).suffix in (".jsonl", ".json", ".parquet"):
+        raise LoraforgeError(f"--data {source}: no such file; expected a .jsonl, .json or .parquet file")
+    return _read_hub(source, split)
+
+
+def _read_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise LoraforgeError(f"{path}: line {n} is not valid JSON ({e.msg}); expected one object per line") from e
+        return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "data" in data:
+            data = data["data"]
+        if not isinstance(data, list):
+            raise LoraforgeError(f"{path}: expected a JSON list of rows, found {type(data).__name__}")
+        return data
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise LoraforgeError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from e
+        return pq.read_table(path).to_pylist()
+    raise LoraforgeError(f"{path}: unknown file type {suffix!r}; expected .jsonl, .json or .parquet")
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise LoraforgeError(
+            f"--data {name}: not a local file; reading a Hub dataset needs the datasets package "
+            "(pip install datasets), or download it and pass the .parquet/.jsonl file"
+        ) from e
+    config = None
+    if ":" in name:  # e.g. openai/gsm8k:main
+        name, config = name.split(":", 1)
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # network, missing split, ...: say what was asked
+        raise LoraforgeError(f"--data {name}: could not load split {split!r} from the Hub ({e})") from e
+    return [dict(r) for r in ds]
+
+
+# ------------------------------------------------------------------------------------------------
+# recognising rows
+def to_example(row: Any, index: int, source: str = "data") -> Example:
+    """One row -> Example; a row without the needed fields raises naming the field and the row."""
+    where = f"{source}: row {index}"
+    if not isinstance(row, dict):
+        raise LoraforgeError(f"{where} is a {type(row).__name__}, expected an object with prompt and answer fields")
+    if "reward_model" in row:  # DAPO-Math-17k / verl format
+        rm = row["reward_model"]
+        if not isinstance(rm, dict) or rm.get("ground_truth") in (None, ""):
+            raise LoraforgeError(f"{where} has no field reward_model.ground_truth (verl/DAPO format); add it")
+        if "prompt" not in row:
+            raise LoraforgeError(f"{where} has no field prompt (verl/DAPO format: a list of chat messages)")
+        return Example(_prompt(row["prompt"], where), str(rm["ground_truth"]))
+    if "question" in row and "prompt" not in row:  # GSM8K
+        if "answer" not in row:
+            raise LoraforgeError(f"{where} has no field answer (GSM8K format: question + answer ending in #### N)")
+        answer = str(row["answer"])
+        if "####" in answer:
+            answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
+        return Example(str(row["question"]), answer, is_question=True)
+    if "prompt" not in row:
+        raise LoraforgeError(
+            f"{where} has no field prompt; found fields {sorted(row)}; expected prompt + answer, "
+            "question + answer (GSM8K) or prompt + reward_model.ground_truth (DAPO-Math)"
+        )
+    for key in ("answer", "ground_truth"):
+        if key in row and row[key] not in (None, ""):
+            return Example(_prompt(row["prompt"], where), str(row[key]), is_question=bool(row.get("_question")))
+    raise LoraforgeError(f"{where} has no field answer (the ground truth); found fields {sorted(row)}")
+
+
+def _prompt(value: Any, where: str) -> str | list:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(m, dict) and "content" in m for m in value):
+        return [{"role": m.get("role", "user"), "content": m["content"]} for m in value]
+    raise LoraforgeError(f"{where}: field prompt must be a string or a list of {{role, content}} messages")
+
+
+def load_examples(source: str, split: str = "train") -> list[Example]:
+    rows = read_rows(source, split)
+    if not rows:
+        raise LoraforgeError(f"--data {source}: no rows found")
+    return [to_example(r, i, source) for i, r in enumerate(rows)]
+
+
+# ------------------------------------------------------------------------------------------------
+# the synthetic task
+def _parse_synthetic(spec: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ":" in spec:
+        for part in spec.split(":", 1)[1].split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise LoraforgeError(f"--data {spec}: expected key=value pairs after synthetic:, got {part!r}")
+            out[key.strip()] = value.strip()
+    known = {"n", "max", "min", "ops", "terms", "seed", "style"}
+    bad = sorted(set(out) - known)
+    if bad:
+        raise LoraforgeError(f"--data {spec}: unknown synthetic option(s) {bad}; known: {sorted(known)}")
+    for key in ("n", "max", "min", "terms", "seed"):
+        if key in out:
+            out[key] = int(out[key])
+    return out
+
+
+def synthetic_rows(n: int = 2000, max: int = 20, min: int = 0, ops: str = "+", terms: int = 2,
+                   seed: int = 0, style: str = "question") -> list[dict]:
+    """Arithmetic problems with exact integer answers, deterministic in `seed`.
+
+    `synthetic:n=2000,max=20,ops=+-,terms=2,style=question` makes rows like
+    {"prompt": "What is 7 + 12?", "answer": "19"} (a question the prompt template wraps);
+    style=bare makes {"prompt": "7+12=", "answer": "19"}, used as is (for tiny test models).
+    """
+    if style not in ("question", "bare"):
+        raise LoraforgeError(f"synthetic style must be question or bare, got {style!r}")
+    if not ops or any(o not in "+-*" for o in ops):
+        raise LoraforgeError(f"synthetic ops must be made of + - *, got {ops!r}")
+    if terms < 2 or n < 1 or max < min:
+        raise LoraforgeError("synthetic needs terms >= 2, n >= 1 and min <= max")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        nums = [rng.randint(min, max) for _ in range(terms)]
+        chosen = [rng.choice(ops) for _ in range(terms - 1)]
+        expr = str(nums[0])
+        for op, x in zip(chosen, nums[1:]):
+            expr += f" {op} {x}"
+        answer = eval(expr, {"__builtins__": {}})  # digits and + - * only, built above
+        if style == "bare":
+            rows.append({"prompt": expr.replace(" ", "") + "=", "answer": str(answer)})
+        else:
+            rows.append({"prompt": f"What is {expr}?", "answer": str(answer), "_question": True})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# formatting
+def format_prompt(example: Example, tokenizer, template: str = "dapo", chat: bool = True) -> str:
+    """The text fed to the model: the template around bare questions, then the chat template if any."""
+    prompt = example.prompt
+    if example.is_question and isinstance(prompt, str) and template != "none":
+        text = DAPO_TEMPLATE if template == "dapo" else template
+        if "{question}" not in text:
+            raise LoraforgeError(f"--prompt-template must be dapo, none, or a text containing {{question}}, got {template!r}")
+        prompt = text.replace("{question}", prompt)
+    has_chat = chat and getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, list):
+        if has_chat:
+            return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(str(m["content"]) for m in prompt)
+    if has_chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+# ------------------------------------------------------------------------------------------------
+# the stream of batches
+class PromptStream:
+    """Shuffled prompt batches, epoch after epoch, whose position can be saved and restored exactly.
+
+    The order of epoch e is a permutation drawn from Random(seed * 1_000_003 + e), so it needs no
+    saved RNG: the state is just (epoch, cursor).
+    """
+
+    def __init__(self, examples: list[Example], seed: int = 0):
+        self.examples = examples
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[Example]:
+        out = []
+        while len(out) < size:
+            if self.cursor >= len(self._order):
+                self.epoch += 1
+                self.cursor = 0
+                self._order = self._perm(self.epoch)
+            out.append(self.examples[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+        self._order = self._perm(self.epoch)

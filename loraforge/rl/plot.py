@@ -1,0 +1,56 @@
+"""`loraforge plot`: the paper's Figure 2 panels (training reward, gradient norm, KL(pi_new || pi_old))
+for one or more runs on shared axes, from their metrics.jsonl, as a PNG. Needs matplotlib."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraforge.errors import LoraforgeError
+from loraforge.rl.metrics import read_metrics
+
+PANELS = [("reward", "training reward"), ("grad_norm", "gradient norm (pre-clip)"), ("kl", "KL(π_new ‖ π_old)")]
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over `window` points (1 = raw), ignoring NaN."""
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1): i + 1] if v == v]
+        out.append(sum(chunk) / len(chunk) if chunk else float("nan"))
+    return out
+
+
+def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] | None = None) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise LoraforgeError("plotting needs matplotlib: pip install 'loraforge[plots]' (or pip install matplotlib)") from e
+    if labels and len(labels) != len(run_dirs):
+        raise LoraforgeError(f"--label given {len(labels)} times for {len(run_dirs)} runs; give one per run or none")
+    runs = []
+    for i, d in enumerate(run_dirs):
+        metrics = read_metrics(Path(d))
+        if not metrics:
+            raise LoraforgeError(f"{d}: no metrics.jsonl with any step; expected a directory `loraforge train` wrote")
+        runs.append(((labels[i] if labels else Path(d).resolve().name), metrics))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6), sharex=True)
+    for ax, (key, title) in zip(axes, PANELS):
+        for label, metrics in runs:
+            pts = [(m["step"], float(m[key])) for m in metrics if key in m]
+            if pts:
+                ax.plot([p[0] for p in pts], smooth([p[1] for p in pts], window), label=label, linewidth=1.4)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key in ("kl", "grad_norm"):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,591 @@
+"""The DAPO/GRPO loop for a PEFT adapter on one machine.
+
+    train(cfg) / resume(run_dir)
+      for each step:
+        rollout   prompts -> G samples each (loraforge.generation), scored (rewards.py) with overlong
+                  shaping; DAPO's dynamic sampling refills until --prompt-batch groups vary (advantage.py)
+        advantage group-normalised rewards, broadcast over response tokens
+        old logp  recomputed with the current policy BEFORE the updates (so updates after the first
+                  mini-batch are off-policy and the clip acts), entropy on the same pass
+        ref logp  only with --kl-beta > 0: the INITIAL adapter's weights (a frozen copy), never
+                  "adapter disabled", which for residualised adapters (PiSSA, MiLoRA, OLoRA) is not
+                  the initial policy
+        updates   --prompt-batch / --mini-batch optimizer steps per epoch, each the token-mean loss over
+                  its whole mini-batch (micro-batches accumulate with the mini-batch's token count)
+        metrics   incl. KL(pi_new || pi_old) on the step's response tokens after its updates
+        checkpoint every --save-every steps; Ctrl-C finishes the step, saves, and exits
+
+Departures from verl, each on purpose and named where it happens: exact token-mean under gradient
+accumulation (loss.py); one process, one model for sampling and training, so there are no
+sampler/trainer log-prob mismatches to monitor (verl samples with vLLM); KL(new || old) logged with a
+non-negative control-variate estimator (loss.kl_new_old_terms).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from loraforge.errors import LoraforgeError
+from loraforge.generation import SamplingParams, model_forward_kwargs, generate, left_pad, position_ids_from_mask
+from loraforge.rl import checkpoint as ckpt
+from loraforge.rl.advantage import fill_batch, group_advantages
+from loraforge.rl.config import TrainConfig
+from loraforge.rl.data import PromptStream, format_prompt, load_examples
+from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, policy_loss
+from loraforge.rl.metrics import MetricsLogger
+from loraforge.rl.rewards import Scorer, get_scorer, overlong_penalty
+
+
+# ------------------------------------------------------------------------------------------------
+# small data holders
+@dataclass
+class Sample:
+    """One response in a group."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float  # score + overlong penalty
+    score: float
+    acc: bool
+    truncated: bool
+
+
+@dataclass
+class Group:
+    """The G responses to one prompt."""
+
+    samples: list[Sample]
+
+    @property
+    def accs(self) -> list[float]:
+        return [float(s.acc) for s in self.samples]
+
+
+class TrainingDiverged(Exception):
+    """The loss became non-finite; the trainer turns it into a LoraforgeError naming the checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    adapter_dir: Path | None
+    interrupted: bool = False
+    last_metrics: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# pure helpers
+def lr_factor(step: int, total: int, schedule: str, warmup: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr for scheduler step `step` (0-based), as verl's schedulers compute it.
+
+    constant: linear warmup from 0 over `warmup` steps, then 1 (transformers' constant-with-warmup).
+    cosine: warmup from min_ratio to 1, then half a cosine from 1 down to min_ratio at `total`.
+    """
+    if schedule == "constant":
+        return step / max(1, warmup) if step < warmup else 1.0
+    if step < warmup:
+        return min_ratio + (1.0 - min_ratio) * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(min_ratio, min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def pack(samples: list[Sample], pad: int) -> dict[str, torch.Tensor]:
+    """Prompt (left-padded) and response (right-padded) tensors for a list of samples."""
+    p_ids, p_mask = left_pad([s.prompt_ids for s in samples], pad)
+    width = max(1, max(len(s.response_ids) for s in samples))
+    r_ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    r_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        r_ids[i, : len(s.response_ids)] = torch.tensor(s.response_ids, dtype=torch.long)
+        r_mask[i, : len(s.response_ids)] = 1
+    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, entropy: bool = False,
+                      params: dict[str, torch.Tensor] | None = None):
+    """log pi(response token | prefix) per response token, (rows, R); optionally the entropy too.
+
+    Logits are divided by the rollout temperature, as verl does, so the log-probs are those of the
+    distribution the rollout sampled from (top-p/top-k are ignored here, as in verl).
+    `params` overrides parameters by name (torch.func.functional_call), used for the reference adapter.
+    """
+    device = next(model.parameters()).device
+    p_ids, p_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
+    r_ids, r_mask = batch["response_ids"].to(device), batch["response_mask"].to(device)
+    ids = torch.cat([p_ids, r_ids], dim=1)
+    attn = torch.cat([p_mask, r_mask], dim=1)
+    R = r_ids.shape[1]
+    kwargs = {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids_from_mask(attn),
+              "use_cache": False}
+    if model_forward_kwargs(model)[1]:
+        kwargs["logits_to_keep"] = R + 1  # no logits for the prompt: they are the bulk of the memory
+    if params is None:
+        logits = model(**kwargs).logits
+    else:
+        logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
+    # position t predicts token t+1: the R response tokens are predicted by positions P-1 .. P+R-2
+    logits = logits[:, -R - 1:-1, :].float() / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, r_ids[..., None]).squeeze(-1) - lse
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        ent = lse - (logits.softmax(-1) * logits).sum(-1)
+    return logp, ent
+
+
+def _adapter_params(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraforgeError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print):
+    """(PeftModel with the adapter trainable, tokenizer, device) for the config."""
+    import json as _json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = Path(cfg.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise LoraforgeError(
+            f"--adapter {adapter}: no adapter_config.json there; expected a PEFT adapter directory "
+            "(made by `loraforge init` or PeftModel.save_pretrained)"
+        )
+    model_src = cfg.model
+    residual_base = adapter / "base"
+    if model_src is None:
+        if residual_base.is_dir():
+            model_src = str(residual_base)
+        else:
+            model_src = _json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not model_src:
+            raise LoraforgeError("--model not given and the adapter names no base model; pass --model")
+        echo(f"base model: {model_src} (from the adapter directory)")
+    elif residual_base.is_dir() and Path(model_src).resolve() != residual_base.resolve():
+        echo(f"warning: {adapter} has a residual base at {residual_base} (PiSSA/MiLoRA/OLoRA); training it on "
+             f"{model_src} does not start from the policy the adapter was made for")
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kw["gguf_file"] = cfg.gguf_file
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model_src, **kw)
+        tok_kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or model_src, trust_remote_code=cfg.trust_remote_code,
+                                                  **tok_kw)
+    except (OSError, ValueError) as e:
+        raise LoraforgeError(f"--model {model_src}: could not load the model or its tokenizer ({e})") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base.to(device)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    except RuntimeError as e:
+        raise LoraforgeError(_shape_mismatch_message(str(e), adapter, model_src)) from e
+    model.to(device)
+    trainable = _adapter_params(model)
+    if not trainable:
+        raise LoraforgeError(f"--adapter {adapter}: the adapter has no trainable parameters after loading")
+    return model, tokenizer, device
+
+
+def _shape_mismatch_message(text: str, adapter: Path, model_src: str) -> str:
+    import re
+
+    found = re.findall(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
+                       r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", text)
+    if not found:
+        return f"--adapter {adapter} does not fit --model {model_src}: {text.splitlines()[0]}"
+    name, got, want = found[0]
+    name = name.replace("base_model.model.", "", 1)
+    m = re.match(r"(.*)\.(lora_[A-Za-z_]+)(?:\.\w+)?\.weight$", name)
+    module, tensor = (m.group(1), m.group(2)) if m else (name, "weight")
+    return (f"--adapter {adapter} does not match --model {model_src}: module {module} has {tensor} of shape "
+            f"{got[11:-1]} in the adapter but {want[11:-1]} in the model ({len(found)} mismatched tensors); "
+            "pass the base model the adapter was made for (for PiSSA/MiLoRA/OLoRA: the adapter's base/ directory)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, scorer: Scorer | None = None, echo: Callable[[str], None] | None = None,
+                 resume_from: Path | None = None):
+        self.cfg = cfg.resolved()
+        self.run_dir = Path(self.cfg.output_dir)
+        self.echo = echo or (lambda s: print(s, flush=True))
+        self.scorer = scorer or get_scorer(self.cfg.reward)
+        self.resume_from = resume_from
+        self._stop_requested = False
+
+    # -- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.examples = load_examples(cfg.data, cfg.data_split)
+        self.eval_examples = (load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts]
+                              if cfg.eval_data and cfg.eval_every else [])
+        self.model, self.tokenizer, self.device = load_policy(cfg, self.echo)
+        self.model.eval()  # no dropout anywhere: the paper's LoRA dropout is 0, and base dropout would bias ratios
+        self.params = _adapter_params(self.model)
+        self.pad = self.tokenizer.pad_token_id
+        self.stream = PromptStream(self.examples, cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, cfg.steps, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio),
+        )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ref_path = self.run_dir / "reference_adapter.safetensors"
+        self.start_step = 0
+        self.skipped = 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        elif cfg.kl_beta > 0:
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(ref_path))
+        # the KL reference: a frozen copy of the INITIAL adapter weights (saved at the start of the run)
+        self.ref_params = None
+        if cfg.kl_beta > 0:
+            from safetensors.torch import load_file
+
+            self.ref_params = {n: t.to(self.device) for n, t in load_file(str(ref_path)).items()}
+        cfg.save(self.run_dir / "config.json")
+
+    def _restore(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        blob, state = ckpt.load_trainer_state(path)
+        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise LoraforgeError(f"checkpoint {path} does not match the adapter: unexpected {result.unexpected_keys[:3]}")
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        ckpt.set_rng_state(blob["rng"], self.generator)
+        self.stream.load_state(state["data"])
+        self.start_step = int(state["step"])
+        self.skipped = int(state.get("skipped", 0))
+        self.echo(f"resumed from {path} at step {self.start_step}")
+
+    # -- rollout ------------------------------------------------------------------------------
+    def _sampling(self, n: int, greedy: bool = False) -> SamplingParams:
+        cfg = self.cfg
+        return SamplingParams(n=n, max_new_tokens=cfg.max_response_length, temperature=0.0 if greedy else cfg.temperature,
+                              top_p=cfg.top_p, top_k=cfg.top_k, max_prompt_tokens=cfg.max_prompt_length)
+
+    def _generate_groups(self, examples, n: int, greedy: bool = False) -> list[Group]:
+        cfg = self.cfg
+        prompts = [format_prompt(e, self.tokenizer, cfg.prompt_template, cfg.chat_template) for e in examples]
+        try:
+            gen = generate(self.model, self.tokenizer, prompts, self._sampling(n, greedy),
+                           generator=self.generator, batch_size=cfg.rollout_batch_size)
+        except LoraforgeError as e:
+            raise LoraforgeError(f"{e} (flags: --rollout-batch-size, --max-response-length, --group-size)") from None
+        groups: list[Group] = [Group([]) for _ in examples]
+        for row, pi in enumerate(gen.prompt_index):
+            length = gen.lengths[row]
+            result = self.scorer(gen.texts[row], examples[pi].ground_truth)
+            penalty = (overlong_penalty(length, cfg.max_response_length, cfg.overlong_buffer, cfg.overlong_penalty)
+                       if cfg.overlong_buffer > 0 else 0.0)
+            groups[pi].samples.append(Sample(
+                prompt_ids=gen.prompt_ids[row][gen.prompt_mask[row].bool()].tolist(),
+                response_ids=gen.response_ids[row, :length].tolist(),
+                reward=float(result.score) + penalty, score=float(result.score), acc=bool(result.acc),
+                truncated=bool(gen.truncated[row]),
+            ))
+        return groups
+
+    def _rollout(self):
+        cfg = self.cfg
+
+        def next_groups():
+            return self._generate_groups(self.stream.next_batch(cfg.prompt_batch), cfg.group_size)
+
+        try:
+            return fill_batch(next_groups, cfg.prompt_batch, cfg.max_gen_batches, cfg.dynamic_sampling)
+        except RuntimeError as e:
+            raise LoraforgeError(
+                f"{e}. The prompts are too easy or too hard for this policy: raise --max-gen-batches (0 = no limit), "
+                "use easier/harder data, or turn off --dynamic-sampling"
+            ) from None
+
+    # -- one step -----------------------------------------------------------------------------
+    def _logprobs(self, samples: list[Sample], entropy=False, params=None, grad=False):
+        """Batched over micro-batches; returns per-sample tensors (list) of logp (and entropy)."""
+        out_lp, out_ent = [], []
+        mb = self.cfg.micro_batch
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            for i in range(0, len(samples), mb):
+                chunk = samples[i:i + mb]
+                batch = pack(chunk, self.pad)
+                lp, ent = self._forward(batch, entropy, params)
+                for j, s in enumerate(chunk):
+                    n = len(s.response_ids)
+                    out_lp.append(lp[j, :n].detach().cpu())
+                    out_ent.append(ent[j, :n].cpu() if ent is not None else None)
+        return out_lp, out_ent
+
+    def _forward(self, batch, entropy=False, params=None):
+        try:
+            return response_logprobs(self.model, batch, self.cfg.temperature, entropy, params)
+        except torch.OutOfMemoryError as e:
+            rows, width = batch["response_ids"].shape
+            raise LoraforgeError(
+                f"out of memory in a training forward of {rows} rows x {width} response tokens; lower --micro-batch "
+                f"(now {self.cfg.micro_batch}) or --max-response-length (now {self.cfg.max_response_length})"
+            ) from e
+
+    @staticmethod
+    def _pad_list(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+        out = torch.zeros(len(tensors), width)
+        for i, t in enumerate(tensors):
+            out[i, : t.shape[0]] = t
+        return out
+
+    def step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        kept, seen, gen_batches = self._rollout()
+        t_gen = time.perf_counter() - t0
+        all_samples = [s for g in seen for s in g.samples]
+        samples = [s for g in kept for s in g.samples]
+        group_ids = [gi for gi, g in enumerate(kept) for _ in g.samples]
+        adv = group_advantages(torch.tensor([s.reward for s in samples]), group_ids)
+
+        old_lp, ent = self._logprobs(samples, entropy=True)
+        ref_lp = self._logprobs(samples, params=self.ref_params)[0] if cfg.kl_beta > 0 else None
+
+        rows_per_mini = cfg.mini_batch * cfg.group_size
+        stats_acc: dict[str, list[float]] = {"ppo_kl": [], "clipfrac": [], "clipfrac_lower": [], "kl_ref": []}
+        grad_norms: list[float] = []
+        for _epoch in range(cfg.epochs):
+            for m0 in range(0, len(samples), rows_per_mini):
+                idx = list(range(m0, min(m0 + rows_per_mini, len(samples))))
+                n_tokens = sum(len(samples[i].response_ids) for i in idx)
+                denom = float(n_tokens if cfg.loss_agg == "token-mean" else len(idx))
+                for u0 in range(0, len(idx), cfg.micro_batch):
+                    mi = idx[u0:u0 + cfg.micro_batch]
+                    batch = pack([samples[i] for i in mi], self.pad)
+                    mask = batch["response_mask"].to(self.device)
+                    width = mask.shape[1]
+                    logp, _ = self._forward(batch)
+                    old = self._pad_list([old_lp[i] for i in mi], width).to(self.device)
+                    loss, st = policy_loss(logp, old, adv[mi].to(self.device), mask, cfg.eps_low, cfg.eps_high,
+                                           cfg.clip_c, loss_agg=cfg.loss_agg, denominator=denom)
+                    for k in ("ppo_kl", "clipfrac", "clipfrac_lower"):
+                        stats_acc[k].append(st[k])
+                    if ref_lp is not None:
+                        ref = self._pad_list([ref_lp[i] for i in mi], width).to(self.device)
+                        kl = kl_k3(logp, ref)
+                        loss = loss + cfg.kl_beta * aggregate(kl, mask, cfg.loss_agg, denom)
+                        stats_acc["kl_ref"].append(masked_mean(kl.detach(), mask).item())
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"the loss is {loss.item()} at step {step}")
+                    loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+                if torch.isfinite(norm):
+                    self.optimizer.step()
+                    grad_norms.append(norm.item())
+                else:  # verl skips the update when the grad norm is not finite
+                    self.skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+
+        # the paper's stability diagnostic: KL(pi_new || pi_old) on this step's response tokens
+        new_lp, _ = self._logprobs(samples)
+        num = sum(kl_new_old_terms(n - o).sum().item() for n, o in zip(new_lp, old_lp))
+        den = max(1, sum(o.numel() for o in old_lp))
+        elapsed = time.perf_counter() - t0
+        lens = [len(s.response_ids) for s in all_samples]
+        tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in all_samples)
+        m: dict[str, Any] = {
+            "step": step,
+            "reward": _mean([s.reward for s in all_samples]),
+            "score": _mean([s.score for s in all_samples]),
+            "acc": _mean([float(s.acc) for s in all_samples]),
+            "kept_frac": len([g for g in seen if _varies(g)]) / max(1, len(seen)),
+            "gen_batches": gen_batches,
+            "ppo_kl": _mean(stats_acc["ppo_kl"]),
+            "kl": num / den,
+            "grad_norm": _mean(grad_norms) if grad_norms else float("nan"),
+            "clipfrac": _mean(stats_acc["clipfrac"]),
+            "clipfrac_lower": _mean(stats_acc["clipfrac_lower"]),
+            "entropy": sum(e.sum().item() for e in ent) / den,
+            "response_len": _mean(lens),
+            "response_clip_ratio": _mean([float(s.truncated) for s in all_samples]),
+            "lr": lr,
+            "tokens_per_s": tokens / elapsed,
+            "gen_time_s": t_gen,
+            "skipped": self.skipped,
+            "time_s": elapsed,
+        }
+        if ref_lp is not None:
+            m["kl_ref"] = _mean(stats_acc["kl_ref"])
+        return m
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy decoding on the held-out prompts, scored with the run's reward."""
+        groups = self._generate_groups(self.eval_examples, 1, greedy=True)
+        samples = [g.samples[0] for g in groups]
+        return {"eval_acc": _mean([float(s.acc) for s in samples]), "eval_reward": _mean([s.score for s in samples])}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir, step, self.model, self.optimizer, self.scheduler, self.generator,
+            {"data": self.stream.state(), "skipped": self.skipped}, keep=self.cfg.keep_checkpoints,
+        )
+
+    def run(self) -> TrainResult:
+        self.setup()
+        cfg = self.cfg
+        logger = MetricsLogger(self.run_dir, cfg.steps, self._write, cfg.tensorboard,
+                               resume_step=self.start_step if self.resume_from is not None else None)
+        self.echo(f"training {cfg.algo} for {cfg.steps} steps ({len(self.params)} adapter tensors, "
+                  f"{sum(p.numel() for p in self.params.values()):,} parameters) -> {self.run_dir}")
+        last_saved = self.start_step if self.resume_from is not None else None
+        step = self.start_step
+        metrics = None
+        bar = self._bar = _progress(cfg.steps, self.start_step)
+        try:
+            with self._deferred_interrupt():
+                for step in range(self.start_step + 1, cfg.steps + 1):
+                    try:
+                        metrics = self.step(step)
+                    except TrainingDiverged as e:
+                        raise LoraforgeError(self._diverged_message(str(e), last_saved)) from None
+                    if cfg.eval_every and step % cfg.eval_every == 0:
+                        metrics.update(self.evaluate())
+                    logger.log(metrics)
+                    if bar is not None:
+                        bar.update(1)
+                    if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                        self.save(step)
+                        last_saved = step
+                    if self._stop_requested:
+                        if last_saved != step:
+                            self.save(step)
+                        self.echo(f"interrupted: saved a checkpoint at step {step}; continue with "
+                                  f"`loraforge train --resume {self.run_dir}`")
+                        return TrainResult(self.run_dir, step, None, interrupted=True, last_metrics=metrics)
+        finally:
+            logger.close()
+            if bar is not None:
+                bar.close()
+        final = self.run_dir / "adapter"
+        ckpt.atomic_save_adapter(self.model, final)
+        self.echo(f"done: adapter saved to {final}")
+        return TrainResult(self.run_dir, step, final, last_metrics=metrics)
+
+    def _diverged_message(self, what: str, last_saved: int | None) -> str:
+        if last_saved is not None:
+            where = (f"the last good checkpoint is {ckpt.checkpoint_path(self.run_dir, last_saved)} (step {last_saved}), "
+                     f"kept as is; continue from it with `loraforge train --resume {self.run_dir}`")
+        else:
+            where = f"no checkpoint had been saved yet; the initial adapter {self.cfg.adapter} is untouched"
+        return (f"{what}: training stopped and nothing was saved for this step; {where}. "
+                "Lower --lr, check the reward function for NaN, or use --dtype float32")
+
+    def _write(self, line: str) -> None:
+        """Print a line; above the progress bar when one is shown."""
+        bar = getattr(self, "_bar", None)
+        if bar is not None and not bar.disable:
+            bar.write(line, file=sys.stdout)
+        else:
+            self.echo(line)
+
+    @contextmanager
+    def _deferred_interrupt(self):
+        """First Ctrl-C: finish the current step, save, exit cleanly. A second one aborts at once."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self.echo("\nCtrl-C: finishing this step, then saving a checkpoint (press again to abort without saving)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+def _varies(group: Group) -> bool:
+    from loraforge.rl.advantage import keep_group
+
+    return keep_group(group.accs)
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    # disable=None: shown only on a terminal, so logs and tests stay clean
+    return tqdm(total=total, initial=initial, disable=None, file=sys.stderr, unit="step", leave=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# entry points
+def train(cfg: TrainConfig, *, scorer: Scorer | None = None, echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Run a training from scratch into cfg.output_dir (refuses a directory that already has a run)."""
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    if run_dir is not None and (run_dir / "config.json").exists():
+        raise LoraforgeError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another -o directory"
+        )
+    return Trainer(cfg, scorer=scorer, echo=echo).run()
+
+
+def resume(run_dir: str | Path, *, steps: int | None = None, scorer: Scorer | None = None,
+           echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Continue the run in run_dir from its latest checkpoint, with its saved config (steps may be raised)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise LoraforgeError(f"--resume {run_dir}: no config.json there; expected a directory `loraforge train` wrote")
+    cfg = TrainConfig.load(run_dir / "config.json")
+    cfg.output_dir = str(run_dir)
+    if steps is not None:
+        cfg.steps = steps
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise LoraforgeError(f"--resume {run_dir}: no checkpoint found under {run_dir / ckpt.CKPT_DIR}")
+    return Trainer(cfg, scorer=scorer, echo=echo, resume_from=latest).run()

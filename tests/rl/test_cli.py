@@ -1,0 +1,109 @@
+"""`loraforge train` and `loraforge plot` through click's CliRunner."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from loraforge.cli import main
+from loraforge.rl.metrics import read_metrics
+
+
+def _args(model_dir, adapter_dir, out, *extra):
+    return ["train", "--model", str(model_dir), "--adapter", str(adapter_dir), "-o", str(out),
+            "--data", "synthetic:n=40,max=2,style=bare", "--reward", "rl_helpers:answer_scorer",
+            "--max-response-length", "1", "--overlong-buffer", "0", "--group-size", "4", "--prompt-batch", "4",
+            "--mini-batch", "2", "--lr", "1e-2", "--max-gen-batches", "0", "--no-tensorboard", *extra]
+
+
+def test_help_lists_the_commands_and_every_flag():
+    r = CliRunner().invoke(main, ["--help"])
+    assert "train" in r.output and "plot" in r.output
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0
+    for flag in ("--algo", "--group-size", "--prompt-batch", "--mini-batch", "--epochs", "--lr-schedule",
+                 "--warmup-steps", "--weight-decay", "--grad-clip", "--eps-low", "--eps-high", "--clip-c",
+                 "--loss-agg", "--kl-beta", "--dynamic-sampling", "--max-gen-batches", "--overlong-buffer",
+                 "--overlong-penalty", "--max-prompt-length", "--max-response-length", "--temperature", "--top-p",
+                 "--top-k", "--seed", "--steps", "--save-every", "--eval-every", "--resume", "--config"):
+        assert flag in r.output, flag
+
+
+def test_train_resume_and_plot(model_dir, adapter_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    r = runner.invoke(main, _args(model_dir, adapter_dir, out, "--steps", "2", "--save-every", "1"))
+    assert r.exit_code == 0, r.output
+    assert "step 1/2 | reward " in r.output and "finished at step 2" in r.output
+    r = runner.invoke(main, ["train", "--resume", str(out), "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    assert "resumed from" in r.output and "step 3/3" in r.output
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    # other flags with --resume are refused, naming them
+    r = runner.invoke(main, ["train", "--resume", str(out), "--lr", "1"])
+    assert r.exit_code == 1 and "--lr" in r.output and "only --steps may change" in r.output
+    pytest.importorskip("matplotlib")
+    r = runner.invoke(main, ["plot", str(out), str(out), "--label", "a", "--label", "b", "-o", str(tmp_path / "p.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_yaml_config_and_flag_precedence(model_dir, adapter_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("steps: 1\nlr-schedule: cosine\nseed: 5\ngroup_size: 2\n")
+    r = CliRunner().invoke(main, _args(model_dir, adapter_dir, tmp_path / "run", "--config", str(cfg), "--seed", "6"))
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    # YAML over defaults, flags over YAML (group_size 4 from the flags wins over the file's 2)
+    assert saved["steps"] == 1 and saved["lr_schedule"] == "cosine" and saved["seed"] == 6 and saved["group_size"] == 4
+
+
+def test_bad_values_name_the_flag(model_dir, adapter_dir, tmp_path):
+    r = CliRunner().invoke(main, _args(model_dir, adapter_dir, tmp_path / "run", "--mini-batch", "3"))
+    assert r.exit_code == 1 and "--mini-batch must be between 1 and --prompt-batch (4) and divide it" in r.output
+    r = CliRunner().invoke(main, _args(model_dir, adapter_dir, tmp_path / "run", "--clip-c", "0.5"))
+    assert r.exit_code == 1 and "--clip-c must be > 1" in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1\n")
+    r = CliRunner().invoke(main, _args(model_dir, adapter_dir, tmp_path / "run", "--config", str(bad)))
+    assert r.exit_code == 1 and "unknown key(s) ['learning_rate']" in r.output
+
+
+def test_missing_field_in_data_file(model_dir, adapter_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "solution": "4"}\n')
+    args = _args(model_dir, adapter_dir, tmp_path / "run")
+    args[args.index("--data") + 1] = str(data)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1
+    assert "row 1 has no field answer" in r.output and "solution" in r.output
+
+
+def test_plot_without_runs_or_matplotlib(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, ["plot", str(tmp_path / "empty")])
+    assert r.exit_code == 1 and "no metrics.jsonl" in r.output
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    r = CliRunner().invoke(main, ["plot", str(tmp_path / "empty")])
+    assert r.exit_code == 1 and "pip install 'loraforge[plots]'" in r.output
+
+
+def test_docs_list_every_flag():
+    import dataclasses
+    from pathlib import Path
+
+    from loraforge.rl.cli_support import flag_of
+    from loraforge.rl.config import TrainConfig
+
+    text = (Path(__file__).parents[2] / "docs" / "train.md").read_text()
+    missing = [flag_of(f.name) for f in dataclasses.fields(TrainConfig) if f"`{flag_of(f.name)}" not in text]
+    assert not missing, f"docs/train.md does not describe {missing}"
