@@ -29,6 +29,7 @@ from typing import Optional
 
 from loraforge.adapters import Adapter, load_adapter
 from loraforge.errors import LoraforgeError
+from loraforge.source import is_network_error
 from loraforge.writers import ADAPTER_CONFIG, MANIFEST
 
 INIT_FORMAT = "loraforge-manifest/1"
@@ -373,7 +374,7 @@ def _hub_call(fn, what: str, repo: str, done: str, endpoint: str, **kwargs):
     except OSError as e:
         raise LoraforgeError(_network_message(what, repo, e, endpoint) + nothing + rerun) from None
     except Exception as e:  # httpx transport errors are not OSErrors
-        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        if is_network_error(e):
             raise LoraforgeError(_network_message(what, repo, e, endpoint) + nothing + rerun) from None
         raise
 

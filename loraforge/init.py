@@ -388,7 +388,10 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
 
         t1 = time.perf_counter()
         writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
-        writers.write_adapter_config(tmp, lora_config(config, target_modules, source.model_id, fan_in_fan_out))
+        # For residualised methods the adapter belongs on OUT/base, not on the source model, so that
+        # is what PEFT's AutoPeftModel must load (`loraforge push` rewrites it to the base's Hub repo).
+        base_model = str(out.resolve() / writers.BASE_DIR) if method.residual else source.model_id
+        writers.write_adapter_config(tmp, lora_config(config, target_modules, base_model, fan_in_fan_out))
         files = {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)}
         base_dtype = None
         if method.residual:

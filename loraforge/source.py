@@ -89,6 +89,20 @@ def _download(repo_id: str, revision: Optional[str], token: Optional[str], trust
         ) from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
         raise LoraforgeError(f"Could not download {repo_id!r} from the Hub: {e}. Retry, or pass a local model directory.") from None
+    except Exception as e:
+        # A network that is down surfaces as the HTTP client's own transport error (httpx, or httpx2
+        # in huggingface_hub 2.x), which is neither an HfHubHTTPError nor an OSError.
+        if not is_network_error(e):
+            raise
+        raise LoraforgeError(
+            f"Could not reach the Hugging Face Hub to get {repo_id!r} ({type(e).__name__}: {e}). Check the network, "
+            "pass a local model directory, or set HF_HUB_OFFLINE=1 to use the local cache."
+        ) from None
+
+
+def is_network_error(e: BaseException) -> bool:
+    """True for the HTTP client's transport errors (connection refused, DNS failure, timeouts)."""
+    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
 
 
 def _read_dir(model_id: str, path: Path, revision: Optional[str], is_local: bool) -> Source:

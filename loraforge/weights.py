@@ -52,18 +52,7 @@ def open_model_weights(model: str, module_names: Sequence[str], role: str = "--b
     """Find MODULE_NAMES in MODEL; ROLE names the model in error messages."""
     from loraforge.init import _checkpoint_keys
 
-    try:
-        source = resolve_source(model, revision, token)
-    except LoraforgeError:
-        raise
-    except Exception as e:
-        # resolve_source maps the Hub's own errors; a network that is down surfaces as an httpx error.
-        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2"):
-            raise
-        raise LoraforgeError(
-            f"Could not reach the Hugging Face Hub to get {role} {model} ({type(e).__name__}: {e}). Pass a local "
-            "model directory, or set HF_HUB_OFFLINE=1 to use the local cache."
-        ) from None
+    source = resolve_source(model, revision, token)
     skeleton = build_skeleton(source.path)
     modules = dict(skeleton.named_modules())
     targets = {}

@@ -162,3 +162,19 @@ def test_readme_method_table_is_the_registry():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert method_table_markdown() in readme
+
+
+def test_unreachable_hub_is_a_clear_error_within_seconds(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    res = invoke("init", "some-org/some-model", "--method", "rlpo", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "Could not reach the Hugging Face Hub to get 'some-org/some-model'" in res.output
+    assert time.monotonic() - started < 30 and not (tmp_path / "o").exists()

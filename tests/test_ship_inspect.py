@@ -255,5 +255,5 @@ def test_unreachable_hub_base_is_a_clear_error(inits, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    with pytest.raises(LoraforgeError, match="Could not reach the Hugging Face Hub to get --base org/some-model"):
+    with pytest.raises(LoraforgeError, match="Could not reach the Hugging Face Hub to get 'org/some-model'"):
         inspect_adapter(inits["rlpo"], base="org/some-model")
