@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import shutil
 import sys
 import time
 import zlib
@@ -402,41 +403,48 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
                 files.update(writers.hash_tree(tmp, writers.BASE_DIR))
             else:
                 files.update(writers.write_residual_base(source, tmp / writers.BASE_DIR, residual_files, cast_to, trust_remote_code))
-            import shutil
-
             shutil.rmtree(tmp / ".residuals", ignore_errors=True)
         write_s = time.perf_counter() - t1
 
-        manifest = {
-            "format": "loraforge-manifest/1",
-            "method": method.name,
-            "paper_name": method.paper_name,
-            "A0": method.A0,
-            "B0": method.B0,
-            "r": config.r,
-            "alpha": config.alpha,
-            "rslora": config.rslora,
-            "scaling": config.scaling,
-            "seed": config.seed,
-            "svd": config.svd if method.spectrum else None,
-            "source": {"model_id": source.model_id, "revision": source.revision, "local": source.is_local},
-            "target_modules": target_modules,
-            "layers": config.layers,
-            "fan_in_fan_out": fan_in_fan_out,
-            "dtypes": {"adapter": config.adapter_dtype, "base": base_dtype, "source": _source_dtype(source.config)},
-            "base": writers.BASE_DIR if method.residual else None,
-            "path": "in-memory" if loaded is not None else "streaming",
-            "device": str(device),
-            "versions": _versions(),
-            "timings": {"decompose_s": round(decompose_s, 3), "write_s": round(write_s, 3),
-                        "total_s": round(time.perf_counter() - started, 3)},
-            "files": files,
-            "summary": _summary(stats),
-            "modules": stats,
-        }
+        timings = {"decompose_s": round(decompose_s, 3), "write_s": round(write_s, 3),
+                   "total_s": round(time.perf_counter() - started, 3)}
+        manifest = _manifest(config, source, target_modules, fan_in_fan_out, base_dtype,
+                             "in-memory" if loaded is not None else "streaming", device, timings, files, stats)
         writers.write_json(tmp / writers.MANIFEST, manifest)
         (tmp / "README.md").write_text(render_model_card(manifest))
     return InitResult(out=out, manifest=manifest, seconds=time.perf_counter() - started)
+
+
+def _manifest(config: InitConfig, source, target_modules, fan_in_fan_out: bool, base_dtype: Optional[str], path: str,
+              device: torch.device, timings: dict, files: dict, stats: dict) -> dict:
+    """loraforge.json: everything needed to reproduce, verify and explain the adapter."""
+    method = config.method_spec
+    return {
+        "format": "loraforge-manifest/1",
+        "method": method.name,
+        "paper_name": method.paper_name,
+        "A0": method.A0,
+        "B0": method.B0,
+        "r": config.r,
+        "alpha": config.alpha,
+        "rslora": config.rslora,
+        "scaling": config.scaling,
+        "seed": config.seed,
+        "svd": config.svd if method.spectrum else None,
+        "source": {"model_id": source.model_id, "revision": source.revision, "local": source.is_local},
+        "target_modules": target_modules,
+        "layers": config.layers,
+        "fan_in_fan_out": fan_in_fan_out,
+        "dtypes": {"adapter": config.adapter_dtype, "base": base_dtype, "source": _source_dtype(source.config)},
+        "base": "base" if method.residual else None,
+        "path": path,  # "streaming" or "in-memory"
+        "device": str(device),
+        "versions": _versions(),
+        "timings": timings,
+        "files": files,
+        "summary": _summary(stats),
+        "modules": stats,
+    }
 
 
 def _summary(stats: dict[str, dict]) -> dict:
@@ -481,8 +489,6 @@ def _load_model(source, config: InitConfig, device_map: Optional[str], trust_rem
 
 
 def _save_loaded_base(model, source, base_dir: Path, cast_to, trust_remote_code: bool) -> None:
-    import shutil
-
     from loraforge.source import companion_files
 
     if cast_to is not None:

@@ -36,8 +36,12 @@ class Source:
     shards: list[str] = field(default_factory=list)  # weight file names, in index order
     weight_map: dict[str, str] = field(default_factory=dict)  # tensor key -> shard file name
 
+    _open: dict = field(default_factory=dict, repr=False)  # shard name -> SafetensorsFile (header parsed once)
+
     def open_shard(self, name: str) -> SafetensorsFile:
-        return SafetensorsFile(self.path / name)
+        if name not in self._open:
+            self._open[name] = SafetensorsFile(self.path / name)
+        return self._open[name]
 
 
 def _looks_like_path(model: str) -> bool:
