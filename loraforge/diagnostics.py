@@ -196,7 +196,7 @@ def select_modules(names: list[str], config: InspectConfig) -> list[str]:
 def inspect_adapter(adapter: str | Path, init: Optional[str | Path] = None, base: Optional[str] = None,
                     config: Optional[InspectConfig] = None) -> InspectReport:
     """Compute the diagnostics of ADAPTER (see the module docstring for what is compared with what)."""
-    from loraforge.init import resolve_device
+    from loraforge.devices import resolve_device
     from loraforge.targets import layer_index
     from loraforge.weights import open_model_weights
 

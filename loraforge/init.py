@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from loraforge.devices import resolve_device  # noqa: F401 (re-exported for verify/inspect)
 from loraforge.errors import LoraforgeError
 from loraforge.linalg import exact_spectrum, fast_spectrum
 from loraforge.methods import METHODS, MethodInput, get_method
@@ -108,21 +109,6 @@ class InitResult:
     @property
     def modules(self) -> int:
         return len(self.manifest["modules"])
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LoraforgeError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LoraforgeError(f"--device {device}: no CUDA GPU is visible to torch. Use --device cpu (or auto).")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise LoraforgeError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible.")
-    return dev
 
 
 def module_seed(seed: int, name: str) -> int:

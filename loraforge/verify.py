@@ -112,7 +112,8 @@ def serve_line(adapter_dir: Path, method: Method, original: str, r: int) -> str:
 
 def verify_adapter(out: str | Path, base: Optional[str] = None, device: str = "auto", batch_mib: int = 512) -> VerifyReport:
     """Check the loraforge init directory OUT; BASE overrides the original model the manifest names."""
-    from loraforge.init import module_seed, plan_batches, resolve_device
+    from loraforge.devices import resolve_device
+    from loraforge.init import module_seed, plan_batches
     from loraforge.weights import open_model_weights
 
     out = Path(out)

@@ -221,20 +221,6 @@ def evaluate(model, tokenizer, benchmark: Benchmark | str, config: EvalConfig | 
     return result
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise LoraforgeError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LoraforgeError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
-    return dev
-
-
 def _resolve_dtype(name: str, device):
     import torch
 
@@ -259,7 +245,9 @@ def load_model(config: EvalConfig):
     """The base model (at --revision) with the --adapter on top, its tokenizer, and what to record."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = _resolve_device(config.device)
+    from loraforge.devices import resolve_device
+
+    device = resolve_device(config.device)
     dtype = _resolve_dtype(config.dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from loraforge.devices import resolve_device
 from loraforge.errors import LoraforgeError
 from loraforge.generation import SamplingParams, model_forward_kwargs, generate, left_pad, position_ids_from_mask
 from loraforge.rl import checkpoint as ckpt
@@ -150,14 +151,6 @@ def _adapter_params(model) -> dict[str, torch.nn.Parameter]:
 
 # ------------------------------------------------------------------------------------------------
 # loading
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraforgeError(f"--device {name}: no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
 def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print):
     """(PeftModel with the adapter trainable, tokenizer, device) for the config."""
     import json as _json
