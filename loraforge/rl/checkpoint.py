@@ -61,8 +61,9 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, generator, state: dict[str, Any],
-                    keep: int = 0) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest `keep` (0 = all). Returns its path."""
+                    keep: int = 0, extra: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint `step` atomically; keep only the newest `keep` (0 = all). Returns its path.
+    `extra` (tensors, plain data) is stored in trainer_state.pt beside the optimizer and RNG states."""
     final = checkpoint_path(run_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
     if tmp.exists():
@@ -70,7 +71,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, gener
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp / "adapter"))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(generator)},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(generator),
+         **(extra or {})},
         tmp / "trainer_state.pt",
     )
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")

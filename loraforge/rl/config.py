@@ -55,6 +55,10 @@ class TrainConfig:
     dynamic_sampling: bool | None = None  # DAPO: drop groups whose accuracies are all equal, refill [dapo on, grpo off]
     max_gen_batches: int = 10  # dynamic sampling gives up after this many generation batches per step, 0 = never
     rollout_batch_size: int = 64  # rows (prompt x sample) decoded at once; lower it on out-of-memory
+    rollout: str = "transformers"  # rollout engine: transformers (in-process), vllm (pip install 'loraforge[vllm]', CUDA), or module:factory
+    vllm_gpu_memory: float = 0.5  # fraction of each GPU's memory vLLM may take (--rollout vllm, --backend verl); the trainer uses the rest
+    logprob_check_rows: int = 4  # separate samplers (vllm): responses whose sampler and trainer log-probs are compared each step, 0 = off
+    logprob_check_tol: float = 0.1  # stop when their mean |logp difference| per token exceeds this (nats): the sampler is not running the current adapter
     # --- optimisation --------------------------------------------------------------------------
     steps: int = 500  # training steps (one rollout batch each) [paper 500]
     prompt_batch: int = 16  # prompts per step [paper 128]
@@ -113,6 +117,11 @@ class TrainConfig:
         need(self.top_k == -1 or self.top_k >= 1, "--top-k", "-1 (off) or >= 1", self.top_k)
         need(self.max_gen_batches >= 0, "--max-gen-batches", ">= 0 (0 = no limit)", self.max_gen_batches)
         need(self.rollout_batch_size >= 1, "--rollout-batch-size", ">= 1", self.rollout_batch_size)
+        need(self.rollout in ("transformers", "vllm") or ":" in self.rollout, "--rollout",
+             "transformers, vllm or module:factory", self.rollout)
+        need(0 < self.vllm_gpu_memory <= 1, "--vllm-gpu-memory", "in (0, 1]", self.vllm_gpu_memory)
+        need(self.logprob_check_rows >= 0, "--logprob-check-rows", ">= 0 (0 = off)", self.logprob_check_rows)
+        need(self.logprob_check_tol > 0, "--logprob-check-tol", "> 0", self.logprob_check_tol)
         need(self.steps >= 1, "--steps", ">= 1", self.steps)
         need(self.prompt_batch >= 1, "--prompt-batch", ">= 1", self.prompt_batch)
         need(1 <= self.mini_batch <= self.prompt_batch and self.prompt_batch % self.mini_batch == 0,

@@ -16,9 +16,14 @@
         checkpoint every --save-every steps; Ctrl-C finishes the step, saves, and exits
 
 Departures from verl, each on purpose and named where it happens: exact token-mean under gradient
-accumulation (loss.py); one process, one model for sampling and training, so there are no
-sampler/trainer log-prob mismatches to monitor (verl samples with vLLM); KL(new || old) logged with a
-non-negative control-variate estimator (loss.kl_new_old_terms).
+accumulation (loss.py); by default one model for sampling and training, so there are no
+sampler/trainer log-prob mismatches to monitor (with --rollout vllm there are, and they are checked
+every step: rollout.py); KL(new || old) logged with a non-negative control-variate estimator
+(loss.kl_new_old_terms).
+
+Several processes (accelerate launch / torchrun) run this same loop: rollouts are shared out and
+gathered, gradients summed over the processes; see distributed.py. With one process those calls are
+no-ops. The sampler is a rollout backend (rollout.py): the in-process transformers one by default.
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ import torch
 
 from loraforge.devices import resolve_device
 from loraforge.errors import LoraforgeError
-from loraforge.generation import SamplingParams, model_forward_kwargs, generate, left_pad, position_ids_from_mask
+from loraforge.generation import SamplingParams, model_forward_kwargs, left_pad, position_ids_from_mask
 from loraforge.rl import checkpoint as ckpt
 from loraforge.rl.advantage import fill_batch, group_advantages
 from loraforge.rl.config import TrainConfig
 from loraforge.rl.data import PromptStream, format_prompt, load_examples
+from loraforge.rl.distributed import (check_world_divides, context as dist_context, device_for, init_distributed,
+                                      plan_minibatches, split_evenly)
 from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, policy_loss
 from loraforge.rl.metrics import MetricsLogger
 from loraforge.rl.rewards import Scorer, get_scorer, overlong_penalty
+from loraforge.rl.rollout import check_sampler, logprob_gap_terms, make_rollout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,6 +66,7 @@ class Sample:
     score: float
     acc: bool
     truncated: bool
+    sampler_logp: list[float] | None = None  # per response token, from a separate sampler (vLLM)
 
 
 @dataclass
@@ -151,8 +160,8 @@ def _adapter_params(model) -> dict[str, torch.nn.Parameter]:
 
 # ------------------------------------------------------------------------------------------------
 # loading
-def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print):
-    """(PeftModel with the adapter trainable, tokenizer, device) for the config."""
+def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print, device: str | None = None):
+    """(PeftModel with the adapter trainable, tokenizer, device) for the config (`device` overrides cfg.device)."""
     import json as _json
 
     from peft import PeftModel
@@ -177,7 +186,7 @@ def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print):
     elif residual_base.is_dir() and Path(model_src).resolve() != residual_base.resolve():
         echo(f"warning: {adapter} has a residual base at {residual_base} (PiSSA/MiLoRA/OLoRA); training it on "
              f"{model_src} does not start from the policy the adapter was made for")
-    device = resolve_device(cfg.device)
+    device = resolve_device(device or cfg.device)
     dtype = getattr(torch, cfg.dtype)
     kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
@@ -230,20 +239,28 @@ class Trainer:
         self.scorer = scorer or get_scorer(self.cfg.reward)
         self.resume_from = resume_from
         self._stop_requested = False
+        self.dist = dist_context()
+        self._updates, self._synced = 0, None  # optimizer steps taken; the count the sampler last received
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        self.dist = init_distributed(cfg.device)
+        check_world_divides(cfg.prompt_batch, self.dist.world,
+                            "GPUs (one vLLM engine per process)" if cfg.rollout == "vllm" else "processes")
+        if not self.dist.is_main:  # one voice: process 0 prints, logs and saves
+            self.echo = lambda s: None
         torch.manual_seed(cfg.seed)
         self.examples = load_examples(cfg.data, cfg.data_split)
         self.eval_examples = (load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts]
                               if cfg.eval_data and cfg.eval_every else [])
-        self.model, self.tokenizer, self.device = load_policy(cfg, self.echo)
+        self.model, self.tokenizer, self.device = load_policy(cfg, self.echo, device_for(self.dist, cfg.device))
         self.model.eval()  # no dropout anywhere: the paper's LoRA dropout is 0, and base dropout would bias ratios
         self.params = _adapter_params(self.model)
         self.pad = self.tokenizer.pad_token_id
         self.stream = PromptStream(self.examples, cfg.seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # each process samples with its own stream (process 0's is the single-process one)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -256,17 +273,20 @@ class Trainer:
         self.skipped = 0
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        elif cfg.kl_beta > 0:
+        elif cfg.kl_beta > 0 and self.dist.is_main:
             from safetensors.torch import save_file
 
             save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(ref_path))
+        self.dist.barrier()  # the reference file is written before anyone reads it
         # the KL reference: a frozen copy of the INITIAL adapter weights (saved at the start of the run)
         self.ref_params = None
         if cfg.kl_beta > 0:
             from safetensors.torch import load_file
 
             self.ref_params = {n: t.to(self.device) for n, t in load_file(str(ref_path)).items()}
-        cfg.save(self.run_dir / "config.json")
+        if self.dist.is_main:
+            cfg.save(self.run_dir / "config.json")
+        self.rollout = make_rollout(cfg.rollout, self)
 
     def _restore(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -280,6 +300,12 @@ class Trainer:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         ckpt.set_rng_state(blob["rng"], self.generator)
+        per_rank = blob.get("rng_ranks")  # written by multi-process runs: each process's sampler state
+        if per_rank is not None and len(per_rank) == self.dist.world:
+            self.generator.set_state(per_rank[self.dist.rank])
+        elif per_rank is not None or self.dist.enabled:
+            self.echo(f"warning: {path} was saved by {len(per_rank or [1])} process(es), resumed on {self.dist.world}: "
+                      "the run continues, but its sampling does not replay the uninterrupted run")
         self.stream.load_state(state["data"])
         self.start_step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
@@ -295,11 +321,11 @@ class Trainer:
         cfg = self.cfg
         prompts = [format_prompt(e, self.tokenizer, cfg.prompt_template, cfg.chat_template) for e in examples]
         try:
-            gen = generate(self.model, self.tokenizer, prompts, self._sampling(n, greedy),
-                           generator=self.generator, batch_size=cfg.rollout_batch_size)
+            gen = self.rollout.generate(prompts, self._sampling(n, greedy))
         except LoraforgeError as e:
             raise LoraforgeError(f"{e} (flags: --rollout-batch-size, --max-response-length, --group-size)") from None
         groups: list[Group] = [Group([]) for _ in examples]
+        sampler_lp = getattr(gen, "sampler_logprobs", None)
         for row, pi in enumerate(gen.prompt_index):
             length = gen.lengths[row]
             result = self.scorer(gen.texts[row], examples[pi].ground_truth)
@@ -309,15 +335,30 @@ class Trainer:
                 prompt_ids=gen.prompt_ids[row][gen.prompt_mask[row].bool()].tolist(),
                 response_ids=gen.response_ids[row, :length].tolist(),
                 reward=float(result.score) + penalty, score=float(result.score), acc=bool(result.acc),
-                truncated=bool(gen.truncated[row]),
+                truncated=bool(gen.truncated[row]), sampler_logp=sampler_lp[row] if sampler_lp is not None else None,
             ))
         return groups
+
+    def _generate_shared(self, examples, n: int, greedy: bool = False) -> list[Group]:
+        """Groups for `examples`: each process generates its contiguous share, then all are gathered, so
+        every process holds the same groups in the same order (one process: just `_generate_groups`)."""
+        if not self.dist.enabled:
+            return self._generate_groups(examples, n, greedy)
+        share = split_evenly(len(examples), self.dist.world, self.dist.rank)
+        mine = self._generate_groups([examples[i] for i in share], n, greedy) if len(share) else []
+        return [g for part in self.dist.all_gather_object(mine) for g in part]
+
+    def _sync_sampler(self) -> None:
+        """Hand the current adapter to the sampler when it has changed since the last rollout."""
+        if self._synced != self._updates:
+            self.rollout.sync(self.model, self._updates)
+            self._synced = self._updates
 
     def _rollout(self):
         cfg = self.cfg
 
         def next_groups():
-            return self._generate_groups(self.stream.next_batch(cfg.prompt_batch), cfg.group_size)
+            return self._generate_shared(self.stream.next_batch(cfg.prompt_batch), cfg.group_size)
 
         try:
             return fill_batch(next_groups, cfg.prompt_batch, cfg.max_gen_batches, cfg.dynamic_sampling)
@@ -364,57 +405,75 @@ class Trainer:
     def step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
+        self._sync_sampler()
         kept, seen, gen_batches = self._rollout()
         t_gen = time.perf_counter() - t0
         all_samples = [s for g in seen for s in g.samples]
-        samples = [s for g in kept for s in g.samples]
+        samples = [s for g in kept for s in g.samples]  # the global batch: the same on every process
         group_ids = [gi for gi, g in enumerate(kept) for _ in g.samples]
         adv = group_advantages(torch.tensor([s.reward for s in samples]), group_ids)
+        # rows of each global mini-batch and this process's share of them (all of them with one process)
+        plan = plan_minibatches([len(g.samples) for g in kept], cfg.mini_batch, self.dist.world, self.dist.rank)
+        local = [i for _, rows in plan for i in rows]
+        at = {row: k for k, row in enumerate(local)}
+        mine = [samples[i] for i in local]
 
-        old_lp, ent = self._logprobs(samples, entropy=True)
-        ref_lp = self._logprobs(samples, params=self.ref_params)[0] if cfg.kl_beta > 0 else None
+        extra = self._check_sampler(mine, step) if getattr(self.rollout, "separate", False) else {}
+        old_lp, ent = self._logprobs(mine, entropy=True)
+        ref_lp = self._logprobs(mine, params=self.ref_params)[0] if cfg.kl_beta > 0 else None
 
-        rows_per_mini = cfg.mini_batch * cfg.group_size
         stats_acc: dict[str, list[float]] = {"ppo_kl": [], "clipfrac": [], "clipfrac_lower": [], "kl_ref": []}
         grad_norms: list[float] = []
         for _epoch in range(cfg.epochs):
-            for m0 in range(0, len(samples), rows_per_mini):
-                idx = list(range(m0, min(m0 + rows_per_mini, len(samples))))
-                n_tokens = sum(len(samples[i].response_ids) for i in idx)
-                denom = float(n_tokens if cfg.loss_agg == "token-mean" else len(idx))
-                for u0 in range(0, len(idx), cfg.micro_batch):
-                    mi = idx[u0:u0 + cfg.micro_batch]
+            for rows, local_rows in plan:
+                # the denominator is the whole global mini-batch's; gradients are summed over processes
+                n_tokens = sum(len(samples[i].response_ids) for i in rows)
+                denom = float(n_tokens if cfg.loss_agg == "token-mean" else len(rows))
+                bad = None
+                for u0 in range(0, len(local_rows), cfg.micro_batch):
+                    mi = local_rows[u0:u0 + cfg.micro_batch]
                     batch = pack([samples[i] for i in mi], self.pad)
                     mask = batch["response_mask"].to(self.device)
                     width = mask.shape[1]
                     logp, _ = self._forward(batch)
-                    old = self._pad_list([old_lp[i] for i in mi], width).to(self.device)
+                    old = self._pad_list([old_lp[at[i]] for i in mi], width).to(self.device)
                     loss, st = policy_loss(logp, old, adv[mi].to(self.device), mask, cfg.eps_low, cfg.eps_high,
                                            cfg.clip_c, loss_agg=cfg.loss_agg, denominator=denom)
                     for k in ("ppo_kl", "clipfrac", "clipfrac_lower"):
                         stats_acc[k].append(st[k])
                     if ref_lp is not None:
-                        ref = self._pad_list([ref_lp[i] for i in mi], width).to(self.device)
+                        ref = self._pad_list([ref_lp[at[i]] for i in mi], width).to(self.device)
                         kl = kl_k3(logp, ref)
                         loss = loss + cfg.kl_beta * aggregate(kl, mask, cfg.loss_agg, denom)
                         stats_acc["kl_ref"].append(masked_mean(kl.detach(), mask).item())
                     if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"the loss is {loss.item()} at step {step}")
+                        bad = loss.item()
+                        break
                     loss.backward()
+                # all processes stop together when any saw a non-finite loss (the flag rides the all-reduce)
+                if self.dist.sync_grads(list(self.params.values()), bad is not None):
+                    what = f"the loss is {bad}" if bad is not None else "the loss is not finite (on another process)"
+                    raise TrainingDiverged(f"{what} at step {step}")
                 norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
                 if torch.isfinite(norm):
                     self.optimizer.step()
                     grad_norms.append(norm.item())
                 else:  # verl skips the update when the grad norm is not finite
                     self.skipped += 1
+                self._updates += 1
                 self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
 
         # the paper's stability diagnostic: KL(pi_new || pi_old) on this step's response tokens
-        new_lp, _ = self._logprobs(samples)
+        new_lp, _ = self._logprobs(mine)
         num = sum(kl_new_old_terms(n - o).sum().item() for n, o in zip(new_lp, old_lp))
-        den = max(1, sum(o.numel() for o in old_lp))
+        den = sum(o.numel() for o in old_lp)
+        ent_sum = sum(e.sum().item() for e in ent)
+        stats = self._reduce_means(stats_acc)
+        if self.dist.enabled:  # token sums and counts of every process
+            num, den, ent_sum = self.dist.sum_floats([num, den, ent_sum])
+        den = max(1, den)
         elapsed = time.perf_counter() - t0
         lens = [len(s.response_ids) for s in all_samples]
         tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in all_samples)
@@ -425,12 +484,12 @@ class Trainer:
             "acc": _mean([float(s.acc) for s in all_samples]),
             "kept_frac": len([g for g in seen if _varies(g)]) / max(1, len(seen)),
             "gen_batches": gen_batches,
-            "ppo_kl": _mean(stats_acc["ppo_kl"]),
+            "ppo_kl": stats["ppo_kl"],
             "kl": num / den,
             "grad_norm": _mean(grad_norms) if grad_norms else float("nan"),
-            "clipfrac": _mean(stats_acc["clipfrac"]),
-            "clipfrac_lower": _mean(stats_acc["clipfrac_lower"]),
-            "entropy": sum(e.sum().item() for e in ent) / den,
+            "clipfrac": stats["clipfrac"],
+            "clipfrac_lower": stats["clipfrac_lower"],
+            "entropy": ent_sum / den,
             "response_len": _mean(lens),
             "response_clip_ratio": _mean([float(s.truncated) for s in all_samples]),
             "lr": lr,
@@ -440,33 +499,81 @@ class Trainer:
             "time_s": elapsed,
         }
         if ref_lp is not None:
-            m["kl_ref"] = _mean(stats_acc["kl_ref"])
+            m["kl_ref"] = stats["kl_ref"]
+        m.update(extra)
         return m
+
+    def _reduce_means(self, lists: dict[str, list[float]]) -> dict[str, float]:
+        """Means of per-micro-batch statistics over every process's micro-batches."""
+        if not self.dist.enabled:
+            return {k: _mean(v) for k, v in lists.items()}
+        keys = list(lists)
+        sums = self.dist.sum_floats([sum(lists[k]) for k in keys] + [len(lists[k]) for k in keys])
+        return {k: (sums[i] / sums[len(keys) + i] if sums[len(keys) + i] else 0.0) for i, k in enumerate(keys)}
+
+    def _check_sampler(self, samples: list[Sample], step: int) -> dict[str, float]:
+        """Compare a separate sampler's log-probs with the trainer's on a few responses (rollout.py).
+
+        Both sides are the raw model distribution (logits at temperature 1, no top-k/top-p): what vLLM V1
+        reports by default. The trainer side is measured with the current adapter and with the adapter
+        disabled, so a sampler that runs the bare base is recognised even before the adapter has moved far.
+        """
+        cfg = self.cfg
+        rows = samples[: cfg.logprob_check_rows]
+        if any(s.sampler_logp is None for s in rows):
+            raise LoraforgeError(f"--rollout {cfg.rollout} is a separate sampler but reported no log-probs for its "
+                                 "tokens; it must return them (SampledGeneration.sampler_logprobs)")
+        d_cur = d_base = n = 0.0
+        if rows:
+            with torch.no_grad():
+                batch = pack(rows, self.pad)
+                cur = response_logprobs(self.model, batch, 1.0)[0].cpu()
+                with self.model.disable_adapter():
+                    base = response_logprobs(self.model, batch, 1.0)[0].cpu()
+            lens = [len(s.response_ids) for s in rows]
+            sampled = [s.sampler_logp for s in rows]
+            d_cur, n = logprob_gap_terms(sampled, [cur[i, :k] for i, k in enumerate(lens)])
+            d_base, _ = logprob_gap_terms(sampled, [base[i, :k] for i, k in enumerate(lens)])
+        d_cur, d_base, n = self.dist.sum_floats([d_cur, d_base, n])  # every process takes part, rows or not
+        if n == 0:
+            return {}
+        gap, gap_base = d_cur / n, d_base / n
+        check_sampler(gap, cfg.logprob_check_tol, step, gap_base, engine=f"the {cfg.rollout} sampler")
+        return {"sampler_logp_diff": gap, "sampler_logp_diff_base": gap_base}
 
     def evaluate(self) -> dict[str, float]:
         """Greedy decoding on the held-out prompts, scored with the run's reward."""
-        groups = self._generate_groups(self.eval_examples, 1, greedy=True)
+        self._sync_sampler()
+        groups = self._generate_shared(self.eval_examples, 1, greedy=True)
         samples = [g.samples[0] for g in groups]
         return {"eval_acc": _mean([float(s.acc) for s in samples]), "eval_reward": _mean([s.score for s in samples])}
 
     # -- the loop -----------------------------------------------------------------------------
     def save(self, step: int) -> Path:
-        return ckpt.save_checkpoint(
-            self.run_dir, step, self.model, self.optimizer, self.scheduler, self.generator,
-            {"data": self.stream.state(), "skipped": self.skipped}, keep=self.cfg.keep_checkpoints,
-        )
+        """Checkpoint (written by process 0; with several processes it holds every process's sampler state)."""
+        extra = {"rng_ranks": self.dist.all_gather_object(self.generator.get_state())} if self.dist.enabled else None
+        path = ckpt.checkpoint_path(self.run_dir, step)
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.run_dir, step, self.model, self.optimizer, self.scheduler, self.generator,
+                {"data": self.stream.state(), "skipped": self.skipped}, keep=self.cfg.keep_checkpoints, extra=extra,
+            )
+        self.dist.barrier()
+        return path
 
     def run(self) -> TrainResult:
         self.setup()
         cfg = self.cfg
-        logger = MetricsLogger(self.run_dir, cfg.steps, self._write, cfg.tensorboard,
-                               resume_step=self.start_step if self.resume_from is not None else None)
-        self.echo(f"training {cfg.algo} for {cfg.steps} steps ({len(self.params)} adapter tensors, "
+        logger = (MetricsLogger(self.run_dir, cfg.steps, self._write, cfg.tensorboard,
+                                resume_step=self.start_step if self.resume_from is not None else None)
+                  if self.dist.is_main else _NullLogger())
+        where = f" on {self.dist.world} processes" if self.dist.enabled else ""
+        self.echo(f"training {cfg.algo} for {cfg.steps} steps{where} ({len(self.params)} adapter tensors, "
                   f"{sum(p.numel() for p in self.params.values()):,} parameters) -> {self.run_dir}")
         last_saved = self.start_step if self.resume_from is not None else None
         step = self.start_step
         metrics = None
-        bar = self._bar = _progress(cfg.steps, self.start_step)
+        bar = self._bar = _progress(cfg.steps, self.start_step) if self.dist.is_main else None
         try:
             with self._deferred_interrupt():
                 for step in range(self.start_step + 1, cfg.steps + 1):
@@ -482,7 +589,7 @@ class Trainer:
                     if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                         self.save(step)
                         last_saved = step
-                    if self._stop_requested:
+                    if self.dist.any(self._stop_requested):  # every process stops at the same step
                         if last_saved != step:
                             self.save(step)
                         self.echo(f"interrupted: saved a checkpoint at step {step}; continue with "
@@ -493,7 +600,12 @@ class Trainer:
             if bar is not None:
                 bar.close()
         final = self.run_dir / "adapter"
-        ckpt.atomic_save_adapter(self.model, final)
+        self.dist.check_in_sync(list(self.params.values()))
+        if self.dist.is_main:
+            ckpt.atomic_save_adapter(self.model, final)
+        self.dist.barrier()
+        if self.dist.enabled:
+            self.echo(f"the adapter is identical on all {self.dist.world} processes")
         self.echo(f"done: adapter saved to {final}")
         return TrainResult(self.run_dir, step, final, last_metrics=metrics)
 
@@ -536,6 +648,16 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
 
+class _NullLogger:
+    """The metrics logger of processes other than 0: metrics are written once."""
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return float(sum(xs) / len(xs)) if xs else 0.0
@@ -560,8 +682,11 @@ def _progress(total: int, initial: int):
 # entry points
 def train(cfg: TrainConfig, *, scorer: Scorer | None = None, echo: Callable[[str], None] | None = None) -> TrainResult:
     """Run a training from scratch into cfg.output_dir (refuses a directory that already has a run)."""
+    dist = init_distributed(cfg.device)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    if run_dir is not None and (run_dir / "config.json").exists():
+    exists = run_dir is not None and (run_dir / "config.json").exists()
+    dist.barrier()  # every process has looked before process 0 writes config.json
+    if exists:
         raise LoraforgeError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another -o directory"
         )
@@ -576,6 +701,7 @@ def resume(run_dir: str | Path, *, steps: int | None = None, scorer: Scorer | No
         raise LoraforgeError(f"--resume {run_dir}: no config.json there; expected a directory `loraforge train` wrote")
     cfg = TrainConfig.load(run_dir / "config.json")
     cfg.output_dir = str(run_dir)
+    init_distributed(cfg.device)
     if steps is not None:
         cfg.steps = steps
     latest = ckpt.latest_checkpoint(run_dir)
