@@ -1,3 +1,5 @@
+"""`python -m loraforge ...`, which is what `accelerate launch -m loraforge train ...` runs in each process."""
+
 from loraforge.cli import main
 
-main()
+main(prog_name="loraforge")

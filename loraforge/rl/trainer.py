@@ -248,6 +248,10 @@ class Trainer:
         self.dist = init_distributed(cfg.device)
         check_world_divides(cfg.prompt_batch, self.dist.world,
                             "GPUs (one vLLM engine per process)" if cfg.rollout == "vllm" else "processes")
+        if cfg.rollout == "vllm":  # say what to install before loading anything
+            from loraforge.rl.vllm_rollout import require_vllm
+
+            require_vllm()
         if not self.dist.is_main:  # one voice: process 0 prints, logs and saves
             self.echo = lambda s: None
         torch.manual_seed(cfg.seed)
