@@ -63,3 +63,84 @@ def answer_scorer(response: str, ground_truth: str):
     from loraforge.rl.rewards import dapo_result
 
     return dapo_result("Answer: " + response, ground_truth)
+
+
+# ------------------------------------------------------------------------------------------------
+# rollout backends for the scale-out tests (`--rollout rl_helpers:NAME`)
+def scripted_rollout(trainer):
+    """A deterministic sampler: response j to a prompt is one digit, (sum of the prompt's characters + j) % 5,
+    then EOS. The same prompts give the same responses whatever the process count or RNG, so a
+    2-process run and a 1-process run train on identical data."""
+    return ScriptedRollout(trainer.tokenizer)
+
+
+class ScriptedRollout:
+    separate = False
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def sync(self, model, version):
+        return None
+
+    def generate(self, prompts, params):
+        from loraforge.generation import pad_id
+        from loraforge.rl.rollout import generation_from_tokens
+
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        eos = self.tok.eos_token_id
+        rows = []
+        for pi, p in enumerate(prompts):
+            for j in range(params.n):
+                digit = str((sum(map(ord, p)) + j) % 5)
+                resp = self.tok(digit, add_special_tokens=False)["input_ids"] + [eos]
+                rows.append((pi, resp[: params.max_new_tokens], len(resp) > params.max_new_tokens))
+        return generation_from_tokens(ids, rows, self.tok, pad_id(self.tok))
+
+
+class SeparateSampler:
+    """A sampler that is NOT the trained module (like vLLM): a frozen copy of the policy that samples
+    with loraforge.generation and reports its own log-probs (temperature 1). mode "synced" copies the
+    trainer's weights at every sync; "stale" never does; "base" samples with the adapter disabled."""
+
+    separate = True
+
+    def __init__(self, trainer, mode):
+        import copy
+
+        self.model = copy.deepcopy(trainer.model)
+        self.tok, self.mode = trainer.tokenizer, mode
+        self.gen = torch.Generator().manual_seed(123)
+
+    def sync(self, model, version):
+        if self.mode == "synced":
+            self.model.load_state_dict(model.state_dict())
+
+    def generate(self, prompts, params):
+        import contextlib
+        import dataclasses
+
+        from loraforge.generation import generate
+        from loraforge.rl.rollout import SampledGeneration
+        from loraforge.rl.trainer import response_logprobs
+
+        ctx = self.model.disable_adapter() if self.mode == "base" else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            g = generate(self.model, self.tok, prompts, params, generator=self.gen)
+            batch = {"prompt_ids": g.prompt_ids, "prompt_mask": g.prompt_mask, "response_ids": g.response_ids,
+                     "response_mask": g.response_mask}
+            lp = response_logprobs(self.model, batch, 1.0)[0]
+        fields = {f.name: getattr(g, f.name) for f in dataclasses.fields(g)}
+        return SampledGeneration(**fields, sampler_logprobs=[lp[i, :n].tolist() for i, n in enumerate(g.lengths)])
+
+
+def synced_sampler(trainer):
+    return SeparateSampler(trainer, "synced")
+
+
+def stale_sampler(trainer):
+    return SeparateSampler(trainer, "stale")
+
+
+def base_sampler(trainer):
+    return SeparateSampler(trainer, "base")
