@@ -262,8 +262,9 @@ def main(argv=None):
             "shapes, LoRA r=16 on all linear layers, rows run to the full length (EOS masked). Rollout = generated "
             "tokens/s (loraforge.generation, or vLLM with the adapter as a LoRARequest); update = response tokens/s "
             "of one forward+backward of the trainer's log-probs in micro-batches of 8 rows. Mean over the repeats "
-            "after a warm-up. Load average: 1-minute, at the end of the part (the CPU figures come from a shared "
-            f"machine). Last machine: {mach}."
+            "after a warm-up. Load average: 1-minute, at the end of the part; above the core count it means other "
+            "jobs shared the CPU, and the CPU figures are then lower bounds. Update tokens/s counts response tokens; "
+            f"the prompt tokens are computed too. Machine of the latest run: {mach}."
         )
         write_results(Path(a.write), rows, header)
         print(f"recorded in {a.write}", flush=True)
