@@ -62,7 +62,8 @@ def build_model(shape: str, dtype: torch.dtype, device: str):
     cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if arch == "llama" else (Qwen2ForCausalLM, Qwen2Config)
     torch.manual_seed(0)
     cfg = cfg_cls(**spec, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    return cls(cfg).to(dtype=dtype, device=device).eval()
+    with torch.device(device):  # initialise in place (a 1.5B model initialised on CPU takes minutes)
+        return cls(cfg).to(dtype=dtype).eval()
 
 
 def add_lora(model, r: int = 16, alpha: int = 32):
@@ -118,14 +119,12 @@ def bench_transformers(model, prompts, G, L, micro, repeats, device):
     return roll, upd
 
 
-def bench_vllm(model, shape, prompts, G, L, repeats, dtype_name, gpu_memory):
+def bench_vllm(model, base_dir: Path, prompts, G, L, repeats, dtype_name, gpu_memory):
     from vllm import LLM, SamplingParams as VSampling
     from vllm.lora.request import LoRARequest
 
-    tmp = Path(tempfile.mkdtemp(prefix="lf-vllm-bench-"))
-    model.get_base_model().save_pretrained(str(tmp / "base"))
-    model.save_pretrained(str(tmp / "adapter"))
-    llm = LLM(model=str(tmp / "base"), skip_tokenizer_init=True, enable_lora=True, max_lora_rank=16, max_loras=1,
+    tmp = base_dir.parent
+    llm = LLM(model=str(base_dir), skip_tokenizer_init=True, enable_lora=True, max_lora_rank=16, max_loras=1,
               dtype=dtype_name, gpu_memory_utilization=gpu_memory, seed=0,
               max_model_len=max(len(p) for p in prompts) + L + 8)
     sp = VSampling(n=G, temperature=1.0, max_tokens=L, ignore_eos=True, detokenize=False, logprobs=0)
@@ -194,7 +193,9 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads on CPU (default 1: on a shared machine, threads that wait for busy cores "
+                         "made generation 30x slower in our measurements)")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM even when it is installed")
     ap.add_argument("--vllm-gpu-memory", type=float, default=0.5)
     ap.add_argument("--time-limit", type=float, default=480, help="skip the parts that would start after this many s")
@@ -209,8 +210,8 @@ def main(argv=None):
     L = a.new_tokens or (256 if cuda else 32)
     PL = a.prompt_tokens or (256 if cuda else 32)
     dtype_name = a.dtype or ("bfloat16" if cuda else "float32")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.threads or not cuda:
+        torch.set_num_threads(a.threads or 1)
     t_start = time.perf_counter()
     load0 = os.getloadavg()
     device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
@@ -218,7 +219,19 @@ def main(argv=None):
     print(f"device: {device_name} ({mach}); shape {shape}, P {P} x G {G} x {L} new tokens, prompt {PL}, {dtype_name}",
           flush=True)
 
-    model = add_lora(build_model(shape, getattr(torch, dtype_name), a.device))
+    base = build_model(shape, getattr(torch, dtype_name), a.device)
+    want_vllm = cuda and not a.no_vllm
+    if want_vllm:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("vllm is not installed: pip install 'loraforge[vllm]' to compare", flush=True)
+            want_vllm = False
+    base_dir = None
+    if want_vllm:  # vLLM loads the base from a directory: save it before the LoRA layers are injected
+        base_dir = Path(tempfile.mkdtemp(prefix="lf-vllm-bench-")) / "base"
+        base.save_pretrained(str(base_dir))
+    model = add_lora(base)
     g = torch.Generator().manual_seed(1)
     vocab = SHAPES[shape]["vocab_size"]
     prompts = [torch.randint(2, vocab, (PL,), generator=g).tolist() for _ in range(P)]
@@ -228,7 +241,8 @@ def main(argv=None):
 
     def row(engine, part, tps, secs):
         la = os.getloadavg()
-        rows.append({"date": date, "device": device_name if cuda else f"CPU ({os.cpu_count()} cores)", "engine": engine,
+        cpu_label = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+        rows.append({"date": date, "device": device_name if cuda else cpu_label, "engine": engine,
                      "part": part, "shape": shape, "P x G x new (prompt)": setting, "tokens/s": f"{tps:.1f}",
                      "s/call": f"{secs:.2f}", "load avg": f"{la[0]:.2f}"})
         print(f"{engine:>12} {part:<20} {tps:10.1f} tokens/s   {secs:.2f} s/call   (load avg {la[0]:.2f})", flush=True)
@@ -237,19 +251,16 @@ def main(argv=None):
     results["transformers"] = {"rollout": roll, "update": upd}
     row("transformers", "rollout", *rate(roll))
     row("transformers", "update (fwd+bwd)", *rate(upd))
-    if cuda and not a.no_vllm:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            print("vllm is not installed: pip install 'loraforge[vllm]' to compare", flush=True)
+    if want_vllm:
+        if time.perf_counter() - t_start > a.time_limit * 0.5:
+            print("skipping vLLM: the time limit is near", flush=True)
         else:
-            if time.perf_counter() - t_start > a.time_limit * 0.5:
-                print("skipping vLLM: the time limit is near", flush=True)
-            else:
-                vroll, first = bench_vllm(model, shape, prompts, G, L, a.repeats, dtype_name, a.vllm_gpu_memory)
-                results["vllm"] = {"rollout": vroll, "sync_and_first_call_s": first}
-                row("vllm", "rollout", *rate(vroll))
-                row("vllm", "adapter sync + 1st", P * G * L / first, first)
+            model.to("cpu")  # leave the GPU to vLLM
+            torch.cuda.empty_cache()
+            vroll, first = bench_vllm(model, base_dir, prompts, G, L, a.repeats, dtype_name, a.vllm_gpu_memory)
+            results["vllm"] = {"rollout": vroll, "sync_and_first_call_s": first}
+            row("vllm", "rollout", *rate(vroll))
+            row("vllm", "adapter sync + 1st", P * G * L / first, first)
     load1 = os.getloadavg()
     print(f"load average {load0[0]:.2f} -> {load1[0]:.2f}; {time.perf_counter() - t_start:.0f} s in all", flush=True)
     if a.json:
