@@ -27,7 +27,7 @@ import torch
 from loraforge.devices import resolve_device  # noqa: F401 (re-exported for verify/inspect)
 from loraforge.errors import LoraforgeError
 from loraforge.linalg import exact_spectrum, fast_spectrum
-from loraforge.methods import METHODS, MethodInput, get_method
+from loraforge.methods import MethodInput, get_method
 from loraforge.targets import Target, find_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

@@ -98,7 +98,7 @@ def _top_spectrum(W: torch.Tensor, r: int) -> Spectrum:
     Numerical rank is only resolved up to q (rank = q means "at least q").
     """
     X, transposed = _tall(W)
-    batch, _, small = X.shape
+    small = X.shape[2]
     q = min(small, 2 * r)
     X32 = X.float()
     _, guess = torch.linalg.eigh(X32.transpose(1, 2) @ X32)  # ascending
@@ -120,7 +120,6 @@ def _bottom_spectrum(W: torch.Tensor, r: int) -> Spectrum:
     eigenvalues s_i^2 with s_i / s_1 below ~1e-3.
     """
     X, transposed = _tall(W)
-    batch = X.shape[0]
     evals, evecs = torch.linalg.eigh(X.transpose(1, 2) @ X)  # ascending
     evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
     S_all = evals.clamp_min(0).sqrt()

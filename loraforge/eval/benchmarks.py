@@ -22,13 +22,13 @@ of the form "... #### 72" (GSM8K's solutions) are cut to what follows the last "
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
+from loraforge.rowfiles import read_row_file
 
 QUESTION_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELD = "answer"
@@ -178,51 +178,13 @@ def _rows_to_problems(rows, question_field: str | None, answer_field: str, where
     return problems
 
 
-def _read_file(path: Path) -> list:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        try:
-            import pandas as pd
-        except ImportError:
-            raise LoraforgeError(
-                f"{path} is a parquet file, which needs pandas and pyarrow: `pip install pandas pyarrow`, "
-                "or convert it to .jsonl"
-            ) from None
-        try:
-            return pd.read_parquet(path).to_dict(orient="records")
-        except ImportError as e:
-            raise LoraforgeError(f"reading {path} needs pyarrow: `pip install pyarrow` ({e})") from None
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LoraforgeError(f"{path} is not valid JSON ({e}); expected a list of objects") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise LoraforgeError(f"{path}: expected a JSON list of objects, found a {type(data).__name__}")
-        return data
-    if suffix != ".jsonl":
-        raise LoraforgeError(f"{path}: unknown benchmark file type {suffix!r}; use .jsonl, .json or .parquet")
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise LoraforgeError(f"{path}: line {lineno} is not valid JSON ({e})") from None
-    return rows
-
-
 def load_file(path: str | os.PathLike, limit: int | None = None) -> Benchmark:
     """A benchmark from a local .jsonl / .json / .parquet file."""
     p = Path(path)
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "does not exist"
         raise LoraforgeError(f"benchmark file {p} {what}; give a .jsonl, .json or .parquet file to --bench")
-    rows = _read_file(p)
+    rows = read_row_file(p)
     if not rows:
         raise LoraforgeError(f"benchmark file {p} holds no rows")
     problems = _rows_to_problems(rows, None, ANSWER_FIELD, str(p))

@@ -11,13 +11,13 @@ or `synthetic[:key=value,...]`, the built-in arithmetic task (see `synthetic_row
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraforge.errors import LoraforgeError
+from loraforge.rowfiles import read_row_file
 
 # The instruction DAPO-Math-17k's prompts carry; the DAPO scorer reads the "Answer:" line it asks for.
 DAPO_TEMPLATE = (
@@ -42,38 +42,10 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
         return synthetic_rows(**_parse_synthetic(source))
     path = Path(source)
     if path.is_file():
-        return _read_file(path)
+        return read_row_file(path)
     if path.exists() or source.startswith((".", "/")) or Path(source).suffix in (".jsonl", ".json", ".parquet"):
         raise LoraforgeError(f"--data {source}: no such file; expected a .jsonl, .json or .parquet file")
     return _read_hub(source, split)
-
-
-def _read_file(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise LoraforgeError(f"{path}: line {n} is not valid JSON ({e.msg}); expected one object per line") from e
-        return rows
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and "data" in data:
-            data = data["data"]
-        if not isinstance(data, list):
-            raise LoraforgeError(f"{path}: expected a JSON list of rows, found {type(data).__name__}")
-        return data
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise LoraforgeError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from e
-        return pq.read_table(path).to_pylist()
-    raise LoraforgeError(f"{path}: unknown file type {suffix!r}; expected .jsonl, .json or .parquet")
 
 
 def _read_hub(name: str, split: str) -> list[dict]:
