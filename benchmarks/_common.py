@@ -265,7 +265,15 @@ def peft_init(model_dir, out, r, init, device="cpu", num_hidden_layers=None):
             torch.cuda.synchronize()
 
     t1 = time.perf_counter()
-    kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    kwargs = {}
+    if num_hidden_layers is not None:  # only the first blocks (the checkpoint's other tensors are ignored)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_dir)
+        cfg.num_hidden_layers = num_hidden_layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:num_hidden_layers]
+        kwargs["config"] = cfg
     if str(device).startswith("cuda"):
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **kwargs)
@@ -276,12 +284,14 @@ def peft_init(model_dir, out, r, init, device="cpu", num_hidden_layers=None):
     peft_model = get_peft_model(model, config)
     sync()
     t3 = time.perf_counter()
+    modules = len(getattr(peft_model.base_model, "targeted_module_names", []))
     peft_model.peft_config["default"].init_lora_weights = True
     peft_model.save_pretrained(out)
     base = peft_model.unload()
     base.save_pretrained(os.path.join(out, "base"))
     t4 = time.perf_counter()
-    return {"import_s": t1 - t0, "load_s": t2 - t1, "init_s": t3 - t2, "save_s": t4 - t3, "total_s": t4 - t1}
+    return {"import_s": t1 - t0, "load_s": t2 - t1, "init_s": t3 - t2, "save_s": t4 - t3, "total_s": t4 - t1,
+            "modules": modules}
 
 
 def loraforge_init(model_dir, out, method, r, device="cpu", svd="exact"):
@@ -300,13 +310,21 @@ def loraforge_init(model_dir, out, method, r, device="cpu", svd="exact"):
 
 
 def gpu_measure(func_name, kwargs, warm_device="cuda"):
-    """Run loraforge_init / peft_init (by name, from this file's source) on a GPU after a CUDA
-    warm-up (context + cuSOLVER handles, timed separately), and report peak GPU memory
-    (torch.cuda.max_memory_allocated / max_memory_reserved) of the timed part."""
+    """Run loraforge_init / peft_init (by name, from this file's source) after its imports and a
+    CUDA warm-up (context + cuSOLVER handles), both timed separately; report the timed part's
+    wall time and peak GPU memory (torch.cuda.max_memory_allocated / max_memory_reserved)."""
     import time
 
+    t_imp = time.perf_counter()
     import torch
 
+    import transformers  # noqa: F401  (both sides use it: loraforge for its meta skeleton)
+
+    if func_name == "loraforge_init":
+        import loraforge.init  # noqa: F401
+    else:
+        import peft  # noqa: F401
+    imports_s = time.perf_counter() - t_imp
     t0 = time.perf_counter()
     if str(warm_device).startswith("cuda"):
         x = torch.randn(64, 64, device=warm_device, dtype=torch.float64)
@@ -324,6 +342,7 @@ def gpu_measure(func_name, kwargs, warm_device="cuda"):
         res["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
     res["wall_s"] = time.perf_counter() - t1
     res["cuda_warmup_s"] = warm_s
+    res["imports_s"] = imports_s
     return res
 
 
@@ -414,7 +433,8 @@ def write_random_checkpoint(path, preset: str, num_hidden_layers: int | None = N
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
-    return {"path": str(path), "reused": False, "seconds": time.perf_counter() - started, "bytes": total}
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return {"path": str(path), "reused": False, "seconds": time.perf_counter() - started, "bytes": size}
 
 
 def _numel(shape) -> int:
