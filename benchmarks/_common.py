@@ -121,6 +121,29 @@ def machine_info() -> dict:
     return info
 
 
+# --------------------------------------------------------------------------- loraforge itself
+
+
+def ensure_loraforge_importable() -> None:
+    """Use the installed loraforge when there is one; otherwise (e.g. a bare GPU machine with only
+    a copy of the repository) the repository this script lives in, for this process and its
+    children (PYTHONPATH)."""
+    import importlib.util
+
+    if importlib.util.find_spec("loraforge") is not None:
+        return
+    root = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
+def loraforge_cli() -> list[str]:
+    """The `loraforge` console script next to this Python (or on PATH); `python -m loraforge`
+    when it is not installed as a command."""
+    exe = shutil.which("loraforge", path=str(Path(sys.executable).parent)) or shutil.which("loraforge")
+    return [exe] if exe else [sys.executable, "-m", "loraforge"]
+
+
 # --------------------------------------------------------------------------- processes
 
 

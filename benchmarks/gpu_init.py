@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     if args.peft_layers is None:
         args.peft_layers = 2 if args.tiny else 4
     budget = Budget(args.budget_s)
+    C.ensure_loraforge_importable()  # a bare GPU machine has only the repository
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch

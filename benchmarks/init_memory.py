@@ -66,13 +66,13 @@ def measure(cmd: list[str], out: Path, timeout: float) -> dict:
 
 
 def loraforge_command(args, ckpt: Path, out: Path) -> list[str]:
-    exe = shutil.which("loraforge", path=str(Path(sys.executable).parent)) or shutil.which("loraforge")
-    return [exe, "init", str(ckpt), "--method", args.method, "-r", str(args.r), "-o", str(out),
+    return [*C.loraforge_cli(), "init", str(ckpt), "--method", args.method, "-r", str(args.r), "-o", str(out),
             "--device", args.device, *args.extra.split()]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    C.ensure_loraforge_importable()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ckpt = checkpoint_dir(args)

@@ -132,8 +132,7 @@ def process_command(case: str, model: str, out: Path, r: int, device: str) -> li
     """The command a user runs: `loraforge init ...`, or `python -c "<PEFT code>"`."""
     side, settings = CASES[case]
     if side == "loraforge":
-        exe = shutil.which("loraforge", path=str(Path(sys.executable).parent)) or shutil.which("loraforge")
-        cmd = [exe, "init", model, "--method", settings["method"], "-r", str(r), "-o", str(out), "--device", device]
+        cmd = [*C.loraforge_cli(), "init", model, "--method", settings["method"], "-r", str(r), "-o", str(out), "--device", device]
         return cmd + (["--svd", "fast"] if settings["svd"] == "fast" else [])
     return C.function_script(C.peft_init, [model, str(out), r, settings["init"], device])
 
@@ -342,6 +341,7 @@ def print_report(rows, energy, targets) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    C.ensure_loraforge_importable()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # same for both sides; keeps the log readable
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.threads:
