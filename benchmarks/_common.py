@@ -18,7 +18,6 @@ starts fast; torch, transformers and peft are imported inside the functions that
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import platform
@@ -57,6 +56,20 @@ def _git(path: Path, *args: str) -> str | None:
                               check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def loraforge_commit() -> str | None:
+    """Commit (+ "-dirty") of the loraforge that is imported; recorded per run, since the code
+    under test may change during a long benchmark."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("loraforge")
+    if spec is None or not spec.origin:
+        return None
+    src = Path(spec.origin).resolve().parent
+    head = _git(src, "rev-parse", "--short=10", "HEAD")
+    dirty = _git(src, "status", "--porcelain", "--untracked-files=no", "--", ".")
+    return None if head is None else head + ("-dirty" if dirty else "")
 
 
 def machine_info() -> dict:
@@ -238,10 +251,25 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None 
             }
 
 
+# This file's text as it was when imported: worker sources are cut from it, not re-read from disk
+# (inspect.getsource re-reads the file, so an edit during a long run would send the wrong lines).
+_SELF_SOURCE = Path(__file__).read_text()
+
+
+def source_of(func) -> str:
+    """Source of a top-level function of this module, from the snapshot taken at import."""
+    import ast
+
+    for node in ast.parse(_SELF_SOURCE).body:
+        if isinstance(node, ast.FunctionDef) and node.name == func.__name__:
+            return textwrap.dedent(ast.get_source_segment(_SELF_SOURCE, node)) + "\n"
+    raise ValueError(f"{func.__name__} is not a top-level function of {__file__}")
+
+
 def function_script(func, args: list) -> list[str]:
     """`python -c SCRIPT ARGS_JSON` that defines FUNC from its source, calls it with ARGS, and
     prints its JSON result after RESULT_MARKER. FUNC must import what it needs inside itself."""
-    source = textwrap.dedent(inspect.getsource(func))
+    source = source_of(func)
     script = (f"{source}\nimport json as _json, sys as _sys\n"
               f"_r = {func.__name__}(*_json.loads(_sys.argv[1]))\n"
               f"print({RESULT_MARKER!r} + _json.dumps(_r), flush=True)\n")
@@ -371,7 +399,7 @@ def gpu_measure(func_name, kwargs, warm_device="cuda"):
 
 def gpu_measure_script(func_name: str, kwargs: dict, warm_device: str) -> list[str]:
     """`python -c` running gpu_measure with the worker FUNC_NAME defined alongside it."""
-    source = "\n".join(textwrap.dedent(inspect.getsource(f)) for f in (peft_init, loraforge_init, gpu_measure))
+    source = "\n".join(source_of(f) for f in (peft_init, loraforge_init, gpu_measure))
     script = (f"{source}\nimport json as _json, sys as _sys\n"
               f"_r = gpu_measure(*_json.loads(_sys.argv[1]))\n"
               f"print({RESULT_MARKER!r} + _json.dumps(_r), flush=True)\n")

@@ -165,7 +165,8 @@ def alternate(mode: str, cases: list[str], args, model: str, device: str, work: 
                 rec = run_inproc(case, model, out, args.r, device)
             else:
                 rec = run_process(case, model, out, args.r, device, env, args.timeout)
-            rec.update({"mode": mode, "case": case, "round": rnd, "warmup": warm, "load_avg_1m": os.getloadavg()[0]})
+            rec.update({"mode": mode, "case": case, "round": rnd, "warmup": warm, "load_avg_1m": os.getloadavg()[0],
+                        "loraforge_commit": C.loraforge_commit()})
             records.append(rec)
             label = "warm-up" if warm else f"round {rnd - args.warmup + 1}/{args.repeats}"
             print(f"  [{mode} {label}] {case:<22} {rec['seconds']:8.2f} s"
@@ -382,6 +383,9 @@ def main(argv=None) -> int:
     rows = summarise(records, cases, modes)
     targets = check_targets(rows, energy)
     print_report(rows, energy, targets)
+    commits = sorted({r["loraforge_commit"] for r in records if r.get("loraforge_commit")})
+    if len(commits) > 1:
+        print(f"\nWARNING: loraforge changed during the run ({', '.join(commits)}): the numbers mix versions.")
 
     info["load_avg_end"] = list(os.getloadavg())
     result = {"benchmark": "init_speed", "args": vars(args), "model": model, "device": device, "cases": cases,
