@@ -376,10 +376,14 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     keep: dict[str, Path] = {}
     records = []
-    for mode in modes:
-        print(f"-- {mode}", flush=True)
-        records += alternate(mode, cases, args, model, device, work, env, keep)
-    energy = energy_step(args, model, device, work, keep, cases)
+    try:
+        for mode in modes:
+            print(f"-- {mode}", flush=True)
+            records += alternate(mode, cases, args, model, device, work, env, keep)
+        energy = energy_step(args, model, device, work, keep, cases)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
     rows = summarise(records, cases, modes)
     targets = check_targets(rows, energy)
     print_report(rows, energy, targets)
@@ -394,8 +398,6 @@ def main(argv=None) -> int:
     path = args.json or Path(__file__).resolve().parent / "results" / f"init_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     C.write_json(path, result)
     print(f"\nraw results: {path}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
