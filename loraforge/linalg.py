@@ -89,7 +89,7 @@ def _finish(X: torch.Tensor, small: torch.Tensor, S: torch.Tensor, rank: torch.T
 
 def _top_spectrum(W: torch.Tensor, r: int) -> Spectrum:
     """Top-r triplets: float32 Gram + eigh for a guess of the top-q subspace (q = 2r), then one
-    float64 subspace iteration and a float64 Rayleigh-Ritz step on W itself.
+    float64 subspace iteration and a float64 Rayleigh-Ritz step on W itself (`_refine_top`).
 
     Why: float32 eigh is ~2x cheaper than float64, and its errors are O(eps32 * s_1^2 / gap). The
     float64 step (cost ~4 m n q, a fraction of the Gram's m n^2) resolves every mixing inside the
@@ -102,10 +102,17 @@ def _top_spectrum(W: torch.Tensor, r: int) -> Spectrum:
     q = min(small, 2 * r)
     X32 = X.float()
     _, guess = torch.linalg.eigh(X32.transpose(1, 2) @ X32)  # ascending
-    Q = guess[:, :, small - q :].double()
-    Q, _ = torch.linalg.qr(X.transpose(1, 2) @ (X @ Q))  # one subspace iteration in float64
+    return _refine_top(W, X, guess[:, :, small - q :].double(), r, transposed)
+
+
+def _refine_top(W: torch.Tensor, X: torch.Tensor, Q: torch.Tensor, r: int, transposed: bool) -> Spectrum:
+    """Top-r triplets of X from a guess Q (batch, small, q) of its top right singular subspace:
+    one subspace iteration, then Rayleigh-Ritz (the eigenproblem of Q^T X^T X Q, q x q, in float64).
+    X and Q in float64 for the exact path; the fast path passes float32 ones."""
+    Q, _ = torch.linalg.qr(X.transpose(1, 2) @ (X @ Q))
     Y = X @ Q
-    evals, Z = torch.linalg.eigh(Y.transpose(1, 2) @ Y)  # Rayleigh-Ritz: Q^T X^T X Q, q x q
+    evals, Z = torch.linalg.eigh((Y.transpose(1, 2) @ Y).double())
+    X, Q = X.double(), Q.double()
     evals, Z = evals.flip(-1), Z.flip(-1)
     S_q = evals.clamp_min(0).sqrt()
     tol = max(W.shape[1], W.shape[2]) * RANK_EPS * S_q[:, :1]
@@ -131,26 +138,22 @@ def _bottom_spectrum(W: torch.Tensor, r: int) -> Spectrum:
     return _finish(X, small, S, rank, transposed)
 
 
-def fast_spectrum(W: torch.Tensor, r: int, oversample: int = 8, niter: int = 4, seed: int = 0) -> Spectrum:
-    """Randomised top-r SVD (Halko et al. 2011) with oversampling and power iterations.
+def fast_spectrum(W: torch.Tensor, r: int, niter: int = 6, seed: int = 0) -> Spectrum:
+    """Randomised top-r SVD (Halko et al. 2011): a seeded Gaussian sketch of q = 2r columns, NITER
+    power iterations in float32 (re-orthonormalised each time), then the refinement of the exact
+    path (`_refine_top`: one more iteration and Rayleigh-Ritz), also in float32.
 
-    W: (batch, m, n). Only for principal methods: a random range finder captures the dominant
-    subspace and nothing reliable about the bottom of the spectrum. The sketch is seeded so results
-    are reproducible; rank is reported as r (the fast path does not estimate it).
+    W: (batch, m, n) float64. Only for principal methods: a random range finder captures the dominant
+    subspace and nothing reliable about the bottom of the spectrum. Oversampling to 2r makes each
+    iteration converge like (s_2r / s_r)^2 instead of (s_r+1 / s_r)^2, which is why 6 iterations
+    capture more energy than PEFT's `pissa_niter_16` (q = r, 16 iterations) at less cost.
     """
-    batch, m, n = W.shape
-    q = min(r + oversample, m, n)
+    X, transposed = _tall(W)
+    small = X.shape[2]
+    q = min(small, 2 * r)
+    X32 = X.float()
     gen = torch.Generator().manual_seed(seed)
-    omega = torch.randn(n, q, generator=gen, dtype=torch.float64).to(W.device, W.dtype)
-    Y = W @ omega
-    Q, _ = torch.linalg.qr(Y)
+    Q = torch.randn(small, q, generator=gen).to(X.device).expand(X.shape[0], -1, -1)
     for _ in range(niter):
-        Z, _ = torch.linalg.qr(W.transpose(1, 2) @ Q)
-        Q, _ = torch.linalg.qr(W @ Z)
-    Bm = Q.transpose(1, 2) @ W  # (batch, q, n)
-    Ub, S, Vh = torch.linalg.svd(Bm, full_matrices=False)
-    U = (Q @ Ub)[:, :, :r]
-    V = Vh[:, :r, :].transpose(1, 2)
-    U, V = canonicalise_signs(U, V)
-    rank = torch.full((batch,), r, dtype=torch.long, device=W.device)
-    return Spectrum(U=U, S=S[:, :r], V=V, rank=rank)
+        Q, _ = torch.linalg.qr(X32.transpose(1, 2) @ (X32 @ Q))
+    return _refine_top(W, X32, Q, r, transposed)
