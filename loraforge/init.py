@@ -148,7 +148,10 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     W = torch.stack([w.to(device=device, dtype=torch.float64) for w in stored])
     if batch[0].transposed:  # Conv1D stores W^T
         W = W.transpose(1, 2)
-    finite = torch.isfinite(W).flatten(1).all(dim=1)
+    w_norm = W.flatten(1).norm(dim=1)
+    # A NaN or inf anywhere makes the norm non-finite (bf16/fp16/fp32 values cannot overflow a float64
+    # sum of squares), so one (batch,) check replaces an elementwise isfinite pass over W.
+    finite = torch.isfinite(w_norm)
     if not bool(finite.all()):
         bad = batch[int((~finite).nonzero()[0])]
         raise LoraforgeError(f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. Re-download or re-save it.")
@@ -175,15 +178,14 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     # Norms and residuals use the factors AS STORED (after rounding to the adapter dtype), so
     # base + s * B0 A0 reproduces W as closely as the base dtype allows. B0 = 0 methods skip the
     # (m x n) product: it is exactly zero.
-    BA = B_s.double() @ A_s.double() if method.residual else None
-    w_norm = W.flatten(1).norm(dim=1)
+    sBA = (B_s.double() @ A_s.double()).mul_(s) if method.residual else None
     results = []
     for i, t in enumerate(batch):
-        init_norm = float(BA[i].norm()) if BA is not None else 0.0
+        update_norm = float(sBA[i].norm()) if sBA is not None else 0.0
         stats = {
             "shape": [t.out_features, t.in_features],
-            "init_norm": init_norm,  # ||B0 A0||_F (the paper's Table 4)
-            "update_norm": s * init_norm,  # ||s B0 A0||_F: what the adapter adds at step 0
+            "init_norm": update_norm / s,  # ||B0 A0||_F (the paper's Table 4)
+            "update_norm": update_norm,  # ||s B0 A0||_F: what the adapter adds at step 0
         }
         if spectrum is not None:
             if method.spectrum == "bottom":  # the whole spectrum was computed: the rank is exact
@@ -193,8 +195,9 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
         base = None
         if method.residual:
             base_dtype = stored[i].dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype]
-            residual = (W[i] - s * BA[i]).to(base_dtype)
-            err = W[i] - (residual.double() + s * BA[i])
+            exact = W[i] - sBA[i]
+            residual = exact.to(base_dtype)
+            err = exact.sub_(residual.double())  # W - (base + s B0 A0), as stored
             stats["recon_max_abs"] = float(err.abs().max())
             stats["recon_rel"] = float(err.norm() / w_norm[i]) if w_norm[i] > 0 else 0.0
             base = (residual.T if t.transposed else residual).contiguous().cpu()
