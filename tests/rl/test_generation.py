@@ -60,3 +60,40 @@ def test_eos_stops_generation(tiny_model, tokenizer):
     out = generate(tiny_model, tokenizer, ["3+4="], SamplingParams(max_new_tokens=8, temperature=0.0))
     assert out.lengths == [1] and out.response_ids[0, 0].item() == 1 and out.texts == [""]
     assert not out.truncated[0]
+
+
+def test_sample_from_probs_inverse_cdf():
+    from loraforge.generation import sample_from_probs
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]]).expand(7, 4)
+    # cumulative mass 0.5, 0.5, 0.8, 1.0: u in [0, 0.5) -> 0, [0.5, 0.8) -> 2 (token 1 has no mass), [0.8, 1) -> 3
+    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.8, 0.999, 1.0 - 2**-53], dtype=torch.float64)
+    assert sample_from_probs(probs, u).tolist() == [0, 0, 2, 2, 3, 3, 3]
+    # a last token without mass is never drawn, even for u rounding up to the total
+    assert sample_from_probs(torch.tensor([[0.6, 0.4, 0.0]]), torch.tensor([1.0 - 2**-53])).tolist() == [1]
+    # frequencies: 40000 draws from (0.1, 0.2, 0.3, 0.4); a frequency's std is at most 0.0025, allow 4 std
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(40000, generator=g, dtype=torch.float64)
+    draws = sample_from_probs(torch.tensor([[0.1, 0.2, 0.3, 0.4]]).expand(40000, 4), u)
+    freq = torch.bincount(draws, minlength=4).double() / 40000
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), atol=0.01)
+
+
+def test_shared_prefix_and_dropping_finished_rows_give_the_plain_samples(tiny_model, tokenizer):
+    # the fast paths (one prefill per distinct prompt, finished rows out of the batch) against the
+    # plain one (every row prefilled, every row decoded to the end): the same tokens, seed for seed
+    prompts = ["1+2=", "12+34+5=", "7*8=", "3="]
+    finished_early = 0
+    for seed in range(4):
+        for temperature, n, top_p in ((0.0, 1, 1.0), (1.0, 4, 1.0), (0.7, 3, 0.9)):
+            params = SamplingParams(n=n, max_new_tokens=12, temperature=temperature, top_p=top_p)
+            plain = generate(tiny_model, tokenizer, prompts, params, seed=seed, share_prefix=False,
+                             drop_finished=False)
+            for kw in ({}, {"share_prefix": False}, {"drop_finished": False}):
+                fast = generate(tiny_model, tokenizer, prompts, params, seed=seed, **kw)
+                assert fast.response_ids.tolist() == plain.response_ids.tolist(), (seed, temperature, kw)
+                assert fast.lengths == plain.lengths and fast.texts == plain.texts
+                assert fast.prompt_ids.tolist() == plain.prompt_ids.tolist()
+                assert fast.truncated.tolist() == plain.truncated.tolist()
+            finished_early += sum(1 for n_tok in plain.lengths if n_tok < 12)
+    assert finished_early > 0  # some rows did leave the batch early
