@@ -50,6 +50,7 @@ from loraforge.rl.distributed import (check_world_divides, context as dist_conte
                                       plan_minibatches, split_evenly)
 from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, policy_loss
 from loraforge.rl.metrics import MetricsLogger
+from loraforge.rl.prefix import shared_prefix_logprobs
 from loraforge.rl.rewards import Scorer, get_scorer, overlong_penalty
 from loraforge.rl.rollout import check_sampler, logprob_gap_terms, make_rollout
 
@@ -122,13 +123,18 @@ def pack(samples: list[Sample], pad: int) -> dict[str, torch.Tensor]:
 
 
 def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, entropy: bool = False,
-                      params: dict[str, torch.Tensor] | None = None):
+                      params: dict[str, torch.Tensor] | None = None, share_prefix: bool = True):
     """log pi(response token | prefix) per response token, (rows, R); optionally the entropy too.
 
     Logits are divided by the rollout temperature, as verl does, so the log-probs are those of the
     distribution the rollout sampled from (top-p/top-k are ignored here, as in verl).
     `params` overrides parameters by name (torch.func.functional_call), used for the reference adapter.
+    With `share_prefix`, rows that share a prompt (a group's G responses) run it once (rl/prefix.py).
     """
+    if share_prefix:
+        shared = shared_prefix_logprobs(model, batch, temperature, entropy, params)
+        if shared is not None:
+            return shared
     device = next(model.parameters()).device
     p_ids, p_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
     r_ids, r_mask = batch["response_ids"].to(device), batch["response_mask"].to(device)
