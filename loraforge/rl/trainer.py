@@ -405,6 +405,23 @@ class Trainer:
                 f"(now {self.cfg.micro_batch}) or --max-response-length (now {self.cfg.max_response_length})"
             ) from e
 
+    def _old_logprobs(self, samples: list[Sample], first: int):
+        """Old log-probs and entropy before the updates, except for the first `first` rows (the first
+        mini-batch): their old log-probs are taken from their own update forward pass (_keep_old), which
+        runs before any optimizer step and so computes the very same numbers (with one mini-batch and
+        one epoch, as on-policy GRPO, this pass disappears). Entries for those rows are None until then."""
+        old_lp, ent = self._logprobs(samples[first:], entropy=True) if first < len(samples) else ([], [])
+        return [None] * first + old_lp, [None] * first + ent
+
+    @staticmethod
+    def _keep_old(rows: list[int], samples: list[Sample], logp: torch.Tensor, entropy: torch.Tensor,
+                  old_lp: list, ent: list) -> None:
+        """Store a first-mini-batch forward's log-probs (detached) and entropy as the rows' old ones."""
+        for j, i in enumerate(rows):
+            n = len(samples[i].response_ids)
+            old_lp[i] = logp[j, :n].detach().cpu()
+            ent[i] = entropy[j, :n].cpu()
+
     @staticmethod
     def _pad_list(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
         out = torch.zeros(len(tensors), width)
@@ -429,7 +446,8 @@ class Trainer:
         mine = [samples[i] for i in local]
 
         extra = self._check_sampler(mine, step) if getattr(self.rollout, "separate", False) else {}
-        old_lp, ent = self._logprobs(mine, entropy=True)
+        # this process's rows of the first mini-batch come first in `mine`
+        old_lp, ent = self._old_logprobs(mine, len(plan[0][1]) if plan else 0)
         ref_lp = self._logprobs(mine, params=self.ref_params)[0] if cfg.kl_beta > 0 else None
 
         stats_acc: dict[str, list[float]] = {"ppo_kl": [], "clipfrac": [], "clipfrac_lower": [], "kl_ref": []}
@@ -445,7 +463,10 @@ class Trainer:
                     batch = pack([samples[i] for i in mi], self.pad)
                     mask = batch["response_mask"].to(self.device)
                     width = mask.shape[1]
-                    logp, _ = self._forward(batch)
+                    fresh = old_lp[at[mi[0]]] is None  # the first mini-batch: nothing has been updated yet
+                    logp, ent_mb = self._forward(batch, entropy=fresh)
+                    if fresh:
+                        self._keep_old([at[i] for i in mi], mine, logp, ent_mb, old_lp, ent)
                     old = self._pad_list([old_lp[at[i]] for i in mi], width).to(self.device)
                     loss, st = policy_loss(logp, old, adv[mi].to(self.device), mask, cfg.eps_low, cfg.eps_high,
                                            cfg.clip_c, loss_agg=cfg.loss_agg, denominator=denom)
