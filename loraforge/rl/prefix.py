@@ -90,8 +90,8 @@ def _kv_tensors(cache):
     handle (sliding-window or other special layers: the caller then takes the plain pass)."""
     layers = getattr(cache, "layers", None)
     if layers is not None:  # transformers 5.x
-        if any(getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") for layer in layers):
-            return None
+        if any(getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None for layer in layers):
+            return None  # sliding windows; layers that share another layer's cache (no keys of their own)
         return [(layer.keys, layer.values) for layer in layers]
     if hasattr(cache, "key_cache"):  # transformers 4.x DynamicCache
         if getattr(cache, "sliding_window", None):
