@@ -88,17 +88,22 @@ def run_loraforge(a) -> dict:
         device="cpu", save_every=0, tensorboard=False,
     )
     gen_times: list[float] = []
-    orig_generate = trainer_mod.generate
 
-    def timed_generate(*args, **kw):
-        t = time.perf_counter()
-        out = orig_generate(*args, **kw)
-        gen_times.append(time.perf_counter() - t)
-        return out
+    def timed(fn):
+        def timed_generate(*args, **kw):
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            gen_times.append(time.perf_counter() - t)
+            return out
+        return timed_generate
 
-    trainer_mod.generate = timed_generate
     tr = trainer_mod.Trainer(cfg, echo=lambda s: None)
-    tr.setup()
+    if not hasattr(trainer_mod, "generate"):
+        tr.setup()
+        tr.rollout.generate = timed(tr.rollout.generate)  # the rollout backend (loraforge.generation by default)
+    else:  # builds before the rollout backends: the trainer called loraforge.generation.generate itself
+        trainer_mod.generate = timed(trainer_mod.generate)
+        tr.setup()
     steps = []
     for s in range(1, a.warmup + a.steps + 1):
         gen_times.clear()
