@@ -161,7 +161,7 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
         if config.svd == "fast":
             spectrum = fast_spectrum(W, config.r, seed=config.seed)
         else:
-            spectrum = exact_spectrum(W, config.r, method.spectrum)
+            spectrum = exact_spectrum(W, config.r, method.spectrum, left=method.residual)
             low = (spectrum.rank < config.r).nonzero()
             if len(low):
                 i = int(low[0])

@@ -1,15 +1,19 @@
 """Exact decompositions of batches of same-shaped weight matrices.
 
-Everything here is float64 and batched over a leading dimension, so all layers' q_proj (say) are
-decomposed in one call. We never need the whole SVD: a method needs either the top r or the bottom
-r (smallest NONZERO) singular triplets, so we eigendecompose the Gram matrix of the smaller side
-(`W^T W` is n x n when n <= m) and recover the other side's vectors by one matmul.
+Everything here is batched over a leading dimension, so all layers' q_proj (say) are decomposed in
+one call. We never need the whole SVD: a method needs either the top r or the bottom r (smallest
+NONZERO) singular triplets, so we eigendecompose the Gram matrix of the smaller side (`X^T X`,
+n x n, with X = W or W^T so that n <= m) for just those eigenvectors, and get the other side's
+vectors by one matmul.
 
-Why Gram + eigh and not `torch.linalg.svd`: on CPU it is ~4x faster for these shapes (DESIGN.md,
-"Measured anchors"), and in float64 it is exact for our purpose: eigenvalue errors are about
-`n * eps64 * s_1^2`, i.e. singular values down to ~1e-7 * s_1 are resolved, far below the rank
-threshold below. The top-r path starts cheaper (float32) and is made exact by a float64
-refinement (see `_top_spectrum`). Randomised SVD (`svd_lowrank`) finds only the top subspace, so it is offered only
+Why Gram + a partial eigensolver and not `torch.linalg.svd`: for r much smaller than n, the cost is
+one Gram product (BLAS syrk: half a GEMM) and one tridiagonal reduction (LAPACK syevr with an
+index subset computes only the r eigenvectors asked for). torch's eigh (syevd) always computes all
+n eigenvectors, twice the work for these shapes; so on the CPU we call LAPACK through SciPy, and on
+a GPU we use torch's eigh (cuSOLVER), which is fast there. Precision: bottom-r is float64 end to
+end (eigenvalue errors ~ n * eps64 * s_1^2, so singular values down to ~1e-7 * s_1 are resolved, far
+below the rank threshold below); top-r starts cheaper (float32) and is made exact by a float64
+refinement (see `_top_spectrum`). Randomised SVD finds only the top subspace, so it is offered only
 as the `fast` option for principal methods.
 """
 
@@ -29,10 +33,11 @@ RANK_EPS = torch.finfo(torch.float32).eps
 class Spectrum:
     """r singular triplets of each matrix in a batch, largest singular value first.
 
-    U: (batch, m, r), S: (batch, r), V: (batch, n, r), rank: (batch,) numerical rank of each matrix.
+    U: (batch, m, r) or None when not asked for, S: (batch, r), V: (batch, n, r), rank: (batch,)
+    numerical rank of each matrix.
     """
 
-    U: torch.Tensor
+    U: torch.Tensor | None
     S: torch.Tensor
     V: torch.Tensor
     rank: torch.Tensor
@@ -44,32 +49,33 @@ def numerical_rank(S: torch.Tensor, m: int, n: int) -> torch.Tensor:
     return (S > tol).sum(dim=1)
 
 
-def canonicalise_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def canonicalise_signs(U: torch.Tensor | None, V: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Flip each (u_i, v_i) pair so the largest-magnitude entry of v_i is positive.
 
     Singular vectors are defined only up to a joint sign; fixing it makes outputs bit-for-bit
-    reproducible across runs, batchings and devices. U: (batch, m, r), V: (batch, n, r).
+    reproducible across runs, batchings and devices. U: (batch, m, r) or None, V: (batch, n, r).
     """
     idx = V.abs().argmax(dim=1, keepdim=True)  # (batch, 1, r)
     sign = torch.sign(torch.gather(V, 1, idx))
     sign[sign == 0] = 1
-    return U * sign, V * sign
+    return (U * sign if U is not None else None), V * sign
 
 
-def exact_spectrum(W: torch.Tensor, r: int, which: str) -> Spectrum:
+def exact_spectrum(W: torch.Tensor, r: int, which: str, left: bool = True) -> Spectrum:
     """Top-r (`which="top"`) or bottom-r nonzero (`which="bottom"`) singular triplets of each matrix.
 
     W: (batch, m, n), float64. Returns a Spectrum with descending singular values; for "bottom" these
     are the r smallest singular values above the numerical-rank threshold (so a rank-deficient
     matrix's exact zeros are skipped). Matrices whose rank is below r come back with rank < r; the
-    caller reports them.
+    caller reports them. `left=False` may leave U out (None) where it would cost a pass over W:
+    methods with B0 = 0 never use it.
     """
     if W.dtype != torch.float64:
         raise TypeError(f"exact_spectrum needs float64 input, got {W.dtype}")
     if which == "top":
         return _top_spectrum(W, r)
     if which == "bottom":
-        return _bottom_spectrum(W, r)
+        return _bottom_spectrum(W, r, left)
     raise ValueError(f"which must be 'top' or 'bottom', got {which!r}")
 
 
@@ -79,30 +85,98 @@ def _tall(W: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (W.transpose(1, 2) if transposed else W), transposed
 
 
-def _finish(X: torch.Tensor, small: torch.Tensor, S: torch.Tensor, rank: torch.Tensor, transposed: bool) -> Spectrum:
-    # The other side: x_i = X s_i / sigma_i. Guard zero singular values (only in rejected matrices).
-    big = (X @ small) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
-    U, V = (small, big) if transposed else (big, small)
+# --------------------------------------------------------------------------- Gram + partial eigh
+# Two backends with one contract. `gram(X)`: X^T X. `eigh_range(G, lo, hi)`: the eigenpairs with
+# ascending indices lo..hi (inclusive) of each G. `top_eigenvalue(G)`: the largest eigenvalue, for
+# the numerical-rank threshold. The CPU one calls BLAS/LAPACK through SciPy (syrk fills one
+# triangle, syevr and symm read that triangle; syevr computes only the selected eigenvectors); the
+# torch one runs on GPUs (cuSOLVER) and is the reference the tests compare the CPU one with.
+
+
+class _TorchBackend:
+    @staticmethod
+    def gram(X: torch.Tensor) -> torch.Tensor:
+        return X.transpose(1, 2) @ X
+
+    @staticmethod
+    def eigh_range(G: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        evals, evecs = torch.linalg.eigh(G)  # all n pairs: cuSOLVER's syevd offers no subset
+        return evals[:, lo : hi + 1], evecs[:, :, lo : hi + 1]
+
+    @staticmethod
+    def top_eigenvalue(G: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.eigvalsh(G)[:, -1]
+
+
+class _LapackBackend:
+    @staticmethod
+    def gram(X: torch.Tensor) -> torch.Tensor:
+        """X^T X, upper triangle only (the lower one is left zero; the readers below use the upper one)."""
+        import numpy as np
+        from scipy.linalg import blas
+
+        syrk = blas.dsyrk if X.dtype == torch.float64 else blas.ssyrk
+        # syrk(a) = a a^T; a = x_i^T is a Fortran-ordered view of the C-ordered x_i: no copy.
+        return torch.from_numpy(np.stack([syrk(1.0, xi.T, trans=0) for xi in X.detach().numpy()]))
+
+    @staticmethod
+    def eigh_range(G: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy as np
+        from scipy.linalg import eigh
+
+        pairs = [eigh(g, lower=False, subset_by_index=[lo, hi], driver="evr", check_finite=False) for g in G.numpy()]
+        return torch.from_numpy(np.stack([w for w, _ in pairs])), torch.from_numpy(np.stack([v for _, v in pairs]))
+
+    @staticmethod
+    def top_eigenvalue(G: torch.Tensor, steps: int = 8, block: int = 8) -> torch.Tensor:
+        """Block power iteration + Rayleigh-Ritz from a fixed start (deterministic), on the upper
+        triangle (BLAS symm). Not exact: a Rayleigh quotient from below, within ~4e-4 on a flat
+        spectrum (0.97^i) and far closer on decaying ones. Plenty for the rank threshold, a heuristic
+        at 1e-4 * s_1 that true zeros (~1e-7 * s_1 in a float64 Gram) are nowhere near; a full
+        eigvalsh would cost as much as the partial eigh itself."""
+        import numpy as np
+        from scipy.linalg import blas
+
+        symm = blas.dsymm if G.dtype == torch.float64 else blas.ssymm
+        out = []
+        for g in G.numpy():
+            n = g.shape[0]
+            q = np.sin(np.arange(1, n * min(block, n) + 1, dtype=g.dtype)).reshape(n, -1)
+            for _ in range(steps):
+                q, _ = np.linalg.qr(symm(1.0, g, q, side=0, lower=0))
+            out.append(np.linalg.eigvalsh(q.T @ symm(1.0, g, q, side=0, lower=0))[-1])
+        return torch.tensor(np.array(out), dtype=G.dtype)
+
+
+def _backend(X: torch.Tensor):
+    return _LapackBackend if X.device.type == "cpu" else _TorchBackend
+
+
+def _finish(U: torch.Tensor | None, V: torch.Tensor, S: torch.Tensor, rank: torch.Tensor, transposed: bool) -> Spectrum:
+    """U: (batch, rows of X, r) and V: (batch, cols of X, r) are X's; swap back to W's when X = W^T."""
+    if transposed:
+        U, V = V, U
     U, V = canonicalise_signs(U, V)
     return Spectrum(U=U, S=S, V=V, rank=rank)
 
 
 def _top_spectrum(W: torch.Tensor, r: int) -> Spectrum:
-    """Top-r triplets: float32 Gram + eigh for a guess of the top-q subspace (q = 1.5r), then one
-    float64 subspace iteration and a float64 Rayleigh-Ritz step on W itself (`_refine_top`).
+    """Top-r triplets: float32 Gram + the top-q eigenvectors (q = r + max(16, r/2)) as a guess of the
+    top subspace, then one float64 subspace iteration and a float64 Rayleigh-Ritz step on W itself
+    (`_refine_top`).
 
-    Why: float32 eigh is ~2x cheaper than float64, and its errors are O(eps32 * s_1^2 / gap). The
-    float64 step (cost ~4 m n q, a fraction of the Gram's m n^2) resolves every mixing inside the
-    q-dimensional subspace exactly and shrinks what leaks outside it by (s_q+1 / s_r)^2. Measured on
-    SmolLM2-135M: captured energy within 1e-13 of a float64 SVD, rank-r part within 5e-7.
-    Numerical rank is only resolved up to q (rank = q means "at least q").
+    Why: the float32 steps cost half of float64 ones, and their errors are O(eps32 * s_1^2 / gap).
+    The float64 step (cost ~6 m n q, a fraction of the Gram's m n^2) resolves every mixing inside the
+    q-dimensional subspace exactly and damps what leaks outside it by (s_q+1 / s_r)^2. Measured on
+    SmolLM2-135M: captured energy within 4e-14 of a float64 SVD, rank-r part (U_r S_r V_r^T) within
+    3e-7 of ||W||. Numerical rank is only resolved up to q (rank = q means "at least q").
     """
     X, transposed = _tall(W)
     small = X.shape[2]
     q = min(small, r + max(16, r // 2))  # room above r so the float64 step converges fast
-    X32 = X.float()
-    _, guess = torch.linalg.eigh(X32.transpose(1, 2) @ X32)  # ascending
-    return _refine_top(W, X, guess[:, :, small - q :].double(), r, transposed)
+    backend = _backend(X)
+    _, guess = backend.eigh_range(backend.gram(X.float()), small - q, small - 1)  # ascending
+    return _refine_top(W, X, guess.to(X.device, torch.float64), r, transposed)
 
 
 def _refine_top(W: torch.Tensor, X: torch.Tensor, Q: torch.Tensor, r: int, transposed: bool) -> Spectrum:
@@ -110,32 +184,50 @@ def _refine_top(W: torch.Tensor, X: torch.Tensor, Q: torch.Tensor, r: int, trans
     one subspace iteration, then Rayleigh-Ritz (the eigenproblem of Q^T X^T X Q, q x q, in float64).
     X and Q in float64 for the exact path; the fast path passes float32 ones."""
     Q, _ = torch.linalg.qr(X.transpose(1, 2) @ (X @ Q))
-    Y = X @ Q
+    Y = X @ Q  # (batch, m, q)
     evals, Z = torch.linalg.eigh((Y.transpose(1, 2) @ Y).double())
-    X, Q = X.double(), Q.double()
     evals, Z = evals.flip(-1), Z.flip(-1)
     S_q = evals.clamp_min(0).sqrt()
     tol = max(W.shape[1], W.shape[2]) * RANK_EPS * S_q[:, :1]
     rank = (S_q > tol).sum(dim=1)
-    return _finish(X, Q @ Z[:, :, :r], S_q[:, :r], rank, transposed)
+    Z_r, S = Z[:, :, :r].to(Q.dtype), S_q[:, :r]
+    # The left vectors come with Y: u_i = X v_i / s_i = Y z_i / s_i (no further pass over X).
+    # Zero singular values occur only in rejected (rank < r) matrices; guard the division.
+    U = (Y @ Z_r).double() / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    return _finish(U, (Q @ Z_r).double(), S, rank, transposed)
 
 
-def _bottom_spectrum(W: torch.Tensor, r: int) -> Spectrum:
-    """Bottom-r nonzero triplets from the whole spectrum: float64 Gram + eigh.
+def _bottom_spectrum(W: torch.Tensor, r: int, left: bool = True) -> Spectrum:
+    """Bottom-r nonzero triplets: float64 Gram, its lowest k = r + 16 eigenpairs (more when the
+    matrix has that many zero singular values), and the numerical rank from the largest eigenvalue.
 
     The small singular values need float64: a float32 Gram's errors (~eps32 * s_1^2) would swamp
     eigenvalues s_i^2 with s_i / s_1 below ~1e-3.
     """
     X, transposed = _tall(W)
-    evals, evecs = torch.linalg.eigh(X.transpose(1, 2) @ X)  # ascending
-    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
-    S_all = evals.clamp_min(0).sqrt()
-    rank = numerical_rank(S_all, W.shape[1], W.shape[2])
-    # Indices rank-r .. rank-1 (clamped at 0 for matrices of rank < r, which the caller rejects).
-    sel = (rank.unsqueeze(1) - r + torch.arange(r, device=W.device)).clamp_min(0)
-    S = torch.gather(S_all, 1, sel)
-    small = torch.gather(evecs, 2, sel.unsqueeze(1).expand(-1, evecs.shape[1], -1))
-    return _finish(X, small, S, rank, transposed)
+    m, n = W.shape[1], W.shape[2]
+    small = X.shape[2]
+    backend = _backend(X)
+    G = backend.gram(X)
+    # numerical_rank's rule on eigenvalues: s_i > max(m, n) * eps32 * s_1  <=>  l_i > that^2 * l_1.
+    tol2 = (max(m, n) * RANK_EPS) ** 2 * backend.top_eigenvalue(G).to(X.device).clamp_min(0)
+    k = min(small, r + 16)
+    while True:
+        evals, evecs = backend.eigh_range(G, 0, k - 1)  # ascending
+        zeros = (evals <= tol2.unsqueeze(1)).sum(dim=1)  # the "zero" ones are the lowest
+        if k == small or bool((zeros + r <= k).all()):
+            break
+        k = min(small, int(zeros.max()) + r + 16)  # a rank-deficient matrix: look further up
+    evals, evecs = evals.to(X.device), evecs.to(X.device)
+    rank = small - zeros.to(X.device)
+    # Ascending indices zeros .. zeros+r-1 (clamped for matrices of rank < r, which the caller rejects).
+    sel = (zeros.to(X.device).unsqueeze(1) + torch.arange(r, device=X.device)).clamp_max(k - 1).flip(-1)
+    S = torch.gather(evals, 1, sel).clamp_min(0).sqrt()  # descending
+    V = torch.gather(evecs, 2, sel.unsqueeze(1).expand(-1, small, -1))
+    U = None
+    if left or transposed:  # X's left vectors are W's right ones when X = W^T
+        U = (X @ V) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    return _finish(U, V, S, rank, transposed)
 
 
 def fast_spectrum(W: torch.Tensor, r: int, niter: int = 6, seed: int = 0) -> Spectrum:

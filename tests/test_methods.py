@@ -12,10 +12,20 @@ import numpy as np
 import pytest
 import torch
 
+from loraforge import linalg
 from loraforge.linalg import RANK_EPS, exact_spectrum, fast_spectrum
 from loraforge.methods import METHODS, MethodInput, dct_rows, haar
 
 SHAPES = [(24, 16), (16, 24), (20, 20)]  # tall, wide (Gram on the other side), square
+
+
+@pytest.fixture(params=["lapack", "torch"])
+def backend(request, monkeypatch):
+    """Run a test with each Gram/eigensolver backend: LAPACK through SciPy (what the CPU runs) and
+    torch's full eigh (what a GPU runs), both on the CPU here."""
+    chosen = {"lapack": linalg._LapackBackend, "torch": linalg._TorchBackend}[request.param]
+    monkeypatch.setattr(linalg, "_backend", lambda X: chosen)
+    return request.param
 
 
 def make_matrix(m: int, n: int, rank: int | None = None, seed: int = 0) -> np.ndarray:
@@ -62,7 +72,7 @@ def expected_update(method: str, W: np.ndarray, r: int, scaling: float) -> np.nd
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("method", list(METHODS))
-def test_update_and_residual_match_reference(method, shape):
+def test_update_and_residual_match_reference(method, shape, backend):
     W = make_matrix(*shape)
     r, scaling = 4, 2.0  # alpha = 8, r = 4
     A, B = run(method, W, r, scaling)
@@ -85,7 +95,7 @@ def test_A0_spans_the_chosen_right_singular_subspace(method):
     np.testing.assert_allclose(Q @ Q.T, V @ V.T, atol=1e-8)
 
 
-def test_top_r_captured_energy_matches_float64_svd_on_a_flat_spectrum():
+def test_top_r_captured_energy_matches_float64_svd_on_a_flat_spectrum(backend):
     # A slowly decaying spectrum (ratio 0.97 per index) makes the top-r subspace hard to separate:
     # captured energy ||W V_r||_F^2 must still match a float64 SVD within 1e-6 relative (issue 3).
     rng = np.random.default_rng(4)
@@ -111,7 +121,7 @@ def test_orthonormal_methods_have_orthonormal_rows_and_zero_B(method, shape):
 
 
 @pytest.mark.parametrize("method", [m for m, s in METHODS.items() if s.spectrum == "bottom"])
-def test_bottom_r_skips_exact_zero_singular_values(method):
+def test_bottom_r_skips_exact_zero_singular_values(method, backend):
     # Rank 10 in a 24 x 16 matrix: the bottom 3 NONZERO directions are singular values 8, 9, 10 (1-based).
     W = make_matrix(24, 16, rank=10, seed=2)
     A, B = run(method, W, 3, scaling=1.0)
@@ -123,7 +133,7 @@ def test_bottom_r_skips_exact_zero_singular_values(method):
     assert np.abs(A @ Vt[10:].T).max() < 1e-9
 
 
-def test_numerical_rank_is_reported_for_rank_deficient_matrices():
+def test_numerical_rank_is_reported_for_rank_deficient_matrices(backend):
     W = torch.from_numpy(np.stack([make_matrix(24, 16, rank=10), make_matrix(24, 16)]))
     spectrum = exact_spectrum(W, 3, "bottom")
     assert spectrum.rank.tolist() == [10, 16]
@@ -203,3 +213,39 @@ def test_batched_equals_one_by_one():
     for i, W in enumerate(Ws):
         single = exact_spectrum(torch.from_numpy(W).unsqueeze(0), 4, "bottom")
         torch.testing.assert_close(batched.V[i], single.V[0], atol=1e-12, rtol=0)
+
+
+def test_bottom_r_looks_past_more_zero_directions_than_the_first_subset_holds(backend):
+    # Rank 20 in an 80 x 60 matrix: 40 zero directions, more than the first subset (r + 16 = 19
+    # lowest eigenpairs) holds, so the solver has to widen it; the answer is the 18th..20th triplets.
+    W = make_matrix(80, 60, rank=20, seed=3)
+    spectrum = exact_spectrum(torch.from_numpy(W).unsqueeze(0), 3, "bottom")
+    assert int(spectrum.rank[0]) == 20
+    _, S, Vt = np.linalg.svd(W)
+    np.testing.assert_allclose(spectrum.S[0].numpy(), S[17:20], rtol=1e-9)
+    V = spectrum.V[0].numpy()
+    np.testing.assert_allclose(V @ V.T, Vt[17:20].T @ Vt[17:20], atol=1e-9)
+
+
+def test_top_eigenvalue_matches_eigvalsh():
+    # Spectra 10 -> 0.05 (well separated) and 0.97^i (flat): block power + Rayleigh-Ritz from a fixed
+    # start. The rank threshold (1e-4 * s_1 here) only needs a digit or two; we ask for 1e-3. On the
+    # flat spectrum the error is about (l_9 / l_1)^(2 * 8 steps) = 0.97^(16 * 16) ~ 4e-4.
+    for W in (make_matrix(40, 30, seed=6), (np.linalg.qr(np.random.default_rng(1).standard_normal((40, 30)))[0]
+                                              * 0.97 ** np.arange(30))):
+        G = torch.from_numpy(W.T @ W).unsqueeze(0)
+        ref = float(torch.linalg.eigvalsh(G)[0, -1])
+        top = float(linalg._LapackBackend.top_eigenvalue(G.triu())[0])  # syrk's one-triangle Gram
+        assert top <= ref * (1 + 1e-12) and (ref - top) / ref < 1e-3  # a Rayleigh quotient: from below
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_left_vectors_are_skipped_only_where_they_cost_a_pass(shape):
+    # B0 = 0 methods (rlmo) ask for V alone; U is left out when W is tall or square (it would cost
+    # X @ V), and still comes for free when W is wide (then U is the Gram side's eigenvectors).
+    W = torch.from_numpy(make_matrix(*shape)).unsqueeze(0)
+    full = exact_spectrum(W, 3, "bottom")
+    lean = exact_spectrum(W, 3, "bottom", left=False)
+    torch.testing.assert_close(lean.V, full.V, atol=0, rtol=0)
+    torch.testing.assert_close(lean.S, full.S, atol=0, rtol=0)
+    assert (lean.U is None) == (shape[0] >= shape[1])
