@@ -347,6 +347,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)  # SciPy's BLAS (loraforge on CPU)
     import torch
 
     if args.threads:

@@ -95,7 +95,7 @@ def _tall(W: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 class _TorchBackend:
     @staticmethod
-    def gram(X: torch.Tensor) -> torch.Tensor:
+    def gram(X: torch.Tensor, full: bool = False) -> torch.Tensor:
         return X.transpose(1, 2) @ X
 
     @staticmethod
@@ -110,14 +110,19 @@ class _TorchBackend:
 
 class _LapackBackend:
     @staticmethod
-    def gram(X: torch.Tensor) -> torch.Tensor:
-        """X^T X, upper triangle only (the lower one is left zero; the readers below use the upper one)."""
+    def gram(X: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """X^T X: the upper triangle only (the lower one left zero; the readers below use the upper
+        one), or with FULL the whole symmetric matrix."""
         import numpy as np
         from scipy.linalg import blas
 
         syrk = blas.dsyrk if X.dtype == torch.float64 else blas.ssyrk
         # syrk(a) = a a^T; a = x_i^T is a Fortran-ordered view of the C-ordered x_i: no copy.
-        return torch.from_numpy(np.stack([syrk(1.0, xi.T, trans=0) for xi in X.detach().numpy()]))
+        G = torch.from_numpy(np.stack([syrk(1.0, xi.T, trans=0) for xi in X.detach().numpy()]))
+        if full:  # upper + its transpose counts the diagonal twice: halve it first
+            G.diagonal(dim1=1, dim2=2).mul_(0.5)
+            G = G + G.transpose(1, 2)
+        return G
 
     @staticmethod
     def eigh_range(G: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,21 +185,19 @@ def _top_spectrum(W: torch.Tensor, r: int) -> Spectrum:
 
 
 def _refine_top(W: torch.Tensor, X: torch.Tensor, Q: torch.Tensor, r: int, transposed: bool) -> Spectrum:
-    """Top-r triplets of X from a guess Q (batch, small, q) of its top right singular subspace:
-    one subspace iteration, then Rayleigh-Ritz (the eigenproblem of Q^T X^T X Q, q x q, in float64).
-    X and Q in float64 for the exact path; the fast path passes float32 ones."""
+    """Top-r triplets of X (float64) from a guess Q (batch, small, q) of its top right singular
+    subspace: one subspace iteration, then Rayleigh-Ritz (the eigenproblem of Q^T X^T X Q, q x q)."""
     Q, _ = torch.linalg.qr(X.transpose(1, 2) @ (X @ Q))
     Y = X @ Q  # (batch, m, q)
-    evals, Z = torch.linalg.eigh((Y.transpose(1, 2) @ Y).double())
+    evals, Z = torch.linalg.eigh(Y.transpose(1, 2) @ Y)
     evals, Z = evals.flip(-1), Z.flip(-1)
     S_q = evals.clamp_min(0).sqrt()
-    tol = max(W.shape[1], W.shape[2]) * RANK_EPS * S_q[:, :1]
-    rank = (S_q > tol).sum(dim=1)
-    Z_r, S = Z[:, :, :r].to(Q.dtype), S_q[:, :r]
+    rank = (S_q > max(W.shape[1], W.shape[2]) * RANK_EPS * S_q[:, :1]).sum(dim=1)
+    Z_r, S = Z[:, :, :r], S_q[:, :r]
     # The left vectors come with Y: u_i = X v_i / s_i = Y z_i / s_i (no further pass over X).
     # Zero singular values occur only in rejected (rank < r) matrices; guard the division.
-    U = (Y @ Z_r).double() / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
-    return _finish(U, (Q @ Z_r).double(), S, rank, transposed)
+    U = (Y @ Z_r) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    return _finish(U, Q @ Z_r, S, rank, transposed)
 
 
 def _bottom_spectrum(W: torch.Tensor, r: int, left: bool = True) -> Spectrum:
@@ -231,21 +234,30 @@ def _bottom_spectrum(W: torch.Tensor, r: int, left: bool = True) -> Spectrum:
 
 
 def fast_spectrum(W: torch.Tensor, r: int, niter: int = 6, seed: int = 0) -> Spectrum:
-    """Randomised top-r SVD (Halko et al. 2011): a seeded Gaussian sketch of q = 2r columns, NITER
-    power iterations in float32 (re-orthonormalised each time), then the refinement of the exact
-    path (`_refine_top`: one more iteration and Rayleigh-Ritz), also in float32.
+    """Randomised top-r SVD (Halko et al. 2011) in float32: a seeded Gaussian sketch of q = 2r
+    columns, NITER power iterations (re-orthonormalised each time) and a Rayleigh-Ritz step, all on
+    the Gram matrix G = X^T X of the smaller side, then u_i = X v_i / s_i.
 
     W: (batch, m, n) float64. Only for principal methods: a random range finder captures the dominant
     subspace and nothing reliable about the bottom of the spectrum. Oversampling to 2r makes each
     iteration converge like (s_2r / s_r)^2 instead of (s_r+1 / s_r)^2, which is why 6 iterations
-    capture more energy than PEFT's `pissa_niter_16` (q = r, 16 iterations) at less cost.
+    capture more energy than PEFT's `pissa_niter_16` (q = r, 16 iterations). Iterating on G (n x n)
+    instead of on X (m x n, two products per iteration) is what makes it cheap: one Gram product,
+    then every iteration costs 2 n^2 q instead of 4 m n q.
     """
     X, transposed = _tall(W)
     small = X.shape[2]
     q = min(small, 2 * r)
     X32 = X.float()
+    G = _backend(X32).gram(X32, full=True)
     gen = torch.Generator().manual_seed(seed)
     Q = torch.randn(small, q, generator=gen).to(X.device).expand(X.shape[0], -1, -1)
     for _ in range(niter):
-        Q, _ = torch.linalg.qr(X32.transpose(1, 2) @ (X32 @ Q))
-    return _refine_top(W, X32, Q, r, transposed)
+        Q, _ = torch.linalg.qr(G @ Q)
+    evals, Z = torch.linalg.eigh(Q.transpose(1, 2) @ G @ Q)  # Rayleigh-Ritz, q x q
+    evals, Z = evals.flip(-1), Z.flip(-1)[:, :, :r]
+    S_q = evals.clamp_min(0).sqrt()
+    rank = (S_q > max(W.shape[1], W.shape[2]) * RANK_EPS * S_q[:, :1]).sum(dim=1)
+    V, S = Q @ Z, S_q[:, :r]
+    U = (X32 @ V) / S.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    return _finish(U.double(), V.double(), S.double(), rank, transposed)

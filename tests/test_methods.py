@@ -249,3 +249,11 @@ def test_left_vectors_are_skipped_only_where_they_cost_a_pass(shape):
     torch.testing.assert_close(lean.V, full.V, atol=0, rtol=0)
     torch.testing.assert_close(lean.S, full.S, atol=0, rtol=0)
     assert (lean.U is None) == (shape[0] >= shape[1])
+
+
+def test_cpu_gram_is_x_transpose_x():
+    # syrk fills one triangle; full=True must give the symmetric X^T X (diagonal counted once).
+    X = torch.from_numpy(make_matrix(30, 12, seed=8)).unsqueeze(0)
+    ref = X[0].T @ X[0]
+    torch.testing.assert_close(linalg._LapackBackend.gram(X, full=True)[0], ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(linalg._LapackBackend.gram(X)[0], ref.triu(), atol=1e-12, rtol=0)
