@@ -145,10 +145,13 @@ def check_ranks(targets: Sequence[Target], r: int) -> None:
 def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitConfig, device: torch.device) -> list[ModuleInit]:
     method = config.method_spec
     s = config.scaling
-    W = torch.stack([w.to(device=device, dtype=torch.float64) for w in stored])
+    # Our own float64 copy, filled in one pass per matrix (copy_ converts as it copies).
+    W = torch.empty((len(stored), *stored[0].shape), dtype=torch.float64, device=device)
+    for i, w in enumerate(stored):
+        W[i].copy_(w)
     if batch[0].transposed:  # Conv1D stores W^T
         W = W.transpose(1, 2)
-    w_norm = W.flatten(1).norm(dim=1)
+    w_norm = torch.linalg.vector_norm(W, dim=(1, 2))
     # A NaN or inf anywhere makes the norm non-finite (bf16/fp16/fp32 values cannot overflow a float64
     # sum of squares), so one (batch,) check replaces an elementwise isfinite pass over W.
     finite = torch.isfinite(w_norm)
@@ -178,28 +181,31 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     # Norms and residuals use the factors AS STORED (after rounding to the adapter dtype), so
     # base + s * B0 A0 reproduces W as closely as the base dtype allows. B0 = 0 methods skip the
     # (m x n) product: it is exactly zero.
-    sBA = (B_s.double() @ A_s.double()).mul_(s) if method.residual else None
+    update_norm = torch.zeros(len(batch), dtype=torch.float64)
+    if method.residual:
+        sBA = (B_s.double() @ A_s.double()).mul_(s)
+        update_norm = torch.linalg.vector_norm(sBA, dim=(1, 2)).cpu()
+        W.sub_(sBA)  # W is now the exact (float64) residual W - s B0 A0; W itself is not needed any more
+        del sBA
     results = []
     for i, t in enumerate(batch):
-        update_norm = float(sBA[i].norm()) if sBA is not None else 0.0
         stats = {
             "shape": [t.out_features, t.in_features],
-            "init_norm": update_norm / s,  # ||B0 A0||_F (the paper's Table 4)
-            "update_norm": update_norm,  # ||s B0 A0||_F: what the adapter adds at step 0
+            "init_norm": float(update_norm[i]) / s,  # ||B0 A0||_F (the paper's Table 4)
+            "update_norm": float(update_norm[i]),  # ||s B0 A0||_F: what the adapter adds at step 0
         }
         if spectrum is not None:
-            if method.spectrum == "bottom":  # the whole spectrum was computed: the rank is exact
+            if method.spectrum == "bottom":  # bottom-r counts every zero direction: the rank is exact
                 stats["rank"] = int(spectrum.rank[i])
             # Share of ||W||_F^2 in the chosen singular directions (captured energy).
             stats["energy"] = float((spectrum.S[i] ** 2).sum() / w_norm[i] ** 2) if w_norm[i] > 0 else 0.0
         base = None
         if method.residual:
             base_dtype = stored[i].dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype]
-            exact = W[i] - sBA[i]
-            residual = exact.to(base_dtype)
-            err = exact.sub_(residual.double())  # W - (base + s B0 A0), as stored
+            residual = W[i].to(base_dtype)
+            err = W[i].sub_(residual)  # W - (base + s B0 A0), as stored (in place; promotes as it goes)
             stats["recon_max_abs"] = float(err.abs().max())
-            stats["recon_rel"] = float(err.norm() / w_norm[i]) if w_norm[i] > 0 else 0.0
+            stats["recon_rel"] = float(torch.linalg.vector_norm(err) / w_norm[i]) if w_norm[i] > 0 else 0.0
             base = (residual.T if t.transposed else residual).contiguous().cpu()
         else:
             stats["recon_max_abs"] = 0.0  # the base is not touched and s * B0 A0 = 0 exactly
@@ -231,22 +237,41 @@ def compute_inits(targets: Sequence[Target], read: Callable[[Target], torch.Tens
     bar.close()
 
 
+def adapter_config(config: InitConfig, target_modules, base_model: str, fan_in_fan_out: bool) -> dict:
+    """adapter_config.json's fields: PEFT's LoraConfig with our values (init_lora_weights=True: see
+    writers.write_adapter_config). Written as a dict so that `loraforge init` need not import PEFT
+    (and through it transformers); PEFT fills every field left out with its default on load.
+    `lora_config` turns it into the LoraConfig itself."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "use_rslora": config.rslora,
+        "target_modules": sorted(target_modules) if isinstance(target_modules, (list, set, tuple)) else target_modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": False,
+    }
+
+
 def lora_config(config: InitConfig, target_modules, base_model: str, fan_in_fan_out: bool):
-    """The PEFT LoraConfig describing the adapter (init_lora_weights=True: see writers.write_adapter_config)."""
+    """The PEFT LoraConfig describing the adapter."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        use_rslora=config.rslora,
-        target_modules=target_modules,
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=fan_in_fan_out,
-        init_lora_weights=True,
-        base_model_name_or_path=base_model,
-    )
+    fields = adapter_config(config, target_modules, base_model, fan_in_fan_out)
+    fields.pop("peft_type")  # LoraConfig sets it itself
+    return LoraConfig(**fields)
 
 
 def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "default", progress: bool = False):
@@ -319,7 +344,7 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
     from loraforge import writers
     from loraforge.card import render_model_card
     from loraforge.source import resolve_source
-    from loraforge.targets import build_skeleton, peft_target_modules
+    from loraforge.targets import build_skeleton, header_skeleton, peft_target_modules
 
     started = time.perf_counter()
     out = Path(out)
@@ -334,7 +359,15 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
         loaded = _load_model(source, config, device_map, trust_remote_code)
         skeleton = loaded
     else:
-        skeleton = build_skeleton(source.path, trust_remote_code)
+        # Known decoder layouts come from the checkpoint header (no transformers import); if the
+        # names asked for are not among them, the transformers skeleton has the final word.
+        skeleton = header_skeleton(source)
+        if skeleton is not None:
+            try:
+                find_targets(skeleton, config.target_modules, config.layers)
+            except LoraforgeError:
+                skeleton = None
+        skeleton = skeleton or build_skeleton(source.path, trust_remote_code)
     targets = find_targets(skeleton, config.target_modules, config.layers)
     if loaded is None:
         keys = _checkpoint_keys(targets, source, skeleton)
@@ -381,7 +414,7 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
         # For residualised methods the adapter belongs on OUT/base, not on the source model, so that
         # is what PEFT's AutoPeftModel must load (`loraforge push` rewrites it to the base's Hub repo).
         base_model = str(out.resolve() / writers.BASE_DIR) if method.residual else source.model_id
-        writers.write_adapter_config(tmp, lora_config(config, target_modules, base_model, fan_in_fan_out))
+        writers.write_adapter_config(tmp, adapter_config(config, target_modules, base_model, fan_in_fan_out))
         files = {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)}
         base_dtype = None
         if method.residual:

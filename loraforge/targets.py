@@ -1,7 +1,8 @@
 """Which modules get adapters.
 
 Targets are found on a model skeleton (built on the meta device, no weights in memory) or on a
-loaded model. Defaults follow PEFT's `all-linear`: every nn.Linear and GPT-2 Conv1D except the
+loaded model. For the common decoder architectures in HEADER_LAYOUTS the skeleton is read from the
+checkpoint's header instead, which spares `loraforge init` importing transformers (~3 s). Defaults follow PEFT's `all-linear`: every nn.Linear and GPT-2 Conv1D except the
 output head. A name in --target-modules matches a module whose path equals it or ends with
 `.name` (PEFT's rule).
 """
@@ -144,3 +145,75 @@ def build_skeleton(path, trust_remote_code: bool = False) -> torch.nn.Module:
                 f"after reviewing it. ({e})"
             ) from None
         raise LoraforgeError(f"transformers cannot build a causal LM from {path}/config.json: {e}") from None
+
+
+# Decoder architectures whose safetensors checkpoints name every weight by its module path and whose
+# only 2-D weights are nn.Linear layers and the token embedding. For these a skeleton holding just
+# those modules is read from the checkpoint header (`header_skeleton`), in the order the
+# transformers class defines them (embedding, then per block the order below, then lm_head).
+# tests/test_targets.py checks every entry against the transformers skeleton.
+_DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HEADER_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "phi3": ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"),  # Phi3Attention defines o_proj first
+}
+_HEADER_KEY = re.compile(r"model\.embed_tokens|lm_head|model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
+
+
+class _MetaLinear(torch.nn.Linear):
+    def reset_parameters(self) -> None:  # nothing to initialise on the meta device (and torch's
+        pass  # meta init path imports torch._dynamo: ~1 s of start-up)
+
+
+class _MetaEmbedding(torch.nn.Embedding):
+    def reset_parameters(self) -> None:
+        pass
+
+
+class HeaderSkeleton(torch.nn.Module):
+    """Linear layers (and the embedding) on the meta device, named as in the checkpoint."""
+
+    def get_output_embeddings(self):
+        return self.get_submodule("lm_head") if hasattr(self, "lm_head") else None
+
+
+def header_skeleton(source) -> Optional[torch.nn.Module]:
+    """The skeleton of SOURCE (a loraforge.source.Source) read from its config and safetensors
+    headers, or None when its architecture is not in HEADER_LAYOUTS or a 2-D weight is named
+    unexpectedly (then `build_skeleton` is the way)."""
+    model_type = source.config.get("model_type")
+    order = HEADER_LAYOUTS.get(model_type)
+    if order is None or source.weight_format != "safetensors" or not source.config.get("architectures"):
+        return None
+    modules = []
+    for key, shard in source.weight_map.items():
+        shape = source.open_shard(shard).tensors[key].shape
+        if len(shape) != 2:
+            continue
+        match = _HEADER_KEY.fullmatch(key.removesuffix(".weight")) if key.endswith(".weight") else None
+        if match is None or (match.group(2) is not None and match.group(2) not in order):
+            return None
+        name = key.removesuffix(".weight")
+        rank = (0, 0, 0) if match.group(1) is None and name != "lm_head" else (2, 0, 0)
+        if match.group(1) is not None:
+            rank = (1, int(match.group(1)), order.index(match.group(2)))
+        modules.append((rank, name, shape))
+    arch = source.config["architectures"][0]
+    root = type(arch, (HeaderSkeleton,), {})()  # named as the model class, for messages
+    for _, name, (rows, cols) in sorted(modules):
+        if name == "model.embed_tokens":
+            module = _MetaEmbedding(rows, cols, device="meta")
+        else:
+            module = _MetaLinear(cols, rows, bias=False, device="meta")
+        parent = root
+        for part in name.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(name.rsplit(".", 1)[-1], module)
+    return root

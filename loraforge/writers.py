@@ -88,18 +88,14 @@ def write_adapter_weights(path: Path, factors: dict[str, tuple[torch.Tensor, tor
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def write_adapter_config(out_dir: Path, lora_config) -> None:
-    lora_config.save_pretrained(str(out_dir))
+def write_adapter_config(out_dir: Path, config: dict) -> None:
+    """adapter_config.json from init.adapter_config's fields, keys sorted (the same command writes
+    the same bytes)."""
     # PEFT re-runs a named init (e.g. "pissa") when it loads an adapter whose config says so, and
     # would subtract from the base a second time: the config must say true (the default init).
-    cfg = json.loads((out_dir / ADAPTER_CONFIG).read_text())
-    if cfg.get("init_lora_weights") is not True:
-        raise RuntimeError(f"internal error: adapter_config.json says init_lora_weights={cfg.get('init_lora_weights')!r}")
-    # PEFT keeps target_modules as a set, whose order changes with Python's hash seed: sort it so
-    # the same command always writes the same bytes.
-    if isinstance(cfg.get("target_modules"), list):
-        cfg["target_modules"] = sorted(cfg["target_modules"])
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if config.get("init_lora_weights") is not True:
+        raise RuntimeError(f"internal error: adapter_config.json says init_lora_weights={config.get('init_lora_weights')!r}")
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_json(path: Path, data: dict) -> None:
