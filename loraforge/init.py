@@ -49,6 +49,7 @@ class InitConfig:
     base_dtype: str = "auto"  # residual base dtype: auto (as the checkpoint), float32, bfloat16, float16
     svd: str = "exact"  # exact, or fast (randomised; principal methods only)
     batch_mib: int = 512  # memory budget for one batch of float64 matrices, in MiB
+    residual_mib: int = 512  # residuals held in memory until their shard is written, in MiB; the rest wait on disk
 
     def __post_init__(self):
         self.method_spec = get_method(self.method)
@@ -74,7 +75,9 @@ class InitConfig:
         if self.seed < 0:
             raise LoraforgeError(f"--seed must be >= 0, got {self.seed}.")
         if self.batch_mib < 1:
-            raise LoraforgeError(f"--batch-mib must be >= 1, got {self.batch_mib}.")
+            raise LoraforgeError(f"batch_mib must be >= 1, got {self.batch_mib}.")
+        if self.residual_mib < 0:
+            raise LoraforgeError(f"residual_mib must be >= 0, got {self.residual_mib}.")
 
     @property
     def scaling(self) -> float:
@@ -381,7 +384,8 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
         t0 = time.perf_counter()
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         stats: dict[str, dict] = {}
-        residual_files: dict[str, Path] = {}
+        residual_files: dict[str, Path | torch.Tensor] = {}  # checkpoint key -> residual, or the file holding it
+        held = 0  # bytes of residuals kept in memory (up to residual_mib; the rest go to disk)
         modules = dict(loaded.named_modules()) if loaded is not None else None
         if loaded is not None:
             read = lambda t: modules[t.name].weight.detach()  # noqa: E731
@@ -400,6 +404,11 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
                     else:
                         residuals[keys[m.target.name]] = m.base
             if residuals:
+                size = sum(r.numel() * r.element_size() for r in residuals.values())
+                if held + size <= config.residual_mib * 2**20:  # e.g. a small model's: keep until written
+                    held += size
+                    residual_files.update(residuals)
+                    continue
                 # Park this batch's residuals on disk until their shard is written.
                 from safetensors.torch import save_file
 

@@ -102,12 +102,12 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_residual_base(source: Source, base_dir: Path, residual_files: dict[str, Path],
+def write_residual_base(source: Source, base_dir: Path, residual_files: dict[str, Path | torch.Tensor],
                         cast_to: Optional[torch.dtype], trust_remote_code: bool = False) -> dict[str, str]:
     """Write the residual base model shard by shard; return {relative file name: sha256}.
 
-    residual_files maps checkpoint keys of target weights to the temporary safetensors file that
-    holds their residual (already in the base dtype). Every other tensor is copied through from the
+    residual_files maps checkpoint keys of target weights to their residual (already in the base
+    dtype), or to the temporary safetensors file that holds it. Every other tensor is copied through from the
     source shard, cast to CAST_TO when that is set and the tensor is floating point. Shard names and
     tensor order follow the source, so the index keeps its shape.
     """
@@ -125,7 +125,10 @@ def write_residual_base(source: Source, base_dir: Path, residual_files: dict[str
         src = source.open_shard(shard)
         planned = []
         for key, info in src.tensors.items():
-            if key in residual_files:
+            if isinstance(residual_files.get(key), torch.Tensor):
+                t = residual_files[key]
+                planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t: t))
+            elif key in residual_files:
                 rf = reader_for(residual_files[key])
                 rinfo = rf.tensors[key]
                 planned.append(PlannedTensor(key, DTYPES[rinfo.dtype], rinfo.shape, lambda rf=rf, key=key: rf.read(key)))

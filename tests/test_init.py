@@ -122,6 +122,20 @@ def test_same_command_twice_gives_byte_identical_files(tiny_models, tmp_path, me
     assert (out / "base").exists() == METHODS[method].residual
 
 
+def test_residuals_held_in_memory_or_parked_on_disk_give_the_same_base(tiny_models, tmp_path):
+    # residual_mib=0 parks every batch's residuals in OUT/.residuals until its shard is written (what a
+    # 7B model does); the default holds a tiny model's in memory. Same bytes either way, nothing left over.
+    def files(out):  # the weights and everything in base/ (the adapter config names OUT/base's absolute path)
+        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*"))
+                if p.is_file() and (p.suffix == ".safetensors" or p.relative_to(out).parts[0] == "base")}
+
+    held, parked = tmp_path / "held", tmp_path / "parked"
+    init_adapter(str(tiny_models["qwen2"]), held, InitConfig(method="pissa", r=4))
+    init_adapter(str(tiny_models["qwen2"]), parked, InitConfig(method="pissa", r=4, residual_mib=0))
+    assert files(held) == files(parked) and any(p.parts[0] == "base" for p in files(held))
+    assert not (parked / ".residuals").exists()
+
+
 def test_auto_peft_model_finds_the_residual_base(tiny_models, original_logits, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
