@@ -21,3 +21,13 @@ def resolve_device(device: str) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise LoraforgeError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible.")
     return dev
+
+
+def decomposition_devices(flag: str) -> list[torch.device]:
+    """Where `init` decomposes: the --device flag resolved, and for a bare `cuda` (or `auto`) on a
+    machine with several GPUs, every visible GPU (batches are spread over them; CUDA_VISIBLE_DEVICES
+    chooses which). `cuda:N` and `cpu` mean that one device."""
+    device = resolve_device(flag)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]

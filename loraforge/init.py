@@ -12,6 +12,7 @@ Two entry points share one computation (`compute_inits`):
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import math
 import shutil
@@ -24,7 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from loraforge.devices import resolve_device  # noqa: F401 (re-exported for verify/inspect)
+from loraforge.devices import decomposition_devices, resolve_device  # noqa: F401 (resolve_device re-exported)
 from loraforge.errors import LoraforgeError
 from loraforge.linalg import exact_spectrum, fast_spectrum
 from loraforge.methods import MethodInput, get_method
@@ -218,25 +219,41 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
 
 
 def compute_inits(targets: Sequence[Target], read: Callable[[Target], torch.Tensor], config: InitConfig,
-                  device: torch.device, progress: bool = False) -> Iterator[list[ModuleInit]]:
-    """Initialise TARGETS batch by batch; READ returns a target's weight as stored in the checkpoint.
+                  devices: torch.device | Sequence[torch.device], progress: bool = False) -> Iterator[list[ModuleInit]]:
+    """Initialise TARGETS batch by batch, in order; READ returns a target's weight as stored in the checkpoint.
 
     Reading the next batch overlaps with decomposing the current one (a background thread does the
-    I/O; torch releases the GIL in both).
+    I/O; torch releases the GIL in both). With several DEVICES (GPUs), batch i is decomposed on
+    device i mod len(DEVICES), one batch per device at a time; every batch is computed whole on one
+    device, so the results are the same as on one device of that kind.
     """
+    devices = [devices] if isinstance(devices, torch.device) else list(devices)
     check_ranks(targets, config.r)
     batches = plan_batches(targets, config.batch_mib * 2**20)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(targets), unit="module", desc=f"{config.method} r={config.r}", disable=not progress, file=sys.stderr)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(lambda b=batches[0]: [read(t) for t in b]) if batches else None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as workers:
+        pending = reader.submit(lambda b=batches[0]: [read(t) for t in b]) if batches else None
+        running: collections.deque = collections.deque()  # batches being decomposed, oldest first
         for i, batch in enumerate(batches):
             stored = pending.result()
             if i + 1 < len(batches):
-                pending = pool.submit(lambda b=batches[i + 1]: [read(t) for t in b])
-            yield _init_batch(batch, stored, config, device)
-            bar.update(len(batch))
+                pending = reader.submit(lambda b=batches[i + 1]: [read(t) for t in b])
+            if len(devices) == 1:  # on this thread: no hand-over, errors surface where they happen
+                yield _init_batch(batch, stored, config, devices[0])
+                bar.update(len(batch))
+                continue
+            running.append(workers.submit(_init_batch, batch, stored, config, devices[i % len(devices)]))
+            if len(running) == len(devices):  # every device busy: wait for the oldest, hand it on in order
+                done = running.popleft().result()
+                yield done
+                bar.update(len(done))
+        while running:
+            done = running.popleft().result()
+            yield done
+            bar.update(len(done))
     bar.close()
 
 
@@ -295,8 +312,8 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
                 f"Module {t.name}'s weight is offloaded (on the meta device); init_model needs materialised weights. "
                 "Use `loraforge init MODEL_DIR` (the streaming path) for models that do not fit in memory."
             )
-    device = resolve_device(config.device)
-    inits = [m for batch in compute_inits(targets, lambda t: modules[t.name].weight.detach(), config, device, progress) for m in batch]
+    devices = decomposition_devices(config.device)
+    inits = [m for batch in compute_inits(targets, lambda t: modules[t.name].weight.detach(), config, devices, progress) for m in batch]
     with torch.no_grad():
         for m in inits:
             if m.base is not None:
@@ -354,7 +371,7 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
     writers.check_destination(out, overwrite)
     source = resolve_source(model, revision, token, trust_remote_code)
     writers.check_destination(out, overwrite, protect=source.path)
-    device = resolve_device(config.device)
+    devices = decomposition_devices(config.device)
     method = config.method_spec
 
     loaded = None
@@ -391,7 +408,7 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
             read = lambda t: modules[t.name].weight.detach()  # noqa: E731
         else:
             read = lambda t: source.open_shard(source.weight_map[keys[t.name]]).read(keys[t.name])  # noqa: E731
-        for batch_no, batch in enumerate(compute_inits(targets, read, config, device, progress)):
+        for batch_no, batch in enumerate(compute_inits(targets, read, config, devices, progress)):
             residuals = {}
             for m in batch:
                 factors[m.target.name] = (m.A, m.B)
@@ -440,14 +457,14 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
         timings = {"decompose_s": round(decompose_s, 3), "write_s": round(write_s, 3),
                    "total_s": round(time.perf_counter() - started, 3)}
         manifest = _manifest(config, source, target_modules, fan_in_fan_out, base_dtype,
-                             "in-memory" if loaded is not None else "streaming", device, timings, files, stats)
+                             "in-memory" if loaded is not None else "streaming", devices, timings, files, stats)
         writers.write_json(tmp / writers.MANIFEST, manifest)
         (tmp / "README.md").write_text(render_model_card(manifest))
     return InitResult(out=out, manifest=manifest, seconds=time.perf_counter() - started)
 
 
 def _manifest(config: InitConfig, source, target_modules, fan_in_fan_out: bool, base_dtype: Optional[str], path: str,
-              device: torch.device, timings: dict, files: dict, stats: dict) -> dict:
+              devices: list[torch.device], timings: dict, files: dict, stats: dict) -> dict:
     """loraforge.json: everything needed to reproduce, verify and explain the adapter."""
     method = config.method_spec
     return {
@@ -469,7 +486,7 @@ def _manifest(config: InitConfig, source, target_modules, fan_in_fan_out: bool, 
         "dtypes": {"adapter": config.adapter_dtype, "base": base_dtype, "source": _source_dtype(source.config)},
         "base": "base" if method.residual else None,
         "path": path,  # "streaming" or "in-memory"
-        "device": str(device),
+        "device": ",".join(str(d) for d in devices),  # several when batches were spread over GPUs
         "versions": _versions(),
         "timings": timings,
         "files": files,

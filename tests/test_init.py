@@ -218,3 +218,35 @@ def test_hub_id_resolves_through_the_huggingface_cache(tiny_models, tmp_path, mo
     assert cfg["base_model_name_or_path"] == "tiny-org/tiny-llama"
     with pytest.raises(LoraforgeError, match="not in the local cache"):
         init_adapter("tiny-org/absent", tmp_path / "b", InitConfig(method="rlpo", r=2))
+
+
+@pytest.mark.parametrize("method", ["pissa", "rlmo"])
+def test_batches_spread_over_several_devices_give_the_single_device_result(method):
+    # What `--device cuda` does on a machine with several GPUs, with two CPU "devices" standing in:
+    # batches go round-robin to worker threads and come back in order, each computed whole on one
+    # device, so every factor, residual and statistic equals the one-device run exactly.
+    from loraforge.init import compute_inits
+    from loraforge.targets import find_targets
+
+    model = build_tiny("llama").float()
+    modules = dict(model.named_modules())
+    targets = find_targets(model)
+    read = lambda t: modules[t.name].weight.detach()  # noqa: E731
+    config = InitConfig(method=method, r=4, batch_mib=1)
+    one = [m for b in compute_inits(targets, read, config, torch.device("cpu")) for m in b]
+    two = [m for b in compute_inits(targets, read, config, [torch.device("cpu")] * 2) for m in b]
+    assert [m.target for m in two] == [m.target for m in one] and sorted(m.target.name for m in one) == sorted(t.name for t in targets)
+    for a, b in zip(one, two):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and a.stats == b.stats
+        assert (a.base is None and b.base is None) or torch.equal(a.base, b.base)
+
+
+def test_a_bare_cuda_device_means_every_visible_gpu(monkeypatch):
+    # The selection rule only (no GPU here): cuda / auto with 3 GPUs -> all 3; cuda:1 -> just that one.
+    from loraforge.devices import decomposition_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert decomposition_devices("cuda") == decomposition_devices("auto") == [torch.device("cuda", i) for i in range(3)]
+    assert decomposition_devices("cuda:1") == [torch.device("cuda", 1)]
+    assert decomposition_devices("cpu") == [torch.device("cpu")]

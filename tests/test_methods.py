@@ -198,7 +198,7 @@ def test_signs_are_canonical():
     torch.testing.assert_close(flipped.V, spectrum.V, atol=1e-12, rtol=0)
 
 
-def test_fast_spectrum_captures_the_top_subspace():
+def test_fast_spectrum_captures_the_top_subspace(backend):
     W = torch.from_numpy(make_matrix(64, 48, seed=5)).unsqueeze(0)
     exact = exact_spectrum(W, 6, "top")
     fast = fast_spectrum(W, 6)

@@ -20,7 +20,8 @@ from loraforge.methods import METHODS
               help="all-linear (every Linear/Conv1D but the output head) or names like q_proj,v_proj.")
 @click.option("--layers", default=None, help="Only these transformer blocks, e.g. 0-3,7 [default: all].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random methods (lora, wavelet).")
-@click.option("--device", default="auto", show_default=True, help="Where decompositions run: auto, cpu, cuda, cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where decompositions run: auto (the GPUs if any, else cpu), cpu, cuda (every visible GPU), cuda:N (that one).")
 @click.option("--device-map", default=None, help="Load the whole model with this accelerate device map (auto, cpu, ...) and "
               "initialise it in memory, instead of streaming the checkpoint.")
 @click.option("--adapter-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)

@@ -184,12 +184,13 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(model_dir, adapter_dir, tmp_pa
 
     lines = []
     cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", steps=5, dynamic_sampling=False)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     result = train(cfg, scorer=scorer, echo=lines.append)
     assert result.interrupted and result.steps_done == 2
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_000002"]
     assert any("Ctrl-C: finishing this step" in ln for ln in lines)
     assert any(f"--resume {tmp_path / 'run'}" in ln for ln in lines)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) == before  # the caller's handler restored
 
 
 def test_eval_every_logs_greedy_accuracy(model_dir, adapter_dir, tmp_path):
