@@ -250,3 +250,25 @@ def test_a_bare_cuda_device_means_every_visible_gpu(monkeypatch):
     assert decomposition_devices("cuda") == decomposition_devices("auto") == [torch.device("cuda", i) for i in range(3)]
     assert decomposition_devices("cuda:1") == [torch.device("cuda", 1)]
     assert decomposition_devices("cpu") == [torch.device("cpu")]
+
+
+def test_results_do_not_share_memory_with_the_reused_workspace():
+    # Batches reuse one buffer per role (W, its float32 copy, s B0 A0). A float64 checkpoint makes the
+    # residual's dtype that of the buffer, the case where a cast could silently return a view into it.
+    from loraforge.init import Workspace, _init_batch
+    from loraforge.targets import Target
+
+    gen = torch.Generator().manual_seed(0)
+    targets = [Target(f"m{i}", 12, 10, False, i) for i in range(2)]
+    first_w = [torch.randn(12, 10, generator=gen, dtype=torch.float64) for _ in targets]
+    config = InitConfig(method="pissa", r=3)
+    ws = Workspace()
+    first = _init_batch(targets, first_w, config, torch.device("cpu"), ws)
+    kept = [(m.A.clone(), m.B.clone(), m.base.clone()) for m in first]
+    _init_batch(targets, [torch.randn(12, 10, generator=gen, dtype=torch.float64) for _ in targets], config,
+                torch.device("cpu"), ws)
+    for m, (A, B, base) in zip(first, kept):
+        assert torch.equal(m.A, A) and torch.equal(m.B, B) and torch.equal(m.base, base)
+    # and the first batch's residual is right: base + s B0 A0 = W (float64 base: to ~1e-15)
+    for m, w in zip(first, first_w):
+        torch.testing.assert_close(m.base + config.scaling * m.B.double() @ m.A.double(), w, atol=1e-6, rtol=0)
