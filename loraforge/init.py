@@ -219,7 +219,10 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     if method.residual:
         sBA = workspace.take("sBA", W.shape, torch.float64, device)
         torch.matmul(B_s.double(), A_s.double(), out=sBA).mul_(s)
-        update_norm = torch.linalg.vector_norm(sBA, dim=(1, 2)).cpu()
+        # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)): r x r products instead of a pass over the m x n update
+        Bd, Ad = B_s.double(), A_s.double()
+        gram_B, gram_A = Bd.transpose(1, 2) @ Bd, Ad @ Ad.transpose(1, 2)
+        update_norm = (s * (gram_B * gram_A).sum(dim=(1, 2)).clamp_min(0).sqrt()).cpu()
         W.sub_(sBA)  # W is now the exact (float64) residual W - s B0 A0; W itself is not needed any more
         del sBA
     results = []
@@ -239,7 +242,8 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
             base_dtype = stored[i].dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype]
             residual = W[i].to(base_dtype, copy=True)  # copy: W lives in the workspace
             err = W[i].sub_(residual)  # W - (base + s B0 A0), as stored (in place; promotes as it goes)
-            stats["recon_max_abs"] = float(err.abs().max())
+            lo, hi = torch.aminmax(err)  # max |err| in one pass, without an |err| copy
+            stats["recon_max_abs"] = float(torch.maximum(-lo, hi))
             stats["recon_rel"] = float(torch.linalg.vector_norm(err) / w_norm[i]) if w_norm[i] > 0 else 0.0
             base = (residual.T if t.transposed else residual).contiguous().cpu()
         else:
