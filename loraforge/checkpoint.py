@@ -13,6 +13,7 @@ padded with spaces to a multiple of 8, then the raw little-endian tensor bytes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -112,19 +113,26 @@ def write_streaming(path: str | os.PathLike, tensors: Iterable[PlannedTensor], m
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
+    # The hash of tensor i is computed on another thread while tensor i+1 is produced and written
+    # (hashlib releases the GIL on large buffers), and tensors are written from their own memory.
+    with open(path, "wb") as f, concurrent.futures.ThreadPoolExecutor(max_workers=1) as hasher:
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
             digest.update(chunk)
+        hashing = None
         for t in tensors:
             value = t.produce()
             if value.dtype != t.dtype or tuple(value.shape) != tuple(t.shape):
                 raise RuntimeError(
                     f"internal error: {t.name} planned as {t.dtype}{list(t.shape)}, produced {value.dtype}{list(value.shape)}"
                 )
-            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            data = memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             f.write(data)
-            digest.update(data)
+            if hashing is not None:
+                hashing.result()  # in order: one update at a time
+            hashing = hasher.submit(digest.update, data)
+        if hashing is not None:
+            hashing.result()
     return digest.hexdigest()
 
 
