@@ -147,7 +147,7 @@ def check_ranks(targets: Sequence[Target], r: int) -> None:
 
 
 class Workspace:
-    """Reusable buffers for a batch's big temporaries (the float64 and float32 copies of W, s B0 A0).
+    """Reusable buffers for a batch's big temporaries (the float64 and float32 copies of W).
 
     Why: a fresh CPU tensor of a few hundred MB is paid for again in page faults on first touch
     (~0.1 s per 200 MB here, a fifth of SmolLM2's whole init); one buffer per role, grown to the
@@ -217,14 +217,13 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     # (m x n) product: it is exactly zero.
     update_norm = torch.zeros(len(batch), dtype=torch.float64)
     if method.residual:
-        sBA = workspace.take("sBA", W.shape, torch.float64, device)
-        torch.matmul(B_s.double(), A_s.double(), out=sBA).mul_(s)
-        # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)): r x r products instead of a pass over the m x n update
         Bd, Ad = B_s.double(), A_s.double()
+        # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)): r x r products instead of a pass over the m x n update
         gram_B, gram_A = Bd.transpose(1, 2) @ Bd, Ad @ Ad.transpose(1, 2)
         update_norm = (s * (gram_B * gram_A).sum(dim=(1, 2)).clamp_min(0).sqrt()).cpu()
-        W.sub_(sBA)  # W is now the exact (float64) residual W - s B0 A0; W itself is not needed any more
-        del sBA
+        # W <- W - s B A in float64, inside the GEMM (no m x n temporary): W is now the exact residual
+        # and W itself is not needed any more.
+        W.baddbmm_(Bd, Ad, alpha=-s)
     results = []
     for i, t in enumerate(batch):
         stats = {
