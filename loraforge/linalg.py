@@ -263,4 +263,16 @@ def fast_spectrum(W: torch.Tensor, r: int, niter: int = 8, seed: int = 0, W32: t
     rank = (S_q > max(W.shape[1], W.shape[2]) * RANK_EPS * S_q[:, :1]).sum(dim=1)
     V, S = Q @ Z, S_q[:, :r]
     U = (X32 @ V) / S.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    return _finish(U.double(), V.double(), S.double(), rank, transposed)
+    # Float32 products leave U and V orthonormal only to ~1e-6, more than a float32 adapter can show
+    # (verify holds orthonormal A0 rows / B0 columns to 4 eps32): re-orthonormalise both in float64.
+    return _finish(_orthonormalise(U.double()), _orthonormalise(V.double()), S.double(), rank, transposed)
+
+
+def _orthonormalise(M: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning M's (batch, k, r), each as close as QR gets to M's own column:
+    R's diagonal is made positive so no vector flips. For nearly orthonormal M the columns move by
+    about M's own orthonormality error."""
+    Q, R = torch.linalg.qr(M)
+    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    sign[sign == 0] = 1
+    return Q * sign.unsqueeze(-2)

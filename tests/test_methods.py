@@ -205,6 +205,10 @@ def test_fast_spectrum_captures_the_top_subspace(backend):
     energy = lambda V: float((W[0] @ V[0]).norm() ** 2)  # noqa: E731 captured energy ||W V_r||_F^2
     assert abs(energy(fast.V) - energy(exact.V)) / energy(exact.V) < 1e-6
     torch.testing.assert_close(fast.S, exact.S, rtol=1e-6, atol=0)
+    # orthonormal to float64 precision (float32 products alone leave ~1e-6, which verify would flag)
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(fast.V[0].T @ fast.V[0], eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(fast.U[0].T @ fast.U[0], eye, atol=1e-12, rtol=0)
 
 
 def test_batched_equals_one_by_one():

@@ -76,6 +76,15 @@ def test_conv1d_and_sharded_checkpoints_verify(tiny_models, tmp_path, arch, meth
     assert report.modules and all(m["formula_deviation"] < 1e-6 for m in report.modules.values())
 
 
+@pytest.mark.parametrize("method", ["pissa", "rlpo", "olora"])  # olora: orthonormal B0 columns too
+def test_fast_svd_inits_verify_against_the_same_randomised_svd(tiny_models, tmp_path, method):
+    # --svd fast is reproduced from the manifest's seed and compared as a subspace (within FAST_SVD_TOL).
+    out = init_adapter(str(tiny_models["llama"]), tmp_path / "a", InitConfig(method=method, r=4, svd="fast")).out
+    report = verify_adapter(out)
+    assert report.ok, {c.name: c.failures for c in report.checks}
+    assert {c.name: c.status for c in report.checks}["formula"] == "ok"
+
+
 def test_cli_prints_checks_and_the_server_base(inits):
     res = invoke("verify", inits["pissa"])
     assert res.exit_code == 0, res.output
