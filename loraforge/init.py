@@ -400,7 +400,7 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
     from loraforge import writers
     from loraforge.card import render_model_card
     from loraforge.source import resolve_source
-    from loraforge.targets import build_skeleton, header_skeleton, peft_target_modules
+    from loraforge.targets import peft_target_modules
 
     started = time.perf_counter()
     out = Path(out)
@@ -414,17 +414,9 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
     if device_map is not None or source.weight_format != "safetensors":
         loaded = _load_model(source, config, device_map, trust_remote_code)
         skeleton = loaded
+        targets = find_targets(skeleton, config.target_modules, config.layers)
     else:
-        # Known decoder layouts come from the checkpoint header (no transformers import); if the
-        # names asked for are not among them, the transformers skeleton has the final word.
-        skeleton = header_skeleton(source)
-        if skeleton is not None:
-            try:
-                find_targets(skeleton, config.target_modules, config.layers)
-            except LoraforgeError:
-                skeleton = None
-        skeleton = skeleton or build_skeleton(source.path, trust_remote_code)
-    targets = find_targets(skeleton, config.target_modules, config.layers)
+        skeleton, targets = _skeleton_and_targets(source, config, trust_remote_code)
     if loaded is None:
         keys = _checkpoint_keys(targets, source, skeleton)
         if keys is None:  # names in the checkpoint differ from the model's (legacy layout): load it
@@ -541,6 +533,22 @@ def _summary(stats: dict[str, dict]) -> dict:
         "recon_rel_mean": sum(rel) / max(n, 1),
         "recon_max_abs": max((s["recon_max_abs"] for s in stats.values()), default=0.0),
     }
+
+
+def _skeleton_and_targets(source, config: InitConfig, trust_remote_code: bool):
+    """The skeleton to find targets on, and the targets. Known decoder layouts come from the
+    checkpoint header (no transformers import); if the names asked for are not among them, the
+    transformers skeleton has the final word."""
+    from loraforge.targets import build_skeleton, header_skeleton
+
+    header = header_skeleton(source)
+    if header is not None:
+        try:
+            return header, find_targets(header, config.target_modules, config.layers)
+        except LoraforgeError:
+            pass
+    skeleton = build_skeleton(source.path, trust_remote_code)
+    return skeleton, find_targets(skeleton, config.target_modules, config.layers)
 
 
 def _checkpoint_keys(targets: Sequence[Target], source, skeleton) -> Optional[dict[str, str]]:

@@ -195,13 +195,14 @@ def header_skeleton(source) -> Optional[torch.nn.Module]:
         shape = source.open_shard(shard).tensors[key].shape
         if len(shape) != 2:
             continue
-        match = _HEADER_KEY.fullmatch(key.removesuffix(".weight")) if key.endswith(".weight") else None
+        name = key.removesuffix(".weight")
+        match = _HEADER_KEY.fullmatch(name) if name != key else None
         if match is None or (match.group(2) is not None and match.group(2) not in order):
             return None
-        name = key.removesuffix(".weight")
-        rank = (0, 0, 0) if match.group(1) is None and name != "lm_head" else (2, 0, 0)
-        if match.group(1) is not None:
+        if match.group(1) is not None:  # a block's module: by block, then in the class's order
             rank = (1, int(match.group(1)), order.index(match.group(2)))
+        else:  # the embedding first, lm_head last
+            rank = (2, 0, 0) if name == "lm_head" else (0, 0, 0)
         modules.append((rank, name, shape))
     arch = source.config["architectures"][0]
     root = type(arch, (HeaderSkeleton,), {})()  # named as the model class, for messages

@@ -50,7 +50,7 @@ from loraforge.rl.distributed import (check_world_divides, context as dist_conte
                                       plan_minibatches, split_evenly)
 from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, policy_loss
 from loraforge.rl.metrics import MetricsLogger
-from loraforge.rl.prefix import shared_prefix_logprobs
+from loraforge.rl.prefix import shared_prefix_logprobs, token_logprobs
 from loraforge.rl.rewards import Scorer, get_scorer, overlong_penalty
 from loraforge.rl.rollout import check_sampler, logprob_gap_terms, make_rollout
 
@@ -150,14 +150,7 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
     else:
         logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
     # position t predicts token t+1: the R response tokens are predicted by positions P-1 .. P+R-2
-    logits = logits[:, -R - 1:-1, :].float() / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, r_ids[..., None]).squeeze(-1) - lse
-    if not entropy:
-        return logp, None
-    with torch.no_grad():
-        ent = lse - (logits.softmax(-1) * logits).sum(-1)
-    return logp, ent
+    return token_logprobs(logits[:, -R - 1:-1, :], r_ids, temperature, entropy)
 
 
 def _adapter_params(model) -> dict[str, torch.nn.Parameter]:
