@@ -25,6 +25,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from loraforge.errors import LoraforgeError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -77,12 +79,21 @@ class SafetensorsFile:
         info = self.tensors[key]
         if info.dtype not in DTYPES:
             raise ValueError(f"{self.path}: tensor {key} has dtype {info.dtype}, which loraforge cannot read")
-        with open(self.path, "rb") as f:
-            f.seek(info.begin)
-            buf = bytearray(f.read(info.end - info.begin))
-        if not buf:
-            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        nbytes = info.end - info.begin
+        if out.numel() * out.element_size() != nbytes:
+            raise LoraforgeError(f"{self.path}: tensor {key} is {nbytes} bytes in the header, but {info.dtype}{list(info.shape)} "
+                                 "needs a different size; the file is damaged. Re-download or re-save it.")
+        if nbytes:
+            # Straight into the tensor's memory: one copy from the page cache (f.read + bytearray
+            # made two, and touching fresh pages costs as much as the copy itself).
+            with open(self.path, "rb") as f:
+                f.seek(info.begin)
+                got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+            if got != nbytes:
+                raise LoraforgeError(f"{self.path} is truncated: tensor {key} needs bytes {info.begin}..{info.end}, "
+                                     f"but the file ends at {info.begin + got}. Re-download or re-save it.")
+        return out
 
 
 @dataclass

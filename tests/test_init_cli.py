@@ -116,6 +116,18 @@ def test_non_finite_weights_name_the_module(tmp_path):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
 
 
+def test_truncated_checkpoint_is_named_and_nothing_is_written(tiny_models, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], model)
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # cut the last tensor's bytes short, as an interrupted download does
+        f.truncate(size // 2)
+    res = invoke("init", model, "--method", "rlpo", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "model.safetensors is truncated" in res.output and "Re-download" in res.output
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
+
+
 def test_fast_svd_is_refused_for_bottom_r_methods(tiny_models, tmp_path):
     res = invoke("init", tiny_models["llama"], "--method", "rlmo", "-r", 4, "--svd", "fast", "-o", tmp_path / "o")
     assert res.exit_code == 1 and "needs the bottom of the spectrum" in res.output
