@@ -174,10 +174,16 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     s = config.scaling
     workspace = workspace or Workspace()
     shape = (len(stored), *stored[0].shape)
+    base_dtypes = [w.dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype] for w in stored]
     # Our own float64 copy (and a float32 one for top-r spectra), filled in one pass per matrix: copy_
-    # converts as it copies, and float32 holds bf16/fp16/fp32 weights exactly.
-    W = workspace.take("W", shape, torch.float64, device)
-    W32 = workspace.take("W32", shape, torch.float32, device) if method.spectrum == "top" else None
+    # converts as it copies, and float32 holds bf16/fp16/fp32 weights exactly. `--svd fast` works in
+    # float32 alone when the residual is stored in 16 bits: float32 residual arithmetic (DESIGN.md
+    # allows it) errs by ~6e-8 of W, 1/60000 of bf16's own rounding, and the reported reconstruction
+    # error still measures that rounding. A float32 base would hide float32's error behind a zero, so
+    # it keeps float64.
+    fast32 = config.svd == "fast" and all(d in (torch.bfloat16, torch.float16) for d in base_dtypes)
+    W = workspace.take("W", shape, torch.float32 if fast32 else torch.float64, device)
+    W32 = workspace.take("W32", shape, torch.float32, device) if method.spectrum == "top" and not fast32 else None
     for i, w in enumerate(stored):
         W[i].copy_(w)
         if W32 is not None:
@@ -185,7 +191,7 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     if batch[0].transposed:  # Conv1D stores W^T
         W = W.transpose(1, 2)
         W32 = W32.transpose(1, 2) if W32 is not None else None
-    w_norm = torch.linalg.vector_norm(W, dim=(1, 2))
+    w_norm = torch.linalg.vector_norm(W, dim=(1, 2), dtype=torch.float64)
     # A NaN or inf anywhere makes the norm non-finite (bf16/fp16/fp32 values cannot overflow a float64
     # sum of squares), so one (batch,) check replaces an elementwise isfinite pass over W.
     finite = torch.isfinite(w_norm)
@@ -221,9 +227,9 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
         # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)): r x r products instead of a pass over the m x n update
         gram_B, gram_A = Bd.transpose(1, 2) @ Bd, Ad @ Ad.transpose(1, 2)
         update_norm = (s * (gram_B * gram_A).sum(dim=(1, 2)).clamp_min(0).sqrt()).cpu()
-        # W <- W - s B A in float64, inside the GEMM (no m x n temporary): W is now the exact residual
-        # and W itself is not needed any more.
-        W.baddbmm_(Bd, Ad, alpha=-s)
+        # W <- W - s B A in W's precision, inside the GEMM (no m x n temporary): W is now the residual
+        # and W itself is not needed any more. (Stored factors are exact in float32 as in float64.)
+        W.baddbmm_(Bd.to(W.dtype), Ad.to(W.dtype), alpha=-s)
     results = []
     for i, t in enumerate(batch):
         stats = {
@@ -238,8 +244,7 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
             stats["energy"] = float((spectrum.S[i] ** 2).sum() / w_norm[i] ** 2) if w_norm[i] > 0 else 0.0
         base = None
         if method.residual:
-            base_dtype = stored[i].dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype]
-            residual = W[i].to(base_dtype, copy=True)  # copy: W lives in the workspace
+            residual = W[i].to(base_dtypes[i], copy=True)  # copy: W lives in the workspace
             err = W[i].sub_(residual)  # W - (base + s B0 A0), as stored (in place; promotes as it goes)
             lo, hi = torch.aminmax(err)  # max |err| in one pass, without an |err| copy
             stats["recon_max_abs"] = float(torch.maximum(-lo, hi))

@@ -23,8 +23,9 @@ from loraforge.linalg import Spectrum
 
 @dataclass(frozen=True)
 class MethodInput:
-    """What a method may use. W: (batch, m, n) float64; spectrum: the triplets the method asked for
-    (None for methods that need no SVD); seeds: one per matrix, for the random methods."""
+    """What a method may use. W: (batch, m, n) float64 (float32 under `--svd fast`; methods read only
+    its shape and device); spectrum: the triplets the method asked for (None for methods that need
+    no SVD); seeds: one per matrix, for the random methods."""
 
     W: torch.Tensor
     r: int

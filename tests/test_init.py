@@ -272,3 +272,20 @@ def test_results_do_not_share_memory_with_the_reused_workspace():
     # and the first batch's residual is right: base + s B0 A0 = W (float64 base: to ~1e-15)
     for m, w in zip(first, first_w):
         torch.testing.assert_close(m.base + config.scaling * m.B.double() @ m.A.double(), w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("base_dtype", ["auto", "float32"])
+def test_fast_svd_residual_precision_follows_the_base_dtype(tiny_models, tmp_path, base_dtype):
+    # --svd fast forms a 16-bit base's residual in float32 (its error, ~6e-8 of W, vanishes in bf16's
+    # rounding, which recon_* still report) but a float32 base's in float64: float32 arithmetic there
+    # would report a reconstruction error of exactly 0 that is not true.
+    out = tmp_path / base_dtype
+    result = init_adapter(str(tiny_models["llama"]), out, InitConfig(method="pissa", r=4, svd="fast", base_dtype=base_dtype))
+    worst = result.manifest["summary"]["recon_rel_max"]
+    if base_dtype == "auto":  # the llama fixture is bf16: bf16 rounding, ~1e-3
+        assert 1e-4 < worst < 1e-2
+    else:  # float32 rounding of a float64 residual: nonzero, ~1e-8
+        assert 0 < worst < 1e-6
+    from loraforge.verify import verify_adapter
+
+    assert verify_adapter(out).ok
