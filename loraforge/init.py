@@ -191,9 +191,11 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     if batch[0].transposed:  # Conv1D stores W^T
         W = W.transpose(1, 2)
         W32 = W32.transpose(1, 2) if W32 is not None else None
-    w_norm = torch.linalg.vector_norm(W, dim=(1, 2), dtype=torch.float64)
-    # A NaN or inf anywhere makes the norm non-finite (bf16/fp16/fp32 values cannot overflow a float64
-    # sum of squares), so one (batch,) check replaces an elementwise isfinite pass over W.
+    # In W's own precision: asking for a float64 norm of a float32 W costs 4x a plain one. A NaN or
+    # inf anywhere makes the norm non-finite (bf16/fp16/fp32 values cannot overflow a float64 sum of
+    # squares, nor a float32 one short of weights near 1e19), so one (batch,) check replaces an
+    # elementwise isfinite pass over W.
+    w_norm = torch.linalg.vector_norm(W, dim=(1, 2)).double()
     finite = torch.isfinite(w_norm)
     if not bool(finite.all()):
         bad = batch[int((~finite).nonzero()[0])]
