@@ -13,8 +13,8 @@ n eigenvectors, twice the work for these shapes; so on the CPU we call LAPACK th
 a GPU we use torch's eigh (cuSOLVER), which is fast there. Precision: bottom-r is float64 end to
 end (eigenvalue errors ~ n * eps64 * s_1^2, so singular values down to ~1e-7 * s_1 are resolved, far
 below the rank threshold below); top-r starts cheaper (float32) and is made exact by a float64
-Rayleigh-Ritz step on W (see `_top_spectrum`). Randomised SVD finds only the top subspace, so it is offered only
-as the `fast` option for principal methods.
+Rayleigh-Ritz step on W (see `_top_spectrum`). Randomised SVD finds only the top subspace, so it is
+offered only as the `fast` option for principal methods.
 """
 
 from __future__ import annotations
@@ -184,8 +184,9 @@ def _top_spectrum(W: torch.Tensor, r: int, W32: torch.Tensor | None = None) -> S
     iteration before it would damp that leak only by (s_q+1 / s_r)^2, 0.4-0.9 on pretrained weights'
     flat spectra, for two more passes over W: measured on SmolLM2-135M's 210 matrices, it took the
     rank-r part's worst relative error from 1.1e-6 to 7.7e-7, both within TOP_RANK_R_RTOL, for 0.6 s
-    more (pissa's init took 4.8 s with it, 4.2 s without), so it is not done. Captured energy is within 1e-13 of a float64 SVD either way.
-    Numerical rank is only resolved up to q (rank = q means "at least q").
+    more (pissa's init took 4.8 s with it, 4.2 s without), so it is not done. Captured energy is
+    within 1e-13 of a float64 SVD either way. Numerical rank is only resolved up to q (rank = q
+    means "at least q").
     """
     X, transposed = _tall(W)
     small = X.shape[2]
@@ -251,10 +252,9 @@ def fast_spectrum(W: torch.Tensor, r: int, niter: int = 8, seed: int = 0, W32: t
     columns, NITER power iterations (re-orthonormalised each time) and a Rayleigh-Ritz step, all on
     the Gram matrix G = X^T X of the smaller side, then u_i = X v_i / s_i.
 
-    W: (batch, m, n), float64 or float32 (W32: a float32 copy of a float64 W, if the caller has one). Only for principal
-    methods: a random range finder captures the dominant subspace and nothing reliable about the
-    bottom of the spectrum. Oversampling to 2r makes each
-    iteration converge like (s_2r / s_r)^2 instead of (s_r+1 / s_r)^2, which is why 8 iterations
+    W: (batch, m, n), float64 or float32 (W32: a float32 copy of a float64 W, if the caller has
+    one). Only for principal methods: a random range finder captures the dominant subspace and
+    nothing reliable about the bottom of the spectrum. Oversampling to 2r makes each iteration converge like (s_2r / s_r)^2 instead of (s_r+1 / s_r)^2, which is why 8 iterations
     capture more energy than PEFT's `pissa_niter_16` (q = r, 16 iterations): on SmolLM2-135M, r = 32,
     a mean shortfall of 1.2e-3 (max 5.5e-3) against its 3.9e-3 (max 7.9e-3). Iterating on G (n x n)
     instead of on X (m x n, two products per iteration) is what makes it cheap: one Gram product,
