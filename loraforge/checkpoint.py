@@ -78,7 +78,8 @@ class SafetensorsFile:
     def read(self, key: str) -> torch.Tensor:
         info = self.tensors[key]
         if info.dtype not in DTYPES:
-            raise ValueError(f"{self.path}: tensor {key} has dtype {info.dtype}, which loraforge cannot read")
+            raise LoraforgeError(f"{self.path}: tensor {key} has dtype {info.dtype}, which loraforge cannot read "
+                                 f"(it reads {', '.join(DTYPES)}). Re-save the checkpoint in one of those.")
         out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
         nbytes = info.end - info.begin
         if out.numel() * out.element_size() != nbytes:

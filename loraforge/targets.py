@@ -2,9 +2,9 @@
 
 Targets are found on a model skeleton (built on the meta device, no weights in memory) or on a
 loaded model. For the common decoder architectures in HEADER_LAYOUTS the skeleton is read from the
-checkpoint's header instead, which spares `loraforge init` importing transformers (~3 s). Defaults follow PEFT's `all-linear`: every nn.Linear and GPT-2 Conv1D except the
-output head. A name in --target-modules matches a module whose path equals it or ends with
-`.name` (PEFT's rule).
+checkpoint's header instead, which spares `loraforge init` importing transformers (~3 s). Defaults
+follow PEFT's `all-linear`: every nn.Linear and GPT-2 Conv1D except the output head. A name in
+--target-modules matches a module whose path equals it or ends with `.name` (PEFT's rule).
 """
 
 from __future__ import annotations

@@ -101,4 +101,5 @@ def test_pissa_verifies_with_another_thread_count(smollm2, tmp_path, svd):
     env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     res = subprocess.run([sys.executable, "-m", "loraforge", "verify", str(out)], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "formula" in res.stdout and "FAIL" not in res.stdout
+    assert any(line.split()[:2] == ["formula", "ok"] for line in res.stdout.splitlines()), res.stdout
+    assert "FAILED" not in res.stdout
