@@ -372,7 +372,7 @@ def gpu_measure(func_name, kwargs, warm_device="cuda"):
     import transformers  # noqa: F401  (both sides use it: loraforge for its meta skeleton)
 
     if func_name == "loraforge_init":
-        import loraforge.init  # noqa: F401
+        import loraforge.adapters.build  # noqa: F401
     else:
         import peft  # noqa: F401
     imports_s = time.perf_counter() - t_imp

@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         print(f"using {model} (first {args.layers} blocks)")
 
     t0 = time.perf_counter()
-    import loraforge.init  # noqa: F401  (imports done once for the in-process mode)
+    import loraforge.adapters.build  # noqa: F401  (imports done once for the in-process mode)
     import peft  # noqa: F401
     import transformers  # noqa: F401
 

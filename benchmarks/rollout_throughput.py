@@ -45,7 +45,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class StubTokenizer:
-    """What loraforge.generation needs from a tokenizer when prompts are token ids."""
+    """What loraforge.sampling.generation needs from a tokenizer when prompts are token ids."""
 
     pad_token_id = 0
     eos_token_id = None  # no EOS: every row runs to --new-tokens
@@ -83,7 +83,7 @@ def _sync(device: str) -> None:
 
 
 def bench_transformers(model, prompts, G, L, micro, repeats, device):
-    from loraforge.generation import SamplingParams, generate
+    from loraforge.sampling.generation import SamplingParams, generate
     from loraforge.rl.trainer import response_logprobs
 
     tok = StubTokenizer()
@@ -271,7 +271,7 @@ def main(argv=None):
         header = (
             "`python benchmarks/rollout_throughput.py [--device cuda] --write`: random weights with the named model's "
             "shapes, LoRA r=16 on all linear layers, rows run to the full length (EOS masked). Rollout = generated "
-            "tokens/s (loraforge.generation, or vLLM with the adapter as a LoRARequest); update = response tokens/s "
+            "tokens/s (loraforge.sampling.generation, or vLLM with the adapter as a LoRARequest); update = response tokens/s "
             "of one forward+backward of the trainer's log-probs in micro-batches of 8 rows. Mean over the repeats "
             "after a warm-up. Load average: 1-minute, at the end of the part; above the core count it means other "
             "jobs shared the CPU, and the CPU figures are then lower bounds. Update tokens/s counts response tokens; "

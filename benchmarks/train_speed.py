@@ -32,7 +32,7 @@ Loss semantics, matched: one optimizer step per rollout batch, on-policy.
 
 Figures per run: s/step (median over the timed steps; also the process's CPU time per step, steadier
 than wall time on a shared machine), completion tokens/s (generated tokens, EOS
-included, over the timed steps' wall time), the time spent in the sampler (loraforge.generation.generate
+included, over the timed steps' wall time), the time spent in the sampler (loraforge.sampling.generation.generate
 / TRL's model.generate) vs the rest of the step (log-probs, backward, optimizer, reward), and the
 process's peak RSS. The summary gives medians over the alternations and the ratio loraforge / TRL.
 """
@@ -100,8 +100,8 @@ def run_loraforge(a) -> dict:
     tr = trainer_mod.Trainer(cfg, echo=lambda s: None)
     if not hasattr(trainer_mod, "generate"):
         tr.setup()
-        tr.rollout.generate = timed(tr.rollout.generate)  # the rollout backend (loraforge.generation by default)
-    else:  # builds before the rollout backends: the trainer called loraforge.generation.generate itself
+        tr.rollout.generate = timed(tr.rollout.generate)  # the rollout backend (loraforge.sampling.generation by default)
+    else:  # builds before the rollout backends: the trainer called loraforge.sampling.generation.generate itself
         trainer_mod.generate = timed(trainer_mod.generate)
         tr.setup()
     steps = []
@@ -122,7 +122,7 @@ def run_trl(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from loraforge.rl.rewards import dapo_score
+    from loraforge.grading.dapo import dapo_score
 
     P, G, T = SETTINGS[a.setting]
     tok = AutoTokenizer.from_pretrained(a.model)

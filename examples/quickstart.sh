@@ -10,6 +10,6 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 MODEL=models/SmolLM2-135M-Instruct
 OUT=adapters/smollm2-rlpo-r32
-.venv/bin/python -m loraforge.demo "$MODEL"
+.venv/bin/python -m loraforge.models.smollm2 "$MODEL"
 .venv/bin/loraforge init "$MODEL" --method rlpo -r 32 -o "$OUT" --overwrite
 .venv/bin/python examples/load_in_peft.py "$MODEL" "$OUT"

@@ -6,19 +6,23 @@
 Heavy modules (transformers, peft) are imported only when a function needs them.
 """
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 __version__ = "0.1.0"
 __all__ = ["LoraforgeError", "InitConfig", "init_adapter", "init_model", "METHODS"]
 
 
 def __getattr__(name):
-    if name in ("InitConfig", "init_adapter", "init_model"):
-        from loraforge import init
+    if name == "InitConfig":
+        from loraforge.inits.config import InitConfig
 
-        return getattr(init, name)
+        return InitConfig
+    if name in ("init_adapter", "init_model"):
+        from loraforge.adapters import build
+
+        return getattr(build, name)
     if name == "METHODS":
-        from loraforge.methods import METHODS
+        from loraforge.inits.methods import METHODS
 
         return METHODS
     raise AttributeError(f"module 'loraforge' has no attribute {name!r}")

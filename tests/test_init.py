@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from loraforge import LoraforgeError
-from loraforge.init import InitConfig, init_adapter, init_model
-from loraforge.methods import METHODS
+from loraforge import InitConfig, init_adapter, init_model
+from loraforge.inits.methods import METHODS
 
 from conftest import TINY, build_tiny
 
@@ -225,8 +225,8 @@ def test_batches_spread_over_several_devices_give_the_single_device_result(metho
     # What `--device cuda` does on a machine with several GPUs, with two CPU "devices" standing in:
     # batches go round-robin to worker threads and come back in order, each computed whole on one
     # device, so every factor, residual and statistic equals the one-device run exactly.
-    from loraforge.init import compute_inits
-    from loraforge.targets import find_targets
+    from loraforge.inits.compute import compute_inits
+    from loraforge.models.targets import find_targets
 
     model = build_tiny("llama").float()
     modules = dict(model.named_modules())
@@ -243,7 +243,7 @@ def test_batches_spread_over_several_devices_give_the_single_device_result(metho
 
 def test_a_bare_cuda_device_means_every_visible_gpu(monkeypatch):
     # The selection rule only (no GPU here): cuda / auto with 3 GPUs -> all 3; cuda:1 -> just that one.
-    from loraforge.devices import decomposition_devices
+    from loraforge.core.devices import decomposition_devices
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
@@ -255,8 +255,8 @@ def test_a_bare_cuda_device_means_every_visible_gpu(monkeypatch):
 def test_results_do_not_share_memory_with_the_reused_workspace():
     # Batches reuse one buffer per role (W, its float32 copy, s B0 A0). A float64 checkpoint makes the
     # residual's dtype that of the buffer, the case where a cast could silently return a view into it.
-    from loraforge.init import Workspace, _init_batch
-    from loraforge.targets import Target
+    from loraforge.inits.compute import Workspace, _init_batch
+    from loraforge.models.targets import Target
 
     gen = torch.Generator().manual_seed(0)
     targets = [Target(f"m{i}", 12, 10, False, i) for i in range(2)]
@@ -286,6 +286,6 @@ def test_fast_svd_residual_precision_follows_the_base_dtype(tiny_models, tmp_pat
         assert 1e-4 < worst < 1e-2
     else:  # float32 rounding of a float64 residual: nonzero, ~1e-8
         assert 0 < worst < 1e-6
-    from loraforge.verify import verify_adapter
+    from loraforge.ship.verify import verify_adapter
 
     assert verify_adapter(out).ok

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from loraforge.cli import main
-from loraforge.methods import METHODS
+from loraforge.inits.methods import METHODS
 
 
 def invoke(*args):
@@ -144,12 +144,12 @@ def test_interruption_leaves_the_previous_result(tiny_models, tmp_path, monkeypa
     assert invoke("init", tiny_models["qwen2"], "--method", "rlpo", "-r", 4, "-o", out).exit_code == 0
     before = (out / "adapter_model.safetensors").read_bytes()
 
-    import loraforge.writers
+    import loraforge.adapters.writers
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loraforge.writers, "write_residual_base", interrupted)
+    monkeypatch.setattr(loraforge.adapters.writers, "write_residual_base", interrupted)
     res = invoke("init", tiny_models["qwen2"], "--method", "pissa", "-r", 4, "-o", out, "--overwrite")
     assert res.exit_code == 1 and "Aborted" in res.output  # click's answer to Ctrl-C
     assert (out / "adapter_model.safetensors").read_bytes() == before  # the old, complete rlpo adapter
@@ -170,7 +170,7 @@ def test_installed_console_script_and_python_m(tiny_models, tmp_path):
 def test_readme_method_table_is_the_registry():
     from pathlib import Path
 
-    from loraforge.methods import method_table_markdown
+    from loraforge.inits.methods import method_table_markdown
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert method_table_markdown() in readme

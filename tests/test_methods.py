@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from loraforge import linalg
-from loraforge.linalg import RANK_EPS, exact_spectrum, fast_spectrum
-from loraforge.methods import METHODS, MethodInput, dct_rows, haar
+from loraforge.inits import linalg
+from loraforge.inits.linalg import RANK_EPS, exact_spectrum, fast_spectrum
+from loraforge.inits.methods import METHODS, MethodInput, dct_rows, haar
 
 SHAPES = [(24, 16), (16, 24), (20, 20)]  # tall, wide (Gram on the other side), square
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loraforge.init import InitConfig, init_adapter
+from loraforge import InitConfig, init_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_exact_top_r_matches_a_float64_svd_on_real_weights(smollm2):
     import numpy as np
     from safetensors import safe_open
 
-    from loraforge.linalg import TOP_RANK_R_RTOL, exact_spectrum
+    from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum
 
     r = 32
     with safe_open(str(smollm2 / "model.safetensors"), "pt") as f:

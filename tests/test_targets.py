@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraforge.source import resolve_source
-from loraforge.targets import HEADER_LAYOUTS, build_skeleton, find_targets, header_skeleton, peft_target_modules
+from loraforge.models.source import resolve_source
+from loraforge.models.targets import HEADER_LAYOUTS, build_skeleton, find_targets, header_skeleton, peft_target_modules
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=128, max_position_embeddings=64)
@@ -66,7 +66,7 @@ def test_unexpected_names_or_architectures_fall_back_to_transformers(tmp_path, t
 
 def test_streaming_init_of_a_known_layout_imports_neither_transformers_nor_peft(tiny_models, tmp_path):
     # What makes `loraforge init` start fast; the adapter it writes still loads in PEFT (test_init.py).
-    code = ("import sys; from loraforge.init import InitConfig, init_adapter; "
+    code = ("import sys; from loraforge import InitConfig, init_adapter; "
             f"init_adapter({str(tiny_models['llama'])!r}, {str(tmp_path / 'out')!r}, InitConfig(method='pissa', r=4)); "
             "print(sorted(m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -77,7 +77,7 @@ def test_streaming_init_of_a_known_layout_imports_neither_transformers_nor_peft(
 def test_adapter_config_reads_back_in_peft_as_written(tiny_models, tmp_path):
     from peft import LoraConfig
 
-    from loraforge.init import InitConfig, init_adapter
+    from loraforge import InitConfig, init_adapter
 
     init_adapter(str(tiny_models["llama"]), tmp_path / "a", InitConfig(method="rlpo", r=4, alpha=8, rslora=True))
     written = json.loads((tmp_path / "a" / "adapter_config.json").read_text())

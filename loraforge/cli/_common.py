@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 
 @contextlib.contextmanager

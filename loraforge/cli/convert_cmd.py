@@ -1,4 +1,4 @@
-"""`loraforge convert`: a thin shell over loraforge.convert.convert_adapter."""
+"""`loraforge convert`: a thin shell over loraforge.ship.convert.convert_adapter."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from loraforge.cli._common import user_errors
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def convert(trained_adapter, init, out, overwrite):
     """Rewrite TRAINED_ADAPTER (from a pissa/milora/olora/olora-tail init) as a rank-2r LoRA for the original base."""
-    from loraforge.convert import convert_adapter
+    from loraforge.ship.convert import convert_adapter
 
     with user_errors():
         result = convert_adapter(trained_adapter, init, out, overwrite=overwrite)

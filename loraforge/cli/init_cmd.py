@@ -1,4 +1,4 @@
-"""`loraforge init`: a thin shell over loraforge.init.init_adapter."""
+"""`loraforge init`: a thin shell over loraforge.adapters.build.init_adapter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import click
 
 from loraforge.cli._common import user_errors
-from loraforge.methods import METHODS
+from loraforge.inits.methods import METHODS
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -35,8 +35,8 @@ from loraforge.methods import METHODS
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def init(model, out, revision, device_map, overwrite, trust_remote_code, layers, **settings):
     """Write a ready-to-train PEFT adapter for MODEL (a Hub id or a local directory) to OUT."""
-    from loraforge.init import InitConfig, init_adapter
-    from loraforge.targets import parse_layers
+    from loraforge.adapters.build import InitConfig, init_adapter
+    from loraforge.models.targets import parse_layers
 
     with user_errors():
         config = InitConfig(layers=parse_layers(layers), **settings)

@@ -1,4 +1,4 @@
-"""`loraforge inspect`: a thin shell over loraforge.diagnostics (and loraforge.plots for --plots)."""
+"""`loraforge inspect`: a thin shell over loraforge.ship.inspect (and loraforge.ship.plots for --plots)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ def _names(spec):
 @click.option("--device", default="auto", show_default=True, help="Where the SVDs run: auto, cpu, cuda, cuda:N.")
 def inspect_(adapter, init, base, modules, layers, plots_dir, plot_modules, json_file, device):
     """Spectra, init norm, subspace similarity and (trained) update distribution of ADAPTER."""
-    from loraforge.diagnostics import LEGEND, InspectConfig, format_table, inspect_adapter
-    from loraforge.targets import parse_layers
+    from loraforge.ship.inspect import LEGEND, InspectConfig, format_table, inspect_adapter
+    from loraforge.models.targets import parse_layers
 
     with user_errors():
         if plots_dir:
-            from loraforge.plots import require_matplotlib, write_plots
+            from loraforge.ship.plots import require_matplotlib, write_plots
 
             require_matplotlib()  # fail before the SVDs, not after
         report = inspect_adapter(adapter, init, base, InspectConfig(_names(modules), parse_layers(layers), device))

@@ -1,4 +1,4 @@
-"""`loraforge push`: a thin shell over loraforge.hub (plan_push, then push)."""
+"""`loraforge push`: a thin shell over loraforge.ship.hub (plan_push, then push)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from loraforge.cli._common import user_errors
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded where, and the card(s); no network.")
 def push(out, dry_run, **settings):
     """Upload the adapter directory OUT to the Hub repository REPO_ID, with a model card."""
-    from loraforge.hub import PushConfig, plan_push, push as push_plan
+    from loraforge.ship.hub import PushConfig, plan_push, push as push_plan
 
     with user_errors():
         config = PushConfig(**settings)

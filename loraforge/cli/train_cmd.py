@@ -3,7 +3,7 @@
 import click
 
 from loraforge.cli._common import user_errors
-from loraforge.rl.cli_support import config_options, run_train
+from loraforge.cli.train_options import config_options, run_train
 
 
 @click.command(context_settings={"max_content_width": 120})
@@ -24,7 +24,7 @@ def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_n
     """
     with user_errors():
         if backend == "verl":
-            from loraforge.rl.cli_support import run_verl_backend
+            from loraforge.cli.train_options import run_verl_backend
 
             run_verl_backend(flags, config_file, resume_dir, run_verl, verl_gpus_per_node, verl_nodes, click.echo)
             return

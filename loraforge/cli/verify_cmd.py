@@ -1,4 +1,4 @@
-"""`loraforge verify`: a thin shell over loraforge.verify.verify_adapter."""
+"""`loraforge verify`: a thin shell over loraforge.ship.verify.verify_adapter."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from loraforge.cli._common import user_errors
 @click.option("--device", default="auto", show_default=True, help="Where the checks compute: auto, cpu, cuda, cuda:N.")
 def verify(out, base, device):
     """Check the init directory OUT against its manifest and its base; exit 1 naming failing modules."""
-    from loraforge.verify import verify_adapter
+    from loraforge.ship.verify import verify_adapter
 
     with user_errors():
         report = verify_adapter(out, base=base, device=device)

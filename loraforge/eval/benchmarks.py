@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraforge.errors import LoraforgeError
-from loraforge.rowfiles import read_row_file
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.rowfiles import read_row_file
 
 QUESTION_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELD = "answer"

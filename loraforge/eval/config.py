@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.eval.scoring import SCORERS
 
 

@@ -22,7 +22,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

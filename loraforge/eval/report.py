@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 
 def samples_path_for(report_path: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""Running an evaluation: prompts, batched sampling (loraforge.generation, shared with `train`),
+"""Running an evaluation: prompts, batched sampling (loraforge.sampling.generation, shared with `train`),
 scoring, pass@k / mean@k with their spread.
 
 Two entry points:
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.eval.benchmarks import Benchmark, load_benchmark, resolve_template
 from loraforge.eval.config import EvalConfig
 from loraforge.eval.metrics import bootstrap_std, problem_scores, seed_spread
@@ -80,10 +80,10 @@ def build_prompts(tokenizer, bench: Benchmark, template: str, chat_template: boo
 
 
 def generation_sample_fn(model, tokenizer, batch_size: int) -> SampleFn:
-    """The default sampler: loraforge.generation.generate, the code `train` samples rollouts with."""
+    """The default sampler: loraforge.sampling.generation.generate, the code `train` samples rollouts with."""
     import torch
 
-    from loraforge.generation import SamplingParams, generate
+    from loraforge.sampling.generation import SamplingParams, generate
 
     device = next(model.parameters()).device
 
@@ -127,7 +127,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark | str, config: EvalConfig | 
     """Evaluate one benchmark on a loaded model; return its result dict (see docs/eval.md).
 
     `benchmark` is a Benchmark or a name / file path (loaded with config.limit). `sample_fn` replaces
-    sampling (tests, other engines); by default loraforge.generation samples. With keep_samples the
+    sampling (tests, other engines); by default loraforge.sampling.generation samples. With keep_samples the
     result carries the per-sample records under "samples". The model's train/eval mode is restored.
     """
     config = config or EvalConfig(model="(in memory)", benchmarks=("(in memory)",))
@@ -245,7 +245,7 @@ def load_model(config: EvalConfig):
     """The base model (at --revision) with the --adapter on top, its tokenizer, and what to record."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraforge.devices import resolve_device
+    from loraforge.core.devices import resolve_device
 
     device = resolve_device(config.device)
     dtype = _resolve_dtype(config.dtype, device)

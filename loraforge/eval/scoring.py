@@ -18,7 +18,8 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
+from loraforge.grading.dapo import INVALID, dapo_result
 
 SCORERS = ("math-verify", "dapo", "dapo-boxed")
 
@@ -146,31 +147,17 @@ class MathVerifyScorer:
 
 
 class DapoScorer:
-    """verl's DAPO math scorer, the one training rewards with (loraforge.rl.rewards)."""
+    """verl's DAPO math scorer, the one training rewards with (loraforge.grading.dapo)."""
 
     def __init__(self, boxed_fallback: bool = False):
         self.name = "dapo-boxed" if boxed_fallback else "dapo"
         self.boxed_fallback = boxed_fallback
-        try:
-            from loraforge.rl import rewards
-        except ImportError as e:
-            raise LoraforgeError(
-                f"the DAPO scorer comes from loraforge.rl.rewards, which could not be imported ({e}); "
-                "use --scorer math-verify"
-            ) from None
-        self._rewards = rewards
 
     def score(self, response: str, gold: str) -> Score:
-        # dapo_result gives acc and the normalised prediction; dapo_score (+1/-1) is the same decision.
-        if hasattr(self._rewards, "dapo_result"):
-            r = self._rewards.dapo_result(response, gold, boxed_fallback=self.boxed_fallback)
-            # "[INVALID]" is verl's marker for "no Answer: line": report it as no answer.
-            pred = None if r.pred == getattr(self._rewards, "INVALID", "[INVALID]") else r.pred
-            return Score(bool(r.acc), pred, {"score": r.score})
-        if self.boxed_fallback:
-            raise LoraforgeError("this loraforge.rl.rewards has no dapo_result: use --scorer dapo")
-        value = float(self._rewards.dapo_score(response, gold))
-        return Score(value > 0, None, {"score": value})
+        r = dapo_result(response, gold, boxed_fallback=self.boxed_fallback)
+        # "[INVALID]" is verl's marker for "no Answer: line": report it as no answer.
+        pred = None if r.pred == INVALID else r.pred
+        return Score(bool(r.acc), pred, {"score": r.score})
 
 
 def make_scorer(name: str):

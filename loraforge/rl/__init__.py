@@ -1,6 +1,6 @@
 """The bundled RLVR training flow (DAPO, GRPO) for LoRA adapters.
 
-data -> rollout (loraforge.generation) -> reward -> advantage (+ dynamic sampling) -> loss ->
+data -> rollout (loraforge.sampling.generation) -> reward -> advantage (+ dynamic sampling) -> loss ->
 optimizer step -> metrics / checkpoints. Each arrow is a small module with a pure core:
 data.py, rewards.py, advantage.py, loss.py, trainer.py, checkpoint.py, metrics.py; config.py holds
 the run's settings. Scaling out (docs/scale.md): rollout.py (rollout backends and the sampler log-prob

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 CKPT_DIR = "checkpoints"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 ALGO_PRESETS: dict[str, dict[str, Any]] = {
     # the paper's 1.5B run: clip 0.2/0.28, dynamic sampling, overlong shaping, no KL

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraforge.errors import LoraforgeError
-from loraforge.rowfiles import read_row_file
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.rowfiles import read_row_file
 
 # The instruction DAPO-Math-17k's prompts carry; the DAPO scorer reads the "Answer:" line it asks for.
 DAPO_TEMPLATE = (

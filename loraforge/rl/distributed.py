@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.rl.metrics import read_metrics
 
 PANELS = [("reward", "training reward"), ("grad_norm", "gradient norm (pre-clip)"), ("kl", "KL(π_new ‖ π_old)")]

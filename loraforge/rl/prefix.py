@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from loraforge.generation import _cache_of, model_forward_kwargs, position_ids_from_mask
+from loraforge.sampling.generation import _cache_of, model_forward_kwargs, position_ids_from_mask
 
 # the fixed cost of one more pass, in (row x token) positions: Python and kernel-launch overhead plus
 # the poorer efficiency of small matrix products. Measured on CPU (SmolLM2-135M, 4 groups of 8 real

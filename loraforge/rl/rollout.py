@@ -1,10 +1,10 @@
 """Rollout backends: what turns prompts into sampled responses for the train loop (`--rollout`).
 
-    backend = make_rollout(cfg.rollout, trainer)
+    backend = make_rollout(cfg.rollout, trainer)   # in rl.trainer
     backend.sync(model, step)                  # before each step's rollout: run the current adapter
-    gen = backend.generate(prompts, params)    # a loraforge.generation.Generation (+ sampler_logprobs)
+    gen = backend.generate(prompts, params)    # a loraforge.sampling.generation.Generation (+ sampler_logprobs)
 
-- `transformers` (default): the in-process sampler of loraforge.generation on the very module being
+- `transformers` (default): the in-process sampler of loraforge.sampling.generation on the very module being
   trained; `sync` is a no-op and there is nothing to compare.
 - `vllm` (loraforge.rl.vllm_rollout): vLLM with its LoRA support; `sync` saves the adapter (adapter
   only, the base is never merged) and points a new LoRARequest at it. A separate sampler reports the
@@ -18,15 +18,15 @@ Backends do not score: the loop scores the decoded texts, so every backend gets 
 
 from __future__ import annotations
 
-import importlib
+
 import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
 
-from loraforge.errors import LoraforgeError
-from loraforge.generation import Generation, SamplingParams, generate, left_pad
+from loraforge.core.errors import LoraforgeError
+from loraforge.sampling.generation import Generation, SamplingParams, generate, left_pad
 
 
 class RolloutBackend(Protocol):
@@ -46,7 +46,7 @@ class SampledGeneration(Generation):
 
 
 class TransformersRollout:
-    """The default: loraforge.generation.generate on the trained PeftModel itself."""
+    """The default: loraforge.sampling.generation.generate on the trained PeftModel itself."""
 
     separate = False
 
@@ -61,28 +61,10 @@ class TransformersRollout:
                         batch_size=self.batch_size)
 
 
-def make_rollout(name: str, trainer) -> RolloutBackend:
-    """The backend named by --rollout, built for `trainer` (a loraforge.rl.trainer.Trainer after setup)."""
-    if name == "transformers":
-        return TransformersRollout(trainer.model, trainer.tokenizer, trainer.generator, trainer.cfg.rollout_batch_size)
-    if name == "vllm":
-        from loraforge.rl.vllm_rollout import VLLMRollout
-
-        return VLLMRollout(trainer)
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise LoraforgeError(f"--rollout {name}: cannot import {attr} from {module} ({e})") from e
-        return factory(trainer)
-    raise LoraforgeError(f"--rollout must be transformers, vllm or module:factory, got {name!r}")
-
-
 def generation_from_tokens(prompt_ids: Sequence[Sequence[int]], rows: Sequence[tuple[int, Sequence[int], bool]],
                            tokenizer, pad: int, sampler_logprobs: Sequence[Sequence[float]] | None = None
                            ) -> SampledGeneration:
-    """Assemble a Generation from token lists (for samplers other than loraforge.generation).
+    """Assemble a Generation from token lists (for samplers other than loraforge.sampling.generation).
 
     `prompt_ids[i]` are prompt i's tokens; `rows` are (prompt index, response token ids, truncated)
     grouped by prompt as `generate` returns them. Responses keep their EOS token, as `generate` does.

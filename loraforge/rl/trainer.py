@@ -2,7 +2,7 @@
 
     train(cfg) / resume(run_dir)
       for each step:
-        rollout   prompts -> G samples each (loraforge.generation), scored (rewards.py) with overlong
+        rollout   prompts -> G samples each (loraforge.sampling.generation), scored (rewards.py) with overlong
                   shaping; DAPO's dynamic sampling refills until --prompt-batch groups vary (advantage.py)
         advantage group-normalised rewards, broadcast over response tokens
         old logp  recomputed with the current policy BEFORE the updates (so updates after the first
@@ -28,6 +28,7 @@ no-ops. The sampler is a rollout backend (rollout.py): the in-process transforme
 
 from __future__ import annotations
 
+import importlib
 import math
 import signal
 import sys
@@ -39,9 +40,10 @@ from typing import Any, Callable
 
 import torch
 
-from loraforge.devices import resolve_device
-from loraforge.errors import LoraforgeError
-from loraforge.generation import SamplingParams, model_forward_kwargs, left_pad, position_ids_from_mask
+from loraforge.adapters.directory import resolve_base
+from loraforge.core.devices import resolve_device
+from loraforge.core.errors import LoraforgeError
+from loraforge.sampling.generation import SamplingParams, model_forward_kwargs, left_pad, position_ids_from_mask
 from loraforge.rl import checkpoint as ckpt
 from loraforge.rl.advantage import fill_batch, group_advantages
 from loraforge.rl.config import TrainConfig
@@ -52,7 +54,7 @@ from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, p
 from loraforge.rl.metrics import MetricsLogger
 from loraforge.rl.prefix import shared_prefix_logprobs, token_logprobs
 from loraforge.rl.rewards import Scorer, get_scorer, overlong_penalty
-from loraforge.rl.rollout import check_sampler, logprob_gap_terms, make_rollout
+from loraforge.rl.rollout import RolloutBackend, TransformersRollout, check_sampler, logprob_gap_terms
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,30 +163,14 @@ def _adapter_params(model) -> dict[str, torch.nn.Parameter]:
 # loading
 def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print, device: str | None = None):
     """(PeftModel with the adapter trainable, tokenizer, device) for the config (`device` overrides cfg.device)."""
-    import json as _json
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = Path(cfg.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise LoraforgeError(
-            f"--adapter {adapter}: no adapter_config.json there; expected a PEFT adapter directory "
-            "(made by `loraforge init` or PeftModel.save_pretrained)"
-        )
-    model_src = cfg.model
-    residual_base = adapter / "base"
-    if model_src is None:
-        if residual_base.is_dir():
-            model_src = str(residual_base)
-        else:
-            model_src = _json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not model_src:
-            raise LoraforgeError("--model not given and the adapter names no base model; pass --model")
+    base = resolve_base(adapter, cfg.model)
+    model_src = base.path
+    if cfg.model is None:
         echo(f"base model: {model_src} (from the adapter directory)")
-    elif residual_base.is_dir() and Path(model_src).resolve() != residual_base.resolve():
-        echo(f"warning: {adapter} has a residual base at {residual_base} (PiSSA/MiLoRA/OLoRA); training it on "
-             f"{model_src} does not start from the policy the adapter was made for")
     device = resolve_device(device or cfg.device)
     dtype = getattr(torch, cfg.dtype)
     kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
@@ -225,6 +211,24 @@ def _shape_mismatch_message(text: str, adapter: Path, model_src: str) -> str:
     return (f"--adapter {adapter} does not match --model {model_src}: module {module} has {tensor} of shape "
             f"{got[11:-1]} in the adapter but {want[11:-1]} in the model ({len(found)} mismatched tensors); "
             "pass the base model the adapter was made for (for PiSSA/MiLoRA/OLoRA: the adapter's base/ directory)")
+
+
+def make_rollout(name: str, trainer) -> RolloutBackend:
+    """The backend named by --rollout, built for `trainer` (after its setup)."""
+    if name == "transformers":
+        return TransformersRollout(trainer.model, trainer.tokenizer, trainer.generator, trainer.cfg.rollout_batch_size)
+    if name == "vllm":
+        from loraforge.rl.vllm_rollout import VLLMRollout
+
+        return VLLMRollout(trainer)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise LoraforgeError(f"--rollout {name}: cannot import {attr} from {module} ({e})") from e
+        return factory(trainer)
+    raise LoraforgeError(f"--rollout must be transformers, vllm or module:factory, got {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,25 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from loraforge.errors import LoraforgeError
+from loraforge.adapters.directory import BaseModel, resolve_base
+from loraforge.core.errors import LoraforgeError
 from loraforge.rl.config import TrainConfig
 
 # The DAPO recipe's entry point in a verl checkout (the recipe directory is not part of the pip package).
 VERL_ENTRY = "recipe.dapo.main_dapo"
 VERL_INSTALL = ("pip install verl vllm (on a CUDA machine; see https://verl.readthedocs.io/en/latest/start/install.html) "
                 "and run from a clone of https://github.com/volcengine/verl, whose recipe/ directory holds the DAPO recipe")
-# vLLM accepts only these max_lora_rank values (vllm/config LoRAConfig.possible_max_ranks)
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
 # ------------------------------------------------------------------------------------------------
 # what the adapter directory says
-@dataclass
-class BaseModel:
-    path: str  # what to load as the base (a local directory or a Hub id)
-    residual: bool  # True: the adapter's own residual base (PiSSA/MiLoRA/OLoRA), not the original model
-
-
 @dataclass
 class LoraSettings:
     r: int
@@ -69,41 +60,6 @@ class LoraSettings:
     use_rslora: bool = False
     use_dora: bool = False
     patterns: bool = False  # per-module rank/alpha patterns
-
-
-def resolve_base(adapter: str | Path, model: str | None) -> BaseModel:
-    """The base the adapter was made for: its residual base when it has one, else --model, else the
-    adapter's base_model_name_or_path. A --model that is not the residual base is an error here: verl
-    would train a different policy from the one the adapter starts."""
-    adapter = Path(adapter)
-    cfg_path = adapter / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise LoraforgeError(f"--adapter {adapter}: no adapter_config.json there; expected a PEFT adapter directory")
-    residual = None
-    manifest_path = adapter / "loraforge.json"
-    if manifest_path.is_file():
-        base_name = json.loads(manifest_path.read_text()).get("base")
-        if base_name:
-            residual = adapter / base_name
-            if not (residual / "config.json").is_file():
-                raise LoraforgeError(f"--adapter {adapter}: its manifest names a residual base {residual}, which is "
-                                     "missing or incomplete; re-run `loraforge init` or restore the directory")
-    elif (adapter / "base" / "config.json").is_file():
-        residual = adapter / "base"
-    if residual is not None:
-        if model is not None and Path(model).resolve() != residual.resolve():
-            raise LoraforgeError(
-                f"--model {model} does not match the adapter: {adapter} was initialised against its residual base "
-                f"{residual} (PiSSA/MiLoRA/OLoRA subtract the adapter from the base), so verl's "
-                f"actor_rollout_ref.model.path must be {residual.resolve()}; drop --model or pass that directory"
-            )
-        return BaseModel(str(residual.resolve()), True)
-    if model is not None:
-        return BaseModel(str(Path(model).resolve()) if Path(model).exists() else model, False)
-    name = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
-    if not name:
-        raise LoraforgeError(f"--adapter {adapter} names no base model (base_model_name_or_path); pass --model")
-    return BaseModel(str(Path(name).resolve()) if Path(name).exists() else name, False)
 
 
 def read_lora_settings(adapter: str | Path) -> LoraSettings:
@@ -131,14 +87,6 @@ def read_lora_settings(adapter: str | Path) -> LoraSettings:
 def _number(x) -> int | float:
     x = float(x)
     return int(x) if x.is_integer() else x
-
-
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that holds `rank`."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise LoraforgeError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
 def _safetensors_shapes(files: list[Path]) -> dict[str, list[int]]:

@@ -1,8 +1,8 @@
 """`--rollout vllm`: sample with vLLM, handing it the current adapter every step (adapter only, no merge).
 
 A thin layer: everything that can be checked without a GPU lives in pure functions (rollout.py:
-`generation_from_tokens`, `logprob_gap`, `sampler_verdict`; verl_launch.py: `vllm_max_lora_rank`,
-`resolve_base`, `read_lora_settings`), tested on CPU. What only runs on a CUDA machine is here:
+`generation_from_tokens`, `logprob_gap`, `sampler_verdict`; core/clients.py: `vllm_max_lora_rank`;
+adapters/directory.py: `resolve_base`; verl_launch.py: `read_lora_settings`), tested on CPU. What only runs on a CUDA machine is here:
 
   - one vLLM engine per process (`LLM(..., enable_lora=True)`), on the process's GPU; under
     accelerate/torchrun vLLM's "external_launcher" executor (the colocated layout TRL uses), each engine
@@ -21,10 +21,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from loraforge.errors import LoraforgeError
-from loraforge.generation import SamplingParams, pad_id
+from loraforge.core.errors import LoraforgeError
+from loraforge.sampling.generation import SamplingParams, pad_id
 from loraforge.rl.rollout import SampledGeneration, generation_from_tokens
-from loraforge.rl.verl_launch import read_lora_settings, resolve_base, vllm_max_lora_rank
+from loraforge.adapters.directory import resolve_base
+from loraforge.core.clients import vllm_max_lora_rank
+from loraforge.rl.verl_launch import read_lora_settings
 
 VLLM_MISSING = ("--rollout vllm needs vLLM, which is not installed: pip install 'loraforge[vllm]' "
                 "(on a Linux machine with a CUDA GPU), or use --rollout transformers")

@@ -5,7 +5,7 @@ down_proj are 0), so the last hidden state is the current token's embedding and 
 decides the next token. Greedy decoding then follows a fixed table (NEXT below), and a prompt's
 response depends only on its last word: "... plus three" answers "Answer: 5", "... plus four"
 answers "Answer: 7". That makes a report's numbers countable by hand while the real sampling code
-(loraforge.generation, left padding, KV cache, EOS) runs end to end. It also checks left padding:
+(loraforge.sampling.generation, left padding, KV cache, EOS) runs end to end. It also checks left padding:
 with right padding the last real token would not be at the end and the answers would change.
 """
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.eval.benchmarks import (
     BENCHMARKS, aime_year, gold_from_gsm8k, hub_rows_to_benchmark, load_benchmark, resolve_template,
 )

@@ -1,14 +1,14 @@
 """evaluate() end to end: the report's numbers equal a hand count.
 
 The bigram model (conftest) answers each prompt by its last word, so which samples are right is
-known before running; sampling goes through loraforge.generation, the code `train` uses.
+known before running; sampling goes through loraforge.sampling.generation, the code `train` uses.
 """
 
 import json
 
 import pytest
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.eval import EvalConfig, evaluate, load_benchmark, run_eval
 from loraforge.eval.benchmarks import Benchmark, Problem
 

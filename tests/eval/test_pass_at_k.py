@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.eval import mean_at_k, pass_at_k
 from loraforge.eval.metrics import bootstrap_std, seed_spread
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.eval.scoring import extract_answer, extract_boxed, make_scorer
 
 
@@ -96,7 +96,7 @@ def test_math_verify_scorer_works_off_the_main_thread(mv):
     ],
 )
 def test_dapo_scorer_is_the_training_reward(response, gold, correct):
-    from loraforge.rl.rewards import dapo_score
+    from loraforge.grading.dapo import dapo_score
 
     s = make_scorer("dapo").score(response, gold)
     assert s.correct is correct

@@ -60,7 +60,7 @@ def make_adapter(model, out_dir, r: int = 4, alpha: int = 8, targets=None):
 def answer_scorer(response: str, ground_truth: str):
     """The DAPO scorer on "Answer: " + response: for the bare synthetic task ("1+2=" -> "3"), where a
     tiny random model cannot be expected to write the "Answer:" line itself."""
-    from loraforge.rl.rewards import dapo_result
+    from loraforge.grading.dapo import dapo_result
 
     return dapo_result("Answer: " + response, ground_truth)
 
@@ -84,7 +84,7 @@ class ScriptedRollout:
         return None
 
     def generate(self, prompts, params):
-        from loraforge.generation import pad_id
+        from loraforge.sampling.generation import pad_id
         from loraforge.rl.rollout import generation_from_tokens
 
         ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -100,7 +100,7 @@ class ScriptedRollout:
 
 class SeparateSampler:
     """A sampler that is NOT the trained module (like vLLM): a frozen copy of the policy that samples
-    with loraforge.generation and reports its own log-probs (temperature 1). mode "synced" copies the
+    with loraforge.sampling.generation and reports its own log-probs (temperature 1). mode "synced" copies the
     trainer's weights at every sync; "stale" never does; "base" samples with the adapter disabled."""
 
     separate = True
@@ -120,7 +120,7 @@ class SeparateSampler:
         import contextlib
         import dataclasses
 
-        from loraforge.generation import generate
+        from loraforge.sampling.generation import generate
         from loraforge.rl.rollout import SampledGeneration
         from loraforge.rl.trainer import response_logprobs
 

@@ -101,7 +101,7 @@ def test_docs_list_every_flag():
     import dataclasses
     from pathlib import Path
 
-    from loraforge.rl.cli_support import flag_of
+    from loraforge.cli.train_options import flag_of
     from loraforge.rl.config import TrainConfig
 
     text = (Path(__file__).parents[2] / "docs" / "train.md").read_text()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.rl.data import (
     DAPO_TEMPLATE,
     PromptStream,

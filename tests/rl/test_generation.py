@@ -2,7 +2,7 @@
 
 import torch
 
-from loraforge.generation import SamplingParams, filter_logits, generate, left_pad
+from loraforge.sampling.generation import SamplingParams, filter_logits, generate, left_pad
 
 
 def test_left_pad_and_filter():
@@ -63,7 +63,7 @@ def test_eos_stops_generation(tiny_model, tokenizer):
 
 
 def test_sample_from_probs_inverse_cdf():
-    from loraforge.generation import sample_from_probs
+    from loraforge.sampling.generation import sample_from_probs
 
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]]).expand(7, 4)
     # cumulative mass 0.5, 0.5, 0.8, 1.0: u in [0, 0.5) -> 0, [0.5, 0.8) -> 2 (token 1 has no mass), [0.8, 1) -> 3

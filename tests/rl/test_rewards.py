@@ -3,15 +3,9 @@ overlong penalty with hand-computed numbers."""
 
 import pytest
 
-from loraforge.errors import LoraforgeError
-from loraforge.rl.rewards import (
-    dapo_result,
-    dapo_score,
-    get_scorer,
-    math_verify_score,
-    normalize_final_answer,
-    overlong_penalty,
-)
+from loraforge.core.errors import LoraforgeError
+from loraforge.grading.dapo import dapo_result, dapo_score, normalize_final_answer
+from loraforge.rl.rewards import get_scorer, math_verify_score, overlong_penalty
 
 # (response, ground truth, score): rlvr.md's table, verbatim
 RLVR_VECTORS = [

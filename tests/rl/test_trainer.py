@@ -8,7 +8,7 @@ from peft import PeftModel
 from rl_helpers import answer_scorer, make_adapter, make_model
 from safetensors.torch import load_file
 
-from loraforge.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 from loraforge.rl.checkpoint import list_checkpoints
 from loraforge.rl.config import TrainConfig
 from loraforge.rl.metrics import read_metrics

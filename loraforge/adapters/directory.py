@@ -1,0 +1,244 @@
+"""Reading adapter directories: a loraforge init (OUT), a trained PEFT adapter, or a converted one.
+
+An adapter directory is what PEFT's `save_pretrained` writes: adapter_config.json plus
+adapter_model.safetensors (or the legacy adapter_model.bin). A loraforge init adds loraforge.json
+(the manifest) and, for residualised methods, base/. Factors are read lazily, one module at a
+time, so verify/convert/inspect never hold a whole large adapter in memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from loraforge.models.checkpoint import SafetensorsFile
+from loraforge.core.errors import LoraforgeError
+from loraforge.inits.methods import METHODS, Method
+from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, MANIFEST
+
+LEGACY_WEIGHTS = "adapter_model.bin"
+# PEFT saves factors as base_model.model.<module>.lora_A.weight (the adapter name stripped); a
+# state dict taken from a live PeftModel still has it (lora_A.default.weight): accept both.
+_FACTOR_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    """PEFT's scaling s in y = W x + s * B A x: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+@dataclass
+class Adapter:
+    """An adapter directory on disk: its config, its manifest (loraforge inits only) and its factors."""
+
+    path: Path
+    config: dict  # adapter_config.json
+    manifest: Optional[dict]  # loraforge.json, None for adapters loraforge did not write
+    weights_file: Path
+    factor_keys: dict[str, tuple[str, str]]  # module name -> (key of A, key of B), in file order
+    other_keys: list[str] = field(default_factory=list)  # tensors that are not LoRA factors
+    _reader: object = None
+
+    @property
+    def r(self) -> int:
+        return int(self.config["r"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config["lora_alpha"])
+
+    @property
+    def rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.r, self.rslora)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.factor_keys)
+
+    @property
+    def method(self) -> Optional[Method]:
+        """The loraforge init method, when the manifest names one."""
+        if self.manifest is None:
+            return None
+        return METHODS.get(self.manifest.get("method"))
+
+    @property
+    def base_dir(self) -> Optional[Path]:
+        """The residual base written by `loraforge init` (residualised methods only)."""
+        if self.manifest is None or not self.manifest.get("base"):
+            return None
+        return self.path / self.manifest["base"]
+
+    def read(self, key: str) -> torch.Tensor:
+        if isinstance(self._reader, SafetensorsFile):
+            return self._reader.read(key)
+        return self._reader[key]
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of MODULE as stored: A (r, in_features), B (out_features, r)."""
+        key_a, key_b = self.factor_keys[module]
+        return self.read(key_a), self.read(key_b)
+
+    def check_plain_lora(self, what: str) -> None:
+        """Refuse adapter features whose weights are not just s * B A (per-module ranks, DoRA...)."""
+        unsupported = []
+        if self.config.get("rank_pattern"):
+            unsupported.append("rank_pattern (per-module ranks)")
+        if self.config.get("alpha_pattern"):
+            unsupported.append("alpha_pattern (per-module alphas)")
+        if self.config.get("use_dora"):
+            unsupported.append("use_dora (DoRA magnitude vectors)")
+        if unsupported:
+            raise LoraforgeError(
+                f"{self.path}: {what} handles plain LoRA adapters (y = W x + s B A x with one r and alpha); this "
+                f"adapter uses {', '.join(unsupported)}, which it does not support."
+            )
+
+
+def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
+    """Open the adapter directory PATH. ROLE names it in error messages (e.g. "--init")."""
+    path = Path(path)
+    if not path.exists():
+        raise LoraforgeError(f"{role} {path}: no such directory. Pass a directory written by `loraforge init` or PEFT's save_pretrained.")
+    if not path.is_dir():
+        raise LoraforgeError(f"{role} {path} is a file; expected an adapter directory (adapter_config.json + {ADAPTER_WEIGHTS}).")
+    cfg_path = path / ADAPTER_CONFIG
+    if not cfg_path.exists():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        hint = " It looks like a model directory, not an adapter." if (path / "config.json").exists() else ""
+        raise LoraforgeError(
+            f"{role} {path} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG} (found {found}).{hint} "
+            "Pass the directory `loraforge init -o` or PEFT's save_pretrained wrote."
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoraforgeError(f"{cfg_path} is not valid JSON ({e}); the adapter is damaged. Re-create it.") from None
+    if config.get("peft_type", "LORA") != "LORA" or "r" not in config or "lora_alpha" not in config:
+        raise LoraforgeError(
+            f"{cfg_path} does not describe a LoRA adapter (peft_type={config.get('peft_type')!r}, "
+            f"r={config.get('r')!r}, lora_alpha={config.get('lora_alpha')!r}); loraforge handles LoRA adapters only."
+        )
+    manifest = None
+    if (path / MANIFEST).exists():
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except json.JSONDecodeError as e:
+            raise LoraforgeError(f"{path / MANIFEST} is not valid JSON ({e}); the manifest is damaged. Re-run loraforge init.") from None
+
+    if (path / ADAPTER_WEIGHTS).exists():
+        weights_file = path / ADAPTER_WEIGHTS
+        try:
+            reader = SafetensorsFile(weights_file)
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LoraforgeError(f"{weights_file} is not a readable safetensors file ({e}); the adapter is damaged.") from None
+        keys = reader.keys()
+    elif (path / LEGACY_WEIGHTS).exists():
+        weights_file = path / LEGACY_WEIGHTS
+        # Legacy pickles are read with weights_only=True: tensors only, no code runs (DESIGN.md, safety).
+        try:
+            reader = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged or non-tensor pickle
+            raise LoraforgeError(f"{weights_file} could not be read as a tensor file ({type(e).__name__}: {e}); "
+                                 "re-save the adapter with safetensors.") from None
+        keys = list(reader)
+    else:
+        raise LoraforgeError(f"{role} {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}); the adapter is incomplete.")
+
+    pairs: dict[str, dict[str, str]] = {}
+    other = []
+    for key in keys:
+        m = _FACTOR_KEY.match(key)
+        if m:
+            pairs.setdefault(m.group("module"), {})[m.group("which")] = key
+        else:
+            other.append(key)
+    incomplete = [mod for mod, p in pairs.items() if set(p) != {"A", "B"}]
+    if incomplete:
+        raise LoraforgeError(f"{weights_file}: module {incomplete[0]} has only lora_{next(iter(pairs[incomplete[0]]))}; the adapter is damaged.")
+    if not pairs:
+        raise LoraforgeError(f"{weights_file} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight tensors).")
+    factor_keys = {mod: (p["A"], p["B"]) for mod, p in pairs.items()}
+    return Adapter(path, config, manifest, weights_file, factor_keys, other, reader)
+
+
+def residual_base_of(model_path: Path) -> Optional[Adapter]:
+    """The loraforge init whose residual base is MODEL_PATH (OUT/base), or None.
+
+    Lets diagnostics notice that a trained adapter's base_model_name_or_path points at a residual
+    base rather than at the pretrained model.
+    """
+    model_path = Path(model_path)
+    parent = model_path.parent
+    if model_path.name != BASE_DIR or not (parent / MANIFEST).exists() or not (parent / ADAPTER_CONFIG).exists():
+        return None
+    adapter = load_adapter(parent)
+    return adapter if adapter.base_dir is not None else None
+
+
+@dataclass
+class BaseModel:
+    """The model an adapter must be loaded on."""
+
+    path: str  # a local directory (absolute) or a Hub id
+    residual: bool  # True: the adapter's own residual base (PiSSA, MiLoRA, OLoRA), not the original model
+
+
+def _residual_dir(adapter: Path) -> Optional[Path]:
+    """ADAPTER's residual base directory, or None when it has none (B0 = 0 methods, PEFT adapters)."""
+    manifest_path = adapter / MANIFEST
+    if manifest_path.is_file():
+        try:
+            base_name = json.loads(manifest_path.read_text()).get("base")
+        except (OSError, ValueError) as e:
+            raise LoraforgeError(f"{manifest_path} cannot be read ({e}); the adapter is damaged. Re-run loraforge init.") from None
+        if not base_name:
+            return None
+        residual = adapter / base_name
+        if not (residual / "config.json").is_file():
+            raise LoraforgeError(f"{adapter}: its manifest names a residual base {residual}, which is missing or "
+                                 "incomplete; re-run `loraforge init` or restore the directory")
+        return residual
+    return adapter / BASE_DIR if (adapter / BASE_DIR / "config.json").is_file() else None
+
+
+def resolve_base(adapter: str | Path, model: Optional[str] = None, flag: str = "--model") -> BaseModel:
+    """The base ADAPTER must be loaded on: its residual base when it has one, else MODEL, else the
+    adapter's base_model_name_or_path. The one place that decides it (train, the verl hand-off and
+    the vLLM rollout all ask here).
+
+    A MODEL other than the residual base is refused: PiSSA/MiLoRA/OLoRA subtracted the adapter from
+    that base, so on the original weights the policy would not be the one the adapter starts from.
+    """
+    adapter = Path(adapter)
+    cfg_path = adapter / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise LoraforgeError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there; expected a PEFT adapter directory "
+                             "(made by `loraforge init` or PeftModel.save_pretrained)")
+    residual = _residual_dir(adapter)
+    if residual is not None:
+        if model is not None and Path(model).resolve() != residual.resolve():
+            raise LoraforgeError(
+                f"{flag} {model} does not match the adapter: {adapter} was initialised against its residual base "
+                f"{residual} (PiSSA/MiLoRA/OLoRA subtract the adapter from the base), so the base to load is "
+                f"{residual.resolve()}; drop {flag} or pass that directory"
+            )
+        return BaseModel(str(residual.resolve()), True)
+    if model is None:
+        try:
+            model = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError) as e:
+            raise LoraforgeError(f"{cfg_path} cannot be read ({e}); the adapter is damaged.") from None
+        if not model:
+            raise LoraforgeError(f"--adapter {adapter} names no base model (base_model_name_or_path); pass {flag}")
+    return BaseModel(str(Path(model).resolve()) if Path(model).exists() else model, False)

@@ -1,0 +1,74 @@
+"""loraforge.json, the manifest: everything needed to reproduce, verify and explain an adapter."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from loraforge.inits.config import InitConfig
+
+INIT_FORMAT = "loraforge-manifest/1"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("loraforge", "torch", "transformers", "peft", "safetensors", "huggingface-hub", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def source_dtype(source_config: dict) -> Optional[str]:
+    d = source_config.get("dtype") or source_config.get("torch_dtype")
+    if d is None and isinstance(source_config.get("text_config"), dict):
+        d = source_config["text_config"].get("dtype") or source_config["text_config"].get("torch_dtype")
+    return d
+
+
+def build_manifest(config: InitConfig, source, target_modules, fan_in_fan_out: bool, base_dtype: Optional[str], path: str,
+              devices: list[torch.device], timings: dict, files: dict, stats: dict) -> dict:
+    """loraforge.json: everything needed to reproduce, verify and explain the adapter."""
+    method = config.method_spec
+    return {
+        "format": INIT_FORMAT,
+        "method": method.name,
+        "paper_name": method.paper_name,
+        "A0": method.A0,
+        "B0": method.B0,
+        "r": config.r,
+        "alpha": config.alpha,
+        "rslora": config.rslora,
+        "scaling": config.scaling,
+        "seed": config.seed,
+        "svd": config.svd if method.spectrum else None,
+        "source": {"model_id": source.model_id, "revision": source.revision, "local": source.is_local},
+        "target_modules": target_modules,
+        "layers": config.layers,
+        "fan_in_fan_out": fan_in_fan_out,
+        "dtypes": {"adapter": config.adapter_dtype, "base": base_dtype, "source": source_dtype(source.config)},
+        "base": "base" if method.residual else None,
+        "path": path,  # "streaming" or "in-memory"
+        "device": ",".join(str(d) for d in devices),  # several when batches were spread over GPUs
+        "versions": versions(),
+        "timings": timings,
+        "files": files,
+        "summary": summarize(stats),
+        "modules": stats,
+    }
+
+
+def summarize(stats: dict[str, dict]) -> dict:
+    n = len(stats)
+    rel = [s["recon_rel"] for s in stats.values()]
+    return {
+        "modules": n,
+        "init_norm_mean": sum(s["init_norm"] for s in stats.values()) / max(n, 1),
+        "recon_rel_max": max(rel, default=0.0),
+        "recon_rel_mean": sum(rel) / max(n, 1),
+        "recon_max_abs": max((s["recon_max_abs"] for s in stats.values()), default=0.0),
+    }

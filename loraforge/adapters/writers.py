@@ -1,0 +1,161 @@
+"""Everything that writes to disk: the staged output directory, the PEFT adapter files, the
+residual base (streamed shard by shard) and the manifest.
+
+Every output is built in a hidden temporary directory next to OUT and renamed into place only when
+complete, so an interrupted run leaves either nothing or the previous complete result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from loraforge.models.checkpoint import DTYPES, PlannedTensor, SafetensorsFile, sha256_file, write_streaming
+from loraforge.core.errors import LoraforgeError
+from loraforge.models.source import INDEX_NAMES, Source, companion_files
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MANIFEST = "loraforge.json"
+BASE_DIR = "base"
+
+
+def check_destination(out: Path, overwrite: bool, protect: Optional[Path] = None) -> None:
+    """Refuse an existing OUT without --overwrite, and an OUT that would delete the source model."""
+    out = Path(out)
+    if protect is not None:
+        o, p = out.resolve(), Path(protect).resolve()
+        if o == p or o in p.parents:
+            raise LoraforgeError(f"-o {out} is (or contains) the source model directory; choose another output directory.")
+    if out.exists() and not overwrite:
+        raise LoraforgeError(f"{out} already exists. Pass --overwrite to replace it, or choose another -o.")
+    if out.exists() and not out.is_dir():
+        raise LoraforgeError(f"{out} exists and is not a directory; choose another -o.")
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside OUT; on success it replaces OUT, on any failure it is removed."""
+    out = Path(out)
+    check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _normalise_permissions(tmp)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _normalise_permissions(root: Path) -> None:
+    # mkdtemp creates 0700 and some writers create 0600 files; give the result the permissions an
+    # ordinary mkdir/open would have under the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def adapter_key(module_name: str, which: str) -> str:
+    """PEFT's saved key for a LoRA factor, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return f"base_model.model.{module_name}.lora_{which}.weight"
+
+
+def write_adapter_weights(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write {module name: (A0, B0)} as PEFT's adapter_model.safetensors, in module order."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[adapter_key(name, "A")] = A.contiguous()
+        tensors[adapter_key(name, "B")] = B.contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_adapter_config(out_dir: Path, config: dict) -> None:
+    """adapter_config.json from init.adapter_config's fields, keys sorted (the same command writes
+    the same bytes)."""
+    # PEFT re-runs a named init (e.g. "pissa") when it loads an adapter whose config says so, and
+    # would subtract from the base a second time: the config must say true (the default init).
+    if config.get("init_lora_weights") is not True:
+        raise RuntimeError(f"internal error: adapter_config.json says init_lora_weights={config.get('init_lora_weights')!r}")
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_residual_base(source: Source, base_dir: Path, residual_files: dict[str, Path | torch.Tensor],
+                        cast_to: Optional[torch.dtype], trust_remote_code: bool = False) -> dict[str, str]:
+    """Write the residual base model shard by shard; return {relative file name: sha256}.
+
+    residual_files maps checkpoint keys of target weights to their residual (already in the base
+    dtype), or to the temporary safetensors file that holds it. Every other tensor is copied through from the
+    source shard, cast to CAST_TO when that is set and the tensor is floating point. Shard names and
+    tensor order follow the source, so the index keeps its shape.
+    """
+    base_dir.mkdir(parents=True, exist_ok=True)
+    hashes: dict[str, str] = {}
+    total_size = 0
+    residual_readers: dict[Path, SafetensorsFile] = {}
+
+    def reader_for(file: Path) -> SafetensorsFile:
+        if file not in residual_readers:
+            residual_readers[file] = SafetensorsFile(file)
+        return residual_readers[file]
+
+    for shard in source.shards:
+        src = source.open_shard(shard)
+        planned = []
+        for key, info in src.tensors.items():
+            if isinstance(residual_files.get(key), torch.Tensor):
+                t = residual_files[key]
+                planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t: t))
+            elif key in residual_files:
+                rf = reader_for(residual_files[key])
+                rinfo = rf.tensors[key]
+                planned.append(PlannedTensor(key, DTYPES[rinfo.dtype], rinfo.shape, lambda rf=rf, key=key: rf.read(key)))
+            else:
+                dtype = DTYPES[info.dtype]
+                target_dtype = cast_to if (cast_to is not None and dtype.is_floating_point) else dtype
+                planned.append(PlannedTensor(key, target_dtype, info.shape,
+                                             lambda src=src, key=key, d=target_dtype: src.read(key).to(d)))
+        hashes[f"{BASE_DIR}/{shard}"] = write_streaming(base_dir / shard, planned, metadata=src.metadata or {"format": "pt"})
+        total_size += sum(torch.empty((), dtype=p.dtype).element_size() * math.prod(p.shape) for p in planned)
+
+    if len(source.shards) > 1 or (source.path / INDEX_NAMES[0]).exists():
+        index = {"metadata": {"total_size": total_size}, "weight_map": source.weight_map}
+        write_json(base_dir / INDEX_NAMES[0], index)
+
+    config = dict(source.config)
+    if cast_to is not None:
+        name = str(cast_to).removeprefix("torch.")
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    write_json(base_dir / "config.json", config)
+    for f in companion_files(source, trust_remote_code):
+        shutil.copy2(f, base_dir / f.name)
+    return hashes
+
+
+def hash_tree(root: Path, sub: str) -> dict[str, str]:
+    """sha256 of every .safetensors file under ROOT/SUB, keyed by path relative to ROOT."""
+    return {f"{sub}/{p.name}": sha256_file(p) for p in sorted((root / sub).glob("*.safetensors"))}

@@ -1,0 +1,49 @@
+"""Reading rows (one dict per example) from local .jsonl, .json and .parquet files.
+
+Shared by `loraforge train --data` and `loraforge eval --bench`, so both accept the same files
+with the same messages. Parquet (DAPO-Math-17k ships as parquet) needs pyarrow, imported only then.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loraforge.core.errors import LoraforgeError
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def read_row_file(path: Path) -> list[dict]:
+    """All rows of PATH. .json may hold a list or {"data": [...]}; .jsonl one object per line."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise LoraforgeError(f"{path} is a parquet file, which needs pyarrow: `pip install pyarrow` "
+                                 "(or `pip install 'loraforge[train]'`), or convert it to .jsonl") from None
+        return pq.read_table(path).to_pylist()
+    if suffix not in SUFFIXES:
+        raise LoraforgeError(f"{path}: unknown file type {suffix!r}; expected .jsonl, .json or .parquet")
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LoraforgeError(f"{path} is not valid JSON ({e}); expected a list of objects") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise LoraforgeError(f"{path}: expected a JSON list of objects, found a {type(data).__name__}")
+        return data
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise LoraforgeError(f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one object per line") from None
+    return rows

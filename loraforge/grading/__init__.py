@@ -1,0 +1,1 @@
+"""Grading math answers: the scorers that both training rewards and evaluation use."""

@@ -1,0 +1,185 @@
+"""Computing inits batch by batch: the stored weights of same-shaped modules in, factors A0, B0 and
+residuals out. Pure tensor work; reading checkpoints and writing files happen elsewhere."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from loraforge.core.errors import LoraforgeError
+from loraforge.inits.config import DTYPES, InitConfig
+from loraforge.inits.linalg import exact_spectrum, fast_spectrum
+from loraforge.inits.methods import MethodInput
+from loraforge.inits.plan import check_ranks, module_seed, plan_batches
+from loraforge.models.targets import Target
+
+
+@dataclass
+class ModuleInit:
+    """The initialisation of one target module, ready to write."""
+
+    target: Target
+    A: torch.Tensor  # (r, in_features), adapter dtype, CPU
+    B: torch.Tensor  # (out_features, r), adapter dtype, CPU
+    base: Optional[torch.Tensor]  # residual in the stored layout and base dtype (None: base unchanged)
+    stats: dict = field(default_factory=dict)
+
+
+class Workspace:
+    """Reusable buffers for a batch's big temporaries (the float64 and float32 copies of W).
+
+    Why: a fresh CPU tensor of a few hundred MB is paid for again in page faults on first touch
+    (~0.1 s per 200 MB here, a fifth of SmolLM2's whole init); one buffer per role, grown to the
+    largest batch, is touched once. Nothing that outlives the batch may point into it. On a GPU
+    torch's caching allocator already reuses memory, so this hands out plain tensors there.
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        n = math.prod(shape)
+        buf = self._buffers.get((role, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[(role, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+
+def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitConfig, device: torch.device,
+                workspace: Optional[Workspace] = None) -> list[ModuleInit]:
+    method = config.method_spec
+    s = config.scaling
+    workspace = workspace or Workspace()
+    shape = (len(stored), *stored[0].shape)
+    base_dtypes = [w.dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype] for w in stored]
+    # Our own float64 copy (and a float32 one for top-r spectra), filled in one pass per matrix: copy_
+    # converts as it copies, and float32 holds bf16/fp16/fp32 weights exactly. `--svd fast` works in
+    # float32 alone when the residual is stored in 16 bits: float32 residual arithmetic (DESIGN.md
+    # allows it) errs by ~6e-8 of W, 1/60000 of bf16's own rounding, and the reported reconstruction
+    # error still measures that rounding. A float32 base would hide float32's error behind a zero, so
+    # it keeps float64.
+    fast32 = config.svd == "fast" and all(d in (torch.bfloat16, torch.float16) for d in base_dtypes)
+    W = workspace.take("W", shape, torch.float32 if fast32 else torch.float64, device)
+    W32 = workspace.take("W32", shape, torch.float32, device) if method.spectrum == "top" and not fast32 else None
+    for i, w in enumerate(stored):
+        W[i].copy_(w)
+        if W32 is not None:
+            W32[i].copy_(w)
+    if batch[0].transposed:  # Conv1D stores W^T
+        W = W.transpose(1, 2)
+        W32 = W32.transpose(1, 2) if W32 is not None else None
+    # In W's own precision: asking for a float64 norm of a float32 W costs 4x a plain one. A NaN or
+    # inf anywhere makes the norm non-finite (bf16/fp16/fp32 values cannot overflow a float64 sum of
+    # squares, nor a float32 one short of weights near 1e19), so one (batch,) check replaces an
+    # elementwise isfinite pass over W.
+    w_norm = torch.linalg.vector_norm(W, dim=(1, 2)).double()
+    finite = torch.isfinite(w_norm)
+    if not bool(finite.all()):
+        bad = batch[int((~finite).nonzero()[0])]
+        raise LoraforgeError(f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. Re-download or re-save it.")
+
+    spectrum = None
+    if method.spectrum is not None:
+        if config.svd == "fast":
+            spectrum = fast_spectrum(W, config.r, seed=config.seed, W32=W32)
+        else:
+            spectrum = exact_spectrum(W, config.r, method.spectrum, left=method.residual, W32=W32)
+            low = (spectrum.rank < config.r).nonzero()
+            if len(low):
+                i = int(low[0])
+                raise LoraforgeError(
+                    f"Module {batch[i].name} ({batch[i].out_features} x {batch[i].in_features}) has numerical rank "
+                    f"{int(spectrum.rank[i])}, fewer than -r {config.r} nonzero singular values, so {method.name} has no "
+                    f"{config.r} singular directions to use. Lower -r to at most {int(spectrum.rank[i])}."
+                )
+    seeds = [module_seed(config.seed, t.name) for t in batch]
+    A, B = method.init(MethodInput(W=W, r=config.r, scaling=s, spectrum=spectrum, seeds=seeds))
+
+    adapter_dtype = DTYPES[config.adapter_dtype]
+    A_s, B_s = A.to(adapter_dtype), B.to(adapter_dtype)
+    # Norms and residuals use the factors AS STORED (after rounding to the adapter dtype), so
+    # base + s * B0 A0 reproduces W as closely as the base dtype allows. B0 = 0 methods skip the
+    # (m x n) product: it is exactly zero.
+    update_norm = torch.zeros(len(batch), dtype=torch.float64)
+    if method.residual:
+        Bd, Ad = B_s.double(), A_s.double()
+        # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)): r x r products instead of a pass over the m x n update
+        gram_B, gram_A = Bd.transpose(1, 2) @ Bd, Ad @ Ad.transpose(1, 2)
+        update_norm = (s * (gram_B * gram_A).sum(dim=(1, 2)).clamp_min(0).sqrt()).cpu()
+        # W <- W - s B A in W's precision, inside the GEMM (no m x n temporary): W is now the residual
+        # and W itself is not needed any more. (Stored factors are exact in float32 as in float64.)
+        W.baddbmm_(Bd.to(W.dtype), Ad.to(W.dtype), alpha=-s)
+    results = []
+    for i, t in enumerate(batch):
+        stats = {
+            "shape": [t.out_features, t.in_features],
+            "init_norm": float(update_norm[i]) / s,  # ||B0 A0||_F (the paper's Table 4)
+            "update_norm": float(update_norm[i]),  # ||s B0 A0||_F: what the adapter adds at step 0
+        }
+        if spectrum is not None:
+            if method.spectrum == "bottom":  # bottom-r counts every zero direction: the rank is exact
+                stats["rank"] = int(spectrum.rank[i])
+            # Share of ||W||_F^2 in the chosen singular directions (captured energy).
+            stats["energy"] = float((spectrum.S[i] ** 2).sum() / w_norm[i] ** 2) if w_norm[i] > 0 else 0.0
+        base = None
+        if method.residual:
+            residual = W[i].to(base_dtypes[i], copy=True)  # copy: W lives in the workspace
+            err = W[i].sub_(residual)  # W - (base + s B0 A0), as stored (in place; promotes as it goes)
+            lo, hi = torch.aminmax(err)  # max |err| in one pass, without an |err| copy
+            stats["recon_max_abs"] = float(torch.maximum(-lo, hi))
+            stats["recon_rel"] = float(torch.linalg.vector_norm(err) / w_norm[i]) if w_norm[i] > 0 else 0.0
+            base = (residual.T if t.transposed else residual).contiguous().cpu()
+        else:
+            stats["recon_max_abs"] = 0.0  # the base is not touched and s * B0 A0 = 0 exactly
+            stats["recon_rel"] = 0.0
+        results.append(ModuleInit(t, A_s[i].contiguous().cpu(), B_s[i].contiguous().cpu(), base, stats))
+    return results
+
+
+def compute_inits(targets: Sequence[Target], read: Callable[[Target], torch.Tensor], config: InitConfig,
+                  devices: torch.device | Sequence[torch.device], progress: bool = False) -> Iterator[list[ModuleInit]]:
+    """Initialise TARGETS batch by batch, in order; READ returns a target's weight as stored in the checkpoint.
+
+    Reading the next batch overlaps with decomposing the current one (a background thread does the
+    I/O; torch releases the GIL in both). With several DEVICES (GPUs), batch i is decomposed on
+    device i mod len(DEVICES), one batch per device at a time; every batch is computed whole on one
+    device, so the results are the same as on one device of that kind.
+    """
+    devices = [devices] if isinstance(devices, torch.device) else list(devices)
+    check_ranks(targets, config.r)
+    batches = plan_batches(targets, config.batch_mib * 2**20)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(targets), unit="module", desc=f"{config.method} r={config.r}", disable=not progress, file=sys.stderr)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as workers:
+        pending = reader.submit(lambda b=batches[0]: [read(t) for t in b]) if batches else None
+        running: collections.deque = collections.deque()  # batches being decomposed, oldest first
+        workspaces = [Workspace() for _ in devices]
+        for i, batch in enumerate(batches):
+            stored = pending.result()
+            if i + 1 < len(batches):
+                pending = reader.submit(lambda b=batches[i + 1]: [read(t) for t in b])
+            if len(devices) == 1:  # on this thread: no hand-over, errors surface where they happen
+                yield _init_batch(batch, stored, config, devices[0], workspaces[0])
+                bar.update(len(batch))
+                continue
+            k = i % len(devices)  # one batch per device at a time, so one workspace per device
+            running.append(workers.submit(_init_batch, batch, stored, config, devices[k], workspaces[k]))
+            if len(running) == len(devices):  # every device busy: wait for the oldest, hand it on in order
+                done = running.popleft().result()
+                yield done
+                bar.update(len(done))
+        while running:
+            done = running.popleft().result()
+            yield done
+            bar.update(len(done))
+    bar.close()

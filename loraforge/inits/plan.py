@@ -1,0 +1,42 @@
+"""Planning an init: per-module seeds, batches of same-shaped matrices, rank checks.
+
+Shared by the init pipeline and `verify` (which recomputes inits batch by batch)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Sequence
+
+from loraforge.core.errors import LoraforgeError
+from loraforge.models.targets import Target
+
+
+def module_seed(seed: int, name: str) -> int:
+    """Per-module seed: the same module gets the same numbers however modules are batched or ordered."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def plan_batches(targets: Sequence[Target], budget_bytes: int) -> list[list[Target]]:
+    """Group targets by shape (first-appearance order) and cut each group to the memory budget.
+
+    One float64 matrix costs about 3x its size while decomposed (W, the other side's vectors, the
+    residual), so a batch holds budget / (24 * m * n) matrices, at least one.
+    """
+    groups: dict[tuple[int, int, bool], list[Target]] = {}
+    for t in targets:
+        groups.setdefault((t.out_features, t.in_features, t.transposed), []).append(t)
+    batches = []
+    for (m, n, _), members in groups.items():
+        size = max(1, budget_bytes // (24 * m * n))
+        batches.extend(members[i : i + size] for i in range(0, len(members), size))
+    return batches
+
+
+def check_ranks(targets: Sequence[Target], r: int) -> None:
+    for t in targets:
+        if r > min(t.shape):
+            raise LoraforgeError(
+                f"-r {r} is larger than module {t.name} allows: its weight is {t.out_features} x {t.in_features} "
+                f"(out x in), so the rank is at most {min(t.shape)}. Lower -r or leave this module out with "
+                "--target-modules/--layers."
+            )

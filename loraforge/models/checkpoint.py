@@ -1,0 +1,156 @@
+"""Reading and writing safetensors files one tensor at a time.
+
+Why not `safetensors.safe_open`: it memory-maps the file, and the pages it touches stay mapped
+(and counted in the process's RSS) for as long as the file is open. We read each tensor with a
+plain positioned read instead, so memory holds exactly the tensors we are working on. Writing is
+the mirror image: the header is computed from shapes and dtypes up front, then tensors are produced
+and written one by one, so a residual shard of several GB never sits in memory whole.
+
+The format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, an
+N-byte JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}
+padded with spaces to a multiple of 8, then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from loraforge.core.errors import LoraforgeError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """Lazy reader of one .safetensors file: the header at open, tensor bytes on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{self.path} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            header = json.loads(f.read(n))
+        self.metadata: dict = header.pop("__metadata__", None) or {}
+        start = 8 + n
+        self.tensors: dict[str, TensorInfo] = {
+            k: TensorInfo(v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for k, v in header.items()
+        }
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, key: str) -> torch.Tensor:
+        info = self.tensors[key]
+        if info.dtype not in DTYPES:
+            raise LoraforgeError(f"{self.path}: tensor {key} has dtype {info.dtype}, which loraforge cannot read "
+                                 f"(it reads {', '.join(DTYPES)}). Re-save the checkpoint in one of those.")
+        out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        nbytes = info.end - info.begin
+        if out.numel() * out.element_size() != nbytes:
+            raise LoraforgeError(f"{self.path}: tensor {key} is {nbytes} bytes in the header, but {info.dtype}{list(info.shape)} "
+                                 "needs a different size; the file is damaged. Re-download or re-save it.")
+        if nbytes:
+            # Straight into the tensor's memory: one copy from the page cache (f.read + bytearray
+            # made two, and touching fresh pages costs as much as the copy itself).
+            with open(self.path, "rb") as f:
+                f.seek(info.begin)
+                got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+            if got != nbytes:
+                raise LoraforgeError(f"{self.path} is truncated: tensor {key} needs bytes {info.begin}..{info.end}, "
+                                     f"but the file ends at {info.begin + got}. Re-download or re-save it.")
+        return out
+
+
+@dataclass
+class PlannedTensor:
+    """A tensor to be written: its name, dtype and shape now, its values later from `produce`."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+
+def write_streaming(path: str | os.PathLike, tensors: Iterable[PlannedTensor], metadata: dict | None = None) -> str:
+    """Write a safetensors file producing one tensor at a time; return the file's sha256 hex digest.
+
+    Tensors are written in the order given (which is the order of the source shard), and each
+    produced tensor is checked against its planned dtype and shape.
+    """
+    tensors = list(tensors)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * torch.empty((), dtype=t.dtype).element_size()
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
+    # The hash of tensor i is computed on another thread while tensor i+1 is produced and written
+    # (hashlib releases the GIL on large buffers), and tensors are written from their own memory.
+    with open(path, "wb") as f, concurrent.futures.ThreadPoolExecutor(max_workers=1) as hasher:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
+        hashing = None
+        for t in tensors:
+            value = t.produce()
+            if value.dtype != t.dtype or tuple(value.shape) != tuple(t.shape):
+                raise RuntimeError(
+                    f"internal error: {t.name} planned as {t.dtype}{list(t.shape)}, produced {value.dtype}{list(value.shape)}"
+                )
+            data = memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(data)
+            if hashing is not None:
+                hashing.result()  # in order: one update at a time
+            hashing = hasher.submit(digest.update, data)
+        if hashing is not None:
+            hashing.result()
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

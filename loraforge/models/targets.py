@@ -1,0 +1,238 @@
+"""Which modules get adapters.
+
+Targets are found on a model skeleton (built on the meta device, no weights in memory) or on a
+loaded model. For the common decoder architectures in HEADER_LAYOUTS the skeleton is read from the
+checkpoint's header instead, which spares `loraforge init` importing transformers (~3 s). Defaults
+follow PEFT's `all-linear`: every nn.Linear and GPT-2 Conv1D except the output head. A name in
+--target-modules matches a module whose path equals it or ends with `.name` (PEFT's rule).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from loraforge.core.errors import LoraforgeError
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module that gets an adapter. Its weight W is (out_features, in_features) after
+    un-transposing GPT-2's Conv1D, which stores (in_features, out_features)."""
+
+    name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
+    out_features: int
+    in_features: int
+    transposed: bool  # True for Conv1D: the stored tensor is W^T
+    layer: Optional[int]  # the first integer in the path (the transformer block), if any
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+
+def layer_index(name: str) -> Optional[int]:
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(match.group(1)) if match else None
+
+
+def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
+    """'0-3,7' -> [0, 1, 2, 3, 7]; None or '' -> None (all layers)."""
+    if not spec:
+        return None
+    layers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise LoraforgeError(f"--layers: cannot read {part!r}; expected numbers and ranges like 0-3,7.")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise LoraforgeError(f"--layers: range {part!r} runs backwards; write it as {hi}-{lo}.")
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
+
+
+def parse_target_modules(spec: str | Sequence[str]) -> str | list[str]:
+    """'all-linear' stays a string; 'q_proj,v_proj' -> ['q_proj', 'v_proj']."""
+    if isinstance(spec, str):
+        if spec.strip() == "all-linear":
+            return "all-linear"
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        names = list(spec)
+    if not names:
+        raise LoraforgeError("--target-modules is empty; pass all-linear or module names like q_proj,v_proj.")
+    return names
+
+
+def _is_linear(module: torch.nn.Module) -> tuple[bool, bool]:
+    """(is a linear layer, stores its weight transposed)."""
+    if isinstance(module, torch.nn.Linear):
+        return True, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return True, True
+    return False, False
+
+
+def find_targets(model: torch.nn.Module, target_modules: str | Sequence[str] = "all-linear",
+                 layers: Optional[Sequence[int]] = None) -> list[Target]:
+    """Target modules of MODEL (a skeleton or a loaded model), in module order."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear: list[Target] = []
+    for name, module in model.named_modules():
+        is_linear, transposed = _is_linear(module)
+        if not is_linear or module is head:
+            continue
+        rows, cols = module.weight.shape
+        out_f, in_f = (cols, rows) if transposed else (rows, cols)
+        linear.append(Target(name, out_f, in_f, transposed, layer_index(name)))
+    leaf_names = list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in linear))
+
+    wanted = parse_target_modules(target_modules)
+    if wanted == "all-linear":
+        chosen = linear
+    else:
+        chosen = [t for t in linear if any(t.name == w or t.name.endswith("." + w) for w in wanted)]
+        if not chosen:
+            raise LoraforgeError(
+                f"No modules match {wanted} in {type(model).__name__}. Linear modules: {', '.join(leaf_names)}. "
+                "Pass --target-modules with some of these, or all-linear."
+            )
+    if layers is not None:
+        present = sorted({t.layer for t in chosen if t.layer is not None})
+        chosen = [t for t in chosen if t.layer in set(layers)]
+        if not chosen:
+            span = f"{present[0]}-{present[-1]}" if present else "none"
+            raise LoraforgeError(f"--layers {layers} selects no target module; the model's layers are {span}.")
+    return chosen
+
+
+def peft_target_modules(model: torch.nn.Module, targets: list[Target]) -> str | list[str]:
+    """The `target_modules` value for adapter_config.json that makes PEFT wrap exactly TARGETS.
+
+    Leaf names (["q_proj", ...], PEFT's usual form) when they select exactly our targets; otherwise
+    (a --layers subset, or a name shared with an excluded module) a regex that PEFT full-matches.
+    """
+    names = {t.name for t in targets}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    by_leaf = {n for n, m in model.named_modules() if _is_linear(m)[0] and n.rsplit(".", 1)[-1] in leaves}
+    if by_leaf == names:
+        return leaves
+    return "(?:" + "|".join(re.escape(t.name) for t in targets) + ")"
+
+
+def build_skeleton(path, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A causal-LM skeleton from the config at PATH, on the meta device (no memory for weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise LoraforgeError(
+                f"This model's code lives in its repository; loraforge runs it only if you pass --trust-remote-code "
+                f"after reviewing it. ({e})"
+            ) from None
+        raise LoraforgeError(f"transformers cannot build a causal LM from {path}/config.json: {e}") from None
+
+
+# Decoder architectures whose safetensors checkpoints name every weight by its module path and whose
+# only 2-D weights are nn.Linear layers and the token embedding. For these a skeleton holding just
+# those modules is read from the checkpoint header (`header_skeleton`), in the order the
+# transformers class defines them (embedding, then per block the order below, then lm_head).
+# tests/test_targets.py checks every entry against the transformers skeleton.
+_DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HEADER_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "phi3": ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"),  # Phi3Attention defines o_proj first
+}
+_HEADER_KEY = re.compile(r"model\.embed_tokens|lm_head|model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
+
+
+class _MetaLinear(torch.nn.Linear):
+    def reset_parameters(self) -> None:  # nothing to initialise on the meta device (and torch's
+        pass  # meta init path imports torch._dynamo: ~1 s of start-up)
+
+
+class _MetaEmbedding(torch.nn.Embedding):
+    def reset_parameters(self) -> None:
+        pass
+
+
+class HeaderSkeleton(torch.nn.Module):
+    """Linear layers (and the embedding) on the meta device, named as in the checkpoint."""
+
+    def get_output_embeddings(self):
+        return self.get_submodule("lm_head") if hasattr(self, "lm_head") else None
+
+
+def header_skeleton(source) -> Optional[torch.nn.Module]:
+    """The skeleton of SOURCE (a loraforge.models.source.Source) read from its config and safetensors
+    headers, or None when its architecture is not in HEADER_LAYOUTS or a 2-D weight is named
+    unexpectedly (then `build_skeleton` is the way)."""
+    model_type = source.config.get("model_type")
+    order = HEADER_LAYOUTS.get(model_type)
+    if order is None or source.weight_format != "safetensors" or not source.config.get("architectures"):
+        return None
+    modules = []
+    for key, shard in source.weight_map.items():
+        shape = source.open_shard(shard).tensors[key].shape
+        if len(shape) != 2:
+            continue
+        name = key.removesuffix(".weight")
+        match = _HEADER_KEY.fullmatch(name) if name != key else None
+        if match is None or (match.group(2) is not None and match.group(2) not in order):
+            return None
+        if match.group(1) is not None:  # a block's module: by block, then in the class's order
+            rank = (1, int(match.group(1)), order.index(match.group(2)))
+        else:  # the embedding first, lm_head last
+            rank = (2, 0, 0) if name == "lm_head" else (0, 0, 0)
+        modules.append((rank, name, shape))
+    arch = source.config["architectures"][0]
+    root = type(arch, (HeaderSkeleton,), {})()  # named as the model class, for messages
+    for _, name, (rows, cols) in sorted(modules):
+        if name == "model.embed_tokens":
+            module = _MetaEmbedding(rows, cols, device="meta")
+        else:
+            module = _MetaLinear(cols, rows, bias=False, device="meta")
+        parent = root
+        for part in name.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(name.rsplit(".", 1)[-1], module)
+    return root
+
+
+def checkpoint_keys(targets: Sequence[Target], source, skeleton) -> Optional[dict[str, str]]:
+    """Checkpoint key of each target's weight, allowing for a missing or extra base-model prefix
+    (e.g. GPT-2 checkpoints saved without `transformer.`). None when some target is not found."""
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    keys = {}
+    for t in targets:
+        candidates = [t.weight_key]
+        if prefix and t.weight_key.startswith(prefix + "."):
+            candidates.append(t.weight_key[len(prefix) + 1 :])
+        elif prefix:
+            candidates.append(f"{prefix}.{t.weight_key}")
+        found = next((c for c in candidates if c in source.weight_map), None)
+        if found is None:
+            return None
+        keys[t.name] = found
+    return keys

@@ -1,0 +1,326 @@
+"""`loraforge verify`: check an initialised adapter directory against its manifest and its base.
+
+Checks, each reported with the modules or files that fail it:
+- hashes:         every file in the manifest's `files` has the recorded sha256 (nothing changed since init);
+- config:         adapter_config.json says what the manifest says (r, alpha, rsLoRA, init_lora_weights: true);
+- factors:        adapter_model.safetensors holds A (r, in) and B (out, r) for exactly the manifest's modules,
+                  and the base model has those modules with those shapes;
+- reconstruction: residualised methods: residual base + s B0 A0 equals the original weight up to the
+                  rounding of the base dtype (max and relative error reported);
+- B0 = 0:         the other methods: B0 is exactly zero, so the adapter starts as a no-op;
+- orthonormal:    A0 has orthonormal rows where the method promises it (rlpo, rlmo, dct, wavelet, olora,
+                  olora-tail) and B0 orthonormal columns for olora/olora-tail;
+- formula:        the factors are what the method gives for this base's weights, recomputed: the same A0
+                  for data-free methods (lora, dct, wavelet: seeded), the same row space for rlpo/rlmo, the
+                  same s B0 A0 for pissa/milora/olora/olora-tail. A wrong --base fails here.
+Tolerances are a few machine epsilons of the dtype the numbers are stored in (see `_eps`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from loraforge.adapters.directory import Adapter, load_adapter
+from loraforge.ship.analysis import orthonormality_error, reconstruction_error, subspace_similarity
+from loraforge.models.checkpoint import sha256_file
+from loraforge.core.clients import vllm_serve_command
+from loraforge.core.errors import LoraforgeError
+from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum, fast_spectrum
+from loraforge.inits.methods import METHODS, Method, MethodInput
+from loraforge.adapters.writers import ADAPTER_CONFIG
+
+INIT_FORMAT = "loraforge-manifest/1"
+# Methods whose A0 has orthonormal rows. Method.orthonormal means "orthonormal A0 AND B0 = 0", so
+# OLoRA's two variants (A0 = V_r^T, B0 = U_r) are added by hand; they also promise orthonormal B0 columns.
+ORTHONORMAL_A = {name for name, m in METHODS.items() if m.orthonormal} | {"olora", "olora-tail"}
+ORTHONORMAL_B = {"olora", "olora-tail"}
+# Recomputing a method's factors on another machine (or with another thread count) rounds
+# differently. Exact top-r factors are each within TOP_RANK_R_RTOL of a float64 SVD, so two runs
+# differ by at most twice that. Randomised SVD (init --svd fast) is reproduced with the same seed,
+# but it stops short of convergence, and on flat spectra rounding moves its rank-r part further: on
+# SmolLM2-135M, r = 32, init with 1 thread and verify with 2 differ by up to 3e-5 (median 6e-6).
+# A wrong base is off by O(1), so both tolerances still catch it.
+EXACT_TOP_TOL = 2 * TOP_RANK_R_RTOL
+FAST_SVD_TOL = 1e-3
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+@dataclass
+class Check:
+    """One property checked over all modules (or files)."""
+
+    name: str
+    applies: bool = True
+    detail: str = ""  # what was measured, e.g. "max rel 1.2e-03 <= 7.8e-03 (bfloat16 base)"
+    failures: dict[str, str] = field(default_factory=dict)  # module or file -> what was found
+    checked: int = 0  # how many modules (or files) were checked
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def status(self) -> str:
+        if not self.applies:
+            return "n/a"
+        if self.failures:
+            return "FAILED"
+        return "ok" if self.checked else "skipped"
+
+    def fail(self, what: str, message: str) -> None:
+        self.failures.setdefault(what, message)
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    method: str
+    r: int
+    base_model: str  # the original model the checks compared against
+    checks: list[Check]
+    serve: str  # one line: which base a server must load with this adapter
+    modules: dict[str, dict] = field(default_factory=dict)  # per-module measurements
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failing(self) -> list[str]:
+        """Modules and files that failed some check, in first-failure order."""
+        return list(dict.fromkeys(k for c in self.checks for k in c.failures))
+
+
+def serve_line(adapter_dir: Path, method: Method, original: str, r: int) -> str:
+    """One line naming the base a server (vLLM) must load with this adapter."""
+    if method.residual:
+        base = str(adapter_dir / "base")
+        return (f"vLLM must load the residual base {base}, NOT the original {original}: "
+                f"{vllm_serve_command(base, str(adapter_dir), r)}")
+    return (f"vLLM loads the original base {original} with this adapter (B0 = 0): "
+            f"{vllm_serve_command(original, str(adapter_dir), r)}")
+
+
+def verify_adapter(out: str | Path, base: Optional[str] = None, device: str = "auto", batch_mib: int = 512) -> VerifyReport:
+    """Check the loraforge init directory OUT; BASE overrides the original model the manifest names."""
+    from loraforge.core.devices import resolve_device
+    from loraforge.inits.plan import module_seed, plan_batches
+    from loraforge.models.weights import open_model_weights
+
+    out = Path(out)
+    adapter = load_adapter(out, "OUT")
+    manifest = _init_manifest(adapter)
+    method = METHODS[manifest["method"]]
+    original = base or manifest["source"]["model_id"]
+    dev = resolve_device(device)
+    r, s = manifest["r"], manifest["scaling"]
+
+    hashes, config, factors = Check("hashes"), Check("config"), Check("factors")
+    _check_hashes(adapter, manifest, hashes)
+    _check_config(adapter, manifest, config)
+    recon = Check("reconstruction", applies=method.residual, detail="" if method.residual else "the base is the original model")
+    zero_b = Check("B0 = 0", applies=not method.residual, detail=f"{method.name} starts from B0 = {method.B0}")
+    ortho = Check("orthonormal", applies=method.name in ORTHONORMAL_A,
+                  detail="" if method.name in ORTHONORMAL_A else f"{method.name} does not promise orthonormal rows")
+    formula = Check("formula")
+    checks = [hashes, config, factors, recon, zero_b, ortho, formula]
+    report = VerifyReport(out, method.name, r, original, checks, serve_line(out, method, original, r))
+
+    # Which modules can be compared at all: present in the manifest and the file, with the right shapes.
+    expected = manifest["modules"]
+    for name in expected:
+        if name not in adapter.factor_keys:
+            factors.fail(name, "in the manifest but not in adapter_model.safetensors")
+    for name in adapter.factor_keys:
+        if name not in expected:
+            factors.fail(name, "in adapter_model.safetensors but not in the manifest")
+    names = [n for n in expected if n in adapter.factor_keys]
+    if base is None and manifest["source"].get("local") and not Path(original).exists():
+        raise LoraforgeError(
+            f"The manifest's source model {original} (a local directory at init time) is not there any more. "
+            "Pass the original model with --base."
+        )
+    weights = open_model_weights(original, names, role="--base" if base else "the manifest's source model")
+    residual = None
+    if method.residual and not adapter.base_dir.is_dir():
+        recon.fail(manifest["base"] + "/", "the residual base directory is missing; re-run loraforge init")
+    elif method.residual:
+        residual = open_model_weights(str(adapter.base_dir), names, role="the residual base")
+
+    for name in list(names):
+        A, B = adapter.factors(name)
+        m, n = weights.targets[name].shape
+        want = tuple(expected[name]["shape"])
+        if (m, n) != want:
+            factors.fail(name, f"is {m} x {n} in {original} but {want[0]} x {want[1]} in the manifest: a different base "
+                               "model. Pass the model the adapter was initialised from with --base.")
+        elif tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
+            factors.fail(name, f"A is {list(A.shape)} and B is {list(B.shape)}; expected A [{r}, {n}] and B [{m}, {r}]")
+        if name in factors.failures:
+            names.remove(name)
+    factors.checked = len(names)
+    if factors.ok:
+        factors.detail = f"A [{r}, in] and B [out, {r}] for the manifest's {len(names)} modules; the base has the same shapes"
+
+    stats: dict[str, dict] = {}
+    worst = {"recon_rel": 0.0, "recon_max_abs": 0.0, "ortho": 0.0, "formula": 0.0}
+    targets = [weights.targets[n] for n in names]
+    for batch in plan_batches(targets, batch_mib * 2**20):
+        W = torch.stack([weights.matrix(t.name) for t in batch]).to(dev)
+        pairs = [adapter.factors(t.name) for t in batch]
+        adapter_dtype = pairs[0][0].dtype
+        A = torch.stack([a for a, _ in pairs]).to(dev, torch.float64)
+        B = torch.stack([b for _, b in pairs]).to(dev, torch.float64)
+        for i, t in enumerate(batch):
+            stats[t.name] = {}
+            if not (torch.isfinite(A[i]).all() and torch.isfinite(B[i]).all()):
+                formula.fail(t.name, "A0 or B0 holds NaN or inf")
+
+        if residual is not None:
+            base_dtype = residual.dtype(batch[0].name)
+            R = torch.stack([residual.matrix(t.name) for t in batch]).to(dev)
+            max_abs, rel = reconstruction_error(W, R, A, B, s)
+            tol = _eps(base_dtype)
+            recon.checked += len(batch)
+            for i, t in enumerate(batch):
+                stats[t.name].update(recon_max_abs=float(max_abs[i]), recon_rel=float(rel[i]))
+                worst["recon_rel"] = max(worst["recon_rel"], float(rel[i]))
+                worst["recon_max_abs"] = max(worst["recon_max_abs"], float(max_abs[i]))
+                if not float(rel[i]) <= tol:
+                    recon.fail(t.name, f"relative error {float(rel[i]):.3e} > {tol:.1e} (max abs {float(max_abs[i]):.3e}): "
+                                       "residual base + s B0 A0 is not the original weight")
+            recon.detail = (f"max rel {worst['recon_rel']:.2e}, max abs {worst['recon_max_abs']:.2e} "
+                            f"(tolerance rel {tol:.1e}, {str(base_dtype).removeprefix('torch.')} base)")
+        elif not method.residual:
+            nonzero = B.flatten(1).abs().amax(dim=1)
+            zero_b.checked += len(batch)
+            for i, t in enumerate(batch):
+                if float(nonzero[i]) != 0.0:
+                    zero_b.fail(t.name, f"max |B0| = {float(nonzero[i]):.3e}; {method.name} starts from B0 = 0 exactly")
+            zero_b.detail = "B0 is exactly zero in every module" if zero_b.ok else ""
+
+        if ortho.applies:
+            tol = 4 * _eps(adapter_dtype)
+            errs = [orthonormality_error(A)] + ([orthonormality_error(B.transpose(1, 2))] if method.name in ORTHONORMAL_B else [])
+            err = torch.stack(errs).amax(dim=0)
+            ortho.checked += len(batch)
+            for i, t in enumerate(batch):
+                stats[t.name]["orthonormality_error"] = float(err[i])
+                worst["ortho"] = max(worst["ortho"], float(err[i]))
+                if not float(err[i]) <= tol:
+                    what = "A0 A0^T" + (" or B0^T B0" if method.name in ORTHONORMAL_B else "")
+                    ortho.fail(t.name, f"max |{what} - I| = {float(err[i]):.3e} > {tol:.1e}: rows are not orthonormal")
+            ortho.detail = f"max |A0 A0^T - I| {worst['ortho']:.1e} (tolerance {tol:.1e}, {str(adapter_dtype).removeprefix('torch.')} adapter)"
+
+        _check_formula(method, manifest, batch, W, A, B, adapter_dtype, formula, stats, worst, module_seed)
+
+    if formula.ok and formula.checked:
+        formula.detail = _formula_detail(method, worst["formula"])
+    for c in (recon, zero_b, ortho, formula):
+        if c.applies and not c.checked and not c.failures:
+            c.detail = "no module could be compared (see factors)"
+    report.modules = stats
+    return report
+
+
+def _init_manifest(adapter: Adapter) -> dict:
+    manifest = adapter.manifest
+    if manifest is None:
+        raise LoraforgeError(
+            f"{adapter.path} has no loraforge.json, so there is nothing to verify it against: verify checks a directory "
+            "written by `loraforge init`. For a trained or converted adapter use `loraforge inspect`."
+        )
+    if manifest.get("format") != INIT_FORMAT:
+        raise LoraforgeError(
+            f"{adapter.path}/loraforge.json has format {manifest.get('format')!r}, expected {INIT_FORMAT!r}: verify checks "
+            "directories written by `loraforge init` (not converted adapters)."
+        )
+    if manifest.get("method") not in METHODS:
+        raise LoraforgeError(f"{adapter.path}/loraforge.json names method {manifest.get('method')!r}, which this loraforge "
+                             f"does not know ({', '.join(METHODS)}). Upgrade loraforge.")
+    return manifest
+
+
+def _check_hashes(adapter: Adapter, manifest: dict, check: Check) -> None:
+    files = manifest.get("files") or {}
+    check.checked = len(files)
+    for rel, digest in files.items():
+        path = adapter.path / rel
+        if not path.exists():
+            check.fail(rel, "is missing (listed in the manifest)")
+        elif (actual := sha256_file(path)) != digest:
+            check.fail(rel, f"sha256 {actual[:12]}... differs from the manifest's {digest[:12]}...: the file changed after init")
+    check.detail = f"{len(files)} files match their sha256" if check.ok else ""
+
+
+def _check_config(adapter: Adapter, manifest: dict, check: Check) -> None:
+    cfg = adapter.config
+    check.checked = 1
+    for key, want in [("r", manifest["r"]), ("lora_alpha", manifest["alpha"]), ("use_rslora", manifest["rslora"]),
+                      ("init_lora_weights", True)]:
+        if cfg.get(key) != want:
+            check.fail(ADAPTER_CONFIG, f"{key} = {json.dumps(cfg.get(key))}, the manifest says {json.dumps(want)}"
+                       + (" (any other value makes PEFT re-run an init and change the base again)" if key == "init_lora_weights" else ""))
+    if abs(adapter.scaling - manifest["scaling"]) > 1e-12 * manifest["scaling"]:
+        check.fail(ADAPTER_CONFIG, f"scaling {adapter.scaling} differs from the manifest's {manifest['scaling']}")
+    check.detail = "r, alpha, rsLoRA and init_lora_weights: true agree with the manifest" if check.ok else ""
+
+
+def _check_formula(method: Method, manifest: dict, batch, W, A, B, adapter_dtype, check: Check, stats, worst, module_seed) -> None:
+    """Recompute the method's factors from W and compare them with the stored ones."""
+    r, s = manifest["r"], manifest["scaling"]
+    spectrum = None
+    if method.spectrum is not None:
+        if manifest.get("svd") == "fast":
+            spectrum = fast_spectrum(W, r, seed=manifest["seed"])
+        else:
+            spectrum = exact_spectrum(W, r, method.spectrum)
+            for i, t in enumerate(batch):
+                if int(spectrum.rank[i]) < r:
+                    check.fail(t.name, f"this base's weight has numerical rank {int(spectrum.rank[i])} < r = {r}: not the weight "
+                                       "the adapter was made from")
+    seeds = [module_seed(manifest["seed"], t.name) for t in batch]
+    A_ref, B_ref = method.init(MethodInput(W=W, r=r, scaling=s, spectrum=spectrum, seeds=seeds))
+    tol = 4 * _eps(adapter_dtype)
+    if manifest.get("svd") == "fast":
+        tol += FAST_SVD_TOL
+    elif method.spectrum == "top" and method.residual:  # pissa, olora: compared as s B0 A0 (rlpo: as a subspace)
+        tol += EXACT_TOP_TOL
+    check.checked += len(batch)
+    for i, t in enumerate(batch):
+        if t.name in check.failures:
+            continue
+        if method.spectrum is None:
+            # Data-free methods: the same seeded numbers, up to rounding to the adapter dtype.
+            dev = float((A[i] - A_ref[i]).abs().max() / A_ref[i].abs().max().clamp_min(1e-300))
+            what = f"A0 differs from the {method.name} formula (seed {manifest['seed']}) by {dev:.2e} (relative)"
+        elif not method.residual:
+            # rlpo/rlmo: the row space is what matters (a rotation inside a repeated singular value is
+            # as good), so compare subspaces rather than vectors.
+            dev = 1.0 - float(subspace_similarity(A[i], spectrum.V[i]))
+            which = "top" if method.spectrum == "top" else "bottom (nonzero)"
+            what = f"A0's rows lie {100 * (1 - dev):.1f}% in the {which}-{r} right singular subspace of this base's weight"
+        else:
+            ref = B_ref[i] @ A_ref[i]
+            dev = float((B[i] @ A[i] - ref).norm() / ref.norm().clamp_min(1e-300))
+            what = f"s B0 A0 differs from this base's rank-{r} SVD part by {dev:.2e} (relative)"
+        stats[t.name]["formula_deviation"] = dev
+        worst["formula"] = max(worst["formula"], dev)
+        if not dev <= tol:
+            check.fail(t.name, f"{what}; tolerance {tol:.1e}. Wrong --base, or the factors were changed")
+
+
+def _formula_detail(method: Method, worst: float) -> str:
+    if method.spectrum is None:
+        return f"A0 equals the seeded {method.name} formula (max relative deviation {worst:.1e})"
+    if not method.residual:
+        return f"A0 spans the {method.spectrum}-r right singular subspace (min similarity {1 - worst:.6f})"
+    return f"s B0 A0 is the base weight's rank-r SVD part (max relative deviation {worst:.1e})"
