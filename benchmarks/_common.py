@@ -34,16 +34,40 @@ RESULT_MARKER = "BENCH_RESULT_JSON "
 
 # Shapes of the models the issue names (random weights; only the shapes matter for timing/memory).
 QWEN2_PRESETS = {
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                         max_position_embeddings=32768, rms_norm_eps=1e-6),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                       max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+    ),
     # Small enough to check the scripts on a laptop CPU in seconds.
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False,
-                 max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+    ),
 }
 
 
@@ -52,8 +76,9 @@ QWEN2_PRESETS = {
 
 def _git(path: Path, *args: str) -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -127,8 +152,10 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["cuda"] = {
             "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "memory_gib": [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)
-                           for i in range(torch.cuda.device_count())],
+            "memory_gib": [
+                round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)
+                for i in range(torch.cuda.device_count())
+            ],
             "torch_cuda": torch.version.cuda,
         }
     return info
@@ -199,8 +226,7 @@ with open(result_path, "w") as f:
 """
 
 
-def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None = None,
-                 sample_s: float = 0.05) -> dict:
+def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None = None, sample_s: float = 0.05) -> dict:
     """Run CMD in a fresh process and measure it like /usr/bin/time -v does.
 
     Returns wall_s (fork to reap), cpu_s (user+sys of the process), rc, peak_rss_mib (ru_maxrss
@@ -215,8 +241,13 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None 
         result_path, pid_path = Path(tmp) / "result.json", Path(tmp) / "pid"
         with open(Path(tmp) / "stdout", "w+") as out, open(Path(tmp) / "stderr", "w+") as err:
             start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(result_path), str(pid_path), *cmd],
-                                    stdout=out, stderr=err, env=env, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _LAUNCHER, str(result_path), str(pid_path), *cmd],
+                stdout=out,
+                stderr=err,
+                env=env,
+                text=True,
+            )
             peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
             timed_out = []
             child = None
@@ -270,16 +301,18 @@ def function_script(func, args: list) -> list[str]:
     """`python -c SCRIPT ARGS_JSON` that defines FUNC from its source, calls it with ARGS, and
     prints its JSON result after RESULT_MARKER. FUNC must import what it needs inside itself."""
     source = source_of(func)
-    script = (f"{source}\nimport json as _json, sys as _sys\n"
-              f"_r = {func.__name__}(*_json.loads(_sys.argv[1]))\n"
-              f"print({RESULT_MARKER!r} + _json.dumps(_r), flush=True)\n")
+    script = (
+        f"{source}\nimport json as _json, sys as _sys\n"
+        f"_r = {func.__name__}(*_json.loads(_sys.argv[1]))\n"
+        f"print({RESULT_MARKER!r} + _json.dumps(_r), flush=True)\n"
+    )
     return [sys.executable, "-c", script, json.dumps(args)]
 
 
 def parse_result(stdout: str):
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
+            return json.loads(line[len(RESULT_MARKER) :])
     return None
 
 
@@ -330,8 +363,14 @@ def peft_init(model_dir, out, r, init, device="cpu", num_hidden_layers=None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **kwargs)
     sync()
     t2 = time.perf_counter()
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0,
-                        init_lora_weights=init, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        init_lora_weights=init,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config)
     sync()
     t3 = time.perf_counter()
@@ -341,8 +380,14 @@ def peft_init(model_dir, out, r, init, device="cpu", num_hidden_layers=None):
     base = peft_model.unload()
     base.save_pretrained(os.path.join(out, "base"))
     t4 = time.perf_counter()
-    return {"import_s": t1 - t0, "load_s": t2 - t1, "init_s": t3 - t2, "save_s": t4 - t3, "total_s": t4 - t1,
-            "modules": modules}
+    return {
+        "import_s": t1 - t0,
+        "load_s": t2 - t1,
+        "init_s": t3 - t2,
+        "save_s": t4 - t3,
+        "total_s": t4 - t1,
+        "modules": modules,
+    }
 
 
 def loraforge_init(model_dir, out, method, r, device="cpu", svd="exact"):
@@ -356,8 +401,13 @@ def loraforge_init(model_dir, out, method, r, device="cpu", svd="exact"):
     t1 = time.perf_counter()
     result = init_adapter(model_dir, out, InitConfig(method=method, r=r, device=device, svd=svd))
     t2 = time.perf_counter()
-    return {"import_s": t1 - t0, "total_s": t2 - t1, "timings": result.manifest.get("timings"),
-            "path": result.manifest.get("path"), "modules": result.modules}
+    return {
+        "import_s": t1 - t0,
+        "total_s": t2 - t1,
+        "timings": result.manifest.get("timings"),
+        "path": result.manifest.get("path"),
+        "modules": result.modules,
+    }
 
 
 def gpu_measure(func_name, kwargs, warm_device="cuda"):
@@ -368,7 +418,6 @@ def gpu_measure(func_name, kwargs, warm_device="cuda"):
 
     t_imp = time.perf_counter()
     import torch
-
     import transformers  # noqa: F401  (both sides use it: loraforge for its meta skeleton)
 
     if func_name == "loraforge_init":
@@ -400,9 +449,11 @@ def gpu_measure(func_name, kwargs, warm_device="cuda"):
 def gpu_measure_script(func_name: str, kwargs: dict, warm_device: str) -> list[str]:
     """`python -c` running gpu_measure with the worker FUNC_NAME defined alongside it."""
     source = "\n".join(source_of(f) for f in (peft_init, loraforge_init, gpu_measure))
-    script = (f"{source}\nimport json as _json, sys as _sys\n"
-              f"_r = gpu_measure(*_json.loads(_sys.argv[1]))\n"
-              f"print({RESULT_MARKER!r} + _json.dumps(_r), flush=True)\n")
+    script = (
+        f"{source}\nimport json as _json, sys as _sys\n"
+        f"_r = gpu_measure(*_json.loads(_sys.argv[1]))\n"
+        f"print({RESULT_MARKER!r} + _json.dumps(_r), flush=True)\n"
+    )
     return [sys.executable, "-c", script, json.dumps([func_name, kwargs, warm_device])]
 
 
@@ -424,8 +475,15 @@ def _tensor_plan(config) -> list[tuple[str, tuple[int, ...]]]:
     return plan
 
 
-def write_random_checkpoint(path, preset: str, num_hidden_layers: int | None = None, seed: int = 0,
-                            shard_mib: int = 2048, device: str = "cpu", reuse: bool = True) -> dict:
+def write_random_checkpoint(
+    path,
+    preset: str,
+    num_hidden_layers: int | None = None,
+    seed: int = 0,
+    shard_mib: int = 2048,
+    device: str = "cpu",
+    reuse: bool = True,
+) -> dict:
     """Write a random bf16 Qwen2 checkpoint with PRESET's shapes (QWEN2_PRESETS) to PATH.
 
     Tensors are generated one at a time (N(0, 0.02) weights and biases, ones for norms; each seeded
@@ -435,7 +493,6 @@ def write_random_checkpoint(path, preset: str, num_hidden_layers: int | None = N
     existing directory made with the same settings is kept. Returns {"path", "reused", "seconds",
     "bytes"}.
     """
-    import torch
     from safetensors.torch import save_file
     from transformers import Qwen2Config
 
@@ -478,7 +535,8 @@ def write_random_checkpoint(path, preset: str, num_hidden_layers: int | None = N
         del tensors
     if len(shards) > 1:
         (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     config.save_pretrained(str(tmp))
     (tmp / "bench_checkpoint.json").write_text(json.dumps(marker))
     if path.exists():
@@ -533,8 +591,11 @@ def truncate_checkpoint(src, dst, num_layers: int) -> Path:
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
-                "config.json", "model.safetensors.index.json"):
+        if (
+            f.is_file()
+            and not f.name.endswith(".safetensors")
+            and f.name not in ("config.json", "model.safetensors.index.json")
+        ):
             shutil.copy2(f, tmp / f.name)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / "bench_truncated.json").write_text(json.dumps(marker))
@@ -552,8 +613,13 @@ def median(xs):
 
 
 def table(rows: list[list], header: list[str]) -> str:
-    cells = [[("" if c is None else c if isinstance(c, str) else f"{c:.3g}" if isinstance(c, float) else str(c))
-              for c in row] for row in [header] + rows]
+    cells = [
+        [
+            ("" if c is None else c if isinstance(c, str) else f"{c:.3g}" if isinstance(c, float) else str(c))
+            for c in row
+        ]
+        for row in [header] + rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

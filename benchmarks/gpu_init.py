@@ -47,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cuda:N, cpu")
     p.add_argument("--methods", default="rlpo,rlmo", help="loraforge methods, exact SVD [%(default)s]")
     p.add_argument("--peft-init", default="pissa", help="PEFT init_lora_weights [%(default)s]")
-    p.add_argument("--peft-layers", type=int, default=None, help="blocks PEFT runs on, then extrapolated [4; 2 with --tiny]")
+    p.add_argument(
+        "--peft-layers", type=int, default=None, help="blocks PEFT runs on, then extrapolated [4; 2 with --tiny]"
+    )
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT step")
     p.add_argument("--budget-s", type=float, default=450, help="stop starting steps after this many seconds")
     p.add_argument("--json", default=None, help="summary file [$OUT/gpu_init.json or ./gpu_init.json]")
@@ -72,8 +74,13 @@ def run_step(name: str, func_name: str, kwargs: dict, device: str, budget: Budge
         return {"skipped": f"budget ({left:.0f} s left)"}
     print(f"[{name}] running (timeout {left:.0f} s)", flush=True)
     res = C.run_measured(C.gpu_measure_script(func_name, kwargs, device), timeout=left)
-    rec = {"process_wall_s": res["wall_s"], "process_cpu_s": res["cpu_s"], "peak_rss_mib": res["peak_rss_mib"],
-           "rc": res["rc"], "timed_out": res["timed_out"]}
+    rec = {
+        "process_wall_s": res["wall_s"],
+        "process_cpu_s": res["cpu_s"],
+        "peak_rss_mib": res["peak_rss_mib"],
+        "rc": res["rc"],
+        "timed_out": res["timed_out"],
+    }
     inner = C.parse_result(res["stdout"])
     if inner is None:
         rec["error"] = C.tail(res["stderr"], 3000)
@@ -99,8 +106,15 @@ def main(argv=None) -> int:
     preset = "tiny" if args.tiny else "qwen2.5-7b"
     layers = C.QWEN2_PRESETS[preset]["num_hidden_layers"]
     ckpt = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "loraforge-bench" / f"{preset}-random"
-    summary = {"benchmark": "gpu_init", "preset": preset, "device": device, "r": args.r, "args": vars(args),
-               "machine": C.machine_info(), "steps": {}}
+    summary = {
+        "benchmark": "gpu_init",
+        "preset": preset,
+        "device": device,
+        "r": args.r,
+        "args": vars(args),
+        "machine": C.machine_info(),
+        "steps": {},
+    }
     out_json = Path(args.json) if args.json else Path(os.environ.get("OUT", ".")) / "gpu_init.json"
 
     def save():
@@ -109,18 +123,36 @@ def main(argv=None) -> int:
 
     print(f"[checkpoint] {ckpt} ({preset}, generated on {device})", flush=True)
     summary["checkpoint"] = C.write_random_checkpoint(ckpt, preset, device=device)
-    print(f"[checkpoint] {'reused' if summary['checkpoint']['reused'] else 'written'} "
-          f"{summary['checkpoint']['bytes'] / 2**30:.1f} GiB in {summary['checkpoint']['seconds']:.1f} s", flush=True)
+    print(
+        f"[checkpoint] {'reused' if summary['checkpoint']['reused'] else 'written'} "
+        f"{summary['checkpoint']['bytes'] / 2**30:.1f} GiB in {summary['checkpoint']['seconds']:.1f} s",
+        flush=True,
+    )
     save()
 
     work = Path(tempfile.mkdtemp(prefix="lf-bench-gpu-"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    plan = [(m, "loraforge_init", {"model_dir": str(ckpt), "out": str(work / m), "method": m, "r": args.r,
-                                   "device": device, "svd": "exact"}) for m in methods]
+    plan = [
+        (
+            m,
+            "loraforge_init",
+            {"model_dir": str(ckpt), "out": str(work / m), "method": m, "r": args.r, "device": device, "svd": "exact"},
+        )
+        for m in methods
+    ]
     if not args.no_peft:
-        peft = (f"peft-{args.peft_init}-{args.peft_layers}layers", "peft_init",
-                {"model_dir": str(ckpt), "out": str(work / "peft"), "r": args.r, "init": args.peft_init,
-                 "device": device, "num_hidden_layers": args.peft_layers})
+        peft = (
+            f"peft-{args.peft_init}-{args.peft_layers}layers",
+            "peft_init",
+            {
+                "model_dir": str(ckpt),
+                "out": str(work / "peft"),
+                "r": args.r,
+                "init": args.peft_init,
+                "device": device,
+                "num_hidden_layers": args.peft_layers,
+            },
+        )
         plan.insert(min(1, len(plan)), peft)  # after the first loraforge method, so a ratio exists early
     for name, func, kwargs in plan:
         summary["steps"][name] = run_step(name, func, kwargs, device, budget)
@@ -143,21 +175,34 @@ def headline(steps: dict, methods: list[str], args, layers: int) -> dict:
     if peft and "init_s" in peft:
         scale = layers / args.peft_layers
         peft_full = peft["init_s"] * scale
-        out["peft"] = {"init": args.peft_init, "layers_run": args.peft_layers, "init_s": peft["init_s"], "modules": peft.get("modules"),
-                       "load_s": peft.get("load_s"), "save_s": peft.get("save_s"), "end_to_end_s": peft.get("wall_s"),
-                       "init_s_extrapolated": peft_full, "extrapolation": f"init_s x {layers}/{args.peft_layers}",
-                       "gpu_peak_alloc_mib": peft.get("gpu_peak_alloc_mib")}
+        out["peft"] = {
+            "init": args.peft_init,
+            "layers_run": args.peft_layers,
+            "init_s": peft["init_s"],
+            "modules": peft.get("modules"),
+            "load_s": peft.get("load_s"),
+            "save_s": peft.get("save_s"),
+            "end_to_end_s": peft.get("wall_s"),
+            "init_s_extrapolated": peft_full,
+            "extrapolation": f"init_s x {layers}/{args.peft_layers}",
+            "gpu_peak_alloc_mib": peft.get("gpu_peak_alloc_mib"),
+        }
     for m in methods:
         st = steps.get(m, {})
         if "wall_s" not in st:
             out[m] = {"missing": st.get("skipped") or "failed"}
             continue
         gpu_gib = st.get("gpu_peak_alloc_mib", 0) / 1024 if "gpu_peak_alloc_mib" in st else None
-        out[m] = {"end_to_end_s": st["wall_s"], "process_wall_s": st["process_wall_s"], "timings": st.get("timings"),
-                  "gpu_peak_alloc_gib": gpu_gib, "peak_rss_gib": st["peak_rss_mib"] / 1024,
-                  "x_vs_peft_init_extrapolated": (peft_full / st["wall_s"]) if peft_full else None,
-                  "target_time_pass": st["wall_s"] <= TARGET_S,
-                  "target_gpu_pass": (gpu_gib <= TARGET_GPU_GIB) if gpu_gib is not None else None}
+        out[m] = {
+            "end_to_end_s": st["wall_s"],
+            "process_wall_s": st["process_wall_s"],
+            "timings": st.get("timings"),
+            "gpu_peak_alloc_gib": gpu_gib,
+            "peak_rss_gib": st["peak_rss_mib"] / 1024,
+            "x_vs_peft_init_extrapolated": (peft_full / st["wall_s"]) if peft_full else None,
+            "target_time_pass": st["wall_s"] <= TARGET_S,
+            "target_gpu_pass": (gpu_gib <= TARGET_GPU_GIB) if gpu_gib is not None else None,
+        }
     return out
 
 

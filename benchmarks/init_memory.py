@@ -60,14 +60,37 @@ def measure(cmd: list[str], out: Path, timeout: float) -> dict:
     res = C.run_measured(cmd, timeout=timeout)
     shutil.rmtree(out, ignore_errors=True)
     if res["rc"] != 0:
-        raise RuntimeError(f"{cmd[:3]}... failed (rc={res['rc']}, timed_out={res['timed_out']}):\n{C.tail(res['stderr'])}")
-    return {k: res[k] for k in ("wall_s", "cpu_s", "peak_rss_mib", "sampled_peak_hwm_mib", "sampled_peak_anon_mib",
-                                "sampled_peak_file_mib")}
+        raise RuntimeError(
+            f"{cmd[:3]}... failed (rc={res['rc']}, timed_out={res['timed_out']}):\n{C.tail(res['stderr'])}"
+        )
+    return {
+        k: res[k]
+        for k in (
+            "wall_s",
+            "cpu_s",
+            "peak_rss_mib",
+            "sampled_peak_hwm_mib",
+            "sampled_peak_anon_mib",
+            "sampled_peak_file_mib",
+        )
+    }
 
 
 def loraforge_command(args, ckpt: Path, out: Path) -> list[str]:
-    return [*C.loraforge_cli(), "init", str(ckpt), "--method", args.method, "-r", str(args.r), "-o", str(out),
-            "--device", args.device, *args.extra.split()]
+    return [
+        *C.loraforge_cli(),
+        "init",
+        str(ckpt),
+        "--method",
+        args.method,
+        "-r",
+        str(args.r),
+        "-o",
+        str(out),
+        "--device",
+        args.device,
+        *args.extra.split(),
+    ]
 
 
 def main(argv=None) -> int:
@@ -85,35 +108,62 @@ def main(argv=None) -> int:
     runs = []
     sides = [("loraforge " + args.method, loraforge_command(args, ckpt, work / "loraforge"), work / "loraforge")]
     if args.peft:
-        sides.append((f"peft {args.peft_init}", C.function_script(C.peft_init, [str(ckpt), str(work / "peft"), args.r,
-                                                                               args.peft_init, "cpu"]), work / "peft"))
+        sides.append(
+            (
+                f"peft {args.peft_init}",
+                C.function_script(C.peft_init, [str(ckpt), str(work / "peft"), args.r, args.peft_init, "cpu"]),
+                work / "peft",
+            )
+        )
     for i in range(args.repeats):
         for name, cmd, out in sides:
             rec = measure(cmd, out, args.timeout)
             rec.update({"side": name, "round": i})
             runs.append(rec)
-            print(f"  {name:<26} {rec['wall_s']:8.1f} s  peak RSS {rec['peak_rss_mib'] / 1024:.2f} GiB "
-                  f"(sampled anon {rec['sampled_peak_anon_mib'] / 1024:.2f}, file {rec['sampled_peak_file_mib'] / 1024:.2f})",
-                  flush=True)
+            print(
+                f"  {name:<26} {rec['wall_s']:8.1f} s  peak RSS {rec['peak_rss_mib'] / 1024:.2f} GiB "
+                f"(sampled anon {rec['sampled_peak_anon_mib'] / 1024:.2f}, file {rec['sampled_peak_file_mib'] / 1024:.2f})",
+                flush=True,
+            )
     shutil.rmtree(work, ignore_errors=True)
 
     rows = []
     for name, _, _ in sides:
         mine = [r for r in runs if r["side"] == name]
-        rows.append({"side": name, "n": len(mine), "median_wall_s": C.median([r["wall_s"] for r in mine]),
-                     "peak_rss_gib": max(r["peak_rss_mib"] for r in mine) / 1024})
+        rows.append(
+            {
+                "side": name,
+                "n": len(mine),
+                "median_wall_s": C.median([r["wall_s"] for r in mine]),
+                "peak_rss_gib": max(r["peak_rss_mib"] for r in mine) / 1024,
+            }
+        )
     print(f"\n== peak RSS, {made['bytes'] / 2**30:.2f} GiB checkpoint ==")
-    print(C.table([[r["side"], r["n"], f"{r['median_wall_s']:.1f}", f"{r['peak_rss_gib']:.2f}"] for r in rows],
-                  ["side", "n", "median wall s", "peak RSS GiB"]))
+    print(
+        C.table(
+            [[r["side"], r["n"], f"{r['median_wall_s']:.1f}", f"{r['peak_rss_gib']:.2f}"] for r in rows],
+            ["side", "n", "median wall s", "peak RSS GiB"],
+        )
+    )
     lf = rows[0]["peak_rss_gib"]
     full = args.preset == "qwen2.5-1.5b" and not args.layers
-    print(f"\n  {'PASS' if lf < LIMIT_GIB else 'FAIL'}  loraforge {args.method} peak RSS {lf:.2f} GiB < {LIMIT_GIB} GiB"
-          + ("" if full else "  (not the full 1.5B shapes: the target applies to those)"))
+    print(
+        f"\n  {'PASS' if lf < LIMIT_GIB else 'FAIL'}  loraforge {args.method} peak RSS {lf:.2f} GiB < {LIMIT_GIB} GiB"
+        + ("" if full else "  (not the full 1.5B shapes: the target applies to those)")
+    )
     info["load_avg_end"] = list(os.getloadavg())
-    result = {"benchmark": "init_memory", "args": vars(args), "checkpoint": made, "machine": info, "summary": rows,
-              "target": {"limit_gib": LIMIT_GIB, "value_gib": lf, "pass": lf < LIMIT_GIB, "full_shapes": full},
-              "runs": runs}
-    path = args.json or Path(__file__).resolve().parent / "results" / f"init_memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    result = {
+        "benchmark": "init_memory",
+        "args": vars(args),
+        "checkpoint": made,
+        "machine": info,
+        "summary": rows,
+        "target": {"limit_gib": LIMIT_GIB, "value_gib": lf, "pass": lf < LIMIT_GIB, "full_shapes": full},
+        "runs": runs,
+    }
+    path = (
+        args.json or Path(__file__).resolve().parent / "results" / f"init_memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     C.write_json(path, result)
     print(f"results: {path}")
     return 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import re
 import shutil
@@ -57,20 +56,32 @@ REF, REF_FAST = "peft-pissa", "peft-pissa_niter_16"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint directory (safetensors) [%(default)s]")
     p.add_argument("--r", type=int, default=32, help="adapter rank [%(default)s]")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case and mode [%(default)s]")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing (both modes) [%(default)s]")
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma list of {', '.join(CASES)}; {REF} (and {REF_FAST} with pissa-fast) are added as "
-                        "references [all]")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs per case before timing (both modes) [%(default)s]"
+    )
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma list of {', '.join(CASES)}; {REF} (and {REF_FAST} with pissa-fast) are added as references [all]",
+    )
     p.add_argument("--modes", default="inproc,process", help="inproc, process or both [%(default)s]")
     p.add_argument("--device", default="auto", help="where decompositions run: auto (cuda if present), cpu, cuda")
-    p.add_argument("--layers", type=int, default=None,
-                   help="use a copy of the checkpoint truncated to its first N blocks (both sides), for quick checks")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="use a copy of the checkpoint truncated to its first N blocks (both sides), for quick checks",
+    )
     p.add_argument("--quick", action="store_true", help="shorthand for --layers 4 --repeats 1 --warmup 0")
-    p.add_argument("--energy-every", type=int, default=5, help="energy check on every Nth block (0: skip) [%(default)s]")
+    p.add_argument(
+        "--energy-every", type=int, default=5, help="energy check on every Nth block (0: skip) [%(default)s]"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (and OMP_NUM_THREADS of the children)")
     p.add_argument("--workdir", default=None, help="scratch directory for outputs [a temp dir]")
     p.add_argument("--json", default=None, help="raw results file [benchmarks/results/init_speed-<time>.json]")
@@ -132,7 +143,19 @@ def process_command(case: str, model: str, out: Path, r: int, device: str) -> li
     """The command a user runs: `loraforge init ...`, or `python -c "<PEFT code>"`."""
     side, settings = CASES[case]
     if side == "loraforge":
-        cmd = [*C.loraforge_cli(), "init", model, "--method", settings["method"], "-r", str(r), "-o", str(out), "--device", device]
+        cmd = [
+            *C.loraforge_cli(),
+            "init",
+            model,
+            "--method",
+            settings["method"],
+            "-r",
+            str(r),
+            "-o",
+            str(out),
+            "--device",
+            device,
+        ]
         return cmd + (["--svd", "fast"] if settings["svd"] == "fast" else [])
     return C.function_script(C.peft_init, [model, str(out), r, settings["init"], device])
 
@@ -141,15 +164,22 @@ def run_process(case: str, model: str, out: Path, r: int, device: str, env: dict
     res = C.run_measured(process_command(case, model, out, r, device), env=env, timeout=timeout)
     if res["rc"] != 0:
         raise RuntimeError(f"{case} failed (rc={res['rc']}, timed_out={res['timed_out']}):\n{C.tail(res['stderr'])}")
-    return {"seconds": res["wall_s"], "cpu_s": res["cpu_s"], "peak_rss_mib": res["peak_rss_mib"],
-            "sampled_peak_hwm_mib": res["sampled_peak_hwm_mib"], "sampled_peak_anon_mib": res["sampled_peak_anon_mib"], "sampled_peak_file_mib": res["sampled_peak_file_mib"]}
+    return {
+        "seconds": res["wall_s"],
+        "cpu_s": res["cpu_s"],
+        "peak_rss_mib": res["peak_rss_mib"],
+        "sampled_peak_hwm_mib": res["sampled_peak_hwm_mib"],
+        "sampled_peak_anon_mib": res["sampled_peak_anon_mib"],
+        "sampled_peak_file_mib": res["sampled_peak_file_mib"],
+    }
 
 
 # --------------------------------------------------------------------------- alternation
 
 
-def alternate(mode: str, cases: list[str], args, model: str, device: str, work: Path, env: dict,
-              keep: dict[str, Path]) -> list[dict]:
+def alternate(
+    mode: str, cases: list[str], args, model: str, device: str, work: Path, env: dict, keep: dict[str, Path]
+) -> list[dict]:
     """Warm-up rounds (excluded), then --repeats rounds; order reversed every other round.
     The last timed in-process output of each case is kept in KEEP for the energy check."""
     records = []
@@ -165,12 +195,23 @@ def alternate(mode: str, cases: list[str], args, model: str, device: str, work: 
                 rec = run_inproc(case, model, out, args.r, device)
             else:
                 rec = run_process(case, model, out, args.r, device, env, args.timeout)
-            rec.update({"mode": mode, "case": case, "round": rnd, "warmup": warm, "load_avg_1m": os.getloadavg()[0],
-                        "loraforge_commit": C.loraforge_commit()})
+            rec.update(
+                {
+                    "mode": mode,
+                    "case": case,
+                    "round": rnd,
+                    "warmup": warm,
+                    "load_avg_1m": os.getloadavg()[0],
+                    "loraforge_commit": C.loraforge_commit(),
+                }
+            )
             records.append(rec)
             label = "warm-up" if warm else f"round {rnd - args.warmup + 1}/{args.repeats}"
-            print(f"  [{mode} {label}] {case:<22} {rec['seconds']:8.2f} s"
-                  + (f"  rss {rec['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in rec else ""), flush=True)
+            print(
+                f"  [{mode} {label}] {case:<22} {rec['seconds']:8.2f} s"
+                + (f"  rss {rec['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in rec else ""),
+                flush=True,
+            )
             if not warm and rnd == total_rounds - 1 and mode == "inproc":
                 keep[case] = out
             else:
@@ -202,7 +243,7 @@ def _adapter_A(adapter_dir: Path) -> dict[str, "torch.Tensor"]:
     for k, v in sd.items():
         if k.endswith(".lora_A.weight"):
             name = k[: -len(".lora_A.weight")]
-            name = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+            name = name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
             out[name] = v
     return out
 
@@ -234,9 +275,12 @@ def captured_energy(model: str, adapters: dict[str, Path], r: int, every: int) -
             Q, _ = torch.linalg.qr(a[name].double().T)  # orthonormal basis of A0's row space
             e = (W @ Q).pow(2).sum() / total
             per[label].append(float((ref - e) / ref))
-    summary = {"modules_checked": len(ref_energy), "blocks_every": every,
-               "reference_energy_mean": sum(ref_energy) / max(len(ref_energy), 1),
-               "modules_in_adapter": {label: len(a) for label, a in As.items()}}
+    summary = {
+        "modules_checked": len(ref_energy),
+        "blocks_every": every,
+        "reference_energy_mean": sum(ref_energy) / max(len(ref_energy), 1),
+        "modules_in_adapter": {label: len(a) for label, a in As.items()},
+    }
     for label, xs in per.items():
         summary[label] = {"mean_rel_shortfall": sum(xs) / max(len(xs), 1), "max_rel_shortfall": max(xs, default=None)}
     return summary
@@ -271,9 +315,17 @@ def summarise(records: list[dict], cases: list[str], modes: list[str]) -> list[d
             if not timed:
                 continue
             med[case] = C.median([r["seconds"] for r in timed])
-            row = {"mode": mode, "case": case, "n": len(timed), "median_s": med[case],
-                   "min_s": min(r["seconds"] for r in timed), "median_cpu_s": C.median([r["cpu_s"] for r in timed])}
-            rss = [r["peak_rss_mib"] for r in records if r["mode"] == mode and r["case"] == case and "peak_rss_mib" in r]
+            row = {
+                "mode": mode,
+                "case": case,
+                "n": len(timed),
+                "median_s": med[case],
+                "min_s": min(r["seconds"] for r in timed),
+                "median_cpu_s": C.median([r["cpu_s"] for r in timed]),
+            }
+            rss = [
+                r["peak_rss_mib"] for r in records if r["mode"] == mode and r["case"] == case and "peak_rss_mib" in r
+            ]
             row["peak_rss_mib"] = max(rss) if rss else None
             gpu = [r["gpu_peak_mib"] for r in timed if "gpu_peak_mib" in r]
             row["gpu_peak_mib"] = max(gpu) if gpu else None
@@ -320,17 +372,52 @@ def print_report(rows, energy, targets) -> None:
         return "" if v is None else format(v, spec)
 
     print("\n== init speed (median of timed runs; x = PEFT median / this median) ==")
-    print(C.table([[r["mode"], r["case"], r["n"], f(r["median_s"], ".2f"), f(r["min_s"], ".2f"),
-                    f(r["median_cpu_s"], ".1f"), f(r["x_vs_peft_pissa"], ".2f"), f(r["x_vs_peft_niter16"], ".2f"),
-                    f(r["peak_rss_mib"], ".0f"), f(r["gpu_peak_mib"], ".0f")] for r in rows],
-                  ["mode", "case", "n", "median s", "min s", "cpu s", "x vs peft-pissa", "x vs peft-niter16",
-                   "peak RSS MiB", "GPU peak MiB"]))
+    print(
+        C.table(
+            [
+                [
+                    r["mode"],
+                    r["case"],
+                    r["n"],
+                    f(r["median_s"], ".2f"),
+                    f(r["min_s"], ".2f"),
+                    f(r["median_cpu_s"], ".1f"),
+                    f(r["x_vs_peft_pissa"], ".2f"),
+                    f(r["x_vs_peft_niter16"], ".2f"),
+                    f(r["peak_rss_mib"], ".0f"),
+                    f(r["gpu_peak_mib"], ".0f"),
+                ]
+                for r in rows
+            ],
+            [
+                "mode",
+                "case",
+                "n",
+                "median s",
+                "min s",
+                "cpu s",
+                "x vs peft-pissa",
+                "x vs peft-niter16",
+                "peak RSS MiB",
+                "GPU peak MiB",
+            ],
+        )
+    )
     if energy:
-        print(f"\n== captured energy, {energy['modules_checked']} modules (every {energy['blocks_every']}th block), "
-              f"float64 reference mean {energy['reference_energy_mean']:.4f} ==")
-        print(C.table([[k, f(v["mean_rel_shortfall"], ".3e"), f(v["max_rel_shortfall"], ".3e")]
-                       for k, v in energy.items() if isinstance(v, dict) and "mean_rel_shortfall" in v],
-                      ["adapter", "mean rel shortfall", "max rel shortfall"]))
+        print(
+            f"\n== captured energy, {energy['modules_checked']} modules (every {energy['blocks_every']}th block), "
+            f"float64 reference mean {energy['reference_energy_mean']:.4f} =="
+        )
+        print(
+            C.table(
+                [
+                    [k, f(v["mean_rel_shortfall"], ".3e"), f(v["max_rel_shortfall"], ".3e")]
+                    for k, v in energy.items()
+                    if isinstance(v, dict) and "mean_rel_shortfall" in v
+                ],
+                ["adapter", "mean rel shortfall", "max rel shortfall"],
+            )
+        )
     if targets:
         print("\n== issue 3 targets ==")
         for t in targets:
@@ -363,15 +450,18 @@ def main(argv=None) -> int:
         print(f"using {model} (first {args.layers} blocks)")
 
     t0 = time.perf_counter()
-    import loraforge.adapters.build  # noqa: F401  (imports done once for the in-process mode)
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
+    import loraforge.adapters.build  # noqa: F401  (imports done once for the in-process mode)
+
     import_s = time.perf_counter() - t0
     info = C.machine_info()
-    print(f"{info['cpu_model']}, {info['cpu_affinity']} cores, torch {info['versions']['torch']} "
-          f"({info['torch_threads']} threads), device {device}, load {info['load_avg'][0]:.1f}; "
-          f"loraforge {info.get('loraforge_commit', '?')[:10]}{' (dirty)' if info.get('loraforge_dirty') else ''}")
+    print(
+        f"{info['cpu_model']}, {info['cpu_affinity']} cores, torch {info['versions']['torch']} "
+        f"({info['torch_threads']} threads), device {device}, load {info['load_avg'][0]:.1f}; "
+        f"loraforge {info.get('loraforge_commit', '?')[:10]}{' (dirty)' if info.get('loraforge_dirty') else ''}"
+    )
     print(f"model {model}, r={args.r}, cases {cases}, modes {modes}, repeats {args.repeats}, warmup {args.warmup}")
 
     env = dict(os.environ)
@@ -393,10 +483,22 @@ def main(argv=None) -> int:
         print(f"\nWARNING: loraforge changed during the run ({', '.join(commits)}): the numbers mix versions.")
 
     info["load_avg_end"] = list(os.getloadavg())
-    result = {"benchmark": "init_speed", "args": vars(args), "model": model, "device": device, "cases": cases,
-              "machine": info, "inproc_import_s": import_s, "summary": rows, "energy": energy,
-              "targets": targets, "runs": records}
-    path = args.json or Path(__file__).resolve().parent / "results" / f"init_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    result = {
+        "benchmark": "init_speed",
+        "args": vars(args),
+        "model": model,
+        "device": device,
+        "cases": cases,
+        "machine": info,
+        "inproc_import_s": import_s,
+        "summary": rows,
+        "energy": energy,
+        "targets": targets,
+        "runs": records,
+    }
+    path = (
+        args.json or Path(__file__).resolve().parent / "results" / f"init_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     C.write_json(path, result)
     print(f"\nraw results: {path}")
     return 0

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -35,11 +34,27 @@ sys.path.insert(0, str(ROOT))
 SECTION = "## Rollout throughput (issue 7)"
 SHAPES = {
     # HuggingFaceTB/SmolLM2-135M-Instruct
-    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "smollm2-135m": dict(
+        arch="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
     # Qwen/Qwen2.5-1.5B-Instruct (the paper's 1.5B runs use DeepSeek-R1-Distill-Qwen-1.5B, same shapes)
-    "qwen2.5-1.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(
+        arch="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -83,8 +98,8 @@ def _sync(device: str) -> None:
 
 
 def bench_transformers(model, prompts, G, L, micro, repeats, device):
-    from loraforge.sampling.generation import SamplingParams, generate
     from loraforge.rl.trainer import response_logprobs
+    from loraforge.sampling.generation import SamplingParams, generate
 
     tok = StubTokenizer()
     params = SamplingParams(n=G, max_new_tokens=L, temperature=1.0)
@@ -106,8 +121,12 @@ def bench_transformers(model, prompts, G, L, micro, repeats, device):
         t = time.perf_counter()
         tokens = 0
         for i in range(0, out.response_ids.shape[0], micro):
-            batch = {"prompt_ids": out.prompt_ids[i:i + micro], "prompt_mask": out.prompt_mask[i:i + micro],
-                     "response_ids": out.response_ids[i:i + micro], "response_mask": out.response_mask[i:i + micro]}
+            batch = {
+                "prompt_ids": out.prompt_ids[i : i + micro],
+                "prompt_mask": out.prompt_mask[i : i + micro],
+                "response_ids": out.response_ids[i : i + micro],
+                "response_mask": out.response_mask[i : i + micro],
+            }
             logp, _ = response_logprobs(model, batch, 1.0)
             mask = batch["response_mask"].to(logp.device)
             (-(logp * mask).sum() / mask.sum()).backward()
@@ -120,13 +139,22 @@ def bench_transformers(model, prompts, G, L, micro, repeats, device):
 
 
 def bench_vllm(model, base_dir: Path, prompts, G, L, repeats, dtype_name, gpu_memory):
-    from vllm import LLM, SamplingParams as VSampling
+    from vllm import LLM
+    from vllm import SamplingParams as VSampling
     from vllm.lora.request import LoRARequest
 
     tmp = base_dir.parent
-    llm = LLM(model=str(base_dir), skip_tokenizer_init=True, enable_lora=True, max_lora_rank=16, max_loras=1,
-              dtype=dtype_name, gpu_memory_utilization=gpu_memory, seed=0,
-              max_model_len=max(len(p) for p in prompts) + L + 8)
+    llm = LLM(
+        model=str(base_dir),
+        skip_tokenizer_init=True,
+        enable_lora=True,
+        max_lora_rank=16,
+        max_loras=1,
+        dtype=dtype_name,
+        gpu_memory_utilization=gpu_memory,
+        seed=0,
+        max_model_len=max(len(p) for p in prompts) + L + 8,
+    )
     sp = VSampling(n=G, temperature=1.0, max_tokens=L, ignore_eos=True, detokenize=False, logprobs=0)
     batch = [{"prompt_token_ids": p} for p in prompts]
     t = time.perf_counter()
@@ -168,16 +196,18 @@ def write_results(path: Path, rows: list[dict], header: str) -> None:
     if SECTION in text:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
-        body = text[start: nxt if nxt >= 0 else len(text)]
+        body = text[start : nxt if nxt >= 0 else len(text)]
         for line in body.splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if line.startswith("|") and len(cells) == len(cols) and cells[0] not in ("date", "---"):
                 old_rows.append(cells)
-        text = text[:start] + text[nxt + 1:] if nxt >= 0 else text[:start]
+        text = text[:start] + text[nxt + 1 :] if nxt >= 0 else text[:start]
     new = [[r[c] for c in cols] for r in rows]
     keys = {tuple(r[1:6]) for r in new}
     kept = [r for r in old_rows if tuple(r[1:6]) not in keys]
-    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in kept + new]
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(r) + " |" for r in kept + new
+    ]
     section = f"{SECTION}\n\n{header}\n\n" + "\n".join(table) + "\n"
     path.write_text(text.rstrip("\n") + "\n\n" + section)
 
@@ -185,22 +215,35 @@ def write_results(path: Path, rows: list[dict], header: str) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: smollm2-135m on CPU, qwen2.5-1.5b on CUDA")
+    ap.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="default: smollm2-135m on CPU, qwen2.5-1.5b on CUDA"
+    )
     ap.add_argument("--prompts", type=int, default=None, help="P (default 2 on CPU, 32 on CUDA)")
     ap.add_argument("--group-size", type=int, default=None, help="G (default 4 on CPU, 8 on CUDA)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per sample (default 32 on CPU, 256 on CUDA)")
+    ap.add_argument(
+        "--new-tokens", type=int, default=None, help="new tokens per sample (default 32 on CPU, 256 on CUDA)"
+    )
     ap.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default 32 on CPU, 256 on CUDA)")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads on CPU (default 1: on a shared machine, threads that wait for busy cores "
-                         "made generation 30x slower in our measurements)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on CPU (default 1: on a shared machine, threads that wait for busy cores "
+        "made generation 30x slower in our measurements)",
+    )
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM even when it is installed")
     ap.add_argument("--vllm-gpu-memory", type=float, default=0.5)
     ap.add_argument("--time-limit", type=float, default=480, help="skip the parts that would start after this many s")
-    ap.add_argument("--write", nargs="?", const=str(ROOT / "benchmarks" / "RESULTS.md"), default=None,
-                    help="record the figures in this markdown file (default benchmarks/RESULTS.md)")
+    ap.add_argument(
+        "--write",
+        nargs="?",
+        const=str(ROOT / "benchmarks" / "RESULTS.md"),
+        default=None,
+        help="record the figures in this markdown file (default benchmarks/RESULTS.md)",
+    )
     ap.add_argument("--json", default=None, help="also write the raw figures as JSON here")
     a = ap.parse_args(argv)
     cuda = a.device.startswith("cuda")
@@ -216,8 +259,10 @@ def main(argv=None):
     load0 = os.getloadavg()
     device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
     mach = machine()
-    print(f"device: {device_name} ({mach}); shape {shape}, P {P} x G {G} x {L} new tokens, prompt {PL}, {dtype_name}",
-          flush=True)
+    print(
+        f"device: {device_name} ({mach}); shape {shape}, P {P} x G {G} x {L} new tokens, prompt {PL}, {dtype_name}",
+        flush=True,
+    )
 
     base = build_model(shape, getattr(torch, dtype_name), a.device)
     want_vllm = cuda and not a.no_vllm
@@ -242,9 +287,19 @@ def main(argv=None):
     def row(engine, part, tps, secs):
         la = os.getloadavg()
         cpu_label = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
-        rows.append({"date": date, "device": device_name if cuda else cpu_label, "engine": engine,
-                     "part": part, "shape": shape, "P x G x new (prompt)": setting, "tokens/s": f"{tps:.1f}",
-                     "s/call": f"{secs:.2f}", "load avg": f"{la[0]:.2f}"})
+        rows.append(
+            {
+                "date": date,
+                "device": device_name if cuda else cpu_label,
+                "engine": engine,
+                "part": part,
+                "shape": shape,
+                "P x G x new (prompt)": setting,
+                "tokens/s": f"{tps:.1f}",
+                "s/call": f"{secs:.2f}",
+                "load avg": f"{la[0]:.2f}",
+            }
+        )
         print(f"{engine:>12} {part:<20} {tps:10.1f} tokens/s   {secs:.2f} s/call   (load avg {la[0]:.2f})", flush=True)
 
     roll, upd = bench_transformers(model, prompts, G, L, a.micro_batch, a.repeats, a.device)
@@ -264,9 +319,23 @@ def main(argv=None):
     load1 = os.getloadavg()
     print(f"load average {load0[0]:.2f} -> {load1[0]:.2f}; {time.perf_counter() - t_start:.0f} s in all", flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps({"device": device_name, "machine": mach, "shape": shape, "P": P, "G": G,
-                                            "new_tokens": L, "prompt_tokens": PL, "dtype": dtype_name,
-                                            "results": results, "loadavg": [load0, load1]}, indent=2))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "device": device_name,
+                    "machine": mach,
+                    "shape": shape,
+                    "P": P,
+                    "G": G,
+                    "new_tokens": L,
+                    "prompt_tokens": PL,
+                    "dtype": dtype_name,
+                    "results": results,
+                    "loadavg": [load0, load1],
+                },
+                indent=2,
+            )
+        )
     if a.write:
         header = (
             "`python benchmarks/rollout_throughput.py [--device cuda] --write`: random weights with the named model's "

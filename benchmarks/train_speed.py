@@ -80,12 +80,36 @@ def run_loraforge(a) -> dict:
     P, G, T = SETTINGS[a.setting]
     out = Path(tempfile.mkdtemp(prefix="fastroll-bench-lf-"))
     cfg = TrainConfig(
-        model=a.model, adapter=a.adapter, output_dir=str(out / "run"), data=f"synthetic:n={P},max=20,ops=+",
-        reward="dapo", prompt_template="dapo", chat_template=True, max_response_length=T, overlong_buffer=0,
-        group_size=G, prompt_batch=P, mini_batch=P, micro_batch=MICRO, epochs=1, rollout_batch_size=P * G,
-        temperature=1.0, top_p=1.0, top_k=-1, kl_beta=0.0, dynamic_sampling=False, lr=1e-5, weight_decay=0.1,
-        grad_clip=1.0, lr_schedule="constant", steps=a.warmup + a.steps, seed=a.seed, dtype="float32",
-        device="cpu", save_every=0, tensorboard=False,
+        model=a.model,
+        adapter=a.adapter,
+        output_dir=str(out / "run"),
+        data=f"synthetic:n={P},max=20,ops=+",
+        reward="dapo",
+        prompt_template="dapo",
+        chat_template=True,
+        max_response_length=T,
+        overlong_buffer=0,
+        group_size=G,
+        prompt_batch=P,
+        mini_batch=P,
+        micro_batch=MICRO,
+        epochs=1,
+        rollout_batch_size=P * G,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        kl_beta=0.0,
+        dynamic_sampling=False,
+        lr=1e-5,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        lr_schedule="constant",
+        steps=a.warmup + a.steps,
+        seed=a.seed,
+        dtype="float32",
+        device="cpu",
+        save_every=0,
+        tensorboard=False,
     )
     gen_times: list[float] = []
 
@@ -95,12 +119,15 @@ def run_loraforge(a) -> dict:
             out = fn(*args, **kw)
             gen_times.append(time.perf_counter() - t)
             return out
+
         return timed_generate
 
     tr = trainer_mod.Trainer(cfg, echo=lambda s: None)
     if not hasattr(trainer_mod, "generate"):
         tr.setup()
-        tr.rollout.generate = timed(tr.rollout.generate)  # the rollout backend (loraforge.sampling.generation by default)
+        tr.rollout.generate = timed(
+            tr.rollout.generate
+        )  # the rollout backend (loraforge.sampling.generation by default)
     else:  # builds before the rollout backends: the trainer called loraforge.sampling.generation.generate itself
         trainer_mod.generate = timed(trainer_mod.generate)
         tr.setup()
@@ -110,8 +137,15 @@ def run_loraforge(a) -> dict:
         t, c = time.perf_counter(), time.process_time()
         m = tr.step(s)
         dt = time.perf_counter() - t
-        steps.append({"time": dt, "cpu": time.process_time() - c, "gen": sum(gen_times),
-                      "tokens": round(m["response_len"] * P * G), "reward": m["reward"]})
+        steps.append(
+            {
+                "time": dt,
+                "cpu": time.process_time() - c,
+                "gen": sum(gen_times),
+                "tokens": round(m["response_len"] * P * G),
+                "reward": m["reward"],
+            }
+        )
     return {"steps": steps}
 
 
@@ -131,12 +165,14 @@ def run_trl(a) -> dict:
     examples, texts, user = prompts_and_answers(tok, P)
     # the same prompt tokens as loraforge's: TRL applies the chat template to the messages itself
     ours = tok(texts[0], add_special_tokens=False)["input_ids"]
-    theirs = tok.apply_chat_template([{"role": "user", "content": user[0]}], add_generation_prompt=True,
-                                     tokenize=True, return_dict=True)["input_ids"]
+    theirs = tok.apply_chat_template(
+        [{"role": "user", "content": user[0]}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     if list(ours) != list(theirs):
         print(f"warning: prompt tokens differ ({len(ours)} vs {len(theirs)})", file=sys.stderr)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": u}], "answer": e.ground_truth}
-                            for u, e in zip(user, examples)])
+    ds = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": u}], "answer": e.ground_truth} for u, e in zip(user, examples)]
+    )
     base = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, a.adapter, is_trainable=True)
 
@@ -173,16 +209,42 @@ def run_trl(a) -> dict:
     out = tempfile.mkdtemp(prefix="fastroll-bench-trl-")
     rows = P * G
     args = GRPOConfig(
-        output_dir=out, per_device_train_batch_size=min(MICRO, rows), gradient_accumulation_steps=max(1, rows // MICRO),
-        num_generations=G, max_completion_length=T, temperature=1.0, top_p=1.0, top_k=0,
-        beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, num_iterations=1, scale_rewards="group",
-        learning_rate=1e-5, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-        lr_scheduler_type="constant", warmup_steps=0, max_steps=a.warmup + a.steps, seed=a.seed,
-        bf16=False, gradient_checkpointing=False, use_cpu=True, logging_steps=1, save_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=out,
+        per_device_train_batch_size=min(MICRO, rows),
+        gradient_accumulation_steps=max(1, rows // MICRO),
+        num_generations=G,
+        max_completion_length=T,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        num_iterations=1,
+        scale_rewards="group",
+        learning_rate=1e-5,
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=a.warmup + a.steps,
+        seed=a.seed,
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[Clock()])
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
+    )
     trainer.train()
     return {"steps": steps}
 
@@ -193,29 +255,53 @@ def child(a) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     result = run_loraforge(a) if a.child == "loraforge" else run_trl(a)
-    timed = result["steps"][a.warmup:]
+    timed = result["steps"][a.warmup :]
     total = sum(s["time"] for s in timed)
-    result.update({
-        "impl": a.child, "setting": a.setting, "threads": torch.get_num_threads(),
-        "s_per_step": statistics.median(s["time"] for s in timed),
-        "cpu_s_per_step": statistics.median(s["cpu"] for s in timed),
-        "tokens_per_s": sum(s["tokens"] for s in timed) / total,
-        "gen_s_per_step": statistics.median(s["gen"] for s in timed),
-        "rest_s_per_step": statistics.median(s["time"] - s["gen"] for s in timed),
-        "tokens_per_step": statistics.mean(s["tokens"] for s in timed),
-        "peak_rss_mb": peak_rss_mb(),
-    })
+    result.update(
+        {
+            "impl": a.child,
+            "setting": a.setting,
+            "threads": torch.get_num_threads(),
+            "s_per_step": statistics.median(s["time"] for s in timed),
+            "cpu_s_per_step": statistics.median(s["cpu"] for s in timed),
+            "tokens_per_s": sum(s["tokens"] for s in timed) / total,
+            "gen_s_per_step": statistics.median(s["gen"] for s in timed),
+            "rest_s_per_step": statistics.median(s["time"] - s["gen"] for s in timed),
+            "tokens_per_step": statistics.mean(s["tokens"] for s in timed),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # the parent: alternate runs, summarise
 def one_run(a, impl: str, setting: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--setting", setting, "--steps", str(a.steps),
-           "--warmup", str(a.warmup), "--model", a.model, "--adapter", a.adapter, "--seed", str(a.seed),
-           "--threads", str(a.threads)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--setting",
+        setting,
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--model",
+        a.model,
+        "--adapter",
+        a.adapter,
+        "--seed",
+        str(a.seed),
+        "--threads",
+        str(a.threads),
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        TOKENIZERS_PARALLELISM="false",
+    )
     load = os.getloadavg()[0]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -223,7 +309,7 @@ def one_run(a, impl: str, setting: str) -> dict:
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise SystemExit(f"{impl} {setting} failed (exit {proc.returncode})")
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = json.loads(lines[-1][len("RESULT ") :])
     r["load_before"] = load
     r["wall_s"] = time.perf_counter() - t
     return r
@@ -235,9 +321,18 @@ def summarise(runs: list[dict], setting: str) -> dict:
         rs = [r for r in runs if r["impl"] == impl and r["setting"] == setting]
         if not rs:
             continue
-        out[impl] = {k: statistics.median(r[k] for r in rs)
-                     for k in ("s_per_step", "cpu_s_per_step", "tokens_per_s", "gen_s_per_step", "rest_s_per_step",
-                               "tokens_per_step", "peak_rss_mb")}
+        out[impl] = {
+            k: statistics.median(r[k] for r in rs)
+            for k in (
+                "s_per_step",
+                "cpu_s_per_step",
+                "tokens_per_s",
+                "gen_s_per_step",
+                "rest_s_per_step",
+                "tokens_per_step",
+                "peak_rss_mb",
+            )
+        }
         out[impl]["runs"] = len(rs)
     if "loraforge" in out and "trl" in out:
         out["ratio_tokens_per_s"] = out["loraforge"]["tokens_per_s"] / out["trl"]["tokens_per_s"]
@@ -249,29 +344,38 @@ def summarise(runs: list[dict], setting: str) -> dict:
 
 
 def table(summaries: list[dict]) -> str:
-    rows = ["| setting (P x G x T) | impl | s/step | CPU s/step | completion tok/s | gen s/step | rest s/step | "
-            "tokens/step | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| setting (P x G x T) | impl | s/step | CPU s/step | completion tok/s | gen s/step | rest s/step | "
+        "tokens/step | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
         for impl in ("loraforge", "trl"):
             if impl in s:
                 v = s[impl]
-                rows.append(f"| {s['setting']} | {impl} | {v['s_per_step']:.2f} | {v['cpu_s_per_step']:.2f} | "
-                            f"{v['tokens_per_s']:.1f} | "
-                            f"{v['gen_s_per_step']:.2f} | {v['rest_s_per_step']:.2f} | {v['tokens_per_step']:.0f} | "
-                            f"{v['peak_rss_mb']:.0f} |")
+                rows.append(
+                    f"| {s['setting']} | {impl} | {v['s_per_step']:.2f} | {v['cpu_s_per_step']:.2f} | "
+                    f"{v['tokens_per_s']:.1f} | "
+                    f"{v['gen_s_per_step']:.2f} | {v['rest_s_per_step']:.2f} | {v['tokens_per_step']:.0f} | "
+                    f"{v['peak_rss_mb']:.0f} |"
+                )
     lines = ["\n".join(rows), ""]
     for s in summaries:
         if "ratio_tokens_per_s" in s:
             pairs = ", ".join(f"{x:.2f}" for x in s["pair_ratios"])
-            lines.append(f"{s['setting']}: loraforge / TRL completion tokens/s = {s['ratio_tokens_per_s']:.2f}x "
-                         f"(per alternation: {pairs}); s/step ratio {s['ratio_s_per_step']:.2f}x")
+            lines.append(
+                f"{s['setting']}: loraforge / TRL completion tokens/s = {s['ratio_tokens_per_s']:.2f}x "
+                f"(per alternation: {pairs}); s/step ratio {s['ratio_s_per_step']:.2f}x"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--adapter", help="a PEFT adapter dir for --model (e.g. `loraforge init MODEL --method rlpo -r 16`)")
+    ap.add_argument(
+        "--adapter", help="a PEFT adapter dir for --model (e.g. `loraforge init MODEL --method rlpo -r 16`)"
+    )
     ap.add_argument("--setting", choices=[*SETTINGS, "both"], default="both")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
@@ -292,19 +396,25 @@ def main(argv=None) -> None:
         a.setting, a.steps, a.repeats = "1x8x32", 2, 1
     settings = list(SETTINGS) if a.setting == "both" else [a.setting]
     impls = [a.only] if a.only else ["loraforge", "trl"]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
-          f"load average at start {os.getloadavg()}", flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
+        f"load average at start {os.getloadavg()}",
+        flush=True,
+    )
     runs = []
     for setting in settings:
         for rep in range(a.repeats):
             for impl in impls:
                 r = one_run(a, impl, setting)
                 runs.append(r)
-                print(f"  {setting} {impl} #{rep + 1}: {r['s_per_step']:.2f} s/step (CPU {r['cpu_s_per_step']:.2f} s), "
-                      f"{r['tokens_per_s']:.1f} tok/s, "
-                      f"gen {r['gen_s_per_step']:.2f} s, rest {r['rest_s_per_step']:.2f} s, "
-                      f"{r['tokens_per_step']:.0f} tokens/step, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                      f"{r['threads']} threads, load {r['load_before']:.2f}", flush=True)
+                print(
+                    f"  {setting} {impl} #{rep + 1}: {r['s_per_step']:.2f} s/step (CPU {r['cpu_s_per_step']:.2f} s), "
+                    f"{r['tokens_per_s']:.1f} tok/s, "
+                    f"gen {r['gen_s_per_step']:.2f} s, rest {r['rest_s_per_step']:.2f} s, "
+                    f"{r['tokens_per_step']:.0f} tokens/step, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                    f"{r['threads']} threads, load {r['load_before']:.2f}",
+                    flush=True,
+                )
     summaries = [summarise(runs, s) for s in settings]
     print(table(summaries))
     print(f"load average at end {os.getloadavg()}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """Run each of those test modules with one torch thread, then restore the setting.

@@ -18,17 +18,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = {
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False),
-    "llama-tied": dict(model_type="llama", hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True),
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
+    "llama-tied": dict(
+        model_type="llama",
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
     "gpt2": dict(model_type="gpt2", n_embd=48, n_layer=2, n_head=4, vocab_size=128, n_positions=64),
 }
 # Checkpoint dtype and shard size per architecture (qwen2 is saved in several shards).
-SAVE = {"llama": (torch.bfloat16, None), "llama-tied": (torch.float32, None), "qwen2": (torch.float32, "60KB"),
-        "gpt2": (torch.float32, None)}
+SAVE = {
+    "llama": (torch.bfloat16, None),
+    "llama-tied": (torch.float32, None),
+    "qwen2": (torch.float32, "60KB"),
+    "gpt2": (torch.float32, None),
+}
 
 
 def make_tokenizer(vocab_size: int = 128):

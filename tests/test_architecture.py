@@ -111,12 +111,17 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from loraforge.core.errors import LoraforgeError", {"loraforge.core.errors",
-                                                         "loraforge.core.errors.LoraforgeError"}),
-    ("from . import checkpoint", {"loraforge.rl", "loraforge.rl.checkpoint"}),
-    ("def f():\n    import loraforge.inits.linalg", {"loraforge.inits.linalg"}),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        (
+            "from loraforge.core.errors import LoraforgeError",
+            {"loraforge.core.errors", "loraforge.core.errors.LoraforgeError"},
+        ),
+        ("from . import checkpoint", {"loraforge.rl", "loraforge.rl.checkpoint"}),
+        ("def f():\n    import loraforge.inits.linalg", {"loraforge.inits.linalg"}),
+    ],
+)
 def test_import_reader_sees_every_form(tmp_path, source, expected):
     # The walker must see relative and function-level imports, or a cycle could hide from it.
     pkg = tmp_path / "loraforge" / "rl"

@@ -7,15 +7,13 @@ import math
 
 import pytest
 import torch
+from adapter_helpers import fake_train, logits, one_torch_thread, rel_err  # noqa: F401 (autouse fixture)
 from click.testing import CliRunner
 
-from loraforge import LoraforgeError
-from loraforge.ship.analysis import concat_factors
+from loraforge import InitConfig, LoraforgeError, init_adapter
 from loraforge.cli import main
+from loraforge.ship.analysis import concat_factors
 from loraforge.ship.convert import convert_adapter, converted_alpha
-from loraforge import InitConfig, init_adapter
-
-from adapter_helpers import fake_train, logits, rel_err, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def invoke(*args):
@@ -28,8 +26,9 @@ def test_concatenated_factors_give_exactly_the_update():
     B, B0 = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
     A2, B2 = concat_factors(A, B, A0, B0)
     assert A2.shape == (6, 7) and B2.shape == (5, 6)
-    torch.testing.assert_close((B2.double() @ A2.double()), B.double() @ A.double() - B0.double() @ A0.double(),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        (B2.double() @ A2.double()), B.double() @ A.double() - B0.double() @ A0.double(), rtol=0, atol=1e-12
+    )
     # Mixed dtypes (a bf16-trained adapter on a float32 init) are promoted, not rounded.
     A2, B2 = concat_factors(A.bfloat16(), B.bfloat16(), A0, B0)
     assert A2.dtype == B2.dtype == torch.float32 and torch.equal(A2[3:], A0)
@@ -45,15 +44,19 @@ def test_converted_alpha_keeps_the_scaling(alpha, r, rslora):
         assert new_s == old_s  # bit for bit: 2 alpha / 2r
 
 
-@pytest.mark.parametrize("arch, method, rslora", [
-    ("llama", "pissa", False),
-    ("llama", "olora-tail", False),
-    ("qwen2", "milora", True),  # sharded checkpoint, rsLoRA scaling
-    ("gpt2", "olora", False),  # Conv1D (fan_in_fan_out)
-])
+@pytest.mark.parametrize(
+    "arch, method, rslora",
+    [
+        ("llama", "pissa", False),
+        ("llama", "olora-tail", False),
+        ("qwen2", "milora", True),  # sharded checkpoint, rsLoRA scaling
+        ("gpt2", "olora", False),  # Conv1D (fan_in_fan_out)
+    ],
+)
 def test_original_base_plus_converted_equals_residual_base_plus_trained(tiny_models, tmp_path, arch, method, rslora):
-    init = init_adapter(str(tiny_models[arch]), tmp_path / "init",
-                        InitConfig(method=method, r=4, rslora=rslora, base_dtype="float32")).out
+    init = init_adapter(
+        str(tiny_models[arch]), tmp_path / "init", InitConfig(method=method, r=4, rslora=rslora, base_dtype="float32")
+    ).out
     trained = fake_train(init, init / "base", tmp_path / "trained")
     result = convert_adapter(trained, init, tmp_path / "conv")
     assert result.needed and result.r == 8
@@ -78,7 +81,9 @@ def test_peft_scaling_of_the_converted_rslora_adapter_is_the_trained_one(tiny_mo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    init = init_adapter(str(tiny_models["llama"]), tmp_path / "init", InitConfig(method="pissa", r=4, alpha=6, rslora=True)).out
+    init = init_adapter(
+        str(tiny_models["llama"]), tmp_path / "init", InitConfig(method="pissa", r=4, alpha=6, rslora=True)
+    ).out
     trained = fake_train(init, init / "base", tmp_path / "trained")
     out = convert_adapter(trained, init, tmp_path / "conv").out
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), str(out))
@@ -124,7 +129,9 @@ def test_adapter_from_another_init_is_refused(tiny_models, pissa_pair, tmp_path)
     other = init_adapter(str(tiny_models["llama"]), tmp_path / "r8", InitConfig(method="pissa", r=8)).out
     with pytest.raises(LoraforgeError, match="r = 4 but --init has r = 8"):
         convert_adapter(trained, other, tmp_path / "c")
-    subset = init_adapter(str(tiny_models["llama"]), tmp_path / "q", InitConfig(method="pissa", r=4, target_modules=["q_proj"])).out
+    subset = init_adapter(
+        str(tiny_models["llama"]), tmp_path / "q", InitConfig(method="pissa", r=4, target_modules=["q_proj"])
+    ).out
     with pytest.raises(LoraforgeError, match="not trained from this init"):
         convert_adapter(trained, subset, tmp_path / "c")
     # Converting twice would double the rank again.

@@ -6,12 +6,10 @@ import json
 
 import pytest
 import torch
-
-from loraforge import LoraforgeError
-from loraforge import InitConfig, init_adapter, init_model
-from loraforge.inits.methods import METHODS
-
 from conftest import TINY, build_tiny
+
+from loraforge import InitConfig, LoraforgeError, init_adapter, init_model
+from loraforge.inits.methods import METHODS
 
 ARCHS = list(TINY)
 PROBE = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -102,7 +100,12 @@ def test_pissa_update_norm_equals_top_singular_energy(tiny_models, tmp_path):
     out = tmp_path / "a"
     init_adapter(str(tiny_models["llama-tied"]), out, InitConfig(method="pissa", r=3))
     m = json.loads((out / "loraforge.json").read_text())
-    W = AutoModelForCausalLM.from_pretrained(tiny_models["llama-tied"]).model.layers[1].mlp.down_proj.weight.detach().double()
+    W = (
+        AutoModelForCausalLM.from_pretrained(tiny_models["llama-tied"])
+        .model.layers[1]
+        .mlp.down_proj.weight.detach()
+        .double()
+    )
     S = torch.linalg.svdvals(W)
     assert m["modules"]["model.layers.1.mlp.down_proj"]["update_norm"] == pytest.approx(float(S[:3].norm()), rel=1e-6)
 
@@ -112,8 +115,11 @@ def test_same_command_twice_gives_byte_identical_files(tiny_models, tmp_path, me
     out = tmp_path / "a"
 
     def weight_files():
-        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in (".safetensors", ".json")
-                and p.name != "loraforge.json"}  # the manifest records timings
+        return {
+            p.relative_to(out): p.read_bytes()
+            for p in sorted(out.rglob("*"))
+            if p.suffix in (".safetensors", ".json") and p.name != "loraforge.json"
+        }  # the manifest records timings
 
     init_adapter(str(tiny_models["qwen2"]), out, InitConfig(method=method, r=4))
     first = weight_files()
@@ -126,8 +132,11 @@ def test_residuals_held_in_memory_or_parked_on_disk_give_the_same_base(tiny_mode
     # residual_mib=0 parks every batch's residuals in OUT/.residuals until its shard is written (what a
     # 7B model does); the default holds a tiny model's in memory. Same bytes either way, nothing left over.
     def files(out):  # the weights and everything in base/ (the adapter config names OUT/base's absolute path)
-        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*"))
-                if p.is_file() and (p.suffix == ".safetensors" or p.relative_to(out).parts[0] == "base")}
+        return {
+            p.relative_to(out): p.read_bytes()
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and (p.suffix == ".safetensors" or p.relative_to(out).parts[0] == "base")
+        }
 
     held, parked = tmp_path / "held", tmp_path / "parked"
     init_adapter(str(tiny_models["qwen2"]), held, InitConfig(method="pissa", r=4))
@@ -184,9 +193,14 @@ def test_layers_and_target_modules_select_modules(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "a"
-    r = init_adapter(str(tiny_models["llama-tied"]), out,
-                     InitConfig(method="rlpo", r=2, target_modules=["q_proj", "v_proj"], layers=[0, 2]))
-    assert sorted(r.manifest["modules"]) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 2) for p in ("q_proj", "v_proj")]
+    r = init_adapter(
+        str(tiny_models["llama-tied"]),
+        out,
+        InitConfig(method="rlpo", r=2, target_modules=["q_proj", "v_proj"], layers=[0, 2]),
+    )
+    assert sorted(r.manifest["modules"]) == [
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 2) for p in ("q_proj", "v_proj")
+    ]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama-tied"]), out)
     wrapped = sorted(n.removesuffix(".lora_A") for n, _ in model.named_modules() if n.endswith(".lora_A"))
     assert wrapped == sorted("base_model.model." + n for n in r.manifest["modules"])
@@ -235,7 +249,9 @@ def test_batches_spread_over_several_devices_give_the_single_device_result(metho
     config = InitConfig(method=method, r=4, batch_mib=1)
     one = [m for b in compute_inits(targets, read, config, torch.device("cpu")) for m in b]
     two = [m for b in compute_inits(targets, read, config, [torch.device("cpu")] * 2) for m in b]
-    assert [m.target for m in two] == [m.target for m in one] and sorted(m.target.name for m in one) == sorted(t.name for t in targets)
+    assert [m.target for m in two] == [m.target for m in one] and sorted(m.target.name for m in one) == sorted(
+        t.name for t in targets
+    )
     for a, b in zip(one, two):
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and a.stats == b.stats
         assert (a.base is None and b.base is None) or torch.equal(a.base, b.base)
@@ -265,8 +281,13 @@ def test_results_do_not_share_memory_with_the_reused_workspace():
     ws = Workspace()
     first = _init_batch(targets, first_w, config, torch.device("cpu"), ws)
     kept = [(m.A.clone(), m.B.clone(), m.base.clone()) for m in first]
-    _init_batch(targets, [torch.randn(12, 10, generator=gen, dtype=torch.float64) for _ in targets], config,
-                torch.device("cpu"), ws)
+    _init_batch(
+        targets,
+        [torch.randn(12, 10, generator=gen, dtype=torch.float64) for _ in targets],
+        config,
+        torch.device("cpu"),
+        ws,
+    )
     for m, (A, B, base) in zip(first, kept):
         assert torch.equal(m.A, A) and torch.equal(m.B, B) and torch.equal(m.base, base)
     # and the first batch's residual is right: base + s B0 A0 = W (float64 base: to ~1e-15)
@@ -280,7 +301,9 @@ def test_fast_svd_residual_precision_follows_the_base_dtype(tiny_models, tmp_pat
     # rounding, which recon_* still report) but a float32 base's in float64: float32 arithmetic there
     # would report a reconstruction error of exactly 0 that is not true.
     out = tmp_path / base_dtype
-    result = init_adapter(str(tiny_models["llama"]), out, InitConfig(method="pissa", r=4, svd="fast", base_dtype=base_dtype))
+    result = init_adapter(
+        str(tiny_models["llama"]), out, InitConfig(method="pissa", r=4, svd="fast", base_dtype=base_dtype)
+    )
     worst = result.manifest["summary"]["recon_rel_max"]
     if base_dtype == "auto":  # the llama fixture is bf16: bf16 rounding, ~1e-3
         assert 1e-4 < worst < 1e-2

@@ -36,10 +36,13 @@ def test_unknown_method_is_a_usage_error(tiny_models, tmp_path):
     assert res.exit_code == 2 and "qlora" in res.output and "rlpo" in res.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["/nonexistent/model"], "No such directory: /nonexistent/model"),
-    (["no-such-org/no-such-model"], "not in the local cache"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent/model"], "No such directory: /nonexistent/model"),
+        (["no-such-org/no-such-model"], "not in the local cache"),
+    ],
+)
 def test_missing_model_says_so(tmp_path, args, message):
     res = invoke("init", *args, "--method", "rlpo", "-r", 4, "-o", tmp_path / "o")
     assert res.exit_code == 1 and message in res.output
@@ -75,9 +78,14 @@ def test_rank_above_numerical_rank_is_refused(tmp_path):
 
 
 def test_target_modules_that_match_nothing_list_the_linear_modules(tiny_models, tmp_path):
-    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 4, "--target-modules", "qkv", "-o", tmp_path / "o")
+    res = invoke(
+        "init", tiny_models["llama"], "--method", "rlpo", "-r", 4, "--target-modules", "qkv", "-o", tmp_path / "o"
+    )
     assert res.exit_code == 1
-    assert "No modules match ['qkv'] in LlamaForCausalLM. Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in res.output
+    assert (
+        "No modules match ['qkv'] in LlamaForCausalLM. Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+        in res.output
+    )
 
 
 def test_layers_out_of_range(tiny_models, tmp_path):
@@ -159,8 +167,11 @@ def test_interruption_leaves_the_previous_result(tiny_models, tmp_path, monkeypa
 
 def test_installed_console_script_and_python_m(tiny_models, tmp_path):
     exe = shutil.which("loraforge") or str(__import__("pathlib").Path(sys.executable).parent / "loraforge")
-    res = subprocess.run([exe, "init", str(tiny_models["gpt2"]), "--method", "olora", "-r", "4", "-o", str(tmp_path / "a")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [exe, "init", str(tiny_models["gpt2"]), "--method", "olora", "-r", "4", "-o", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert "olora r=4: 8 modules" in res.stdout
     res = subprocess.run([sys.executable, "-m", "loraforge", "init", "--help"], capture_output=True, text=True)

@@ -7,16 +7,21 @@ import json
 
 import pytest
 import torch
+from adapter_helpers import fake_train, one_torch_thread  # noqa: F401 (autouse fixture)
 from click.testing import CliRunner
 
-from loraforge import LoraforgeError
-from loraforge.ship.analysis import (aligned_update, cumulative_energy, orthonormality_error, reconstruction_error,
-                                subspace_similarity, thin_svd, update_distribution)
+from loraforge import InitConfig, LoraforgeError, init_adapter
 from loraforge.cli import main
+from loraforge.ship.analysis import (
+    aligned_update,
+    cumulative_energy,
+    orthonormality_error,
+    reconstruction_error,
+    subspace_similarity,
+    thin_svd,
+    update_distribution,
+)
 from loraforge.ship.inspect import InspectConfig, diagnose_module, inspect_adapter, module_kind
-from loraforge import InitConfig, init_adapter
-
-from adapter_helpers import fake_train, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def invoke(*args):
@@ -33,6 +38,7 @@ def known_matrix(m=12, n=9, seed=0, sigma=None):
 
 
 # ---- pure math on known answers --------------------------------------------------------------
+
 
 def test_principal_rows_have_similarity_one_with_principal_and_zero_with_minor():
     U, S, V, W = known_matrix()
@@ -79,7 +85,9 @@ def test_update_with_known_coefficients_and_an_off_diagonal_part():
     c = aligned_update(svd.U, svd.V, dW, torch.eye(9, dtype=torch.float64))  # B = dW, A = I
     torch.testing.assert_close(c, coef, atol=1e-12, rtol=0)
     torch.testing.assert_close(update_distribution(c), coef / 8)
-    torch.testing.assert_close(cumulative_energy(c)[[0, 2, 8]], torch.tensor([16 / 24, 20 / 24, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        cumulative_energy(c)[[0, 2, 8]], torch.tensor([16 / 24, 20 / 24, 1.0], dtype=torch.float64)
+    )
     assert torch.equal(update_distribution(torch.zeros(3)), torch.zeros(3))  # no update: no division by zero
 
 
@@ -123,16 +131,20 @@ def test_module_kind_strips_the_layer_only():
 
 # ---- on adapters -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def inits(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect")
     cfg = dict(r=4, base_dtype="float32")
-    return {m: init_adapter(str(tiny_models["llama"]), root / m, InitConfig(method=m, **cfg)).out
-            for m in ("rlpo", "rlmo", "pissa", "milora", "dct")}
+    return {
+        m: init_adapter(str(tiny_models["llama"]), root / m, InitConfig(method=m, **cfg)).out
+        for m in ("rlpo", "rlmo", "pissa", "milora", "dct")
+    }
 
 
-@pytest.mark.parametrize("method, top, bottom", [("rlpo", 1.0, 0.0), ("rlmo", 0.0, 1.0), ("pissa", 1.0, 0.0),
-                                                 ("milora", 0.0, 1.0)])
+@pytest.mark.parametrize(
+    "method, top, bottom", [("rlpo", 1.0, 0.0), ("rlmo", 0.0, 1.0), ("pissa", 1.0, 0.0), ("milora", 0.0, 1.0)]
+)
 def test_init_similarities_follow_the_method(inits, method, top, bottom):
     report = inspect_adapter(inits[method])
     assert not report.trained and report.method == method and len(report.modules) == 14
@@ -190,7 +202,9 @@ def test_trained_b0_zero_adapter_without_init_is_inspected_with_a_note(inits, ti
 
 
 def test_cli_table_json_and_module_selection(inits, tmp_path):
-    res = invoke("inspect", inits["rlpo"], "--modules", "q_proj,down_proj", "--layers", "1", "--json", tmp_path / "d.json")
+    res = invoke(
+        "inspect", inits["rlpo"], "--modules", "q_proj,down_proj", "--layers", "1", "--json", tmp_path / "d.json"
+    )
     assert res.exit_code == 0, res.output
     assert "model.layers.1.self_attn.q_proj" in res.output and "model.layers.0" not in res.output
     assert "MEAN all (2)" in res.output and "A0.Vr" in res.output
@@ -203,7 +217,9 @@ def test_cli_table_json_and_module_selection(inits, tmp_path):
 def test_plots_are_written_as_pngs(inits, tmp_path):
     pytest.importorskip("matplotlib")
     trained = fake_train(inits["pissa"], inits["pissa"] / "base", tmp_path / "t")
-    res = invoke("inspect", trained, "--init", inits["pissa"], "--plots", tmp_path / "figs", "--plot-modules", "q_proj,down_proj")
+    res = invoke(
+        "inspect", trained, "--init", inits["pissa"], "--plots", tmp_path / "figs", "--plot-modules", "q_proj,down_proj"
+    )
     assert res.exit_code == 0, res.output
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert names == ["init_norm.png", "similarity.png", "spectrum.png", "update.png"]
@@ -247,7 +263,9 @@ def test_bad_inputs(inits, tiny_models, tmp_path):
     with pytest.raises(LoraforgeError, match="pass that init directory with --init"):
         inspect_adapter(trained)
     with pytest.raises(LoraforgeError, match="not trained from --init"):
-        inspect_adapter(trained, init=init_adapter(str(tiny_models["llama"]), tmp_path / "r2", InitConfig(method="pissa", r=2)).out)
+        inspect_adapter(
+            trained, init=init_adapter(str(tiny_models["llama"]), tmp_path / "r2", InitConfig(method="pissa", r=2)).out
+        )
     assert inspect_adapter(trained, init=inits["pissa"], config=InspectConfig(layers=[0])).trained
 
 

@@ -152,8 +152,15 @@ def test_lora_is_gaussian_with_variance_one_over_n_and_seeded():
 
 def test_dct_rows_match_the_textbook_formula():
     n, r = 10, 4
-    ref = np.array([[(math.sqrt(1 / n) if i == 0 else math.sqrt(2 / n)) * math.cos(math.pi * (2 * j + 1) * i / (2 * n))
-                     for j in range(n)] for i in range(r)])
+    ref = np.array(
+        [
+            [
+                (math.sqrt(1 / n) if i == 0 else math.sqrt(2 / n)) * math.cos(math.pi * (2 * j + 1) * i / (2 * n))
+                for j in range(n)
+            ]
+            for i in range(r)
+        ]
+    )
     np.testing.assert_allclose(dct_rows(r, n).numpy(), ref, atol=1e-15)
 
 
@@ -235,8 +242,10 @@ def test_top_eigenvalue_matches_eigvalsh():
     # Spectra 10 -> 0.05 (well separated) and 0.97^i (flat): block power + Rayleigh-Ritz from a fixed
     # start. The rank threshold (1e-4 * s_1 here) only needs a digit or two; we ask for 1e-3. On the
     # flat spectrum the error is about (l_9 / l_1)^(2 * 8 steps) = 0.97^(16 * 16) ~ 4e-4.
-    for W in (make_matrix(40, 30, seed=6), (np.linalg.qr(np.random.default_rng(1).standard_normal((40, 30)))[0]
-                                              * 0.97 ** np.arange(30))):
+    for W in (
+        make_matrix(40, 30, seed=6),
+        (np.linalg.qr(np.random.default_rng(1).standard_normal((40, 30)))[0] * 0.97 ** np.arange(30)),
+    ):
         G = torch.from_numpy(W.T @ W).unsqueeze(0)
         ref = float(torch.linalg.eigvalsh(G)[0, -1])
         top = float(linalg._LapackBackend.top_eigenvalue(G.triu())[0])  # syrk's one-triangle Gram

@@ -15,14 +15,12 @@ import time
 from unittest import mock
 
 import pytest
+from adapter_helpers import fake_train, front_matter, one_torch_thread  # noqa: F401 (autouse fixture)
 from click.testing import CliRunner
 
-from loraforge import LoraforgeError
+from loraforge import InitConfig, LoraforgeError, init_adapter
 from loraforge.cli import main
 from loraforge.ship.hub import PushConfig, plan_push, push
-from loraforge import InitConfig, init_adapter
-
-from adapter_helpers import fake_train, front_matter, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def invoke(*args):
@@ -32,8 +30,10 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def inits(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("push")
-    return {m: init_adapter(str(tiny_models["llama"]), root / m, InitConfig(method=m, r=4, seed=3)).out
-            for m in ("pissa", "rlpo")}
+    return {
+        m: init_adapter(str(tiny_models["llama"]), root / m, InitConfig(method=m, r=4, seed=3)).out
+        for m in ("pissa", "rlpo")
+    }
 
 
 def recording_api():
@@ -60,6 +60,7 @@ def pushed_files(api, repo):
 
 # ---- plan, cards and calls -------------------------------------------------------------------
 
+
 def test_residual_init_pushes_base_repo_first_then_adapter(inits, tiny_models):
     config = PushConfig("me/tiny-pissa", base_model="org/tiny-llama", private=True, revision="exp1")
     api = recording_api()
@@ -67,8 +68,14 @@ def test_residual_init_pushes_base_repo_first_then_adapter(inits, tiny_models):
 
     calls = [(c[0], c.kwargs["repo_id"]) for c in api.method_calls]
     base = "me/tiny-pissa-residual-base"
-    assert calls == [("create_repo", base), ("create_branch", base), ("create_commit", base),
-                     ("create_repo", "me/tiny-pissa"), ("create_branch", "me/tiny-pissa"), ("create_commit", "me/tiny-pissa")]
+    assert calls == [
+        ("create_repo", base),
+        ("create_branch", base),
+        ("create_commit", base),
+        ("create_repo", "me/tiny-pissa"),
+        ("create_branch", "me/tiny-pissa"),
+        ("create_commit", "me/tiny-pissa"),
+    ]
     for c in api.create_repo.call_args_list:
         assert c.kwargs == {"repo_id": c.kwargs["repo_id"], "private": True, "exist_ok": True, "repo_type": "model"}
     for c in api.create_branch.call_args_list:
@@ -84,7 +91,12 @@ def test_residual_init_pushes_base_repo_first_then_adapter(inits, tiny_models):
     cfg = json.loads(adapter["adapter_config.json"])
     assert cfg["base_model_name_or_path"] == base and cfg["revision"] == "exp1" and cfg["init_lora_weights"] is True
     manifest = json.loads(adapter["loraforge.json"])
-    assert manifest["source"] == {"model_id": "org/tiny-llama", "revision": None, "local": False, "local_copy_at_init": True}
+    assert manifest["source"] == {
+        "model_id": "org/tiny-llama",
+        "revision": None,
+        "local": False,
+        "local_copy_at_init": True,
+    }
     assert manifest["hub"] == {"repo_id": "me/tiny-pissa", "base_repo": base, "revision": "exp1"}
 
     base_files = pushed_files(api, base)
@@ -149,11 +161,20 @@ def test_card_metadata_and_text(inits):
     assert meta["base_model"] == "me/tiny-pissa-residual-base" and meta["base_model_relation"] == "adapter"
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation"
     assert {"loraforge", "pissa", "lora", "peft"} <= set(meta["tags"])
-    for text in ["`A0 = (S_r/s)^1/2 V_r^T`", "`B0 = U_r (S_r/s)^1/2`", "r / alpha / scaling | 4 / 8 / 2", "| seed | 3 |",
-                 "source revision", "**Load this adapter on the residual base `me/tiny-pissa-residual-base`, not on "
-                 "`org/tiny-llama`.**", "loraforge convert", "PeftModel.from_pretrained(base, \"me/tiny-pissa\"",
-                 "GRPOTrainer(model=model", "actor_rollout_ref.model.lora_adapter_path=./adapter",
-                 "vllm serve me/tiny-pissa-residual-base --enable-lora --max-lora-rank 8", "loraforge verify DIR"]:
+    for text in [
+        "`A0 = (S_r/s)^1/2 V_r^T`",
+        "`B0 = U_r (S_r/s)^1/2`",
+        "r / alpha / scaling | 4 / 8 / 2",
+        "| seed | 3 |",
+        "source revision",
+        "**Load this adapter on the residual base `me/tiny-pissa-residual-base`, not on `org/tiny-llama`.**",
+        "loraforge convert",
+        'PeftModel.from_pretrained(base, "me/tiny-pissa"',
+        "GRPOTrainer(model=model",
+        "actor_rollout_ref.model.lora_adapter_path=./adapter",
+        "vllm serve me/tiny-pissa-residual-base --enable-lora --max-lora-rank 8",
+        "loraforge verify DIR",
+    ]:
         assert text in card, text
     base_meta = front_matter(plan.cards["me/tiny-pissa-residual-base"])
     assert base_meta["base_model"] == "org/tiny-llama" and base_meta["base_model_relation"] == "finetune"
@@ -179,8 +200,11 @@ def test_dry_run_lists_files_and_cards_without_network(inits, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "Dry run, nothing sent" in res.output
     assert "me/tiny-pissa-residual-base (residual base; branch main" in res.output
-    assert f"model.safetensors" in res.output and f"<- {inits['pissa']}/base/model.safetensors" in res.output
-    assert "adapter_config.json" in res.output and "rewritten: base_model_name_or_path = me/tiny-pissa-residual-base" in res.output
+    assert "model.safetensors" in res.output and f"<- {inits['pissa']}/base/model.safetensors" in res.output
+    assert (
+        "adapter_config.json" in res.output
+        and "rewritten: base_model_name_or_path = me/tiny-pissa-residual-base" in res.output
+    )
     assert "----- README.md for me/tiny-pissa -----\n---\nbase_model:" in res.output
 
 
@@ -203,6 +227,7 @@ def test_converted_and_trained_adapters_push_as_plain_lora(inits, tmp_path):
 
 # ---- bad input -------------------------------------------------------------------------------
 
+
 def test_local_source_needs_base_model(inits):
     res = invoke("push", inits["rlpo"], "me/x", "--dry-run")
     assert res.exit_code == 1 and "a local path must not be pushed" in res.output and "--base-model" in res.output
@@ -216,15 +241,20 @@ def test_a_local_path_in_any_pushed_file_is_refused(inits, tmp_path):
     cfg = json.loads((out / "base" / "tokenizer_config.json").read_text())
     cfg["name_or_path"] = "/home/someone/models/llama"
     (out / "base" / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoraforgeError, match=r"tokenizer_config.json would carry the local path '/home/someone/models/llama'"):
+    with pytest.raises(
+        LoraforgeError, match=r"tokenizer_config.json would carry the local path '/home/someone/models/llama'"
+    ):
         plan_push(out, PushConfig("me/x", base_model="org/tiny-llama"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["me/x", "--base-repo", "me/x"], "--base-repo must differ from REPO_ID"),
-    (["just-a-name"], "must be OWNER/NAME"),
-    (["me/bad--name"], "not a valid Hub repository id"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["me/x", "--base-repo", "me/x"], "--base-repo must differ from REPO_ID"),
+        (["just-a-name"], "must be OWNER/NAME"),
+        (["me/bad--name"], "not a valid Hub repository id"),
+    ],
+)
 def test_bad_repo_ids(inits, args, message):
     res = invoke("push", inits["pissa"], *args, "--base-model", "org/tiny-llama", "--dry-run")
     assert res.exit_code == 1 and message in res.output
@@ -259,7 +289,9 @@ def test_failed_adapter_commit_after_base_says_what_was_pushed(inits):
     from huggingface_hub.errors import HfHubHTTPError
 
     api = recording_api()
-    response = httpx2.Response(500, request=httpx2.Request("POST", "https://huggingface.co/api/models/me/x/commit/main"))
+    response = httpx2.Response(
+        500, request=httpx2.Request("POST", "https://huggingface.co/api/models/me/x/commit/main")
+    )
 
     def commit(**kwargs):
         if kwargs["repo_id"] == "me/x":
@@ -277,6 +309,7 @@ def test_failed_adapter_commit_after_base_says_what_was_pushed(inits):
 
 
 # ---- the real client against a stand-in on 127.0.0.1 -----------------------------------------
+
 
 class StandIn(http.server.BaseHTTPRequestHandler):
     """Answers every request with the status configured for its method, the Hub's JSON error body."""

@@ -99,7 +99,9 @@ def test_pissa_verifies_with_another_thread_count(smollm2, tmp_path, svd):
     threads = "1" if torch.get_num_threads() > 1 else "2"  # whatever this process does not use
     init_adapter(str(smollm2), out, InitConfig(method="pissa", r=32, svd=svd))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    res = subprocess.run([sys.executable, "-m", "loraforge", "verify", str(out)], env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "loraforge", "verify", str(out)], env=env, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert any(line.split()[:2] == ["formula", "ok"] for line in res.stdout.splitlines()), res.stdout
     assert "FAILED" not in res.stdout

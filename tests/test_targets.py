@@ -19,9 +19,21 @@ import torch
 from loraforge.models.source import resolve_source
 from loraforge.models.targets import HEADER_LAYOUTS, build_skeleton, find_targets, header_skeleton, peft_target_modules
 
-COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=128, max_position_embeddings=64)
-EXTRA = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "qwen3": dict(head_dim=16), "phi3": dict(pad_token_id=0)}
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+EXTRA = {
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16),
+    "qwen3": dict(head_dim=16),
+    "phi3": dict(pad_token_id=0),
+}
 
 
 def save_arch(model_type: str, path: Path, tie: bool) -> Path:
@@ -66,9 +78,11 @@ def test_unexpected_names_or_architectures_fall_back_to_transformers(tmp_path, t
 
 def test_streaming_init_of_a_known_layout_imports_neither_transformers_nor_peft(tiny_models, tmp_path):
     # What makes `loraforge init` start fast; the adapter it writes still loads in PEFT (test_init.py).
-    code = ("import sys; from loraforge import InitConfig, init_adapter; "
-            f"init_adapter({str(tiny_models['llama'])!r}, {str(tmp_path / 'out')!r}, InitConfig(method='pissa', r=4)); "
-            "print(sorted(m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules))")
+    code = (
+        "import sys; from loraforge import InitConfig, init_adapter; "
+        f"init_adapter({str(tiny_models['llama'])!r}, {str(tmp_path / 'out')!r}, InitConfig(method='pissa', r=4)); "
+        "print(sorted(m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["init_lora_weights"] is True

@@ -6,16 +6,14 @@ import json
 import shutil
 
 import pytest
+from adapter_helpers import one_torch_thread, rewrite_factor  # noqa: F401 (autouse fixture)
 from click.testing import CliRunner
+from conftest import build_tiny, make_tokenizer
 
-from loraforge import LoraforgeError
+from loraforge import InitConfig, LoraforgeError, init_adapter
 from loraforge.cli import main
-from loraforge import InitConfig, init_adapter
 from loraforge.inits.methods import METHODS
 from loraforge.ship.verify import verify_adapter
-
-from conftest import build_tiny, make_tokenizer
-from adapter_helpers import rewrite_factor, one_torch_thread  # noqa: F401 (autouse fixture)
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -142,8 +140,9 @@ def test_nonzero_b0_fails_for_a_b0_zero_method(inits, tmp_path):
     assert list(next(c for c in report.checks if c.name == "B0 = 0").failures) == [Q]
 
 
-@pytest.mark.parametrize("method, check", [("pissa", "reconstruction"), ("milora", "formula"), ("rlpo", "formula"),
-                                           ("rlmo", "formula")])
+@pytest.mark.parametrize(
+    "method, check", [("pissa", "reconstruction"), ("milora", "formula"), ("rlpo", "formula"), ("rlmo", "formula")]
+)
 def test_wrong_base_with_the_same_shapes_fails(inits, other_llama, method, check):
     report = verify_adapter(inits[method], base=str(other_llama))
     failed = next(c for c in report.checks if c.name == check)
@@ -164,7 +163,9 @@ def test_config_that_would_rerun_the_init_fails(inits, tmp_path):
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     report = verify_adapter(out)
     failures = next(c for c in report.checks if c.name == "config").failures
-    assert "init_lora_weights" in failures["adapter_config.json"] and "re-run an init" in failures["adapter_config.json"]
+    assert (
+        "init_lora_weights" in failures["adapter_config.json"] and "re-run an init" in failures["adapter_config.json"]
+    )
 
 
 def test_missing_residual_base_is_reported(inits, tmp_path):

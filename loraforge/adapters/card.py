@@ -63,11 +63,16 @@ def _load_sections(refs: CardRefs, r: int, alpha: float, rslora: bool, target_mo
     base_rev = _rev_arg(refs.revision if refs.base_is_repo else refs.original_revision)
     # verl and vLLM take the adapter as a local directory: download a pushed one first.
     local = refs.adapter if refs.adapter == "DIR" else "./adapter"
-    download = [] if refs.adapter == "DIR" else [
-        f"verl and vLLM read the adapter from disk: `hf download {refs.adapter}"
-        + (f" --revision {refs.revision}" if refs.revision and refs.revision != "main" else "") + " --local-dir ./adapter`.",
-        "",
-    ]
+    download = (
+        []
+        if refs.adapter == "DIR"
+        else [
+            f"verl and vLLM read the adapter from disk: `hf download {refs.adapter}"
+            + (f" --revision {refs.revision}" if refs.revision and refs.revision != "main" else "")
+            + " --local-dir ./adapter`.",
+            "",
+        ]
+    )
     rs = " actor_rollout_ref.model.use_rslora=True" if rslora else ""
     return [
         "## Load",
@@ -109,8 +114,11 @@ def render_model_card(manifest: dict, refs: Optional[CardRefs] = None) -> str:
     scaling_formula = "alpha / sqrt(r) (rsLoRA)" if manifest["rslora"] else "alpha / r"
     # Hub metadata: base_model is what the adapter is loaded on (the model tree then shows the
     # residual base between the original and the adapter).
-    lines = _front_matter(refs.base if (not residual or refs.base_is_repo) else refs.original,
-                          ["loraforge", "lora", "peft", manifest["method"], "rlvr"], relation="adapter")
+    lines = _front_matter(
+        refs.base if (not residual or refs.base_is_repo) else refs.original,
+        ["loraforge", "lora", "peft", manifest["method"], "rlvr"],
+        relation="adapter",
+    )
     lines += [
         f"# {manifest['paper_name']} adapter (r={manifest['r']}) for {refs.original}",
         "",
@@ -146,10 +154,14 @@ def render_model_card(manifest: dict, refs: Optional[CardRefs] = None) -> str:
     ]
     if residual:
         lines += [
-            f"This method moves a rank-r singular part of every target weight into the adapter: the base weights become "
-            f"`W0 - s * B0 A0`, so that base + adapter equals the original model at step 0"
-            + (" (PiSSA/MiLoRA divide S by s as PEFT does, so `s * B0 A0` is exactly the rank-r SVD part whatever "
-               "alpha is)." if manifest["method"] in ("pissa", "milora") else "."),
+            "This method moves a rank-r singular part of every target weight into the adapter: the base weights become "
+            "`W0 - s * B0 A0`, so that base + adapter equals the original model at step 0"
+            + (
+                " (PiSSA/MiLoRA divide S by s as PEFT does, so `s * B0 A0` is exactly the rank-r SVD part whatever "
+                "alpha is)."
+                if manifest["method"] in ("pissa", "milora")
+                else "."
+            ),
             "",
             f"**Load this adapter on the residual base `{refs.base}`, not on `{refs.original}`.** On the original model "
             "it would add the rank-r part a second time. To serve or merge a *trained* adapter on the original model, "
@@ -166,8 +178,11 @@ def render_model_card(manifest: dict, refs: Optional[CardRefs] = None) -> str:
     if refs.adapter == "DIR":
         get = ""
     else:
-        get = (f"Download it first (`hf download {refs.adapter} --local-dir DIR`"
-               + (f", and `hf download {refs.base} --local-dir DIR/base`" if residual else "") + "), then ")
+        get = (
+            f"Download it first (`hf download {refs.adapter} --local-dir DIR`"
+            + (f", and `hf download {refs.base} --local-dir DIR/base`" if residual else "")
+            + "), then "
+        )
     lines += [
         "## Check it",
         "",
@@ -183,8 +198,12 @@ def render_model_card(manifest: dict, refs: Optional[CardRefs] = None) -> str:
 
 def render_base_card(manifest: dict, refs: CardRefs) -> str:
     """The card of the residual base pushed as its own repository."""
-    lines = _front_matter(refs.original, ["loraforge", "residual-base", manifest["method"], "rlvr"],
-                          library="transformers", relation="finetune")
+    lines = _front_matter(
+        refs.original,
+        ["loraforge", "residual-base", manifest["method"], "rlvr"],
+        library="transformers",
+        relation="finetune",
+    )
     lines += [
         f"# Residual base for the {manifest['paper_name']} adapter {refs.adapter}",
         "",
@@ -211,7 +230,9 @@ def render_converted_card(converted: dict, refs: Optional[CardRefs] = None) -> s
     original = converted["source"]["model_id"]
     refs = refs or CardRefs("DIR", original, original, original_revision=converted["source"].get("revision"))
     init = converted["init"]
-    lines = _front_matter(refs.base, ["loraforge", "lora", "peft", converted["method"], "rlvr", "converted"], relation="adapter")
+    lines = _front_matter(
+        refs.base, ["loraforge", "lora", "peft", converted["method"], "rlvr", "converted"], relation="adapter"
+    )
     lines += [
         f"# {converted['paper_name']}-trained adapter converted for {refs.original} (r={converted['r']})",
         "",
@@ -240,6 +261,7 @@ def render_plain_card(config: dict, refs: CardRefs) -> str:
         f"Load it on `{refs.base}`.",
         "",
     ]
-    lines += _load_sections(refs, config["r"], config["lora_alpha"], config.get("use_rslora", False),
-                            config.get("target_modules"))
+    lines += _load_sections(
+        refs, config["r"], config["lora_alpha"], config.get("use_rslora", False), config.get("target_modules")
+    )
     return "\n".join(lines)

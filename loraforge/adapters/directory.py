@@ -17,10 +17,10 @@ from typing import Optional
 
 import torch
 
-from loraforge.models.checkpoint import SafetensorsFile
+from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, MANIFEST
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.methods import METHODS, Method
-from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, MANIFEST
+from loraforge.models.checkpoint import SafetensorsFile
 
 LEGACY_WEIGHTS = "adapter_model.bin"
 # PEFT saves factors as base_model.model.<module>.lora_A.weight (the adapter name stripped); a
@@ -109,9 +109,13 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
     """Open the adapter directory PATH. ROLE names it in error messages (e.g. "--init")."""
     path = Path(path)
     if not path.exists():
-        raise LoraforgeError(f"{role} {path}: no such directory. Pass a directory written by `loraforge init` or PEFT's save_pretrained.")
+        raise LoraforgeError(
+            f"{role} {path}: no such directory. Pass a directory written by `loraforge init` or PEFT's save_pretrained."
+        )
     if not path.is_dir():
-        raise LoraforgeError(f"{role} {path} is a file; expected an adapter directory (adapter_config.json + {ADAPTER_WEIGHTS}).")
+        raise LoraforgeError(
+            f"{role} {path} is a file; expected an adapter directory (adapter_config.json + {ADAPTER_WEIGHTS})."
+        )
     cfg_path = path / ADAPTER_CONFIG
     if not cfg_path.exists():
         found = sorted(p.name for p in path.iterdir())[:8]
@@ -134,14 +138,18 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except json.JSONDecodeError as e:
-            raise LoraforgeError(f"{path / MANIFEST} is not valid JSON ({e}); the manifest is damaged. Re-run loraforge init.") from None
+            raise LoraforgeError(
+                f"{path / MANIFEST} is not valid JSON ({e}); the manifest is damaged. Re-run loraforge init."
+            ) from None
 
     if (path / ADAPTER_WEIGHTS).exists():
         weights_file = path / ADAPTER_WEIGHTS
         try:
             reader = SafetensorsFile(weights_file)
         except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LoraforgeError(f"{weights_file} is not a readable safetensors file ({e}); the adapter is damaged.") from None
+            raise LoraforgeError(
+                f"{weights_file} is not a readable safetensors file ({e}); the adapter is damaged."
+            ) from None
         keys = reader.keys()
     elif (path / LEGACY_WEIGHTS).exists():
         weights_file = path / LEGACY_WEIGHTS
@@ -149,11 +157,15 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         try:
             reader = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a damaged or non-tensor pickle
-            raise LoraforgeError(f"{weights_file} could not be read as a tensor file ({type(e).__name__}: {e}); "
-                                 "re-save the adapter with safetensors.") from None
+            raise LoraforgeError(
+                f"{weights_file} could not be read as a tensor file ({type(e).__name__}: {e}); "
+                "re-save the adapter with safetensors."
+            ) from None
         keys = list(reader)
     else:
-        raise LoraforgeError(f"{role} {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}); the adapter is incomplete.")
+        raise LoraforgeError(
+            f"{role} {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}); the adapter is incomplete."
+        )
 
     pairs: dict[str, dict[str, str]] = {}
     other = []
@@ -165,7 +177,9 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
             other.append(key)
     incomplete = [mod for mod, p in pairs.items() if set(p) != {"A", "B"}]
     if incomplete:
-        raise LoraforgeError(f"{weights_file}: module {incomplete[0]} has only lora_{next(iter(pairs[incomplete[0]]))}; the adapter is damaged.")
+        raise LoraforgeError(
+            f"{weights_file}: module {incomplete[0]} has only lora_{next(iter(pairs[incomplete[0]]))}; the adapter is damaged."
+        )
     if not pairs:
         raise LoraforgeError(f"{weights_file} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight tensors).")
     factor_keys = {mod: (p["A"], p["B"]) for mod, p in pairs.items()}
@@ -201,13 +215,17 @@ def _residual_dir(adapter: Path) -> Optional[Path]:
         try:
             base_name = json.loads(manifest_path.read_text()).get("base")
         except (OSError, ValueError) as e:
-            raise LoraforgeError(f"{manifest_path} cannot be read ({e}); the adapter is damaged. Re-run loraforge init.") from None
+            raise LoraforgeError(
+                f"{manifest_path} cannot be read ({e}); the adapter is damaged. Re-run loraforge init."
+            ) from None
         if not base_name:
             return None
         residual = adapter / base_name
         if not (residual / "config.json").is_file():
-            raise LoraforgeError(f"{adapter}: its manifest names a residual base {residual}, which is missing or "
-                                 "incomplete; re-run `loraforge init` or restore the directory")
+            raise LoraforgeError(
+                f"{adapter}: its manifest names a residual base {residual}, which is missing or "
+                "incomplete; re-run `loraforge init` or restore the directory"
+            )
         return residual
     return adapter / BASE_DIR if (adapter / BASE_DIR / "config.json").is_file() else None
 
@@ -223,8 +241,10 @@ def resolve_base(adapter: str | Path, model: Optional[str] = None, flag: str = "
     adapter = Path(adapter)
     cfg_path = adapter / ADAPTER_CONFIG
     if not cfg_path.is_file():
-        raise LoraforgeError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there; expected a PEFT adapter directory "
-                             "(made by `loraforge init` or PeftModel.save_pretrained)")
+        raise LoraforgeError(
+            f"--adapter {adapter}: no {ADAPTER_CONFIG} there; expected a PEFT adapter directory "
+            "(made by `loraforge init` or PeftModel.save_pretrained)"
+        )
     residual = _residual_dir(adapter)
     if residual is not None:
         if model is not None and Path(model).resolve() != residual.resolve():

@@ -30,8 +30,18 @@ def source_dtype(source_config: dict) -> Optional[str]:
     return d
 
 
-def build_manifest(config: InitConfig, source, target_modules, fan_in_fan_out: bool, base_dtype: Optional[str], path: str,
-              devices: list[torch.device], timings: dict, files: dict, stats: dict) -> dict:
+def build_manifest(
+    config: InitConfig,
+    source,
+    target_modules,
+    fan_in_fan_out: bool,
+    base_dtype: Optional[str],
+    path: str,
+    devices: list[torch.device],
+    timings: dict,
+    files: dict,
+    stats: dict,
+) -> dict:
     """loraforge.json: everything needed to reproduce, verify and explain the adapter."""
     method = config.method_spec
     return {

@@ -18,8 +18,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from loraforge.models.checkpoint import DTYPES, PlannedTensor, SafetensorsFile, sha256_file, write_streaming
 from loraforge.core.errors import LoraforgeError
+from loraforge.models.checkpoint import DTYPES, PlannedTensor, SafetensorsFile, sha256_file, write_streaming
 from loraforge.models.source import INDEX_NAMES, Source, companion_files
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,7 +34,9 @@ def check_destination(out: Path, overwrite: bool, protect: Optional[Path] = None
     if protect is not None:
         o, p = out.resolve(), Path(protect).resolve()
         if o == p or o in p.parents:
-            raise LoraforgeError(f"-o {out} is (or contains) the source model directory; choose another output directory.")
+            raise LoraforgeError(
+                f"-o {out} is (or contains) the source model directory; choose another output directory."
+            )
     if out.exists() and not overwrite:
         raise LoraforgeError(f"{out} already exists. Pass --overwrite to replace it, or choose another -o.")
     if out.exists() and not out.is_dir():
@@ -94,7 +96,9 @@ def write_adapter_config(out_dir: Path, config: dict) -> None:
     # PEFT re-runs a named init (e.g. "pissa") when it loads an adapter whose config says so, and
     # would subtract from the base a second time: the config must say true (the default init).
     if config.get("init_lora_weights") is not True:
-        raise RuntimeError(f"internal error: adapter_config.json says init_lora_weights={config.get('init_lora_weights')!r}")
+        raise RuntimeError(
+            f"internal error: adapter_config.json says init_lora_weights={config.get('init_lora_weights')!r}"
+        )
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -102,8 +106,13 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_residual_base(source: Source, base_dir: Path, residual_files: dict[str, Path | torch.Tensor],
-                        cast_to: Optional[torch.dtype], trust_remote_code: bool = False) -> dict[str, str]:
+def write_residual_base(
+    source: Source,
+    base_dir: Path,
+    residual_files: dict[str, Path | torch.Tensor],
+    cast_to: Optional[torch.dtype],
+    trust_remote_code: bool = False,
+) -> dict[str, str]:
     """Write the residual base model shard by shard; return {relative file name: sha256}.
 
     residual_files maps checkpoint keys of target weights to their residual (already in the base
@@ -131,13 +140,20 @@ def write_residual_base(source: Source, base_dir: Path, residual_files: dict[str
             elif key in residual_files:
                 rf = reader_for(residual_files[key])
                 rinfo = rf.tensors[key]
-                planned.append(PlannedTensor(key, DTYPES[rinfo.dtype], rinfo.shape, lambda rf=rf, key=key: rf.read(key)))
+                planned.append(
+                    PlannedTensor(key, DTYPES[rinfo.dtype], rinfo.shape, lambda rf=rf, key=key: rf.read(key))
+                )
             else:
                 dtype = DTYPES[info.dtype]
                 target_dtype = cast_to if (cast_to is not None and dtype.is_floating_point) else dtype
-                planned.append(PlannedTensor(key, target_dtype, info.shape,
-                                             lambda src=src, key=key, d=target_dtype: src.read(key).to(d)))
-        hashes[f"{BASE_DIR}/{shard}"] = write_streaming(base_dir / shard, planned, metadata=src.metadata or {"format": "pt"})
+                planned.append(
+                    PlannedTensor(
+                        key, target_dtype, info.shape, lambda src=src, key=key, d=target_dtype: src.read(key).to(d)
+                    )
+                )
+        hashes[f"{BASE_DIR}/{shard}"] = write_streaming(
+            base_dir / shard, planned, metadata=src.metadata or {"format": "pt"}
+        )
         total_size += sum(torch.empty((), dtype=p.dtype).element_size() * math.prod(p.shape) for p in planned)
 
     if len(source.shards) > 1 or (source.path / INDEX_NAMES[0]).exists():

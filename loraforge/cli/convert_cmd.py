@@ -9,8 +9,16 @@ from loraforge.cli._common import user_errors
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("trained_adapter", type=click.Path(file_okay=False))
-@click.option("--init", "init", required=True, type=click.Path(file_okay=False), help="The init directory the adapter was trained from.")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Where to write the converted adapter.")
+@click.option(
+    "--init",
+    "init",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The init directory the adapter was trained from.",
+)
+@click.option(
+    "-o", "--out", required=True, type=click.Path(file_okay=False), help="Where to write the converted adapter."
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def convert(trained_adapter, init, out, overwrite):
     """Rewrite TRAINED_ADAPTER (from a pissa/milora/olora/olora-tail init) as a rank-2r LoRA for the original base."""

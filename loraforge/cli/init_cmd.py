@@ -12,23 +12,55 @@ from loraforge.inits.methods import METHODS
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("model")
-@click.option("--method", required=True, type=click.Choice(list(METHODS)), help="Initialisation method (see README table).")
+@click.option(
+    "--method", required=True, type=click.Choice(list(METHODS)), help="Initialisation method (see README table)."
+)
 @click.option("-r", "--rank", "r", required=True, type=click.IntRange(min=1), help="Adapter rank r.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2 * r, the paper's setting].")
 @click.option("--rslora", is_flag=True, help="Scale by alpha / sqrt(r) instead of alpha / r.")
-@click.option("--target-modules", default="all-linear", show_default=True,
-              help="all-linear (every Linear/Conv1D but the output head) or names like q_proj,v_proj.")
+@click.option(
+    "--target-modules",
+    default="all-linear",
+    show_default=True,
+    help="all-linear (every Linear/Conv1D but the output head) or names like q_proj,v_proj.",
+)
 @click.option("--layers", default=None, help="Only these transformer blocks, e.g. 0-3,7 [default: all].")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random methods (lora, wavelet).")
-@click.option("--device", default="auto", show_default=True,
-              help="Where decompositions run: auto (the GPUs if any, else cpu), cpu, cuda (every visible GPU), cuda:N (that one).")
-@click.option("--device-map", default=None, help="Load the whole model with this accelerate device map (auto, cpu, ...) and "
-              "initialise it in memory, instead of streaming the checkpoint.")
-@click.option("--adapter-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--base-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-              help="Residual base dtype (pissa, milora, olora, olora-tail); auto keeps the checkpoint's.")
-@click.option("--svd", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
-              help="fast: randomised SVD, principal methods only (rlpo, pissa, olora).")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the random methods (lora, wavelet).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where decompositions run: auto (the GPUs if any, else cpu), cpu, cuda (every visible GPU), cuda:N (that one).",
+)
+@click.option(
+    "--device-map",
+    default=None,
+    help="Load the whole model with this accelerate device map (auto, cpu, ...) and "
+    "initialise it in memory, instead of streaming the checkpoint.",
+)
+@click.option(
+    "--adapter-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@click.option(
+    "--base-dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Residual base dtype (pissa, milora, olora, olora-tail); auto keeps the checkpoint's.",
+)
+@click.option(
+    "--svd",
+    type=click.Choice(["exact", "fast"]),
+    default="exact",
+    show_default=True,
+    help="fast: randomised SVD, principal methods only (rlpo, pissa, olora).",
+)
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the model repository's own code.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output adapter directory.")
@@ -40,8 +72,18 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
 
     with user_errors():
         config = InitConfig(layers=parse_layers(layers), **settings)
-        result = init_adapter(model, out, config, revision=revision, device_map=device_map, overwrite=overwrite,
-                              trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+        result = init_adapter(
+            model,
+            out,
+            config,
+            revision=revision,
+            device_map=device_map,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            progress=sys.stderr.isatty(),
+        )
     s = result.manifest["summary"]
-    click.echo(f"{config.method} r={config.r}: {result.modules} modules in {result.seconds:.1f} s, "
-               f"max relative reconstruction error {s['recon_rel_max']:.2e} -> {result.out}")
+    click.echo(
+        f"{config.method} r={config.r}: {result.modules} modules in {result.seconds:.1f} s, "
+        f"max relative reconstruction error {s['recon_rel_max']:.2e} -> {result.out}"
+    )

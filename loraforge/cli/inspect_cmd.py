@@ -16,19 +16,37 @@ def _names(spec):
 
 @click.command("inspect", context_settings={"max_content_width": 100})
 @click.argument("adapter", type=click.Path(file_okay=False))
-@click.option("--init", "init", default=None, help="The init directory a trained ADAPTER started from (needed for "
-              "pissa/milora/olora/olora-tail).")
-@click.option("--base", default=None, help="The ORIGINAL model (Hub id or directory) [default: from the manifest or adapter_config].")
+@click.option(
+    "--init",
+    "init",
+    default=None,
+    help="The init directory a trained ADAPTER started from (needed for pissa/milora/olora/olora-tail).",
+)
+@click.option(
+    "--base",
+    default=None,
+    help="The ORIGINAL model (Hub id or directory) [default: from the manifest or adapter_config].",
+)
 @click.option("--modules", default=None, help="Only these modules, e.g. q_proj,o_proj [default: all].")
 @click.option("--layers", default=None, help="Only these blocks, e.g. 0,14,27 or 0-3 [default: all].")
-@click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False), help="Write PNG figures here (needs matplotlib).")
-@click.option("--plot-modules", default=None, help="Module kinds for the spectrum/update figures [default: all inspected].")
-@click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False), help="Write every number to this JSON file.")
+@click.option(
+    "--plots",
+    "plots_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Write PNG figures here (needs matplotlib).",
+)
+@click.option(
+    "--plot-modules", default=None, help="Module kinds for the spectrum/update figures [default: all inspected]."
+)
+@click.option(
+    "--json", "json_file", default=None, type=click.Path(dir_okay=False), help="Write every number to this JSON file."
+)
 @click.option("--device", default="auto", show_default=True, help="Where the SVDs run: auto, cpu, cuda, cuda:N.")
 def inspect_(adapter, init, base, modules, layers, plots_dir, plot_modules, json_file, device):
     """Spectra, init norm, subspace similarity and (trained) update distribution of ADAPTER."""
-    from loraforge.ship.inspect import LEGEND, InspectConfig, format_table, inspect_adapter
     from loraforge.models.targets import parse_layers
+    from loraforge.ship.inspect import LEGEND, InspectConfig, format_table, inspect_adapter
 
     with user_errors():
         if plots_dir:
@@ -37,8 +55,10 @@ def inspect_(adapter, init, base, modules, layers, plots_dir, plot_modules, json
             require_matplotlib()  # fail before the SVDs, not after
         report = inspect_adapter(adapter, init, base, InspectConfig(_names(modules), parse_layers(layers), device))
         figures = write_plots(report, plots_dir, _names(plot_modules)) if plots_dir else []
-    click.echo(f"{report.adapter}: {report.method or 'unknown method'} r={report.r}, "
-               f"{'trained' if report.trained else 'init'}, W0 from {report.base_model}")
+    click.echo(
+        f"{report.adapter}: {report.method or 'unknown method'} r={report.r}, "
+        f"{'trained' if report.trained else 'init'}, W0 from {report.base_model}"
+    )
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(format_table(report) + "\n" + LEGEND)

@@ -8,7 +8,9 @@ from loraforge.cli._common import user_errors
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", default="training.png", show_default=True, help="PNG file to write.")
-@click.option("--smooth", default=1, show_default=True, type=click.IntRange(min=1), help="Moving-average window (steps).")
+@click.option(
+    "--smooth", default=1, show_default=True, type=click.IntRange(min=1), help="Moving-average window (steps)."
+)
 @click.option("--label", "labels", multiple=True, help="Legend label per run, in order (default: directory names).")
 def plot(run_dirs, output, smooth, labels):
     """Draw the paper's Figure 2 panels (reward, grad norm, KL) for one or more runs on shared axes."""

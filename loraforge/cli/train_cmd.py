@@ -7,12 +7,32 @@ from loraforge.cli.train_options import config_options, run_train
 
 
 @click.command(context_settings={"max_content_width": 120})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings (keys = flag names); flags override it.")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in RUN_DIR from its latest checkpoint.")
-@click.option("--backend", type=click.Choice(["local", "verl"]), default="local", show_default=True,
-              help="local: the bundled loop (also under accelerate launch); verl: write RUN_DIR/verl/run_verl.sh, the same run as a verl DAPO job.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML file of settings (keys = flag names); flags override it.",
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Continue the run in RUN_DIR from its latest checkpoint.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "verl"]),
+    default="local",
+    show_default=True,
+    help="local: the bundled loop (also under accelerate launch); verl: write RUN_DIR/verl/run_verl.sh, the same run as a verl DAPO job.",
+)
 @click.option("--run", "run_verl", is_flag=True, help="With --backend verl: launch the job now (needs verl installed).")
-@click.option("--verl-gpus-per-node", type=int, default=None, help="With --backend verl: trainer.n_gpus_per_node [default: the visible GPUs, at least 1].")
+@click.option(
+    "--verl-gpus-per-node",
+    type=int,
+    default=None,
+    help="With --backend verl: trainer.n_gpus_per_node [default: the visible GPUs, at least 1].",
+)
 @click.option("--verl-nodes", type=int, default=1, show_default=True, help="With --backend verl: trainer.nnodes.")
 @config_options
 def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_nodes, **flags):
@@ -34,4 +54,6 @@ def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_n
     from loraforge.rl.distributed import context
 
     if context().is_main:
-        click.echo(f"{'interrupted' if result.interrupted else 'finished'} at step {result.steps_done}: {result.run_dir}")
+        click.echo(
+            f"{'interrupted' if result.interrupted else 'finished'} at step {result.steps_done}: {result.run_dir}"
+        )

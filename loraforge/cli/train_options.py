@@ -82,14 +82,23 @@ def run_train(flags: dict[str, Any], config_file: str | None, resume_dir: str | 
     return train(build_config(flags, config_file))
 
 
-def run_verl_backend(flags: dict[str, Any], config_file: str | None, resume_dir: str | None, launch_now: bool,
-                     gpus_per_node: int | None, nodes: int, echo) -> None:
+def run_verl_backend(
+    flags: dict[str, Any],
+    config_file: str | None,
+    resume_dir: str | None,
+    launch_now: bool,
+    gpus_per_node: int | None,
+    nodes: int,
+    echo,
+) -> None:
     """`loraforge train --backend verl`: write RUN_DIR/verl/ (and with --run, launch it)."""
     from loraforge.rl import verl_launch
 
     if resume_dir:
-        raise LoraforgeError("--backend verl starts a verl job; verl resumes its own runs (trainer.resume_mode=auto): "
-                             "run RUN_DIR/verl/run_verl.sh again")
+        raise LoraforgeError(
+            "--backend verl starts a verl job; verl resumes its own runs (trainer.resume_mode=auto): "
+            "run RUN_DIR/verl/run_verl.sh again"
+        )
     prepared = verl_launch.prepare(build_config(flags, config_file), gpus_per_node, nodes)
     echo(f"wrote {prepared.script} (and overrides.json, train.parquet, val.parquet, reward.py in {prepared.directory})")
     for note in prepared.notes:

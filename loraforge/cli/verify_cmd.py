@@ -17,7 +17,9 @@ def verify(out, base, device):
 
     with user_errors():
         report = verify_adapter(out, base=base, device=device)
-    click.echo(f"{report.path}: {report.method} r={report.r}, {len(report.modules)} modules, against {report.base_model}")
+    click.echo(
+        f"{report.path}: {report.method} r={report.r}, {len(report.modules)} modules, against {report.base_model}"
+    )
     for c in report.checks:
         click.echo(f"  {c.name:<15} {c.status:<7} {c.detail}".rstrip())
         for what, why in list(c.failures.items())[:20]:
@@ -27,5 +29,7 @@ def verify(out, base, device):
     click.echo(report.serve)
     if not report.ok:
         failing = report.failing
-        raise click.ClickException(f"verification failed for {len(failing)} module(s)/file(s): {', '.join(failing[:10])}"
-                                   + (" ..." if len(failing) > 10 else ""))
+        raise click.ClickException(
+            f"verification failed for {len(failing)} module(s)/file(s): {', '.join(failing[:10])}"
+            + (" ..." if len(failing) > 10 else "")
+        )

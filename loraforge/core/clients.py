@@ -27,6 +27,8 @@ def vllm_max_lora_rank(rank: int) -> int:
 def vllm_serve_command(base: str, adapter: str, rank: int, name: str = "adapter") -> str:
     """The `vllm serve` line for ADAPTER (rank RANK) on BASE, or a sentence saying why vLLM cannot serve it."""
     if rank > VLLM_LORA_RANKS[-1]:
-        return (f"vLLM cannot serve this adapter: its rank {rank} is above vLLM's largest --max-lora-rank "
-                f"({VLLM_LORA_RANKS[-1]}); merge it into the base first")
+        return (
+            f"vLLM cannot serve this adapter: its rank {rank} is above vLLM's largest --max-lora-rank "
+            f"({VLLM_LORA_RANKS[-1]}); merge it into the base first"
+        )
     return f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} --lora-modules {name}={adapter}"

@@ -22,8 +22,10 @@ def read_row_file(path: Path) -> list[dict]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise LoraforgeError(f"{path} is a parquet file, which needs pyarrow: `pip install pyarrow` "
-                                 "(or `pip install 'loraforge[train]'`), or convert it to .jsonl") from None
+            raise LoraforgeError(
+                f"{path} is a parquet file, which needs pyarrow: `pip install pyarrow` "
+                "(or `pip install 'loraforge[train]'`), or convert it to .jsonl"
+            ) from None
         return pq.read_table(path).to_pylist()
     if suffix not in SUFFIXES:
         raise LoraforgeError(f"{path}: unknown file type {suffix!r}; expected .jsonl, .json or .parquet")
@@ -45,5 +47,7 @@ def read_row_file(path: Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise LoraforgeError(f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one object per line") from None
+            raise LoraforgeError(
+                f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one object per line"
+            ) from None
     return rows

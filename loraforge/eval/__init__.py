@@ -15,7 +15,21 @@ from loraforge.eval.runner import evaluate, load_model, run_eval
 from loraforge.eval.scoring import SCORERS, extract_answer, extract_boxed, make_scorer
 
 __all__ = [
-    "BENCHMARKS", "PROMPT_TEMPLATES", "SCORERS", "Benchmark", "EvalConfig", "Problem", "bootstrap_std",
-    "evaluate", "extract_answer", "extract_boxed", "format_table", "load_benchmark", "load_model",
-    "make_scorer", "mean_at_k", "pass_at_k", "run_eval",
+    "BENCHMARKS",
+    "PROMPT_TEMPLATES",
+    "SCORERS",
+    "Benchmark",
+    "EvalConfig",
+    "Problem",
+    "bootstrap_std",
+    "evaluate",
+    "extract_answer",
+    "extract_boxed",
+    "format_table",
+    "load_benchmark",
+    "load_model",
+    "make_scorer",
+    "mean_at_k",
+    "pass_at_k",
+    "run_eval",
 ]

@@ -53,24 +53,53 @@ class BenchmarkSpec:
     description: str = ""
 
 
-_AIME = dict(dataset="AI-MO/aimo-validation-aime", config=None, split="train", question_field="problem",
-             answer_field="answer", samples=32, ks=(1, 32), temperature=0.6, top_p=0.95,
-             max_new_tokens=16384)
+_AIME = dict(
+    dataset="AI-MO/aimo-validation-aime",
+    config=None,
+    split="train",
+    question_field="problem",
+    answer_field="answer",
+    samples=32,
+    ks=(1, 32),
+    temperature=0.6,
+    top_p=0.95,
+    max_new_tokens=16384,
+)
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "gsm8k": BenchmarkSpec(
-        "gsm8k", "openai/gsm8k", "main", "test", "question", "answer", samples=1, ks=(1,),
-        temperature=0.0, top_p=1.0, max_new_tokens=4096,
+        "gsm8k",
+        "openai/gsm8k",
+        "main",
+        "test",
+        "question",
+        "answer",
+        samples=1,
+        ks=(1,),
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=4096,
         description="GSM8K test, 1,319 grade-school word problems; pass@1 greedy",
     ),
     "math500": BenchmarkSpec(
-        "math500", "HuggingFaceH4/MATH-500", None, "test", "problem", "answer", samples=4, ks=(1, 4),
-        temperature=0.6, top_p=0.95, max_new_tokens=8192,
+        "math500",
+        "HuggingFaceH4/MATH-500",
+        None,
+        "test",
+        "problem",
+        "answer",
+        samples=4,
+        ks=(1, 4),
+        temperature=0.6,
+        top_p=0.95,
+        max_new_tokens=8192,
         description="MATH500, 500 competition problems; 4 samples at T=0.6, top-p 0.95",
     ),
     **{
         f"aime{yy}": BenchmarkSpec(
-            name=f"aime{yy}", year=2000 + yy, **_AIME,
+            name=f"aime{yy}",
+            year=2000 + yy,
+            **_AIME,
             description=f"AIME 20{yy}, 30 problems; 32 samples at T=0.6, top-p 0.95",
         )
         for yy in (22, 23, 24)
@@ -89,9 +118,7 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "{problem}\n\n"
         'Remember to put your answer on its own line after "Answer:".'
     ),
-    "boxed": (
-        "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-    ),
+    "boxed": ("{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."),
     "raw": "{problem}",
 }
 
@@ -216,8 +243,13 @@ def _load_hub_rows(spec: BenchmarkSpec, revision: str | None):
     return list(ds), getattr(ds, "_fingerprint", None)
 
 
-def hub_rows_to_benchmark(spec: BenchmarkSpec, rows: list, fingerprint: str | None = None,
-                          revision: str | None = None, limit: int | None = None) -> Benchmark:
+def hub_rows_to_benchmark(
+    spec: BenchmarkSpec,
+    rows: list,
+    fingerprint: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
+) -> Benchmark:
     """Turn the rows of a Hub split into a Benchmark (AIME: keep only the spec's year)."""
     if spec.year is not None:
         rows = [r for r in rows if aime_year(r.get("url", "")) == spec.year]
@@ -230,10 +262,21 @@ def hub_rows_to_benchmark(spec: BenchmarkSpec, rows: list, fingerprint: str | No
     problems = _rows_to_problems(rows, spec.question_field, spec.answer_field, where)
     if limit is not None:
         problems = problems[:limit]
-    source = {"dataset": spec.dataset, "config": spec.config, "split": spec.split,
-              "revision": revision, "fingerprint": fingerprint, "rows": len(rows)}
-    defaults = dict(samples=spec.samples, ks=spec.ks, temperature=spec.temperature,
-                    top_p=spec.top_p, max_new_tokens=spec.max_new_tokens)
+    source = {
+        "dataset": spec.dataset,
+        "config": spec.config,
+        "split": spec.split,
+        "revision": revision,
+        "fingerprint": fingerprint,
+        "rows": len(rows),
+    }
+    defaults = dict(
+        samples=spec.samples,
+        ks=spec.ks,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        max_new_tokens=spec.max_new_tokens,
+    )
     return Benchmark(spec.name, problems, source, defaults)
 
 

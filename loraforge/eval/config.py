@@ -116,6 +116,8 @@ def parse_list(flag: str, text: str | None, kind=str) -> tuple | None:
 def config_from_flags(bench: str, k: str | None = None, seed: str | None = "0", **flags) -> EvalConfig:
     """EvalConfig from the CLI's raw values (comma lists parsed here), validated."""
     return EvalConfig(
-        benchmarks=parse_list("--bench", bench), k=parse_list("--k", k, int),
-        seeds=parse_list("--seed", seed, int) or (0,), **flags,
+        benchmarks=parse_list("--bench", bench),
+        k=parse_list("--k", k, int),
+        seeds=parse_list("--seed", seed, int) or (0,),
+        **flags,
     ).validate()

@@ -65,8 +65,9 @@ def format_table(report: dict) -> str:
         for m in res["metrics"]:
             sp = m.get("spread") or {}
             spread = f"±{100 * sp.get('std', 0.0):.2f} ({sp.get('kind', '-')})" if sp else "-"
-            rows.append((name, str(res["problems"]), m["metric"], str(m["n"]), f"{100 * m['score']:.2f}",
-                         spread, res["scorer"]))
+            rows.append(
+                (name, str(res["problems"]), m["metric"], str(m["n"]), f"{100 * m['score']:.2f}", spread, res["scorer"])
+            )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

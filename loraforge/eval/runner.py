@@ -46,8 +46,9 @@ def resolve_settings(config: EvalConfig, bench: Benchmark) -> dict:
             f"{bench.name} would sample {s['samples']} responses per problem with temperature 0 (greedy), "
             "which makes them all identical; pass --samples 1 for greedy decoding or --temperature > 0"
         )
-    s.update(top_k=-1, max_prompt_tokens=config.max_prompt_tokens, seeds=list(config.seeds),
-             batch_size=config.batch_size)
+    s.update(
+        top_k=-1, max_prompt_tokens=config.max_prompt_tokens, seeds=list(config.seeds), batch_size=config.batch_size
+    )
     return s
 
 
@@ -89,8 +90,11 @@ def generation_sample_fn(model, tokenizer, batch_size: int) -> SampleFn:
 
     def sample(prompts, settings, seed):
         params = SamplingParams(
-            n=settings["samples"], max_new_tokens=settings["max_new_tokens"],
-            temperature=settings["temperature"], top_p=settings["top_p"], top_k=-1,
+            n=settings["samples"],
+            max_new_tokens=settings["max_new_tokens"],
+            temperature=settings["temperature"],
+            top_p=settings["top_p"],
+            top_k=-1,
             max_prompt_tokens=None,  # over-long prompts were rejected before sampling
         )
         # One generator per (benchmark, seed) across all chunks: the run is reproducible.
@@ -101,9 +105,9 @@ def generation_sample_fn(model, tokenizer, batch_size: int) -> SampleFn:
         per_call = max(1, batch_size // n)
         out: list[list[str]] = []
         for start in range(0, len(prompts), per_call):
-            chunk = list(prompts[start:start + per_call])
+            chunk = list(prompts[start : start + per_call])
             g = generate(model, tokenizer, chunk, params, generator=gen, batch_size=batch_size)
-            out += [g.texts[i * n:(i + 1) * n] for i in range(len(chunk))]
+            out += [g.texts[i * n : (i + 1) * n] for i in range(len(chunk))]
         return out
 
     return sample
@@ -111,19 +115,33 @@ def generation_sample_fn(model, tokenizer, batch_size: int) -> SampleFn:
 
 def _model_info(model) -> dict:
     cfg = getattr(model, "config", None)
-    info = {"name_or_path": getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None),
-            "revision": getattr(cfg, "_commit_hash", None), "adapter": None}
+    info = {
+        "name_or_path": getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None),
+        "revision": getattr(cfg, "_commit_hash", None),
+        "adapter": None,
+    }
     peft_cfg = getattr(model, "peft_config", None)
     if isinstance(peft_cfg, dict) and peft_cfg:
         first = next(iter(peft_cfg.values()))
-        info["adapter"] = {"peft_type": str(getattr(first, "peft_type", "")),
-                           "base_model_name_or_path": getattr(first, "base_model_name_or_path", None)}
+        info["adapter"] = {
+            "peft_type": str(getattr(first, "peft_type", "")),
+            "base_model_name_or_path": getattr(first, "base_model_name_or_path", None),
+        }
     return info
 
 
-def evaluate(model, tokenizer, benchmark: Benchmark | str, config: EvalConfig | None = None, *,
-             sample_fn: SampleFn | None = None, scorer=None, keep_samples: bool = False,
-             model_info: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    benchmark: Benchmark | str,
+    config: EvalConfig | None = None,
+    *,
+    sample_fn: SampleFn | None = None,
+    scorer=None,
+    keep_samples: bool = False,
+    model_info: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Evaluate one benchmark on a loaded model; return its result dict (see docs/eval.md).
 
     `benchmark` is a Benchmark or a name / file path (loaded with config.limit). `sample_fn` replaces
@@ -134,8 +152,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark | str, config: EvalConfig | 
     if isinstance(benchmark, str):
         benchmark = load_benchmark(benchmark, limit=config.limit)
     elif config.limit is not None:
-        benchmark = Benchmark(benchmark.name, benchmark.problems[: config.limit], benchmark.source,
-                              benchmark.defaults)
+        benchmark = Benchmark(benchmark.name, benchmark.problems[: config.limit], benchmark.source, benchmark.defaults)
     if not benchmark.problems:
         raise LoraforgeError(f"benchmark {benchmark.name} has no problems to evaluate")
     settings = resolve_settings(config, benchmark)
@@ -176,10 +193,22 @@ def evaluate(model, tokenizer, benchmark: Benchmark | str, config: EvalConfig | 
                 c += int(s.correct)
                 no_answer += int(s.extracted is None)
                 if keep_samples:
-                    records.append({"benchmark": benchmark.name, "problem_id": problem.id, "problem_index": i,
-                                    "seed": seed, "sample": j, "prompt": texts[i], "response": response,
-                                    "gold": problem.answer, "extracted": s.extracted, "correct": s.correct,
-                                    "scorer": scorer.name, **({"detail": s.detail} if s.detail else {})})
+                    records.append(
+                        {
+                            "benchmark": benchmark.name,
+                            "problem_id": problem.id,
+                            "problem_index": i,
+                            "seed": seed,
+                            "sample": j,
+                            "prompt": texts[i],
+                            "response": response,
+                            "gold": problem.answer,
+                            "extracted": s.extracted,
+                            "correct": s.correct,
+                            "scorer": scorer.name,
+                            **({"detail": s.detail} if s.detail else {}),
+                        }
+                    )
             counts.append((n, c))
         score_s += time.perf_counter() - t
         per_seed_counts.append(counts)
@@ -208,13 +237,18 @@ def evaluate(model, tokenizer, benchmark: Benchmark | str, config: EvalConfig | 
         "settings": settings,
         "model": model_info if model_info is not None else _model_info(model),
         "metrics": metrics,
-        "counts": {"samples": total_samples,
-                   "correct": sum(c for counts in per_seed_counts for _, c in counts),
-                   "no_answer": no_answer,
-                   "correct_per_problem": [[c for _, c in counts] for counts in per_seed_counts]},
+        "counts": {
+            "samples": total_samples,
+            "correct": sum(c for counts in per_seed_counts for _, c in counts),
+            "no_answer": no_answer,
+            "correct_per_problem": [[c for _, c in counts] for counts in per_seed_counts],
+        },
         "started": started,
-        "time_s": {"generate": round(gen_s, 3), "score": round(score_s, 3),
-                   "total": round(time.perf_counter() - t0, 3)},
+        "time_s": {
+            "generate": round(gen_s, 3),
+            "score": round(score_s, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
     }
     if keep_samples:
         result["samples"] = records
@@ -257,9 +291,14 @@ def load_model(config: EvalConfig):
             f"could not load the model {config.model!r}: {e}. Give a local model directory or a Hub id "
             "reachable from here"
         ) from None
-    info = {"name_or_path": config.model, "revision": config.revision,
-            "commit": getattr(model.config, "_commit_hash", None), "adapter": None,
-            "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
+    info = {
+        "name_or_path": config.model,
+        "revision": config.revision,
+        "commit": getattr(model.config, "_commit_hash", None),
+        "adapter": None,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+    }
     if config.adapter:
         from peft import PeftModel
 
@@ -282,8 +321,14 @@ def load_model(config: EvalConfig):
     return model, tokenizer, info
 
 
-def run_eval(config: EvalConfig, *, echo: Callable[[str], None] | None = None,
-             model=None, tokenizer=None, sample_fn: SampleFn | None = None) -> dict:
+def run_eval(
+    config: EvalConfig,
+    *,
+    echo: Callable[[str], None] | None = None,
+    model=None,
+    tokenizer=None,
+    sample_fn: SampleFn | None = None,
+) -> dict:
     """`loraforge eval`: every benchmark of the config, report JSON + per-sample jsonl; returns the report.
 
     Benchmarks are all loaded (and checked) before the model, so a typo fails in a second, not
@@ -310,17 +355,28 @@ def run_eval(config: EvalConfig, *, echo: Callable[[str], None] | None = None,
     else:
         info = {"name_or_path": config.model, "revision": config.revision, "adapter": config.adapter}
 
-    report = {"created": _now(), "model": info, "scorer": scorer.name, "config": config.to_dict(),
-              "benchmarks": {}}
-    samples_path = Path(config.samples_path) if config.samples_path else (
-        samples_path_for(config.output) if config.output else None)
+    report = {"created": _now(), "model": info, "scorer": scorer.name, "config": config.to_dict(), "benchmarks": {}}
+    samples_path = (
+        Path(config.samples_path)
+        if config.samples_path
+        else (samples_path_for(config.output) if config.output else None)
+    )
     if samples_path:
         report["samples_file"] = str(samples_path)
     writer = SampleWriter(samples_path) if samples_path else None
     try:
         for bench in benches:
-            res = evaluate(model, tokenizer, bench, config, sample_fn=sample_fn, scorer=scorer,
-                           keep_samples=writer is not None, model_info=info, progress=echo)
+            res = evaluate(
+                model,
+                tokenizer,
+                bench,
+                config,
+                sample_fn=sample_fn,
+                scorer=scorer,
+                keep_samples=writer is not None,
+                model_info=info,
+                progress=echo,
+            )
             if writer is not None:
                 writer.write(res.pop("samples"))
             report["benchmarks"][bench.name] = res

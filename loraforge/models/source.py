@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from loraforge.models.checkpoint import SafetensorsFile
 from loraforge.core.errors import LoraforgeError
+from loraforge.models.checkpoint import SafetensorsFile
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ot", ".ckpt")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -45,21 +45,31 @@ class Source:
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or model.endswith("/") or model.count("/") > 1 or os.sep in model.replace("/", "")
+    return (
+        model.startswith((".", "/", "~"))
+        or model.endswith("/")
+        or model.count("/") > 1
+        or os.sep in model.replace("/", "")
+    )
 
 
-def resolve_source(model: str, revision: Optional[str] = None, token: Optional[str] = None,
-                   trust_remote_code: bool = False) -> Source:
+def resolve_source(
+    model: str, revision: Optional[str] = None, token: Optional[str] = None, trust_remote_code: bool = False
+) -> Source:
     """Find the checkpoint for MODEL (a local directory or a Hub id) and read its index."""
     local = Path(model).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise LoraforgeError(f"{model} is a file; expected a model directory (with config.json and weights) or a Hub id.")
+            raise LoraforgeError(
+                f"{model} is a file; expected a model directory (with config.json and weights) or a Hub id."
+            )
         if revision:
             raise LoraforgeError(f"--revision {revision} was given, but {model} is a local directory; drop --revision.")
         return _read_dir(model, local, None, True)
     if _looks_like_path(model):
-        raise LoraforgeError(f"No such directory: {model}. Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
+        raise LoraforgeError(
+            f"No such directory: {model}. Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+        )
     path, sha = _download(model, revision, token, trust_remote_code)
     return _read_dir(model, path, sha, False)
 
@@ -85,14 +95,18 @@ def _download(repo_id: str, revision: Optional[str], token: Optional[str], trust
             "model log in with `hf auth login` or set HF_TOKEN; for a local model pass its directory."
         ) from None
     except hf_errors.RevisionNotFoundError:
-        raise LoraforgeError(f"Revision {revision!r} not found in {repo_id}. Pass a branch, tag or commit that exists.") from None
+        raise LoraforgeError(
+            f"Revision {revision!r} not found in {repo_id}. Pass a branch, tag or commit that exists."
+        ) from None
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
         raise LoraforgeError(
             f"Could not get {repo_id!r}: the Hub is unreachable or offline mode is on, and it is not in the local "
             f"cache ({type(e).__name__}). Connect to the network, or pass a local model directory."
         ) from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
-        raise LoraforgeError(f"Could not download {repo_id!r} from the Hub: {e}. Retry, or pass a local model directory.") from None
+        raise LoraforgeError(
+            f"Could not download {repo_id!r} from the Hub: {e}. Retry, or pass a local model directory."
+        ) from None
     except Exception as e:
         # A network that is down surfaces as the HTTP client's own transport error (httpx, or httpx2
         # in huggingface_hub 2.x), which is neither an HfHubHTTPError nor an OSError.
@@ -112,7 +126,9 @@ def is_network_error(e: BaseException) -> bool:
 def _read_dir(model_id: str, path: Path, revision: Optional[str], is_local: bool) -> Source:
     config_path = path / "config.json"
     if not config_path.exists():
-        raise LoraforgeError(f"{model_id} has no config.json; expected a transformers model directory (config.json + weights).")
+        raise LoraforgeError(
+            f"{model_id} has no config.json; expected a transformers model directory (config.json + weights)."
+        )
     config = json.loads(config_path.read_text())
     for index_name, fmt in zip(INDEX_NAMES, ("safetensors", "bin")):
         if (path / index_name).exists():
@@ -120,12 +136,22 @@ def _read_dir(model_id: str, path: Path, revision: Optional[str], is_local: bool
             shards = list(dict.fromkeys(weight_map.values()))
             missing = [s for s in shards if not (path / s).exists()]
             if missing:
-                raise LoraforgeError(f"{model_id}: {index_name} names {missing[0]}, which is not in the directory. Re-download the model.")
+                raise LoraforgeError(
+                    f"{model_id}: {index_name} names {missing[0]}, which is not in the directory. Re-download the model."
+                )
             return Source(model_id, path, revision, is_local, config, fmt, shards, weight_map)
     if (path / "model.safetensors").exists():
         keys = SafetensorsFile(path / "model.safetensors").keys()
-        return Source(model_id, path, revision, is_local, config, "safetensors", ["model.safetensors"],
-                      {k: "model.safetensors" for k in keys})
+        return Source(
+            model_id,
+            path,
+            revision,
+            is_local,
+            config,
+            "safetensors",
+            ["model.safetensors"],
+            {k: "model.safetensors" for k in keys},
+        )
     if (path / "pytorch_model.bin").exists():
         return Source(model_id, path, revision, is_local, config, "bin", ["pytorch_model.bin"], {})
     found = sorted(p.name for p in path.iterdir())[:10]

@@ -82,8 +82,9 @@ def _is_linear(module: torch.nn.Module) -> tuple[bool, bool]:
     return False, False
 
 
-def find_targets(model: torch.nn.Module, target_modules: str | Sequence[str] = "all-linear",
-                 layers: Optional[Sequence[int]] = None) -> list[Target]:
+def find_targets(
+    model: torch.nn.Module, target_modules: str | Sequence[str] = "all-linear", layers: Optional[Sequence[int]] = None
+) -> list[Target]:
     """Target modules of MODEL (a skeleton or a loaded model), in module order."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear: list[Target] = []

@@ -47,8 +47,13 @@ class ModelWeights:
         return self.stored(name).dtype
 
 
-def open_model_weights(model: str, module_names: Sequence[str], role: str = "--base", revision: Optional[str] = None,
-                       token: Optional[str] = None) -> ModelWeights:
+def open_model_weights(
+    model: str,
+    module_names: Sequence[str],
+    role: str = "--base",
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+) -> ModelWeights:
     """Find MODULE_NAMES in MODEL; ROLE names the model in error messages."""
 
     source = resolve_source(model, revision, token)

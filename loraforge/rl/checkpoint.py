@@ -60,8 +60,17 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
         generator.set_state(state["sampler"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, generator, state: dict[str, Any],
-                    keep: int = 0, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    generator,
+    state: dict[str, Any],
+    keep: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write checkpoint `step` atomically; keep only the newest `keep` (0 = all). Returns its path.
     `extra` (tensors, plain data) is stored in trainer_state.pt beside the optimizer and RNG states."""
     final = checkpoint_path(run_dir, step)
@@ -71,8 +80,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, gener
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp / "adapter"))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(generator),
-         **(extra or {})},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(generator),
+            **(extra or {}),
+        },
         tmp / "trainer_state.pt",
     )
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")

@@ -28,7 +28,9 @@ ALGO_PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class TrainConfig:
     # --- what to train -------------------------------------------------------------------------
-    model: str | None = None  # base model: a local dir or Hub id (default: ADAPTER/base if present, else the adapter's base_model_name_or_path)
+    model: str | None = (
+        None  # base model: a local dir or Hub id (default: ADAPTER/base if present, else the adapter's base_model_name_or_path)
+    )
     adapter: str = ""  # PEFT adapter dir to train (from `loraforge init` or any PEFT save_pretrained)
     data: str = ""  # training prompts: .jsonl/.json/.parquet file, Hub dataset id, or synthetic[:k=v,...]
     output_dir: str = ""  # RUN_DIR: metrics.jsonl, checkpoints/, the final adapter/
@@ -41,7 +43,9 @@ class TrainConfig:
     trust_remote_code: bool = False  # allow a model repository's own code to run
     # --- prompts and rewards ------------------------------------------------------------------
     reward: str = "dapo"  # dapo (verl 0.7, +1/-1), dapo-boxed (newer verl), math-verify (1/0), or module:function
-    prompt_template: str = "dapo"  # for question rows (GSM8K, synthetic): dapo (DAPO-Math's instruction), none, or a text with {question}
+    prompt_template: str = (
+        "dapo"  # for question rows (GSM8K, synthetic): dapo (DAPO-Math's instruction), none, or a text with {question}
+    )
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
     max_prompt_length: int = 512  # prompt tokens kept (left truncation) [paper 512]
     max_response_length: int = 1024  # new tokens per response [paper 16384]
@@ -56,8 +60,12 @@ class TrainConfig:
     max_gen_batches: int = 10  # dynamic sampling gives up after this many generation batches per step, 0 = never
     rollout_batch_size: int = 64  # rows (prompt x sample) decoded at once; lower it on out-of-memory
     rollout: str = "transformers"  # rollout engine: transformers (in-process), vllm (pip install 'loraforge[vllm]', CUDA), or module:factory
-    vllm_gpu_memory: float = 0.5  # fraction of each GPU's memory vLLM may take (--rollout vllm, --backend verl); the trainer uses the rest
-    logprob_check_rows: int = 4  # separate samplers (vllm): responses whose sampler and trainer log-probs are compared each step, 0 = off
+    vllm_gpu_memory: float = (
+        0.5  # fraction of each GPU's memory vLLM may take (--rollout vllm, --backend verl); the trainer uses the rest
+    )
+    logprob_check_rows: int = (
+        4  # separate samplers (vllm): responses whose sampler and trainer log-probs are compared each step, 0 = off
+    )
     logprob_check_tol: float = 0.1  # stop when their mean |logp difference| per token exceeds this (nats): the sampler is not running the current adapter
     # --- optimisation --------------------------------------------------------------------------
     steps: int = 500  # training steps (one rollout batch each) [paper 500]
@@ -108,8 +116,12 @@ class TrainConfig:
         need(self.dtype in ("float32", "bfloat16", "float16"), "--dtype", "float32, bfloat16 or float16", self.dtype)
         need(self.max_prompt_length >= 1, "--max-prompt-length", ">= 1", self.max_prompt_length)
         need(self.max_response_length >= 1, "--max-response-length", ">= 1", self.max_response_length)
-        need(0 <= self.overlong_buffer < self.max_response_length, "--overlong-buffer",
-             f"in [0, max response length {self.max_response_length})", self.overlong_buffer)
+        need(
+            0 <= self.overlong_buffer < self.max_response_length,
+            "--overlong-buffer",
+            f"in [0, max response length {self.max_response_length})",
+            self.overlong_buffer,
+        )
         need(self.overlong_penalty >= 0, "--overlong-penalty", ">= 0", self.overlong_penalty)
         need(self.group_size >= 1, "--group-size", ">= 1", self.group_size)
         need(self.temperature > 0, "--temperature", "> 0 for training rollouts", self.temperature)
@@ -117,15 +129,23 @@ class TrainConfig:
         need(self.top_k == -1 or self.top_k >= 1, "--top-k", "-1 (off) or >= 1", self.top_k)
         need(self.max_gen_batches >= 0, "--max-gen-batches", ">= 0 (0 = no limit)", self.max_gen_batches)
         need(self.rollout_batch_size >= 1, "--rollout-batch-size", ">= 1", self.rollout_batch_size)
-        need(self.rollout in ("transformers", "vllm") or ":" in self.rollout, "--rollout",
-             "transformers, vllm or module:factory", self.rollout)
+        need(
+            self.rollout in ("transformers", "vllm") or ":" in self.rollout,
+            "--rollout",
+            "transformers, vllm or module:factory",
+            self.rollout,
+        )
         need(0 < self.vllm_gpu_memory <= 1, "--vllm-gpu-memory", "in (0, 1]", self.vllm_gpu_memory)
         need(self.logprob_check_rows >= 0, "--logprob-check-rows", ">= 0 (0 = off)", self.logprob_check_rows)
         need(self.logprob_check_tol > 0, "--logprob-check-tol", "> 0", self.logprob_check_tol)
         need(self.steps >= 1, "--steps", ">= 1", self.steps)
         need(self.prompt_batch >= 1, "--prompt-batch", ">= 1", self.prompt_batch)
-        need(1 <= self.mini_batch <= self.prompt_batch and self.prompt_batch % self.mini_batch == 0,
-             "--mini-batch", f"between 1 and --prompt-batch ({self.prompt_batch}) and divide it", self.mini_batch)
+        need(
+            1 <= self.mini_batch <= self.prompt_batch and self.prompt_batch % self.mini_batch == 0,
+            "--mini-batch",
+            f"between 1 and --prompt-batch ({self.prompt_batch}) and divide it",
+            self.mini_batch,
+        )
         need(self.micro_batch >= 1, "--micro-batch", ">= 1", self.micro_batch)
         need(self.epochs >= 1, "--epochs", ">= 1", self.epochs)
         need(self.lr > 0, "--lr", "> 0", self.lr)
@@ -137,14 +157,17 @@ class TrainConfig:
         need(0 <= self.eps_low < 1, "--eps-low", "in [0, 1)", self.eps_low)
         need(self.eps_high >= 0, "--eps-high", ">= 0", self.eps_high)
         need(self.clip_c > 1, "--clip-c", "> 1 (the dual clip bounds ratios above 1)", self.clip_c)
-        need(self.loss_agg in ("token-mean", "seq-mean-token-mean"), "--loss-agg",
-             "token-mean or seq-mean-token-mean", self.loss_agg)
+        need(
+            self.loss_agg in ("token-mean", "seq-mean-token-mean"),
+            "--loss-agg",
+            "token-mean or seq-mean-token-mean",
+            self.loss_agg,
+        )
         need(self.kl_beta >= 0, "--kl-beta", ">= 0", self.kl_beta)
         need(self.save_every >= 0, "--save-every", ">= 0", self.save_every)
         need(self.keep_checkpoints >= 0, "--keep-checkpoints", ">= 0", self.keep_checkpoints)
         need(self.eval_every >= 0, "--eval-every", ">= 0", self.eval_every)
-        need(self.eval_every == 0 or bool(self.eval_data), "--eval-data", "given when --eval-every > 0",
-             self.eval_data)
+        need(self.eval_every == 0 or bool(self.eval_data), "--eval-data", "given when --eval-every > 0", self.eval_data)
         need(self.eval_max_prompts >= 1, "--eval-max-prompts", ">= 1", self.eval_max_prompts)
 
     # ------------------------------------------------------------------------------------------
@@ -196,4 +219,3 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise LoraforgeError(f"--config {path}: expected a mapping of keys to values, found {type(values).__name__}")
     return values
-

@@ -135,8 +135,9 @@ def _parse_synthetic(spec: str) -> dict[str, Any]:
     return out
 
 
-def synthetic_rows(n: int = 2000, max: int = 20, min: int = 0, ops: str = "+", terms: int = 2,
-                   seed: int = 0, style: str = "question") -> list[dict]:
+def synthetic_rows(
+    n: int = 2000, max: int = 20, min: int = 0, ops: str = "+", terms: int = 2, seed: int = 0, style: str = "question"
+) -> list[dict]:
     """Arithmetic problems with exact integer answers, deterministic in `seed`.
 
     `synthetic:n=2000,max=20,ops=+-,terms=2,style=question` makes rows like
@@ -173,7 +174,9 @@ def format_prompt(example: Example, tokenizer, template: str = "dapo", chat: boo
     if example.is_question and isinstance(prompt, str) and template != "none":
         text = DAPO_TEMPLATE if template == "dapo" else template
         if "{question}" not in text:
-            raise LoraforgeError(f"--prompt-template must be dapo, none, or a text containing {{question}}, got {template!r}")
+            raise LoraforgeError(
+                f"--prompt-template must be dapo, none, or a text containing {{question}}, got {template!r}"
+            )
         prompt = text.replace("{question}", prompt)
     has_chat = chat and getattr(tokenizer, "chat_template", None)
     if isinstance(prompt, list):
@@ -181,8 +184,9 @@ def format_prompt(example: Example, tokenizer, template: str = "dapo", chat: boo
             return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(str(m["content"]) for m in prompt)
     if has_chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 

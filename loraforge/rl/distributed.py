@@ -93,13 +93,14 @@ class DistContext:
             return failed
         device = params[0].device
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]
-                         + [torch.tensor([1.0 if failed else 0.0], device=device)])
+        flat = torch.cat(
+            [g.reshape(-1).to(torch.float32) for g in grads] + [torch.tensor([1.0 if failed else 0.0], device=device)]
+        )
         torch.distributed.all_reduce(flat)
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype).clone()
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype).clone()
             offset += n
         return bool(flat[-1].item() > 0)
 
@@ -198,8 +199,9 @@ def split_evenly(n: int, world: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def plan_minibatches(group_sizes: Sequence[int], mini_batch: int, world: int, rank: int
-                     ) -> list[tuple[list[int], list[int]]]:
+def plan_minibatches(
+    group_sizes: Sequence[int], mini_batch: int, world: int, rank: int
+) -> list[tuple[list[int], list[int]]]:
     """Rows (samples, groups laid end to end) of each global mini-batch and this process's share of it.
 
     A mini-batch is `mini_batch` consecutive groups (as with one process); its rows are split between the

@@ -22,8 +22,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
-def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
-              denominator: float | None = None) -> torch.Tensor:
+def aggregate(
+    loss_mat: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean", denominator: float | None = None
+) -> torch.Tensor:
     """Reduce per-token losses to a scalar.
 
     token-mean: sum(mask * L) / sum(mask), over every token of the mini-batch (DAPO); long and short

@@ -48,15 +48,24 @@ def format_line(m: dict[str, Any], total_steps: int) -> str:
 class MetricsLogger:
     """Writes each step's dict to metrics.jsonl (and TensorBoard) and prints its one-line summary."""
 
-    def __init__(self, run_dir: Path, total_steps: int, echo: Callable[[str], None], tensorboard: bool = True,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        echo: Callable[[str], None],
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.total_steps = total_steps
         self.echo = echo
         if resume_step is not None and self.path.exists():
             # drop lines of steps after the checkpoint we resume from: they will be redone
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()

@@ -15,7 +15,7 @@ def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average over `window` points (1 = raw), ignoring NaN."""
     out = []
     for i in range(len(values)):
-        chunk = [v for v in values[max(0, i - window + 1): i + 1] if v == v]
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if v == v]
         out.append(sum(chunk) / len(chunk) if chunk else float("nan"))
     return out
 
@@ -27,7 +27,9 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise LoraforgeError("plotting needs matplotlib: pip install 'loraforge[plots]' (or pip install matplotlib)") from e
+        raise LoraforgeError(
+            "plotting needs matplotlib: pip install 'loraforge[plots]' (or pip install matplotlib)"
+        ) from e
     if labels and len(labels) != len(run_dirs):
         raise LoraforgeError(f"--label given {len(labels)} times for {len(run_dirs)} runs; give one per run or none")
     runs = []

@@ -66,7 +66,7 @@ def length_buckets(lengths: list[int], overhead: int | None = None) -> list[list
     buckets = []
     j = n
     while j > 0:
-        buckets.append(order[cut[j]:j])
+        buckets.append(order[cut[j] : j])
         j = cut[j]
     return buckets[::-1]
 
@@ -109,8 +109,13 @@ def _cache_rows(kv, index: torch.Tensor):
     return DynamicCache([(k.index_select(0, index), v.index_select(0, index)) for k, v in kv])
 
 
-def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, entropy: bool = False,
-                           params: dict[str, torch.Tensor] | None = None):
+def shared_prefix_logprobs(
+    model,
+    batch: dict[str, torch.Tensor],
+    temperature: float,
+    entropy: bool = False,
+    params: dict[str, torch.Tensor] | None = None,
+):
     """What trainer.response_logprobs returns ((rows, R) log-probs, entropy or None), computed with one
     forward pass per distinct prompt and length-bucketed response passes; None when the model's KV
     cache is of a kind this does not handle (use the plain pass)."""
@@ -129,8 +134,9 @@ def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor], temperature: f
         return torch.func.functional_call(model, params, args=(), kwargs=kw, strict=False)
 
     extra = {"logits_to_keep": 1} if can_keep else {}
-    out = call(input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids_from_mask(p_mask), use_cache=True,
-               **extra)
+    out = call(
+        input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids_from_mask(p_mask), use_cache=True, **extra
+    )
     kv = _kv_tensors(_cache_of(out))
     if kv is None:
         return None
@@ -150,9 +156,14 @@ def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor], temperature: f
         own = expand[idx]
         attn = torch.cat([p_mask[own], r_mask[idx, :width]], dim=1)
         pos = n_prompt[own, None] + torch.arange(width, device=device)[None, :]
-        out = call(input_ids=r_ids[idx, :width], attention_mask=attn, position_ids=pos, use_cache=True,
-                   **{cache_kw: _cache_rows(kv, own)})
-        lp, ent = token_logprobs(out.logits, r_ids[idx, 1:width + 1], temperature, entropy)
+        out = call(
+            input_ids=r_ids[idx, :width],
+            attention_mask=attn,
+            position_ids=pos,
+            use_cache=True,
+            **{cache_kw: _cache_rows(kv, own)},
+        )
+        lp, ent = token_logprobs(out.logits, r_ids[idx, 1 : width + 1], temperature, entropy)
         lps.append(torch.nn.functional.pad(lp, (0, R - 1 - width)))
         if entropy:
             ents.append(torch.nn.functional.pad(ent, (0, R - 1 - width)))

@@ -97,6 +97,4 @@ def get_scorer(name: str) -> Scorer:
         return math_verify_result
     if ":" in name:
         return _user_scorer(name)
-    raise LoraforgeError(
-        f"unknown reward {name!r}; expected dapo, dapo-boxed, math-verify or module:function"
-    )
+    raise LoraforgeError(f"unknown reward {name!r}; expected dapo, dapo-boxed, math-verify or module:function")

@@ -18,7 +18,6 @@ Backends do not score: the loop scores the decoded texts, so every backend gets 
 
 from __future__ import annotations
 
-
 import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -57,13 +56,18 @@ class TransformersRollout:
         return None
 
     def generate(self, prompts: list[str], params: SamplingParams) -> Generation:
-        return generate(self.model, self.tokenizer, prompts, params, generator=self.generator,
-                        batch_size=self.batch_size)
+        return generate(
+            self.model, self.tokenizer, prompts, params, generator=self.generator, batch_size=self.batch_size
+        )
 
 
-def generation_from_tokens(prompt_ids: Sequence[Sequence[int]], rows: Sequence[tuple[int, Sequence[int], bool]],
-                           tokenizer, pad: int, sampler_logprobs: Sequence[Sequence[float]] | None = None
-                           ) -> SampledGeneration:
+def generation_from_tokens(
+    prompt_ids: Sequence[Sequence[int]],
+    rows: Sequence[tuple[int, Sequence[int], bool]],
+    tokenizer,
+    pad: int,
+    sampler_logprobs: Sequence[Sequence[float]] | None = None,
+) -> SampledGeneration:
     """Assemble a Generation from token lists (for samplers other than loraforge.sampling.generation).
 
     `prompt_ids[i]` are prompt i's tokens; `rows` are (prompt index, response token ids, truncated)
@@ -80,17 +84,24 @@ def generation_from_tokens(prompt_ids: Sequence[Sequence[int]], rows: Sequence[t
     lengths = [len(r) for _, r, _ in rows]
     texts = [tokenizer.decode(list(r), skip_special_tokens=True) for _, r, _ in rows]
     return SampledGeneration(
-        prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, response_mask=r_mask, texts=texts,
-        prompt_index=[pi for pi, _, _ in rows], truncated=torch.tensor([t for _, _, t in rows], dtype=torch.bool),
-        pad_token_id=pad, lengths=lengths,
+        prompt_ids=p_ids,
+        prompt_mask=p_mask,
+        response_ids=r_ids,
+        response_mask=r_mask,
+        texts=texts,
+        prompt_index=[pi for pi, _, _ in rows],
+        truncated=torch.tensor([t for _, _, t in rows], dtype=torch.bool),
+        pad_token_id=pad,
+        lengths=lengths,
         sampler_logprobs=[list(map(float, lp)) for lp in sampler_logprobs] if sampler_logprobs is not None else None,
     )
 
 
 # ------------------------------------------------------------------------------------------------
 # the sampler-vs-trainer log-prob check (pure functions)
-def logprob_gap_terms(sampler: Sequence[Sequence[float]], trainer: Sequence[torch.Tensor | Sequence[float]]
-                      ) -> tuple[float, int]:
+def logprob_gap_terms(
+    sampler: Sequence[Sequence[float]], trainer: Sequence[torch.Tensor | Sequence[float]]
+) -> tuple[float, int]:
     """(sum over tokens of |logp_sampler - logp_trainer|, token count) for aligned sequences; a sum
     and a count so that processes can add theirs before dividing."""
     total, count = 0.0, 0
@@ -126,11 +137,15 @@ def sampler_verdict(gap: float, tol: float, gap_base: float | None = None) -> st
     if not math.isfinite(gap):
         return f"the sampler's log-probs are not finite (mean |difference| {gap})"
     if gap > tol:
-        return (f"the sampler's log-probs differ from the trainer's by {gap:.3g} nats per token on average "
-                f"(> --logprob-check-tol {tol:g})")
+        return (
+            f"the sampler's log-probs differ from the trainer's by {gap:.3g} nats per token on average "
+            f"(> --logprob-check-tol {tol:g})"
+        )
     if gap_base is not None and gap_base * 2 < gap and gap > tol / 4:
-        return (f"the sampler's log-probs match the base model WITHOUT the adapter (mean |difference| "
-                f"{gap_base:.3g}) better than the current adapter ({gap:.3g}): the adapter is not applied")
+        return (
+            f"the sampler's log-probs match the base model WITHOUT the adapter (mean |difference| "
+            f"{gap_base:.3g}) better than the current adapter ({gap:.3g}): the adapter is not applied"
+        )
     return None
 
 

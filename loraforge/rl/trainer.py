@@ -43,18 +43,18 @@ import torch
 from loraforge.adapters.directory import resolve_base
 from loraforge.core.devices import resolve_device
 from loraforge.core.errors import LoraforgeError
-from loraforge.sampling.generation import SamplingParams, model_forward_kwargs, left_pad, position_ids_from_mask
 from loraforge.rl import checkpoint as ckpt
 from loraforge.rl.advantage import fill_batch, group_advantages
 from loraforge.rl.config import TrainConfig
 from loraforge.rl.data import PromptStream, format_prompt, load_examples
-from loraforge.rl.distributed import (check_world_divides, context as dist_context, device_for, init_distributed,
-                                      plan_minibatches, split_evenly)
+from loraforge.rl.distributed import check_world_divides, device_for, init_distributed, plan_minibatches, split_evenly
+from loraforge.rl.distributed import context as dist_context
 from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, policy_loss
 from loraforge.rl.metrics import MetricsLogger
 from loraforge.rl.prefix import shared_prefix_logprobs, token_logprobs
 from loraforge.rl.rewards import Scorer, get_scorer, overlong_penalty
 from loraforge.rl.rollout import RolloutBackend, TransformersRollout, check_sampler, logprob_gap_terms
+from loraforge.sampling.generation import SamplingParams, left_pad, model_forward_kwargs, position_ids_from_mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,8 +124,14 @@ def pack(samples: list[Sample], pad: int) -> dict[str, torch.Tensor]:
     return {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, entropy: bool = False,
-                      params: dict[str, torch.Tensor] | None = None, share_prefix: bool = True):
+def response_logprobs(
+    model,
+    batch: dict[str, torch.Tensor],
+    temperature: float,
+    entropy: bool = False,
+    params: dict[str, torch.Tensor] | None = None,
+    share_prefix: bool = True,
+):
     """log pi(response token | prefix) per response token, (rows, R); optionally the entropy too.
 
     Logits are divided by the rollout temperature, as verl does, so the log-probs are those of the
@@ -143,8 +149,12 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
     ids = torch.cat([p_ids, r_ids], dim=1)
     attn = torch.cat([p_mask, r_mask], dim=1)
     R = r_ids.shape[1]
-    kwargs = {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids_from_mask(attn),
-              "use_cache": False}
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": position_ids_from_mask(attn),
+        "use_cache": False,
+    }
     if model_forward_kwargs(model)[1]:
         kwargs["logits_to_keep"] = R + 1  # no logits for the prompt: they are the bulk of the memory
     if params is None:
@@ -152,7 +162,7 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
     else:
         logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
     # position t predicts token t+1: the R response tokens are predicted by positions P-1 .. P+R-2
-    return token_logprobs(logits[:, -R - 1:-1, :], r_ids, temperature, entropy)
+    return token_logprobs(logits[:, -R - 1 : -1, :], r_ids, temperature, entropy)
 
 
 def _adapter_params(model) -> dict[str, torch.nn.Parameter]:
@@ -179,8 +189,9 @@ def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print, device: s
     try:
         base = AutoModelForCausalLM.from_pretrained(model_src, **kw)
         tok_kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or model_src, trust_remote_code=cfg.trust_remote_code,
-                                                  **tok_kw)
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.tokenizer or model_src, trust_remote_code=cfg.trust_remote_code, **tok_kw
+        )
     except (OSError, ValueError) as e:
         raise LoraforgeError(f"--model {model_src}: could not load the model or its tokenizer ({e})") from e
     if tokenizer.pad_token_id is None:
@@ -200,17 +211,22 @@ def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print, device: s
 def _shape_mismatch_message(text: str, adapter: Path, model_src: str) -> str:
     import re
 
-    found = re.findall(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
-                       r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", text)
+    found = re.findall(
+        r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
+        r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))",
+        text,
+    )
     if not found:
         return f"--adapter {adapter} does not fit --model {model_src}: {text.splitlines()[0]}"
     name, got, want = found[0]
     name = name.replace("base_model.model.", "", 1)
     m = re.match(r"(.*)\.(lora_[A-Za-z_]+)(?:\.\w+)?\.weight$", name)
     module, tensor = (m.group(1), m.group(2)) if m else (name, "weight")
-    return (f"--adapter {adapter} does not match --model {model_src}: module {module} has {tensor} of shape "
-            f"{got[11:-1]} in the adapter but {want[11:-1]} in the model ({len(found)} mismatched tensors); "
-            "pass the base model the adapter was made for (for PiSSA/MiLoRA/OLoRA: the adapter's base/ directory)")
+    return (
+        f"--adapter {adapter} does not match --model {model_src}: module {module} has {tensor} of shape "
+        f"{got[11:-1]} in the adapter but {want[11:-1]} in the model ({len(found)} mismatched tensors); "
+        "pass the base model the adapter was made for (for PiSSA/MiLoRA/OLoRA: the adapter's base/ directory)"
+    )
 
 
 def make_rollout(name: str, trainer) -> RolloutBackend:
@@ -234,8 +250,14 @@ def make_rollout(name: str, trainer) -> RolloutBackend:
 # ------------------------------------------------------------------------------------------------
 # the trainer
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, scorer: Scorer | None = None, echo: Callable[[str], None] | None = None,
-                 resume_from: Path | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        scorer: Scorer | None = None,
+        echo: Callable[[str], None] | None = None,
+        resume_from: Path | None = None,
+    ):
         self.cfg = cfg.resolved()
         self.run_dir = Path(self.cfg.output_dir)
         self.echo = echo or (lambda s: print(s, flush=True))
@@ -249,8 +271,11 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(cfg.device)
-        check_world_divides(cfg.prompt_batch, self.dist.world,
-                            "GPUs (one vLLM engine per process)" if cfg.rollout == "vllm" else "processes")
+        check_world_divides(
+            cfg.prompt_batch,
+            self.dist.world,
+            "GPUs (one vLLM engine per process)" if cfg.rollout == "vllm" else "processes",
+        )
         if cfg.rollout == "vllm":  # say what to install before loading anything
             from loraforge.rl.vllm_rollout import require_vllm
 
@@ -259,8 +284,9 @@ class Trainer:
             self.echo = lambda s: None
         torch.manual_seed(cfg.seed)
         self.examples = load_examples(cfg.data, cfg.data_split)
-        self.eval_examples = (load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts]
-                              if cfg.eval_data and cfg.eval_every else [])
+        self.eval_examples = (
+            load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts] if cfg.eval_data and cfg.eval_every else []
+        )
         self.model, self.tokenizer, self.device = load_policy(cfg, self.echo, device_for(self.dist, cfg.device))
         self.model.eval()  # no dropout anywhere: the paper's LoRA dropout is 0, and base dropout would bias ratios
         self.params = _adapter_params(self.model)
@@ -268,8 +294,9 @@ class Trainer:
         self.stream = PromptStream(self.examples, cfg.seed)
         # each process samples with its own stream (process 0's is the single-process one)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, cfg.steps, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio),
@@ -303,7 +330,9 @@ class Trainer:
         weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
         result = set_peft_model_state_dict(self.model, weights)
         if getattr(result, "unexpected_keys", None):
-            raise LoraforgeError(f"checkpoint {path} does not match the adapter: unexpected {result.unexpected_keys[:3]}")
+            raise LoraforgeError(
+                f"checkpoint {path} does not match the adapter: unexpected {result.unexpected_keys[:3]}"
+            )
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         ckpt.set_rng_state(blob["rng"], self.generator)
@@ -311,8 +340,10 @@ class Trainer:
         if per_rank is not None and len(per_rank) == self.dist.world:
             self.generator.set_state(per_rank[self.dist.rank])
         elif per_rank is not None or self.dist.enabled:
-            self.echo(f"warning: {path} was saved by {len(per_rank or [1])} process(es), resumed on {self.dist.world}: "
-                      "the run continues, but its sampling does not replay the uninterrupted run")
+            self.echo(
+                f"warning: {path} was saved by {len(per_rank or [1])} process(es), resumed on {self.dist.world}: "
+                "the run continues, but its sampling does not replay the uninterrupted run"
+            )
         self.stream.load_state(state["data"])
         self.start_step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
@@ -321,8 +352,14 @@ class Trainer:
     # -- rollout ------------------------------------------------------------------------------
     def _sampling(self, n: int, greedy: bool = False) -> SamplingParams:
         cfg = self.cfg
-        return SamplingParams(n=n, max_new_tokens=cfg.max_response_length, temperature=0.0 if greedy else cfg.temperature,
-                              top_p=cfg.top_p, top_k=cfg.top_k, max_prompt_tokens=cfg.max_prompt_length)
+        return SamplingParams(
+            n=n,
+            max_new_tokens=cfg.max_response_length,
+            temperature=0.0 if greedy else cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_prompt_tokens=cfg.max_prompt_length,
+        )
 
     def _generate_groups(self, examples, n: int, greedy: bool = False) -> list[Group]:
         cfg = self.cfg
@@ -336,14 +373,22 @@ class Trainer:
         for row, pi in enumerate(gen.prompt_index):
             length = gen.lengths[row]
             result = self.scorer(gen.texts[row], examples[pi].ground_truth)
-            penalty = (overlong_penalty(length, cfg.max_response_length, cfg.overlong_buffer, cfg.overlong_penalty)
-                       if cfg.overlong_buffer > 0 else 0.0)
-            groups[pi].samples.append(Sample(
-                prompt_ids=gen.prompt_ids[row][gen.prompt_mask[row].bool()].tolist(),
-                response_ids=gen.response_ids[row, :length].tolist(),
-                reward=float(result.score) + penalty, score=float(result.score), acc=bool(result.acc),
-                truncated=bool(gen.truncated[row]), sampler_logp=sampler_lp[row] if sampler_lp is not None else None,
-            ))
+            penalty = (
+                overlong_penalty(length, cfg.max_response_length, cfg.overlong_buffer, cfg.overlong_penalty)
+                if cfg.overlong_buffer > 0
+                else 0.0
+            )
+            groups[pi].samples.append(
+                Sample(
+                    prompt_ids=gen.prompt_ids[row][gen.prompt_mask[row].bool()].tolist(),
+                    response_ids=gen.response_ids[row, :length].tolist(),
+                    reward=float(result.score) + penalty,
+                    score=float(result.score),
+                    acc=bool(result.acc),
+                    truncated=bool(gen.truncated[row]),
+                    sampler_logp=sampler_lp[row] if sampler_lp is not None else None,
+                )
+            )
         return groups
 
     def _generate_shared(self, examples, n: int, greedy: bool = False) -> list[Group]:
@@ -383,7 +428,7 @@ class Trainer:
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             for i in range(0, len(samples), mb):
-                chunk = samples[i:i + mb]
+                chunk = samples[i : i + mb]
                 batch = pack(chunk, self.pad)
                 lp, ent = self._forward(batch, entropy, params)
                 for j, s in enumerate(chunk):
@@ -411,8 +456,9 @@ class Trainer:
         return [None] * first + old_lp, [None] * first + ent
 
     @staticmethod
-    def _keep_old(rows: list[int], samples: list[Sample], logp: torch.Tensor, entropy: torch.Tensor,
-                  old_lp: list, ent: list) -> None:
+    def _keep_old(
+        rows: list[int], samples: list[Sample], logp: torch.Tensor, entropy: torch.Tensor, old_lp: list, ent: list
+    ) -> None:
         """Store a first-mini-batch forward's log-probs (detached) and entropy as the rows' old ones."""
         for j, i in enumerate(rows):
             n = len(samples[i].response_ids)
@@ -456,7 +502,7 @@ class Trainer:
                 denom = float(n_tokens if cfg.loss_agg == "token-mean" else len(rows))
                 bad = None
                 for u0 in range(0, len(local_rows), cfg.micro_batch):
-                    mi = local_rows[u0:u0 + cfg.micro_batch]
+                    mi = local_rows[u0 : u0 + cfg.micro_batch]
                     batch = pack([samples[i] for i in mi], self.pad)
                     mask = batch["response_mask"].to(self.device)
                     width = mask.shape[1]
@@ -465,8 +511,17 @@ class Trainer:
                     if fresh:
                         self._keep_old([at[i] for i in mi], mine, logp, ent_mb, old_lp, ent)
                     old = self._pad_list([old_lp[at[i]] for i in mi], width).to(self.device)
-                    loss, st = policy_loss(logp, old, adv[mi].to(self.device), mask, cfg.eps_low, cfg.eps_high,
-                                           cfg.clip_c, loss_agg=cfg.loss_agg, denominator=denom)
+                    loss, st = policy_loss(
+                        logp,
+                        old,
+                        adv[mi].to(self.device),
+                        mask,
+                        cfg.eps_low,
+                        cfg.eps_high,
+                        cfg.clip_c,
+                        loss_agg=cfg.loss_agg,
+                        denominator=denom,
+                    )
                     for k in ("ppo_kl", "clipfrac", "clipfrac_lower"):
                         stats_acc[k].append(st[k])
                     if ref_lp is not None:
@@ -549,8 +604,10 @@ class Trainer:
         cfg = self.cfg
         rows = samples[: cfg.logprob_check_rows]
         if any(s.sampler_logp is None for s in rows):
-            raise LoraforgeError(f"--rollout {cfg.rollout} is a separate sampler but reported no log-probs for its "
-                                 "tokens; it must return them (SampledGeneration.sampler_logprobs)")
+            raise LoraforgeError(
+                f"--rollout {cfg.rollout} is a separate sampler but reported no log-probs for its "
+                "tokens; it must return them (SampledGeneration.sampler_logprobs)"
+            )
         d_cur = d_base = n = 0.0
         if rows:
             with torch.no_grad():
@@ -583,8 +640,15 @@ class Trainer:
         path = ckpt.checkpoint_path(self.run_dir, step)
         if self.dist.is_main:
             path = ckpt.save_checkpoint(
-                self.run_dir, step, self.model, self.optimizer, self.scheduler, self.generator,
-                {"data": self.stream.state(), "skipped": self.skipped}, keep=self.cfg.keep_checkpoints, extra=extra,
+                self.run_dir,
+                step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.generator,
+                {"data": self.stream.state(), "skipped": self.skipped},
+                keep=self.cfg.keep_checkpoints,
+                extra=extra,
             )
         self.dist.barrier()
         return path
@@ -592,12 +656,22 @@ class Trainer:
     def run(self) -> TrainResult:
         self.setup()
         cfg = self.cfg
-        logger = (MetricsLogger(self.run_dir, cfg.steps, self._write, cfg.tensorboard,
-                                resume_step=self.start_step if self.resume_from is not None else None)
-                  if self.dist.is_main else _NullLogger())
+        logger = (
+            MetricsLogger(
+                self.run_dir,
+                cfg.steps,
+                self._write,
+                cfg.tensorboard,
+                resume_step=self.start_step if self.resume_from is not None else None,
+            )
+            if self.dist.is_main
+            else _NullLogger()
+        )
         where = f" on {self.dist.world} processes" if self.dist.enabled else ""
-        self.echo(f"training {cfg.algo} for {cfg.steps} steps{where} ({len(self.params)} adapter tensors, "
-                  f"{sum(p.numel() for p in self.params.values()):,} parameters) -> {self.run_dir}")
+        self.echo(
+            f"training {cfg.algo} for {cfg.steps} steps{where} ({len(self.params)} adapter tensors, "
+            f"{sum(p.numel() for p in self.params.values()):,} parameters) -> {self.run_dir}"
+        )
         last_saved = self.start_step if self.resume_from is not None else None
         step = self.start_step
         metrics = None
@@ -620,8 +694,10 @@ class Trainer:
                     if self.dist.any(self._stop_requested):  # every process stops at the same step
                         if last_saved != step:
                             self.save(step)
-                        self.echo(f"interrupted: saved a checkpoint at step {step}; continue with "
-                                  f"`loraforge train --resume {self.run_dir}`")
+                        self.echo(
+                            f"interrupted: saved a checkpoint at step {step}; continue with "
+                            f"`loraforge train --resume {self.run_dir}`"
+                        )
                         return TrainResult(self.run_dir, step, None, interrupted=True, last_metrics=metrics)
         finally:
             logger.close()
@@ -639,12 +715,16 @@ class Trainer:
 
     def _diverged_message(self, what: str, last_saved: int | None) -> str:
         if last_saved is not None:
-            where = (f"the last good checkpoint is {ckpt.checkpoint_path(self.run_dir, last_saved)} (step {last_saved}), "
-                     f"kept as is; continue from it with `loraforge train --resume {self.run_dir}`")
+            where = (
+                f"the last good checkpoint is {ckpt.checkpoint_path(self.run_dir, last_saved)} (step {last_saved}), "
+                f"kept as is; continue from it with `loraforge train --resume {self.run_dir}`"
+            )
         else:
             where = f"no checkpoint had been saved yet; the initial adapter {self.cfg.adapter} is untouched"
-        return (f"{what}: training stopped and nothing was saved for this step; {where}. "
-                "Lower --lr, check the reward function for NaN, or use --dtype float32")
+        return (
+            f"{what}: training stopped and nothing was saved for this step; {where}. "
+            "Lower --lr, check the reward function for NaN, or use --dtype float32"
+        )
 
     def _write(self, line: str) -> None:
         """Print a line; above the progress bar when one is shown."""
@@ -721,8 +801,13 @@ def train(cfg: TrainConfig, *, scorer: Scorer | None = None, echo: Callable[[str
     return Trainer(cfg, scorer=scorer, echo=echo).run()
 
 
-def resume(run_dir: str | Path, *, steps: int | None = None, scorer: Scorer | None = None,
-           echo: Callable[[str], None] | None = None) -> TrainResult:
+def resume(
+    run_dir: str | Path,
+    *,
+    steps: int | None = None,
+    scorer: Scorer | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Continue the run in run_dir from its latest checkpoint, with its saved config (steps may be raised)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():

@@ -46,8 +46,12 @@ from loraforge.rl.config import TrainConfig
 
 # The DAPO recipe's entry point in a verl checkout (the recipe directory is not part of the pip package).
 VERL_ENTRY = "recipe.dapo.main_dapo"
-VERL_INSTALL = ("pip install verl vllm (on a CUDA machine; see https://verl.readthedocs.io/en/latest/start/install.html) "
-                "and run from a clone of https://github.com/volcengine/verl, whose recipe/ directory holds the DAPO recipe")
+VERL_INSTALL = (
+    "pip install verl vllm (on a CUDA machine; see https://verl.readthedocs.io/en/latest/start/install.html) "
+    "and run from a clone of https://github.com/volcengine/verl, whose recipe/ directory holds the DAPO recipe"
+)
+
+
 # ------------------------------------------------------------------------------------------------
 # what the adapter directory says
 @dataclass
@@ -70,7 +74,9 @@ def read_lora_settings(adapter: str | Path) -> LoraSettings:
     except (OSError, ValueError) as e:
         raise LoraforgeError(f"--adapter {adapter}: cannot read adapter_config.json ({e})") from e
     if c.get("peft_type", "LORA") != "LORA":
-        raise LoraforgeError(f"--adapter {adapter}: a {c.get('peft_type')} adapter; only LoRA adapters can be handed on")
+        raise LoraforgeError(
+            f"--adapter {adapter}: a {c.get('peft_type')} adapter; only LoRA adapters can be handed on"
+        )
     for key in ("r", "lora_alpha", "target_modules"):
         if c.get(key) in (None, "", []):
             raise LoraforgeError(f"--adapter {adapter}: adapter_config.json has no {key}")
@@ -78,8 +84,13 @@ def read_lora_settings(adapter: str | Path) -> LoraSettings:
     targets = sorted(targets) if isinstance(targets, list) else str(targets)
     ranks = [int(c["r"])] + [int(v) for v in (c.get("rank_pattern") or {}).values()]
     return LoraSettings(
-        r=int(c["r"]), alpha=_number(c["lora_alpha"]), target_modules=targets, max_rank=max(ranks),
-        exclude_modules=c.get("exclude_modules"), use_rslora=bool(c.get("use_rslora")), use_dora=bool(c.get("use_dora")),
+        r=int(c["r"]),
+        alpha=_number(c["lora_alpha"]),
+        target_modules=targets,
+        max_rank=max(ranks),
+        exclude_modules=c.get("exclude_modules"),
+        use_rslora=bool(c.get("use_rslora")),
+        use_dora=bool(c.get("use_dora")),
         patterns=bool(c.get("rank_pattern") or c.get("alpha_pattern")),
     )
 
@@ -165,8 +176,15 @@ class VerlFiles:
     checkpoints: Path
 
 
-def verl_overrides(cfg: TrainConfig, base: BaseModel, lora: LoraSettings, files: VerlFiles, gpus_per_node: int,
-                   nodes: int = 1, n_examples: int | None = None) -> dict[str, Any]:
+def verl_overrides(
+    cfg: TrainConfig,
+    base: BaseModel,
+    lora: LoraSettings,
+    files: VerlFiles,
+    gpus_per_node: int,
+    nodes: int = 1,
+    n_examples: int | None = None,
+) -> dict[str, Any]:
     """The Hydra overrides {dotted key: value} of the DAPO recipe for this (resolved) config."""
     gen_factor = (cfg.max_gen_batches or 10) if cfg.dynamic_sampling else 1
     epochs = math.ceil(cfg.steps * cfg.prompt_batch * gen_factor / max(1, n_examples or cfg.prompt_batch)) + 1
@@ -278,9 +296,12 @@ def command_line(overrides: dict[str, Any], python: str = "python3") -> list[str
 
 
 def render_script(argv: list[str], notes: list[str]) -> str:
-    lines = ["#!/usr/bin/env bash", "# Written by `loraforge train --backend verl`: the same run as a verl DAPO-recipe job.",
-             f"# Run it from a clone of verl (the recipe is not in the pip package): {VERL_INSTALL}.",
-             "# Extra Hydra overrides given to this script are appended (later ones win)."]
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Written by `loraforge train --backend verl`: the same run as a verl DAPO-recipe job.",
+        f"# Run it from a clone of verl (the recipe is not in the pip package): {VERL_INSTALL}.",
+        "# Extra Hydra overrides given to this script are appended (later ones win).",
+    ]
     lines += [f"# note: {n}" for n in notes]
     lines += ["set -euo pipefail", 'cd "${VERL_HOME:-$PWD}"']
     return "\n".join(lines) + "\n" + format_command(argv) + ' "$@"\n'
@@ -302,7 +323,9 @@ def _verl_prompt(example, template: str) -> list[dict]:
     if example.is_question and template != "none":
         text = DAPO_TEMPLATE if template == "dapo" else template
         if "{question}" not in text:
-            raise LoraforgeError(f"--prompt-template must be dapo, none, or a text containing {{question}}, got {template!r}")
+            raise LoraforgeError(
+                f"--prompt-template must be dapo, none, or a text containing {{question}}, got {template!r}"
+            )
         prompt = text.replace("{question}", prompt)
     return [{"role": "user", "content": prompt}]
 
@@ -314,10 +337,19 @@ def write_parquet(examples, path: Path, template: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise LoraforgeError("--backend verl writes parquet data and needs pyarrow: pip install 'loraforge[train]'") from e
-    rows = [{"data_source": "loraforge", "prompt": _verl_prompt(e, template), "ability": "math",
-             "reward_model": {"style": "rule", "ground_truth": e.ground_truth}, "extra_info": {"index": i}}
-            for i, e in enumerate(examples)]
+        raise LoraforgeError(
+            "--backend verl writes parquet data and needs pyarrow: pip install 'loraforge[train]'"
+        ) from e
+    rows = [
+        {
+            "data_source": "loraforge",
+            "prompt": _verl_prompt(e, template),
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": e.ground_truth},
+            "extra_info": {"index": i},
+        }
+        for i, e in enumerate(examples)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), str(path))
 
 
@@ -366,36 +398,51 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
         raise LoraforgeError(f"--verl-gpus-per-node and --verl-nodes must be >= 1, got {gpus_per_node} and {nodes}")
     check_verl_batch(cfg, gpus_per_node * nodes)
     if cfg.rollout not in ("transformers", "vllm"):
-        raise LoraforgeError(f"--backend verl rolls out with verl's own vLLM workers; --rollout {cfg.rollout} cannot be handed on")
+        raise LoraforgeError(
+            f"--backend verl rolls out with verl's own vLLM workers; --rollout {cfg.rollout} cannot be handed on"
+        )
     base = resolve_base(cfg.adapter, cfg.model)
     lora = read_lora_settings(cfg.adapter)
     check_adapter_fits_base(cfg.adapter, base)
     examples = load_examples(cfg.data, cfg.data_split)
     out = Path(cfg.output_dir) / "verl"
     out.mkdir(parents=True, exist_ok=True)
-    files = VerlFiles(train=(out / "train.parquet").resolve(), val=(out / "val.parquet").resolve(),
-                      reward=(out / "reward.py").resolve(), checkpoints=(out / "checkpoints").resolve())
+    files = VerlFiles(
+        train=(out / "train.parquet").resolve(),
+        val=(out / "val.parquet").resolve(),
+        reward=(out / "reward.py").resolve(),
+        checkpoints=(out / "checkpoints").resolve(),
+    )
     write_parquet(examples, files.train, cfg.prompt_template)
-    val = (load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts] if cfg.eval_data
-           else examples[: cfg.eval_max_prompts])
+    val = (
+        load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts]
+        if cfg.eval_data
+        else examples[: cfg.eval_max_prompts]
+    )
     write_parquet(val, files.val, cfg.prompt_template)
     files.reward.write_text(REWARD_TEMPLATE.format(reward=cfg.reward))
     overrides = verl_overrides(cfg, base, lora, files, gpus_per_node, nodes, len(examples))
 
     notes = []
     if base.residual and cfg.kl_beta > 0:
-        notes.append("with LoRA, verl's KL reference is the actor with the adapter disabled, which for this "
-                     "residualised adapter is the residual base, NOT the initial policy (loraforge's bundled loop "
-                     "uses the initial adapter); the KL term will pull towards a different model")
+        notes.append(
+            "with LoRA, verl's KL reference is the actor with the adapter disabled, which for this "
+            "residualised adapter is the residual base, NOT the initial policy (loraforge's bundled loop "
+            "uses the initial adapter); the KL term will pull towards a different model"
+        )
     if not cfg.chat_template:
         notes.append("--no-chat-template is not handed on: verl applies the tokenizer's chat template to the prompts")
     if lora.patterns:
-        notes.append(f"the adapter has per-module rank/alpha patterns; lora_rank is their maximum {lora.max_rank} "
-                     "(verl loads the adapter's own config for training)")
+        notes.append(
+            f"the adapter has per-module rank/alpha patterns; lora_rank is their maximum {lora.max_rank} "
+            "(verl loads the adapter's own config for training)"
+        )
     if ":" in cfg.reward:
         notes.append(f"--reward {cfg.reward}: its module must be importable in verl's workers (PYTHONPATH)")
-    notes.append("verl averages micro-batch token means (loraforge's token-mean is exact over the mini-batch); "
-                 "verl seeds its own data order and sampling")
+    notes.append(
+        "verl averages micro-batch token means (loraforge's token-mean is exact over the mini-batch); "
+        "verl seeds its own data order and sampling"
+    )
     argv = command_line(overrides)
     script = out / "run_verl.sh"
     script.write_text(render_script(argv, notes))
@@ -407,8 +454,10 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
 def launch(prepared: VerlLaunch, echo: Callable[[str], None] = print) -> int:
     """Run the verl job in the foreground (needs verl and its DAPO recipe importable); returns its exit code."""
     if importlib.util.find_spec("verl") is None:
-        raise LoraforgeError(f"--run needs verl, which is not installed here: {VERL_INSTALL}. "
-                             f"Or copy {prepared.directory} to a GPU machine and run {prepared.script.name} there")
+        raise LoraforgeError(
+            f"--run needs verl, which is not installed here: {VERL_INSTALL}. "
+            f"Or copy {prepared.directory} to a GPU machine and run {prepared.script.name} there"
+        )
     cwd = os.environ.get("VERL_HOME") or os.getcwd()
     sys.path.insert(0, cwd)
     try:
@@ -418,8 +467,10 @@ def launch(prepared: VerlLaunch, echo: Callable[[str], None] = print) -> int:
     finally:
         sys.path.remove(cwd)
     if not found:
-        raise LoraforgeError(f"verl is installed but its DAPO recipe ({VERL_ENTRY}) is not importable from {cwd}: run "
-                             "from a clone of https://github.com/volcengine/verl or set VERL_HOME to one")
+        raise LoraforgeError(
+            f"verl is installed but its DAPO recipe ({VERL_ENTRY}) is not importable from {cwd}: run "
+            "from a clone of https://github.com/volcengine/verl or set VERL_HOME to one"
+        )
     argv = [sys.executable] + prepared.argv[1:]
     echo(f"launching verl in {cwd}: {prepared.script}")
     return subprocess.call(argv, cwd=cwd)

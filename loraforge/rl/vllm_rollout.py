@@ -21,15 +21,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from loraforge.core.errors import LoraforgeError
-from loraforge.sampling.generation import SamplingParams, pad_id
-from loraforge.rl.rollout import SampledGeneration, generation_from_tokens
 from loraforge.adapters.directory import resolve_base
 from loraforge.core.clients import vllm_max_lora_rank
+from loraforge.core.errors import LoraforgeError
+from loraforge.rl.rollout import SampledGeneration, generation_from_tokens
 from loraforge.rl.verl_launch import read_lora_settings
+from loraforge.sampling.generation import SamplingParams, pad_id
 
-VLLM_MISSING = ("--rollout vllm needs vLLM, which is not installed: pip install 'loraforge[vllm]' "
-                "(on a Linux machine with a CUDA GPU), or use --rollout transformers")
+VLLM_MISSING = (
+    "--rollout vllm needs vLLM, which is not installed: pip install 'loraforge[vllm]' "
+    "(on a Linux machine with a CUDA GPU), or use --rollout transformers"
+)
 
 
 def require_vllm():
@@ -63,10 +65,18 @@ class VLLMRollout:
         self.rank = trainer.dist.rank
         self.dir = Path(cfg.output_dir) / ".rollout_adapter" / f"rank{self.rank}"
         kwargs = dict(
-            model=base.path, tokenizer=cfg.tokenizer or base.path, trust_remote_code=cfg.trust_remote_code,
-            dtype=cfg.dtype, enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(lora.max_rank),
-            gpu_memory_utilization=cfg.vllm_gpu_memory, max_model_len=cfg.max_prompt_length + cfg.max_response_length,
-            seed=cfg.seed + self.rank, tensor_parallel_size=1, enable_prefix_caching=True,
+            model=base.path,
+            tokenizer=cfg.tokenizer or base.path,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=cfg.dtype,
+            enable_lora=True,
+            max_loras=1,
+            max_lora_rank=vllm_max_lora_rank(lora.max_rank),
+            gpu_memory_utilization=cfg.vllm_gpu_memory,
+            max_model_len=cfg.max_prompt_length + cfg.max_response_length,
+            seed=cfg.seed + self.rank,
+            tensor_parallel_size=1,
+            enable_prefix_caching=True,
         )
         if trainer.dist.enabled:
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -95,18 +105,25 @@ class VLLMRollout:
         for p in prompts:
             t = self.tokenizer(p, add_special_tokens=False)["input_ids"]
             if params.max_prompt_tokens is not None and len(t) > params.max_prompt_tokens:
-                t = t[-params.max_prompt_tokens:]
+                t = t[-params.max_prompt_tokens :]
             ids.append(t)
-        sampling = VSampling(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                             top_k=params.top_k if params.top_k and params.top_k > 0 else -1,
-                             max_tokens=params.max_new_tokens, logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": t} for t in ids], sampling, lora_request=self.request,
-                                 use_tqdm=False)
+        sampling = VSampling(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k and params.top_k > 0 else -1,
+            max_tokens=params.max_new_tokens,
+            logprobs=0,
+        )
+        outs = self.llm.generate(
+            [{"prompt_token_ids": t} for t in ids], sampling, lora_request=self.request, use_tqdm=False
+        )
         rows, logps = [], []
         for pi, out in enumerate(outs):
             for c in out.outputs:
                 toks = list(c.token_ids)
                 rows.append((pi, toks, c.finish_reason == "length"))
                 logps.append([c.logprobs[j][t].logprob for j, t in enumerate(toks)] if c.logprobs else None)
-        return generation_from_tokens(ids, rows, self.tokenizer, self.pad,
-                                      None if any(lp is None for lp in logps) else logps)
+        return generation_from_tokens(
+            ids, rows, self.tokenizer, self.pad, None if any(lp is None for lp in logps) else logps
+        )

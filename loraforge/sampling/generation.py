@@ -106,8 +106,8 @@ def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -200,8 +200,9 @@ def _select_rows(past, index: torch.Tensor):
 
 
 @torch.inference_mode()
-def _sample_rows(model, prompt_ids, prompt_mask, params, eos: set[int], pad: int, generator, expand=None,
-                 drop_finished: bool = True):
+def _sample_rows(
+    model, prompt_ids, prompt_mask, params, eos: set[int], pad: int, generator, expand=None, drop_finished: bool = True
+):
     """Sample one response per row; returns (ids, mask, truncated) for the rows.
 
     `prompt_ids`/`prompt_mask` hold the distinct prompts (left-padded) and `expand` maps every row to
@@ -306,7 +307,7 @@ def generate(
     chunks = []
     try:
         for start in range(0, len(row_prompts), step):
-            idx = row_prompts[start:start + step]
+            idx = row_prompts[start : start + step]
             distinct = sorted(set(idx)) if share_prefix else idx
             expand = None
             if len(distinct) < len(idx):  # rows of the same prompt are contiguous: prefill each prompt once
@@ -315,8 +316,9 @@ def generate(
             p_ids, p_mask = left_pad([token_lists[i] for i in distinct], pad)
             p_ids, p_mask = p_ids.to(device), p_mask.to(device)
             try:
-                r_ids, r_mask, trunc = _sample_rows(model, p_ids, p_mask, params, eos, pad, generator, expand,
-                                                    drop_finished=drop_finished)
+                r_ids, r_mask, trunc = _sample_rows(
+                    model, p_ids, p_mask, params, eos, pad, generator, expand, drop_finished=drop_finished
+                )
             except torch.OutOfMemoryError as e:
                 raise LoraforgeError(
                     f"out of memory while sampling {len(idx)} rows of up to {params.max_new_tokens} new tokens; "
@@ -332,9 +334,7 @@ def generate(
     r_mask = torch.cat([torch.nn.functional.pad(c[1], (0, r_width - c[1].shape[1]), value=0) for c in chunks])
     truncated = torch.cat([c[2] for c in chunks])
     lengths = r_mask.sum(-1).tolist()
-    texts = [
-        tokenizer.decode(r_ids[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(r_ids.shape[0])
-    ]
+    texts = [tokenizer.decode(r_ids[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(r_ids.shape[0])]
     return Generation(
         prompt_ids=p_ids,
         prompt_mask=p_mask,

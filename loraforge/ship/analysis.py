@@ -69,8 +69,9 @@ def orthonormality_error(A: torch.Tensor) -> torch.Tensor:
     return (gram - eye).abs().flatten(-2).amax(dim=-1)
 
 
-def reconstruction_error(W0: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruction_error(
+    W0: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(max |err|, ||err||_F / ||W0||_F) with err = W0 - (base + s B A), all in float64.
 
     The error of a residualised init: base is W0 - s B0 A0 rounded to the base dtype.
@@ -108,7 +109,9 @@ def cumulative_energy(c: torch.Tensor) -> torch.Tensor:
     return sq.cumsum(0) / total if total > 0 else torch.zeros_like(sq)
 
 
-def concat_factors(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def concat_factors(
+    A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[A ; A0] and [B | -B0]: the rank-2r factors with B' A' = B A - B0 A0 exactly.
 
     Concatenation and negation are exact in any floating-point format, so no rounding is added.

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 from loraforge.adapters.directory import Adapter, load_adapter
-from loraforge.ship.analysis import concat_factors
 from loraforge.core.errors import LoraforgeError
+from loraforge.ship.analysis import concat_factors
 
 CONVERTED_FORMAT = "loraforge-converted/1"
 
@@ -64,8 +64,10 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
     if not method.residual:
         return ConvertResult(
             needed=False,
-            message=(f"{method.name} starts from B0 = 0 and leaves the base untouched, so {trained} already is a plain "
-                     f"rank-{manifest['r']} LoRA for the original base {original}: serve or merge it as is. Nothing written."),
+            message=(
+                f"{method.name} starts from B0 = 0 and leaves the base untouched, so {trained} already is a plain "
+                f"rank-{manifest['r']} LoRA for the original base {original}: serve or merge it as is. Nothing written."
+            ),
         )
 
     trained_ad = load_adapter(trained, "TRAINED_ADAPTER")
@@ -85,14 +87,21 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
     for given, role in ((trained, "TRAINED_ADAPTER"), (init, "--init")):
         o, p = out.resolve(), Path(given).resolve()
         if o == p or o in p.parents:
-            raise LoraforgeError(f"-o {out} is (or contains) the {role} directory, which convert reads; choose another -o.")
+            raise LoraforgeError(
+                f"-o {out} is (or contains) the {role} directory, which convert reads; choose another -o."
+            )
     with writers.staged_dir(out, overwrite) as tmp:
         writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
         if trained_ad.other_keys:
             _append_other_tensors(tmp / writers.ADAPTER_WEIGHTS, trained_ad)
         config = dict(trained_ad.config)
-        config.update(r=r2, lora_alpha=alpha2, init_lora_weights=True, base_model_name_or_path=original,
-                      revision=manifest["source"].get("revision"))
+        config.update(
+            r=r2,
+            lora_alpha=alpha2,
+            init_lora_weights=True,
+            base_model_name_or_path=original,
+            revision=manifest["source"].get("revision"),
+        )
         (tmp / writers.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         converted = {
             "format": CONVERTED_FORMAT,
@@ -105,8 +114,12 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
             "scaling": trained_ad.scaling,
             "source": manifest["source"],
             "init": {k: manifest[k] for k in ("method", "r", "alpha", "rslora", "scaling", "seed")}
-                    | {"adapter_sha256": writers.sha256_file(init_ad.weights_file)},
-            "trained": {"r": trained_ad.r, "alpha": trained_ad.alpha, "adapter_sha256": writers.sha256_file(trained_ad.weights_file)},
+            | {"adapter_sha256": writers.sha256_file(init_ad.weights_file)},
+            "trained": {
+                "r": trained_ad.r,
+                "alpha": trained_ad.alpha,
+                "adapter_sha256": writers.sha256_file(trained_ad.weights_file),
+            },
             "files": {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)},
             "modules": len(factors),
         }
@@ -115,9 +128,15 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
 
         (tmp / "README.md").write_text(render_converted_card(converted))
     return ConvertResult(
-        needed=True, out=out, r=r2, alpha=alpha2, modules=len(factors),
-        message=(f"{method.name}: {len(factors)} modules, rank {trained_ad.r} -> {r2}, alpha {trained_ad.alpha:g} -> {alpha2:g} "
-                 f"(scaling {trained_ad.scaling:g} kept) -> {out}. Load it on the original base {original}."),
+        needed=True,
+        out=out,
+        r=r2,
+        alpha=alpha2,
+        modules=len(factors),
+        message=(
+            f"{method.name}: {len(factors)} modules, rank {trained_ad.r} -> {r2}, alpha {trained_ad.alpha:g} -> {alpha2:g} "
+            f"(scaling {trained_ad.scaling:g} kept) -> {out}. Load it on the original base {original}."
+        ),
     )
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Optional
 
 from loraforge.adapters.directory import Adapter, load_adapter
+from loraforge.adapters.writers import ADAPTER_CONFIG, MANIFEST
 from loraforge.core.errors import LoraforgeError
 from loraforge.models.source import is_network_error
-from loraforge.adapters.writers import ADAPTER_CONFIG, MANIFEST
 
 INIT_FORMAT = "loraforge-manifest/1"
 CONVERTED_FORMAT = "loraforge-converted/1"
@@ -67,7 +67,9 @@ def _check_repo_id(repo_id: str, flag: str) -> None:
     from huggingface_hub.utils import validate_repo_id
 
     if repo_id.count("/") != 1:
-        raise LoraforgeError(f"{flag} {repo_id!r} must be OWNER/NAME (your user or organisation name, then the repository name).")
+        raise LoraforgeError(
+            f"{flag} {repo_id!r} must be OWNER/NAME (your user or organisation name, then the repository name)."
+        )
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -124,7 +126,9 @@ class PushPlan:
         lines = []
         for repo in self.repos:
             role = "residual base" if repo == self.base_repo else "adapter"
-            lines.append(f"{repo} ({role}; branch {branch}; {'private' if self.private else 'public unless the owner defaults to private'}):")
+            lines.append(
+                f"{repo} ({role}; branch {branch}; {'private' if self.private else 'public unless the owner defaults to private'}):"
+            )
             for u in self.uploads_for(repo):
                 origin = f"<- {u.local}" if u.local is not None else f"({u.note})"
                 lines.append(f"  {u.path_in_repo:<40} {_human(u.size):>10}  {origin}")
@@ -143,20 +147,32 @@ def _human(n: int) -> str:
 
 def _looks_local(model_id: str) -> bool:
     # Hub ids are NAME or OWNER/NAME; anything else, or a path that exists here, is local.
-    return (model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1
-            or Path(model_id).expanduser().exists())
+    return (
+        model_id.startswith(("/", ".", "~"))
+        or "\\" in model_id
+        or model_id.count("/") > 1
+        or Path(model_id).expanduser().exists()
+    )
 
 
 def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
     """Decide what `push` uploads where, reading only local files."""
-    from loraforge.adapters.card import CardRefs, render_base_card, render_converted_card, render_model_card, render_plain_card
+    from loraforge.adapters.card import (
+        CardRefs,
+        render_base_card,
+        render_converted_card,
+        render_model_card,
+        render_plain_card,
+    )
 
     out = Path(out)
     adapter = load_adapter(out, "OUT")
     manifest = adapter.manifest
     kind = (manifest or {}).get("format")
     if manifest is not None and kind not in (INIT_FORMAT, CONVERTED_FORMAT):
-        raise LoraforgeError(f"{out}/{MANIFEST} has format {kind!r}, which this loraforge does not know; upgrade loraforge.")
+        raise LoraforgeError(
+            f"{out}/{MANIFEST} has format {kind!r}, which this loraforge does not know; upgrade loraforge."
+        )
 
     original, original_rev = _original_model(adapter, config)
     residual = kind == INIT_FORMAT and manifest.get("base") is not None
@@ -168,11 +184,19 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
     if residual:
         _check_repo_id(base_repo, "the residual base repository (REPO_ID-residual-base; choose one with --base-repo)")
         if not adapter.base_dir.is_dir():
-            raise LoraforgeError(f"{out} is a {manifest['method']} init but its residual base {adapter.base_dir} is missing; "
-                                 "re-run loraforge init.")
+            raise LoraforgeError(
+                f"{out} is a {manifest['method']} init but its residual base {adapter.base_dir} is missing; "
+                "re-run loraforge init."
+            )
 
-    refs = CardRefs(adapter=config.repo_id, base=base_repo or original, original=original, revision=config.revision,
-                    original_revision=original_rev, base_is_repo=residual)
+    refs = CardRefs(
+        adapter=config.repo_id,
+        base=base_repo or original,
+        original=original,
+        revision=config.revision,
+        original_revision=original_rev,
+        base_is_repo=residual,
+    )
     repo = config.repo_id
     uploads = [Upload(repo, adapter.weights_file.name, local=adapter.weights_file)]
 
@@ -181,8 +205,14 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
     # PEFT's AutoPeftModel loads the base at config["revision"]: the branch of the residual base,
     # or the commit of the original model the init read.
     cfg["revision"] = (config.revision if residual else original_rev) or None
-    uploads.append(Upload(repo, ADAPTER_CONFIG, content=_json_bytes(cfg),
-                          note=f"rewritten: base_model_name_or_path = {cfg['base_model_name_or_path']}"))
+    uploads.append(
+        Upload(
+            repo,
+            ADAPTER_CONFIG,
+            content=_json_bytes(cfg),
+            note=f"rewritten: base_model_name_or_path = {cfg['base_model_name_or_path']}",
+        )
+    )
 
     cards = {}
     if manifest is not None:
@@ -190,13 +220,20 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
         if pushed["source"].get("local"):
             # The pushed manifest names a Hub model (so verify/inspect of a downloaded copy resolve it);
             # that the init read a local copy of it stays on record.
-            pushed["source"] = dict(pushed["source"], model_id=original, revision=original_rev, local=False,
-                                    local_copy_at_init=True)
+            pushed["source"] = dict(
+                pushed["source"], model_id=original, revision=original_rev, local=False, local_copy_at_init=True
+            )
         else:
             pushed["source"] = dict(pushed["source"], model_id=original)
         pushed["hub"] = {"repo_id": repo, "base_repo": base_repo, "revision": config.revision}
-        uploads.append(Upload(repo, MANIFEST, content=_json_bytes(pushed, sort_keys=False),
-                              note=f"rewritten: source.model_id = {original}; hub repos added"))
+        uploads.append(
+            Upload(
+                repo,
+                MANIFEST,
+                content=_json_bytes(pushed, sort_keys=False),
+                note=f"rewritten: source.model_id = {original}; hub repos added",
+            )
+        )
     if kind == INIT_FORMAT:
         cards[repo] = render_model_card(manifest, refs)
     elif kind == CONVERTED_FORMAT:
@@ -206,7 +243,9 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
     uploads.append(Upload(repo, "README.md", content=cards[repo].encode(), note="generated model card"))
 
     pushed_names = {adapter.weights_file.name, ADAPTER_CONFIG, MANIFEST, "README.md"}
-    skipped = sorted(p.name for p in out.iterdir() if p.name not in pushed_names and not (residual and p == adapter.base_dir))
+    skipped = sorted(
+        p.name for p in out.iterdir() if p.name not in pushed_names and not (residual and p == adapter.base_dir)
+    )
 
     if residual:
         for f in sorted(p for p in adapter.base_dir.rglob("*") if p.is_file()):
@@ -292,16 +331,47 @@ def push(plan: PushPlan, config: PushConfig, api=None) -> PushResult:
     with hub_timeouts(config.connect_timeout_s, config.read_timeout_s):
         for repo in plan.repos:
             done = f" Already pushed: {', '.join(commits)}." if commits else ""
-            _hub_call(api.create_repo, "create the repository", repo, done, endpoint, repo_id=repo,
-                      private=True if config.private else None, exist_ok=True, repo_type="model")
+            _hub_call(
+                api.create_repo,
+                "create the repository",
+                repo,
+                done,
+                endpoint,
+                repo_id=repo,
+                private=True if config.private else None,
+                exist_ok=True,
+                repo_type="model",
+            )
             if config.revision and config.revision != "main":
-                _hub_call(api.create_branch, f"create branch {config.revision}", repo, done, endpoint, repo_id=repo,
-                          branch=config.revision, exist_ok=True, repo_type="model")
-            ops = [CommitOperationAdd(path_in_repo=u.path_in_repo,
-                                      path_or_fileobj=u.content if u.content is not None else str(u.local))
-                   for u in plan.uploads_for(repo)]
-            info = _hub_call(api.create_commit, "commit the files", repo, done, endpoint, repo_id=repo, operations=ops,
-                             commit_message=message, revision=config.revision, repo_type="model")
+                _hub_call(
+                    api.create_branch,
+                    f"create branch {config.revision}",
+                    repo,
+                    done,
+                    endpoint,
+                    repo_id=repo,
+                    branch=config.revision,
+                    exist_ok=True,
+                    repo_type="model",
+                )
+            ops = [
+                CommitOperationAdd(
+                    path_in_repo=u.path_in_repo, path_or_fileobj=u.content if u.content is not None else str(u.local)
+                )
+                for u in plan.uploads_for(repo)
+            ]
+            info = _hub_call(
+                api.create_commit,
+                "commit the files",
+                repo,
+                done,
+                endpoint,
+                repo_id=repo,
+                operations=ops,
+                commit_message=message,
+                revision=config.revision,
+                repo_type="model",
+            )
             commits[repo] = str(getattr(info, "commit_url", None) or getattr(info, "oid", None) or info)
     return PushResult(commits)
 
@@ -356,21 +426,29 @@ def _hub_call(fn, what: str, repo: str, done: str, endpoint: str, **kwargs):
     try:
         return fn(**kwargs)
     except OfflineModeIsEnabled:
-        raise LoraforgeError(f"HF_HUB_OFFLINE is set, so huggingface_hub refuses to contact the Hub. Unset it to push.{nothing}") from None
+        raise LoraforgeError(
+            f"HF_HUB_OFFLINE is set, so huggingface_hub refuses to contact the Hub. Unset it to push.{nothing}"
+        ) from None
     except HfHubHTTPError as e:
         status = e.response.status_code if getattr(e, "response", None) is not None else None
         server = (getattr(e, "server_message", None) or str(e)).strip().splitlines()[0][:300]
         if status == 401:
-            msg = ("the Hub rejected the token (401: invalid or expired). Log in again with `hf auth login` or set HF_TOKEN "
-                   "to a valid token with write access")
+            msg = (
+                "the Hub rejected the token (401: invalid or expired). Log in again with `hf auth login` or set HF_TOKEN "
+                "to a valid token with write access"
+            )
         elif status == 403:
-            msg = (f"no write access to {repo} (403): it belongs to another user or organisation, or the token is "
-                   "read-only. Push to a namespace you own (YOUR_NAME/...) or use a token with write access")
+            msg = (
+                f"no write access to {repo} (403): it belongs to another user or organisation, or the token is "
+                "read-only. Push to a namespace you own (YOUR_NAME/...) or use a token with write access"
+            )
         elif isinstance(e, RepositoryNotFoundError) or status == 404:
             msg = f"the Hub cannot find {repo} for this token (404). Check the id and that the token can see the repository"
         else:
             msg = f"the Hub answered {status} ({server}). Retry later"
-        raise LoraforgeError(f"Could not {what} for {repo}: {msg}.{nothing}{rerun if status not in (401, 403) else ''}") from None
+        raise LoraforgeError(
+            f"Could not {what} for {repo}: {msg}.{nothing}{rerun if status not in (401, 403) else ''}"
+        ) from None
     except OSError as e:
         raise LoraforgeError(_network_message(what, repo, e, endpoint) + nothing + rerun) from None
     except Exception as e:  # httpx transport errors are not OSErrors
@@ -381,5 +459,7 @@ def _hub_call(fn, what: str, repo: str, done: str, endpoint: str, **kwargs):
 
 def _network_message(what: str, repo: str, e: Exception, endpoint: str) -> str:
     kind = "did not answer in time" if "Timeout" in type(e).__name__ else "could not be reached"
-    return (f"Could not {what} for {repo}: the Hub at {endpoint} {kind} ({type(e).__name__}: {e}). Check the network, "
-            f"a proxy or HF_ENDPOINT.")
+    return (
+        f"Could not {what} for {repo}: the Hub at {endpoint} {kind} ({type(e).__name__}: {e}). Check the network, "
+        f"a proxy or HF_ENDPOINT."
+    )

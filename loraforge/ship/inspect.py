@@ -28,10 +28,16 @@ from typing import Optional
 import torch
 
 from loraforge.adapters.directory import Adapter, load_adapter, residual_base_of
-from loraforge.ship.analysis import aligned_update, cumulative_energy, subspace_similarity, thin_svd, update_distribution
-from loraforge.models.checkpoint import sha256_file
-from loraforge.core.errors import LoraforgeError
 from loraforge.adapters.writers import ADAPTER_WEIGHTS
+from loraforge.core.errors import LoraforgeError
+from loraforge.models.checkpoint import sha256_file
+from loraforge.ship.analysis import (
+    aligned_update,
+    cumulative_energy,
+    subspace_similarity,
+    thin_svd,
+    update_distribution,
+)
 
 INIT_FORMAT = "loraforge-manifest/1"
 CONVERTED_FORMAT = "loraforge-converted/1"
@@ -71,16 +77,36 @@ class ModuleDiagnostics:
     p_bottom: Optional[float] = None  # ... over the bottom r (nonzero) directions
     energy_top: Optional[float] = None  # cumulative energy after the top r directions
 
-    SCALARS = ("shape", "rank", "sigma_top_mean", "sigma_bottom_mean", "init_norm", "init_sim_top", "init_sim_bottom",
-               "sim_top", "sim_bottom", "update_norm", "p_top", "p_bottom", "energy_top")
+    SCALARS = (
+        "shape",
+        "rank",
+        "sigma_top_mean",
+        "sigma_bottom_mean",
+        "init_norm",
+        "init_sim_top",
+        "init_sim_bottom",
+        "sim_top",
+        "sim_bottom",
+        "update_norm",
+        "p_top",
+        "p_bottom",
+        "energy_top",
+    )
 
     def scalars(self) -> dict:
         return {k: getattr(self, k) for k in self.SCALARS}
 
 
-def diagnose_module(W0: torch.Tensor, r: int, A0: Optional[torch.Tensor] = None, B0: Optional[torch.Tensor] = None,
-                    s0: float = 1.0, A: Optional[torch.Tensor] = None, B: Optional[torch.Tensor] = None,
-                    s: float = 1.0) -> dict:
+def diagnose_module(
+    W0: torch.Tensor,
+    r: int,
+    A0: Optional[torch.Tensor] = None,
+    B0: Optional[torch.Tensor] = None,
+    s0: float = 1.0,
+    A: Optional[torch.Tensor] = None,
+    B: Optional[torch.Tensor] = None,
+    s: float = 1.0,
+) -> dict:
     """All diagnostics of one module as a dict of ModuleDiagnostics fields (a pure function).
 
     W0 (m, n): the original weight. A0 (r, n), B0 (m, r), s0: the init (None if unknown). A, B, s:
@@ -114,8 +140,14 @@ def diagnose_module(W0: torch.Tensor, r: int, A0: Optional[torch.Tensor] = None,
             c = torch.zeros_like(c)
         p, energy = update_distribution(c), cumulative_energy(c)
         gram = (Bs.T @ Bs) * (As @ As.T)  # ||B A||_F^2 = sum_ij (B^T B)_ij (A A^T)_ij
-        out.update(update_norm=float(gram.sum().clamp_min(0).sqrt()), p=p.tolist(), energy=energy.tolist(),
-                   p_top=float(p[:r].sum()), p_bottom=float(p[-r:].sum()), energy_top=float(energy[min(r, len(energy)) - 1]))
+        out.update(
+            update_norm=float(gram.sum().clamp_min(0).sqrt()),
+            p=p.tolist(),
+            energy=energy.tolist(),
+            p_top=float(p[:r].sum()),
+            p_bottom=float(p[-r:].sum()),
+            energy_top=float(energy[min(r, len(energy)) - 1]),
+        )
     return out
 
 
@@ -163,8 +195,11 @@ class InspectReport:
             "mean": self.mean(),
             "by_kind": {k: self.mean(k) for k in self.kinds()},
             "curves": {k: c for k in self.kinds() if (c := self.curves(k)) is not None},
-            "modules": {m.name: m.scalars() | {"sigma_top": m.sigma[: m.r], "sigma_bottom": m.sigma[max(m.rank - m.r, 0) : m.rank]}
-                        for m in self.modules},
+            "modules": {
+                m.name: m.scalars()
+                | {"sigma_top": m.sigma[: m.r], "sigma_bottom": m.sigma[max(m.rank - m.r, 0) : m.rank]}
+                for m in self.modules
+            },
         }
 
 
@@ -183,18 +218,28 @@ def select_modules(names: list[str], config: InspectConfig) -> list[str]:
         chosen = [n for n in chosen if any(n == w or n.endswith("." + w) for w in config.modules)]
         if not chosen:
             kinds = ", ".join(dict.fromkeys(module_kind(n) for n in names))
-            raise LoraforgeError(f"--modules {','.join(config.modules)} matches no adapted module; the adapter has {kinds}.")
+            raise LoraforgeError(
+                f"--modules {','.join(config.modules)} matches no adapted module; the adapter has {kinds}."
+            )
     if config.layers is not None:
         present = sorted({layer_index(n) for n in chosen if layer_index(n) is not None})
         chosen = [n for n in chosen if layer_index(n) in set(config.layers)]
         if not chosen:
-            raise LoraforgeError(f"--layers {config.layers} selects no adapted module; the adapter's layers are "
-                                 f"{present[0]}-{present[-1]}." if present else "--layers selects no adapted module.")
+            raise LoraforgeError(
+                f"--layers {config.layers} selects no adapted module; the adapter's layers are "
+                f"{present[0]}-{present[-1]}."
+                if present
+                else "--layers selects no adapted module."
+            )
     return chosen
 
 
-def inspect_adapter(adapter: str | Path, init: Optional[str | Path] = None, base: Optional[str] = None,
-                    config: Optional[InspectConfig] = None) -> InspectReport:
+def inspect_adapter(
+    adapter: str | Path,
+    init: Optional[str | Path] = None,
+    base: Optional[str] = None,
+    config: Optional[InspectConfig] = None,
+) -> InspectReport:
     """Compute the diagnostics of ADAPTER (see the module docstring for what is compared with what)."""
     from loraforge.core.devices import resolve_device
     from loraforge.models.targets import layer_index
@@ -217,8 +262,10 @@ def inspect_adapter(adapter: str | Path, init: Optional[str | Path] = None, base
             notes.append(f"the init is {via_residual.path} (whose residual base the adapter names).")
     trained = init_ad is None or init_ad.path.resolve() != ad.path.resolve()
     if trained and init_ad is None:
-        notes.append("no init given: B0 A0 = 0 assumed (right for lora/rlpo/rlmo/dct/wavelet inits and converted "
-                     "adapters; pass --init for a pissa/milora/olora/olora-tail init).")
+        notes.append(
+            "no init given: B0 A0 = 0 assumed (right for lora/rlpo/rlmo/dct/wavelet inits and converted "
+            "adapters; pass --init for a pissa/milora/olora/olora-tail init)."
+        )
     if init_ad is not None and trained:
         _check_same_modules(ad, init_ad)
 
@@ -236,8 +283,10 @@ def inspect_adapter(adapter: str | Path, init: Optional[str | Path] = None, base
             W0 = W0 + via_residual.scaling * (B0r @ A0r)
         A, B = (x.to(device, torch.float64) for x in ad.factors(name))
         if A.shape[1] != t.in_features or B.shape[0] != t.out_features:
-            raise LoraforgeError(f"Module {name}: the adapter is {B.shape[0]} x {A.shape[1]} but {candidate} has "
-                                 f"{t.out_features} x {t.in_features}: a different base model. Pass the right --base.")
+            raise LoraforgeError(
+                f"Module {name}: the adapter is {B.shape[0]} x {A.shape[1]} but {candidate} has "
+                f"{t.out_features} x {t.in_features}: a different base model. Pass the right --base."
+            )
         A0 = B0 = None
         if init_ad is not None:
             A0, B0 = (x.to(device, torch.float64) for x in init_ad.factors(name))
@@ -245,7 +294,9 @@ def inspect_adapter(adapter: str | Path, init: Optional[str | Path] = None, base
             d = diagnose_module(W0, r, A0, B0, init_ad.scaling if init_ad else 1.0, A, B, ad.scaling)
         else:
             d = diagnose_module(W0, r, A, B, ad.scaling)
-        rows.append(ModuleDiagnostics(name=name, kind=module_kind(name), layer=layer_index(name), shape=t.shape, r=r, **d))
+        rows.append(
+            ModuleDiagnostics(name=name, kind=module_kind(name), layer=layer_index(name), shape=t.shape, r=r, **d)
+        )
     method = (init_ad.manifest or {}).get("method") if init_ad else (ad.manifest or {}).get("method")
     return InspectReport(ad.path, method, r, candidate, trained, rows, notes)
 
@@ -268,8 +319,10 @@ def _find_init(ad: Adapter, init: Optional[str | Path], notes: list[str]) -> Opt
             f"{ad.path}'s adapter_model.safetensors differs from the one its manifest records, so it was trained from a "
             f"{method} init whose B0 A0 is needed: pass that init directory with --init."
         )
-    notes.append(f"{ad.path} changed since init (sha256 differs from its manifest): inspected as trained from a {method} "
-                 "init with B0 = 0.")
+    notes.append(
+        f"{ad.path} changed since init (sha256 differs from its manifest): inspected as trained from a {method} "
+        "init with B0 = 0."
+    )
     return None
 
 
@@ -282,24 +335,43 @@ def _manifest_source(ad: Optional[Adapter]) -> Optional[str]:
 def _check_same_modules(trained: Adapter, init: Adapter) -> None:
     missing = [m for m in trained.modules if m not in init.factor_keys]
     if missing or trained.r != init.r:
-        what = f"module {missing[0]} is not in the init" if missing else f"r = {trained.r} but the init has r = {init.r}"
-        raise LoraforgeError(f"{trained.path} was not trained from --init {init.path}: {what}. Pass the init it was trained from.")
+        what = (
+            f"module {missing[0]} is not in the init" if missing else f"r = {trained.r} but the init has r = {init.r}"
+        )
+        raise LoraforgeError(
+            f"{trained.path} was not trained from --init {init.path}: {what}. Pass the init it was trained from."
+        )
 
 
 def format_table(report: InspectReport) -> str:
     """The per-module table, then the mean per module kind and over all modules."""
-    cols = [("module", None, 0), ("shape", None, 0), ("s_top", "sigma_top_mean", 4), ("s_bot", "sigma_bottom_mean", 4),
-            ("|B0A0|", "init_norm", 4), ("A0.Vr", "init_sim_top", 3), ("A0.V-r", "init_sim_bottom", 3)]
+    cols = [
+        ("module", None, 0),
+        ("shape", None, 0),
+        ("s_top", "sigma_top_mean", 4),
+        ("s_bot", "sigma_bottom_mean", 4),
+        ("|B0A0|", "init_norm", 4),
+        ("A0.Vr", "init_sim_top", 3),
+        ("A0.V-r", "init_sim_bottom", 3),
+    ]
     if report.trained:
-        cols += [("A.Vr", "sim_top", 3), ("A.V-r", "sim_bottom", 3), ("|dW|", "update_norm", 4),
-                 ("p_top", "p_top", 3), ("p_bot", "p_bottom", 3), ("E_top", "energy_top", 3)]
+        cols += [
+            ("A.Vr", "sim_top", 3),
+            ("A.V-r", "sim_bottom", 3),
+            ("|dW|", "update_norm", 4),
+            ("p_top", "p_top", 3),
+            ("p_bot", "p_bottom", 3),
+            ("E_top", "energy_top", 3),
+        ]
 
     def fmt(v, digits):
         if v is None:
             return "-"
         return f"{v:.{digits}g}" if digits else str(v)
 
-    rows = [[m.name, f"{m.shape[0]}x{m.shape[1]}"] + [fmt(getattr(m, k), d) for _, k, d in cols[2:]] for m in report.modules]
+    rows = [
+        [m.name, f"{m.shape[0]}x{m.shape[1]}"] + [fmt(getattr(m, k), d) for _, k, d in cols[2:]] for m in report.modules
+    ]
     rows.append(None)
     for kind in report.kinds() + [None]:
         mean = report.mean(kind)
@@ -312,8 +384,9 @@ def format_table(report: InspectReport) -> str:
     return "\n".join(out)
 
 
-LEGEND = ("s_top/s_bot: mean of the top-r / bottom-r nonzero singular values of W0; |B0A0|: init norm ||B0 A0||_F; "
-          "A0.Vr, A0.V-r: ||A V||_F/||A||_F of A0 with the principal / minor right singular vectors; A.Vr, A.V-r: the same "
-          "for the trained A; |dW|: ||s B A - s0 B0 A0||_F; p_top/p_bot: share of the update along the top/bottom r "
-          "singular directions; E_top: cumulative energy after the top r.")
-
+LEGEND = (
+    "s_top/s_bot: mean of the top-r / bottom-r nonzero singular values of W0; |B0A0|: init norm ||B0 A0||_F; "
+    "A0.Vr, A0.V-r: ||A V||_F/||A||_F of A0 with the principal / minor right singular vectors; A.Vr, A.V-r: the same "
+    "for the trained A; |dW|: ||s B A - s0 B0 A0||_F; p_top/p_bot: share of the update along the top/bottom r "
+    "singular directions; E_top: cumulative energy after the top r."
+)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from loraforge.ship.inspect import InspectReport
 from loraforge.core.errors import LoraforgeError
+from loraforge.ship.inspect import InspectReport
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
@@ -58,7 +58,9 @@ def _choose_kinds(report: InspectReport, kinds: Optional[list[str]]) -> list[str
         return all_kinds
     chosen = [k for k in all_kinds if any(k == w or k.endswith("." + w) or k.endswith(w) for w in kinds)]
     if not chosen:
-        raise LoraforgeError(f"--plot-modules {','.join(kinds)} matches none of the inspected modules: {', '.join(all_kinds)}.")
+        raise LoraforgeError(
+            f"--plot-modules {','.join(kinds)} matches none of the inspected modules: {', '.join(all_kinds)}."
+        )
     return chosen
 
 
@@ -116,8 +118,10 @@ def _similarity(plt, report, path, label) -> Path:
     series = [("A0 (init)", "init_sim", "#7f7f7f", "--")]
     if report.trained:
         series.append(("A (trained)", "sim", "#d62728", "-"))
-    for ax, which, title in ((axes[0], "top", rf"principal: $V_r$ (top {report.r})"),
-                             (axes[1], "bottom", rf"minor: $V_{{-r}}$ (bottom {report.r} nonzero)")):
+    for ax, which, title in (
+        (axes[0], "top", rf"principal: $V_r$ (top {report.r})"),
+        (axes[1], "bottom", rf"minor: $V_{{-r}}$ (bottom {report.r} nonzero)"),
+    ):
         for name, prefix, color, style in series:
             by_layer: dict = {}
             for i, m in enumerate(report.modules):
@@ -128,9 +132,19 @@ def _similarity(plt, report, path, label) -> Path:
                 continue
             xs = sorted(by_layer)
             mean = [sum(by_layer[x]) / len(by_layer[x]) for x in xs]
-            ax.plot(xs, mean, style, color=color, marker="o", ms=4, lw=1.6,
-                    label=f"{name}: mean {sum(mean) / len(mean):.2f}")
-            ax.fill_between(xs, [min(by_layer[x]) for x in xs], [max(by_layer[x]) for x in xs], color=color, alpha=0.15, lw=0)
+            ax.plot(
+                xs,
+                mean,
+                style,
+                color=color,
+                marker="o",
+                ms=4,
+                lw=1.6,
+                label=f"{name}: mean {sum(mean) / len(mean):.2f}",
+            )
+            ax.fill_between(
+                xs, [min(by_layer[x]) for x in xs], [max(by_layer[x]) for x in xs], color=color, alpha=0.15, lw=0
+            )
         ax.set_title(title)
         ax.set_xlabel("layer")
         _integer_x(ax)
@@ -138,8 +152,10 @@ def _similarity(plt, report, path, label) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     axes[0].set_ylabel(r"similarity $\Vert A V \Vert_F \,/\, \Vert A \Vert_F$")
-    fig.suptitle(rf"How much of A lies in $W_0$'s principal vs minor right singular subspace ({label}; "
-                 "line: mean over modules, band: min-max)")
+    fig.suptitle(
+        rf"How much of A lies in $W_0$'s principal vs minor right singular subspace ({label}; "
+        "line: mean over modules, band: min-max)"
+    )
     return _save(plt, fig, path)
 
 
@@ -165,7 +181,9 @@ def _update(plt, report, kinds, path, label) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
-    fig.suptitle(rf"Where training moved the weights along $W_0$'s singular directions: $c_i = |u_i^\top \Delta W v_i|$ ({label})")
+    fig.suptitle(
+        rf"Where training moved the weights along $W_0$'s singular directions: $c_i = |u_i^\top \Delta W v_i|$ ({label})"
+    )
     return _save(plt, fig, path)
 
 

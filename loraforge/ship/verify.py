@@ -26,13 +26,13 @@ from typing import Optional
 import torch
 
 from loraforge.adapters.directory import Adapter, load_adapter
-from loraforge.ship.analysis import orthonormality_error, reconstruction_error, subspace_similarity
-from loraforge.models.checkpoint import sha256_file
+from loraforge.adapters.writers import ADAPTER_CONFIG
 from loraforge.core.clients import vllm_serve_command
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum, fast_spectrum
 from loraforge.inits.methods import METHODS, Method, MethodInput
-from loraforge.adapters.writers import ADAPTER_CONFIG
+from loraforge.models.checkpoint import sha256_file
+from loraforge.ship.analysis import orthonormality_error, reconstruction_error, subspace_similarity
 
 INIT_FORMAT = "loraforge-manifest/1"
 # Methods whose A0 has orthonormal rows. Method.orthonormal means "orthonormal A0 AND B0 = 0", so
@@ -103,13 +103,19 @@ def serve_line(adapter_dir: Path, method: Method, original: str, r: int) -> str:
     """One line naming the base a server (vLLM) must load with this adapter."""
     if method.residual:
         base = str(adapter_dir / "base")
-        return (f"vLLM must load the residual base {base}, NOT the original {original}: "
-                f"{vllm_serve_command(base, str(adapter_dir), r)}")
-    return (f"vLLM loads the original base {original} with this adapter (B0 = 0): "
-            f"{vllm_serve_command(original, str(adapter_dir), r)}")
+        return (
+            f"vLLM must load the residual base {base}, NOT the original {original}: "
+            f"{vllm_serve_command(base, str(adapter_dir), r)}"
+        )
+    return (
+        f"vLLM loads the original base {original} with this adapter (B0 = 0): "
+        f"{vllm_serve_command(original, str(adapter_dir), r)}"
+    )
 
 
-def verify_adapter(out: str | Path, base: Optional[str] = None, device: str = "auto", batch_mib: int = 512) -> VerifyReport:
+def verify_adapter(
+    out: str | Path, base: Optional[str] = None, device: str = "auto", batch_mib: int = 512
+) -> VerifyReport:
     """Check the loraforge init directory OUT; BASE overrides the original model the manifest names."""
     from loraforge.core.devices import resolve_device
     from loraforge.inits.plan import module_seed, plan_batches
@@ -126,10 +132,15 @@ def verify_adapter(out: str | Path, base: Optional[str] = None, device: str = "a
     hashes, config, factors = Check("hashes"), Check("config"), Check("factors")
     _check_hashes(adapter, manifest, hashes)
     _check_config(adapter, manifest, config)
-    recon = Check("reconstruction", applies=method.residual, detail="" if method.residual else "the base is the original model")
+    recon = Check(
+        "reconstruction", applies=method.residual, detail="" if method.residual else "the base is the original model"
+    )
     zero_b = Check("B0 = 0", applies=not method.residual, detail=f"{method.name} starts from B0 = {method.B0}")
-    ortho = Check("orthonormal", applies=method.name in ORTHONORMAL_A,
-                  detail="" if method.name in ORTHONORMAL_A else f"{method.name} does not promise orthonormal rows")
+    ortho = Check(
+        "orthonormal",
+        applies=method.name in ORTHONORMAL_A,
+        detail="" if method.name in ORTHONORMAL_A else f"{method.name} does not promise orthonormal rows",
+    )
     formula = Check("formula")
     checks = [hashes, config, factors, recon, zero_b, ortho, formula]
     report = VerifyReport(out, method.name, r, original, checks, serve_line(out, method, original, r))
@@ -160,15 +171,20 @@ def verify_adapter(out: str | Path, base: Optional[str] = None, device: str = "a
         m, n = weights.targets[name].shape
         want = tuple(expected[name]["shape"])
         if (m, n) != want:
-            factors.fail(name, f"is {m} x {n} in {original} but {want[0]} x {want[1]} in the manifest: a different base "
-                               "model. Pass the model the adapter was initialised from with --base.")
+            factors.fail(
+                name,
+                f"is {m} x {n} in {original} but {want[0]} x {want[1]} in the manifest: a different base "
+                "model. Pass the model the adapter was initialised from with --base.",
+            )
         elif tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
             factors.fail(name, f"A is {list(A.shape)} and B is {list(B.shape)}; expected A [{r}, {n}] and B [{m}, {r}]")
         if name in factors.failures:
             names.remove(name)
     factors.checked = len(names)
     if factors.ok:
-        factors.detail = f"A [{r}, in] and B [out, {r}] for the manifest's {len(names)} modules; the base has the same shapes"
+        factors.detail = (
+            f"A [{r}, in] and B [out, {r}] for the manifest's {len(names)} modules; the base has the same shapes"
+        )
 
     stats: dict[str, dict] = {}
     worst = {"recon_rel": 0.0, "recon_max_abs": 0.0, "ortho": 0.0, "formula": 0.0}
@@ -195,10 +211,15 @@ def verify_adapter(out: str | Path, base: Optional[str] = None, device: str = "a
                 worst["recon_rel"] = max(worst["recon_rel"], float(rel[i]))
                 worst["recon_max_abs"] = max(worst["recon_max_abs"], float(max_abs[i]))
                 if not float(rel[i]) <= tol:
-                    recon.fail(t.name, f"relative error {float(rel[i]):.3e} > {tol:.1e} (max abs {float(max_abs[i]):.3e}): "
-                                       "residual base + s B0 A0 is not the original weight")
-            recon.detail = (f"max rel {worst['recon_rel']:.2e}, max abs {worst['recon_max_abs']:.2e} "
-                            f"(tolerance rel {tol:.1e}, {str(base_dtype).removeprefix('torch.')} base)")
+                    recon.fail(
+                        t.name,
+                        f"relative error {float(rel[i]):.3e} > {tol:.1e} (max abs {float(max_abs[i]):.3e}): "
+                        "residual base + s B0 A0 is not the original weight",
+                    )
+            recon.detail = (
+                f"max rel {worst['recon_rel']:.2e}, max abs {worst['recon_max_abs']:.2e} "
+                f"(tolerance rel {tol:.1e}, {str(base_dtype).removeprefix('torch.')} base)"
+            )
         elif not method.residual:
             nonzero = B.flatten(1).abs().amax(dim=1)
             zero_b.checked += len(batch)
@@ -209,7 +230,9 @@ def verify_adapter(out: str | Path, base: Optional[str] = None, device: str = "a
 
         if ortho.applies:
             tol = 4 * _eps(adapter_dtype)
-            errs = [orthonormality_error(A)] + ([orthonormality_error(B.transpose(1, 2))] if method.name in ORTHONORMAL_B else [])
+            errs = [orthonormality_error(A)] + (
+                [orthonormality_error(B.transpose(1, 2))] if method.name in ORTHONORMAL_B else []
+            )
             err = torch.stack(errs).amax(dim=0)
             ortho.checked += len(batch)
             for i, t in enumerate(batch):
@@ -244,8 +267,10 @@ def _init_manifest(adapter: Adapter) -> dict:
             "directories written by `loraforge init` (not converted adapters)."
         )
     if manifest.get("method") not in METHODS:
-        raise LoraforgeError(f"{adapter.path}/loraforge.json names method {manifest.get('method')!r}, which this loraforge "
-                             f"does not know ({', '.join(METHODS)}). Upgrade loraforge.")
+        raise LoraforgeError(
+            f"{adapter.path}/loraforge.json names method {manifest.get('method')!r}, which this loraforge "
+            f"does not know ({', '.join(METHODS)}). Upgrade loraforge."
+        )
     return manifest
 
 
@@ -257,24 +282,40 @@ def _check_hashes(adapter: Adapter, manifest: dict, check: Check) -> None:
         if not path.exists():
             check.fail(rel, "is missing (listed in the manifest)")
         elif (actual := sha256_file(path)) != digest:
-            check.fail(rel, f"sha256 {actual[:12]}... differs from the manifest's {digest[:12]}...: the file changed after init")
+            check.fail(
+                rel,
+                f"sha256 {actual[:12]}... differs from the manifest's {digest[:12]}...: the file changed after init",
+            )
     check.detail = f"{len(files)} files match their sha256" if check.ok else ""
 
 
 def _check_config(adapter: Adapter, manifest: dict, check: Check) -> None:
     cfg = adapter.config
     check.checked = 1
-    for key, want in [("r", manifest["r"]), ("lora_alpha", manifest["alpha"]), ("use_rslora", manifest["rslora"]),
-                      ("init_lora_weights", True)]:
+    for key, want in [
+        ("r", manifest["r"]),
+        ("lora_alpha", manifest["alpha"]),
+        ("use_rslora", manifest["rslora"]),
+        ("init_lora_weights", True),
+    ]:
         if cfg.get(key) != want:
-            check.fail(ADAPTER_CONFIG, f"{key} = {json.dumps(cfg.get(key))}, the manifest says {json.dumps(want)}"
-                       + (" (any other value makes PEFT re-run an init and change the base again)" if key == "init_lora_weights" else ""))
+            check.fail(
+                ADAPTER_CONFIG,
+                f"{key} = {json.dumps(cfg.get(key))}, the manifest says {json.dumps(want)}"
+                + (
+                    " (any other value makes PEFT re-run an init and change the base again)"
+                    if key == "init_lora_weights"
+                    else ""
+                ),
+            )
     if abs(adapter.scaling - manifest["scaling"]) > 1e-12 * manifest["scaling"]:
         check.fail(ADAPTER_CONFIG, f"scaling {adapter.scaling} differs from the manifest's {manifest['scaling']}")
     check.detail = "r, alpha, rsLoRA and init_lora_weights: true agree with the manifest" if check.ok else ""
 
 
-def _check_formula(method: Method, manifest: dict, batch, W, A, B, adapter_dtype, check: Check, stats, worst, module_seed) -> None:
+def _check_formula(
+    method: Method, manifest: dict, batch, W, A, B, adapter_dtype, check: Check, stats, worst, module_seed
+) -> None:
     """Recompute the method's factors from W and compare them with the stored ones."""
     r, s = manifest["r"], manifest["scaling"]
     spectrum = None
@@ -285,8 +326,11 @@ def _check_formula(method: Method, manifest: dict, batch, W, A, B, adapter_dtype
             spectrum = exact_spectrum(W, r, method.spectrum)
             for i, t in enumerate(batch):
                 if int(spectrum.rank[i]) < r:
-                    check.fail(t.name, f"this base's weight has numerical rank {int(spectrum.rank[i])} < r = {r}: not the weight "
-                                       "the adapter was made from")
+                    check.fail(
+                        t.name,
+                        f"this base's weight has numerical rank {int(spectrum.rank[i])} < r = {r}: not the weight "
+                        "the adapter was made from",
+                    )
     seeds = [module_seed(manifest["seed"], t.name) for t in batch]
     A_ref, B_ref = method.init(MethodInput(W=W, r=r, scaling=s, spectrum=spectrum, seeds=seeds))
     tol = 4 * _eps(adapter_dtype)
@@ -307,7 +351,9 @@ def _check_formula(method: Method, manifest: dict, batch, W, A, B, adapter_dtype
             # as good), so compare subspaces rather than vectors.
             dev = 1.0 - float(subspace_similarity(A[i], spectrum.V[i]))
             which = "top" if method.spectrum == "top" else "bottom (nonzero)"
-            what = f"A0's rows lie {100 * (1 - dev):.1f}% in the {which}-{r} right singular subspace of this base's weight"
+            what = (
+                f"A0's rows lie {100 * (1 - dev):.1f}% in the {which}-{r} right singular subspace of this base's weight"
+            )
         else:
             ref = B_ref[i] @ A_ref[i]
             dev = float((B[i] @ A[i] - ref).norm() / ref.norm().clamp_min(1e-300))

@@ -16,8 +16,23 @@ import json
 import pytest
 import torch
 
-WORDS = ["what", "is", "one", "two", "three", "four", "plus", "maybe", "boxme", "half", "of", "hmm",
-         "Answer: 5", "Answer: 7", "\\boxed{\\frac{1}{2}}"]
+WORDS = [
+    "what",
+    "is",
+    "one",
+    "two",
+    "three",
+    "four",
+    "plus",
+    "maybe",
+    "boxme",
+    "half",
+    "of",
+    "hmm",
+    "Answer: 5",
+    "Answer: 7",
+    "\\boxed{\\frac{1}{2}}",
+]
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 VOCAB = {w: i for i, w in enumerate(SPECIAL + WORDS)}
 
@@ -48,10 +63,19 @@ def make_bigram_model(hidden: int = 32):
 
     v = len(VOCAB)
     assert hidden >= v, "one-hot embeddings need hidden >= vocab"
-    cfg = LlamaConfig(vocab_size=v, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                      pad_token_id=VOCAB["<pad>"], eos_token_id=VOCAB["<eos>"], bos_token_id=None,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=v,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=VOCAB["<pad>"],
+        eos_token_id=VOCAB["<eos>"],
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():

@@ -6,7 +6,12 @@ import pytest
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.eval.benchmarks import (
-    BENCHMARKS, aime_year, gold_from_gsm8k, hub_rows_to_benchmark, load_benchmark, resolve_template,
+    BENCHMARKS,
+    aime_year,
+    gold_from_gsm8k,
+    hub_rows_to_benchmark,
+    load_benchmark,
+    resolve_template,
 )
 
 
@@ -49,8 +54,10 @@ def test_gsm8k_gold_is_the_number_after_hashes(tmp_path):
 
 def test_aime_years_come_from_the_url():
     url = "https://artofproblemsolving.com/wiki/index.php/{}_AIME_{}_Problems/Problem_{}"
-    rows = [{"id": i, "problem": f"p{i}", "answer": str(i), "url": url.format(y, "I", i)}
-            for i, y in enumerate([2022, 2023, 2023, 2024])]
+    rows = [
+        {"id": i, "problem": f"p{i}", "answer": str(i), "url": url.format(y, "I", i)}
+        for i, y in enumerate([2022, 2023, 2023, 2024])
+    ]
     assert aime_year(rows[1]["url"]) == 2023 and aime_year("nope") is None
     b = hub_rows_to_benchmark(BENCHMARKS["aime23"], rows)
     assert [p.question for p in b.problems] == ["p1", "p2"]

@@ -14,8 +14,20 @@ def run(*args):
 
 def test_eval_command_end_to_end(model_dir, greedy_file, tmp_path):
     out = tmp_path / "report.json"
-    r = run("--model", str(model_dir), "--bench", str(greedy_file), "--prompt-template", "raw",
-            "--max-new-tokens", "4", "--device", "cpu", "-o", str(out))
+    r = run(
+        "--model",
+        str(model_dir),
+        "--bench",
+        str(greedy_file),
+        "--prompt-template",
+        "raw",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+    )
     assert r.exit_code == 0, r.output
     assert "pass@1" in r.output and "60.00" in r.output and "math-verify" in r.output
     report = json.loads(out.read_text())
@@ -38,8 +50,22 @@ def test_eval_command_with_adapter(model_dir, greedy_file, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(model_dir))
     get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).save_pretrained(str(adir))
     out = tmp_path / "report.json"
-    r = run("--model", str(model_dir), "--adapter", str(adir), "--bench", str(greedy_file),
-            "--prompt-template", "raw", "--max-new-tokens", "4", "--scorer", "dapo", "-o", str(out))
+    r = run(
+        "--model",
+        str(model_dir),
+        "--adapter",
+        str(adir),
+        "--bench",
+        str(greedy_file),
+        "--prompt-template",
+        "raw",
+        "--max-new-tokens",
+        "4",
+        "--scorer",
+        "dapo",
+        "-o",
+        str(out),
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())["benchmarks"]["tiny"]
     assert res["metrics"][0]["score"] == pytest.approx(0.4)  # DAPO: 2 of 5
@@ -50,7 +76,10 @@ def test_eval_command_with_adapter(model_dir, greedy_file, tmp_path):
     "args, words",
     [
         (["--bench", "gsm9k"], "neither a known benchmark (gsm8k, math500, aime22, aime23, aime24)"),
-        (["--bench", "BENCH", "--samples", "2", "--k", "1,4", "--temperature", "1"], "--k 4 is larger than --samples 2"),
+        (
+            ["--bench", "BENCH", "--samples", "2", "--k", "1,4", "--temperature", "1"],
+            "--k 4 is larger than --samples 2",
+        ),
         (["--bench", "BENCH", "--k", "2"], "--k 2 is larger than the 1 samples per problem of tiny"),
         (["--bench", "BENCH", "--k", "one"], "--k 'one': expected comma-separated int values"),
         (["--bench", "BENCH", "--top-p", "1.5"], "--top-p must be in (0, 1]"),

@@ -11,7 +11,6 @@ import pytest
 from loraforge.core.errors import LoraforgeError
 from loraforge.eval import EvalConfig, evaluate, load_benchmark, run_eval
 from loraforge.eval.benchmarks import Benchmark, Problem
-
 from loraforge.eval.runner import build_prompts
 
 
@@ -31,7 +30,12 @@ def test_greedy_tiny_model_math_verify(bigram_model, tokenizer, greedy_file):
     # a: "Answer: 5" = 5 right; b: "Answer: 7" = 7 right; c: "Answer: 7" != 5 wrong; d: "hmm" no answer;
     # e: \boxed{\frac{1}{2}} = 0.5 right for Math-Verify.  3 of 5 -> 0.6.
     assert [s["response"] for s in res["samples"]] == [
-        "Answer: 5", "Answer: 7", "Answer: 7", "hmm", "\\boxed{\\frac{1}{2}}"]
+        "Answer: 5",
+        "Answer: 7",
+        "Answer: 7",
+        "hmm",
+        "\\boxed{\\frac{1}{2}}",
+    ]
     assert [s["correct"] for s in res["samples"]] == [True, True, False, False, True]
     assert metric(res, "pass@1")["score"] == pytest.approx(3 / 5)
     assert metric(res, "mean@1")["score"] == pytest.approx(3 / 5)
@@ -61,13 +65,21 @@ PASS_N4 = {
 
 
 def test_sampled_tiny_model_matches_hand_count(bigram_model, tokenizer, tmp_path, write_jsonl):
-    path = write_jsonl(tmp_path / "s.jsonl", [
-        {"problem": "two plus three", "answer": "5"},  # always "Answer: 5": 4 of 4
-        {"problem": "one plus four", "answer": "5"},  # always "Answer: 7": 0 of 4
-        {"problem": "maybe", "answer": "5"},  # a fair coin between 5 and 7
-    ])
-    res = evaluate(bigram_model, tokenizer, str(path),
-                   cfg(samples=4, k=(1, 2, 4), temperature=1.0, top_p=1.0, max_new_tokens=4), keep_samples=True)
+    path = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"problem": "two plus three", "answer": "5"},  # always "Answer: 5": 4 of 4
+            {"problem": "one plus four", "answer": "5"},  # always "Answer: 7": 0 of 4
+            {"problem": "maybe", "answer": "5"},  # a fair coin between 5 and 7
+        ],
+    )
+    res = evaluate(
+        bigram_model,
+        tokenizer,
+        str(path),
+        cfg(samples=4, k=(1, 2, 4), temperature=1.0, top_p=1.0, max_new_tokens=4),
+        keep_samples=True,
+    )
     by_problem = {}
     for s in res["samples"]:
         assert s["response"] in ("Answer: 5", "Answer: 7")
@@ -80,8 +92,7 @@ def test_sampled_tiny_model_matches_hand_count(bigram_model, tokenizer, tmp_path
         assert metric(res, f"pass@{k}")["score"] == pytest.approx(hand), k
     assert metric(res, "mean@4")["score"] == pytest.approx(sum(counts) / 12)
     # the same seed gives the same samples
-    again = evaluate(bigram_model, tokenizer, str(path),
-                     cfg(samples=4, k=(1, 2, 4), temperature=1.0, max_new_tokens=4))
+    again = evaluate(bigram_model, tokenizer, str(path), cfg(samples=4, k=(1, 2, 4), temperature=1.0, max_new_tokens=4))
     assert again["counts"]["correct_per_problem"] == [counts]
 
 
@@ -91,13 +102,23 @@ def fixed(responses):
 
 
 def test_fixed_responses_pass_at_k_and_seed_spread(tokenizer):
-    bench = Benchmark("fixed", [Problem(str(i), "q", "5") for i in range(3)], {"memory": True},
-                      {"samples": 4, "ks": (1, 4), "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8})
+    bench = Benchmark(
+        "fixed",
+        [Problem(str(i), "q", "5") for i in range(3)],
+        {"memory": True},
+        {"samples": 4, "ks": (1, 4), "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8},
+    )
     R, W = "Answer: 5", "Answer: 6"
     seed0 = [[R, R, R, R], [R, W, W, W], [W, W, W, W]]  # c = 4, 1, 0
     seed1 = [[R, R, W, W], [W, W, W, W], [W, W, W, W]]  # c = 2, 0, 0
-    res = evaluate(None, tokenizer, bench, cfg(k=(1, 2, 4), seeds=(0, 1)), sample_fn=fixed({0: seed0, 1: seed1}),
-                   model_info={"name_or_path": "none"})
+    res = evaluate(
+        None,
+        tokenizer,
+        bench,
+        cfg(k=(1, 2, 4), seeds=(0, 1)),
+        sample_fn=fixed({0: seed0, 1: seed1}),
+        model_info={"name_or_path": "none"},
+    )
     # seed 0: pass@1 = (1 + 1/4 + 0)/3 = 5/12; pass@2 = (1 + 1/2 + 0)/3 = 1/2; pass@4 = (1 + 1 + 0)/3 = 2/3
     # seed 1: pass@1 = (2/4)/3 = 1/6;          pass@2 = (5/6)/3 = 5/18;       pass@4 = 1/3
     p1, p2, p4 = (metric(res, f"pass@{k}") for k in (1, 2, 4))
@@ -152,7 +173,9 @@ def test_chat_template_wraps_prompts(tokenizer):
     import copy
 
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = "{% for m in messages %}what {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} is{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}what {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} is{% endif %}"
+    )
     bench = Benchmark("b", [Problem("0", "two plus three", "5")], {})
     texts, ids, used = build_prompts(tok, bench, "{problem}", None)
     assert used and texts == ["what two plus three is"]
@@ -164,8 +187,9 @@ def test_chat_template_wraps_prompts(tokenizer):
 
 def test_run_eval_writes_report_and_samples(bigram_model, tokenizer, greedy_file, tmp_path):
     out = tmp_path / "r" / "report.json"
-    config = EvalConfig(model="bigram", benchmarks=(str(greedy_file), str(greedy_file)), prompt_template="raw",
-                        output=str(out))
+    config = EvalConfig(
+        model="bigram", benchmarks=(str(greedy_file), str(greedy_file)), prompt_template="raw", output=str(out)
+    )
     report = run_eval(config, model=bigram_model, tokenizer=tokenizer, echo=lambda m: None)
     on_disk = json.loads(out.read_text())
     assert list(on_disk["benchmarks"]) == ["tiny", "tiny-2"]  # the same file twice stays two entries
@@ -181,9 +205,10 @@ def test_load_benchmark_roundtrip_keeps_ids(greedy_file):
 
 def test_batch_size_smaller_than_samples(bigram_model, tokenizer, tmp_path, write_jsonl):
     # 4 samples decoded 3 rows at a time: same counts as a deterministic prompt must give.
-    path = write_jsonl(tmp_path / "b.jsonl", [{"problem": "two plus three", "answer": "5"},
-                                              {"problem": "one plus four", "answer": "5"}])
-    res = evaluate(bigram_model, tokenizer, str(path),
-                   cfg(samples=4, temperature=1.0, max_new_tokens=3, batch_size=3))
+    path = write_jsonl(
+        tmp_path / "b.jsonl",
+        [{"problem": "two plus three", "answer": "5"}, {"problem": "one plus four", "answer": "5"}],
+    )
+    res = evaluate(bigram_model, tokenizer, str(path), cfg(samples=4, temperature=1.0, max_new_tokens=3, batch_size=3))
     assert res["counts"]["correct_per_problem"] == [[4, 0]]
     assert metric(res, "pass@4")["score"] == pytest.approx(0.5)  # (1 + 0) / 2

@@ -49,9 +49,12 @@ def make_model(seed: int = 0, hidden: int = 32, layers: int = 2, init_range: flo
 def make_adapter(model, out_dir, r: int = 4, alpha: int = 8, targets=None):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                     target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                "gate_proj", "up_proj", "down_proj"])
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
@@ -84,8 +87,8 @@ class ScriptedRollout:
         return None
 
     def generate(self, prompts, params):
-        from loraforge.sampling.generation import pad_id
         from loraforge.rl.rollout import generation_from_tokens
+        from loraforge.sampling.generation import pad_id
 
         ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         eos = self.tok.eos_token_id
@@ -120,15 +123,19 @@ class SeparateSampler:
         import contextlib
         import dataclasses
 
-        from loraforge.sampling.generation import generate
         from loraforge.rl.rollout import SampledGeneration
         from loraforge.rl.trainer import response_logprobs
+        from loraforge.sampling.generation import generate
 
         ctx = self.model.disable_adapter() if self.mode == "base" else contextlib.nullcontext()
         with ctx, torch.no_grad():
             g = generate(self.model, self.tok, prompts, params, generator=self.gen)
-            batch = {"prompt_ids": g.prompt_ids, "prompt_mask": g.prompt_mask, "response_ids": g.response_ids,
-                     "response_mask": g.response_mask}
+            batch = {
+                "prompt_ids": g.prompt_ids,
+                "prompt_mask": g.prompt_mask,
+                "response_ids": g.response_ids,
+                "response_mask": g.response_mask,
+            }
             lp = response_logprobs(self.model, batch, 1.0)[0]
         fields = {f.name: getattr(g, f.name) for f in dataclasses.fields(g)}
         return SampledGeneration(**fields, sampler_logprobs=[lp[i, :n].tolist() for i, n in enumerate(g.lengths)])

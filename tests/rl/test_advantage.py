@@ -7,10 +7,22 @@ from loraforge.rl.advantage import fill_batch, group_advantages, keep_group, kep
 
 
 def test_group_advantages_hand_computed():
-    rewards = torch.tensor([1.0, -1.0, -1.0, 1.0,  # group 0
-                            1.0, 1.0, 1.0, 1.0,    # group 1: all equal
-                            0.5,                   # group 2: a group of one
-                            1.0, 0.0, 0.0])        # group 3
+    rewards = torch.tensor(
+        [
+            1.0,
+            -1.0,
+            -1.0,
+            1.0,  # group 0
+            1.0,
+            1.0,
+            1.0,
+            1.0,  # group 1: all equal
+            0.5,  # group 2: a group of one
+            1.0,
+            0.0,
+            0.0,
+        ]
+    )  # group 3
     groups = [0] * 4 + [1] * 4 + [2] + [3] * 3
     a = group_advantages(rewards, groups)
     # group 0: mean 0, unbiased std sqrt((1+1+1+1)/3) = 1.1547005 -> A = +-1/(1.1547005 + 1e-6) = +-0.8660247
@@ -32,19 +44,21 @@ def test_advantage_groups_need_not_be_contiguous():
 
 
 def test_keep_group():
-    assert keep_group([1.0, 0.0]) is True   # population std 0.5 > 0
+    assert keep_group([1.0, 0.0]) is True  # population std 0.5 > 0
     assert keep_group([1.0, 1.0, 1.0]) is False  # all right: std 0
     assert keep_group([0.0, 0.0]) is False  # all wrong: std 0
-    assert keep_group([1.0]) is True        # a group of one is kept (verl: no std to speak of)
+    assert keep_group([1.0]) is True  # a group of one is kept (verl: no std to speak of)
     assert kept_groups([1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 2, 2]) == [2]
 
 
 def test_fill_batch_dynamic_sampling():
-    batches = iter([
-        [[1, 1], [0, 1], [0, 0]],  # 1 kept
-        [[1, 0], [1, 1], [0, 0]],  # 1 kept -> 2
-        [[0, 1], [1, 0], [1, 1]],  # 2 kept -> 4, cut to 3
-    ])
+    batches = iter(
+        [
+            [[1, 1], [0, 1], [0, 0]],  # 1 kept
+            [[1, 0], [1, 1], [0, 0]],  # 1 kept -> 2
+            [[0, 1], [1, 0], [1, 1]],  # 2 kept -> 4, cut to 3
+        ]
+    )
     kept, seen, n = fill_batch(lambda: next(batches), target=3, max_gen_batches=0, dynamic=True)
     assert kept == [[0, 1], [1, 0], [0, 1]]  # in order, truncated to the target
     assert len(seen) == 9 and n == 3  # the reward before filtering is logged over all 9 groups

@@ -10,10 +10,35 @@ from loraforge.rl.metrics import read_metrics
 
 
 def _args(model_dir, adapter_dir, out, *extra):
-    return ["train", "--model", str(model_dir), "--adapter", str(adapter_dir), "-o", str(out),
-            "--data", "synthetic:n=40,max=2,style=bare", "--reward", "rl_helpers:answer_scorer",
-            "--max-response-length", "1", "--overlong-buffer", "0", "--group-size", "4", "--prompt-batch", "4",
-            "--mini-batch", "2", "--lr", "1e-2", "--max-gen-batches", "0", "--no-tensorboard", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--adapter",
+        str(adapter_dir),
+        "-o",
+        str(out),
+        "--data",
+        "synthetic:n=40,max=2,style=bare",
+        "--reward",
+        "rl_helpers:answer_scorer",
+        "--max-response-length",
+        "1",
+        "--overlong-buffer",
+        "0",
+        "--group-size",
+        "4",
+        "--prompt-batch",
+        "4",
+        "--mini-batch",
+        "2",
+        "--lr",
+        "1e-2",
+        "--max-gen-batches",
+        "0",
+        "--no-tensorboard",
+        *extra,
+    ]
 
 
 def test_help_lists_the_commands_and_every_flag():
@@ -21,11 +46,37 @@ def test_help_lists_the_commands_and_every_flag():
     assert "train" in r.output and "plot" in r.output
     r = CliRunner().invoke(main, ["train", "--help"])
     assert r.exit_code == 0
-    for flag in ("--algo", "--group-size", "--prompt-batch", "--mini-batch", "--epochs", "--lr-schedule",
-                 "--warmup-steps", "--weight-decay", "--grad-clip", "--eps-low", "--eps-high", "--clip-c",
-                 "--loss-agg", "--kl-beta", "--dynamic-sampling", "--max-gen-batches", "--overlong-buffer",
-                 "--overlong-penalty", "--max-prompt-length", "--max-response-length", "--temperature", "--top-p",
-                 "--top-k", "--seed", "--steps", "--save-every", "--eval-every", "--resume", "--config"):
+    for flag in (
+        "--algo",
+        "--group-size",
+        "--prompt-batch",
+        "--mini-batch",
+        "--epochs",
+        "--lr-schedule",
+        "--warmup-steps",
+        "--weight-decay",
+        "--grad-clip",
+        "--eps-low",
+        "--eps-high",
+        "--clip-c",
+        "--loss-agg",
+        "--kl-beta",
+        "--dynamic-sampling",
+        "--max-gen-batches",
+        "--overlong-buffer",
+        "--overlong-penalty",
+        "--max-prompt-length",
+        "--max-response-length",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--steps",
+        "--save-every",
+        "--eval-every",
+        "--resume",
+        "--config",
+    ):
         assert flag in r.output, flag
 
 

@@ -16,8 +16,11 @@ from loraforge.rl.data import (
 
 
 def test_row_formats():
-    dapo = {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "Q?"}],
-            "reward_model": {"ground_truth": "34", "style": "rule"}}
+    dapo = {
+        "data_source": "math_dapo",
+        "prompt": [{"role": "user", "content": "Q?"}],
+        "reward_model": {"ground_truth": "34", "style": "rule"},
+    }
     e = to_example(dapo, 0)
     assert e.prompt == [{"role": "user", "content": "Q?"}] and e.ground_truth == "34" and not e.is_question
     g = to_example({"question": "How many?", "answer": "6 * 2 = 12\n#### 1,200"}, 1)
@@ -26,12 +29,18 @@ def test_row_formats():
     assert p.prompt == "2+2=" and p.ground_truth == "4"
 
 
-@pytest.mark.parametrize("row,field", [
-    ({"prompt": "x"}, "answer"),
-    ({"answer": "3"}, "prompt"),
-    ({"question": "x"}, "answer"),
-    ({"prompt": [{"role": "user", "content": "x"}], "reward_model": {"style": "rule"}}, "reward_model.ground_truth"),
-])
+@pytest.mark.parametrize(
+    "row,field",
+    [
+        ({"prompt": "x"}, "answer"),
+        ({"answer": "3"}, "prompt"),
+        ({"question": "x"}, "answer"),
+        (
+            {"prompt": [{"role": "user", "content": "x"}], "reward_model": {"style": "rule"}},
+            "reward_model.ground_truth",
+        ),
+    ],
+)
 def test_missing_field_names_field_and_row(row, field):
     with pytest.raises(LoraforgeError) as e:
         to_example(row, 7, "train.jsonl")
@@ -59,7 +68,7 @@ def test_synthetic_task():
     rows = synthetic_rows(n=5, max=9, ops="+*", seed=3)
     assert rows == synthetic_rows(n=5, max=9, ops="+*", seed=3)  # deterministic
     for r in rows:
-        expr = r["prompt"][len("What is "):-1]
+        expr = r["prompt"][len("What is ") : -1]
         assert eval(expr) == int(r["answer"])
     bare = load_examples("synthetic:n=3,max=2,style=bare")
     assert all(e.prompt.endswith("=") and not e.is_question for e in bare)

@@ -40,8 +40,11 @@ def test_world_size_must_divide_the_prompt_batch(model_dir, adapter_dir, tmp_pat
     import loraforge.rl.trainer as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "init_distributed", lambda device: DistContext(rank=0, world=3))
-    with pytest.raises(LoraforgeError, match=r"--prompt-batch 4 is not divisible by the 3 processes: .*"
-                                             r"--prompt-batch 3 or 6"):
+    with pytest.raises(
+        LoraforgeError,
+        match=r"--prompt-batch 4 is not divisible by the 3 processes: .*"
+        r"--prompt-batch 3 or 6",
+    ):
         Trainer(tiny_cfg(model_dir, adapter_dir, tmp_path / "run")).run()
     with pytest.raises(LoraforgeError, match="not divisible by the 3 GPUs"):
         Trainer(tiny_cfg(model_dir, adapter_dir, tmp_path / "run", rollout="vllm")).run()
@@ -57,16 +60,62 @@ def test_two_processes_train_like_one(model_dir, adapter_dir, tmp_path):
     # deterministic rollouts (rl_helpers.scripted_rollout) so that both runs see the same data; 4 prompts x
     # 4 samples, 2 mini-batches of 8 rows: 4 rows per process each, in micro-batches of 2 (accumulation; the
     # same micro-batches as one process has, so that ppo_kl and clipfrac, means over micro-batches, compare)
-    args = ["train", "--model", str(model_dir), "--adapter", str(adapter_dir), "--data", "synthetic:n=60,max=2,style=bare",
-            "--reward", "rl_helpers:answer_scorer", "--rollout", "rl_helpers:scripted_rollout",
-            "--max-response-length", "2", "--overlong-buffer", "0", "--group-size", "4", "--prompt-batch", "4",
-            "--mini-batch", "2", "--micro-batch", "2", "--steps", "2", "--lr", "1e-2", "--max-gen-batches", "0",
-            "--save-every", "1", "--no-tensorboard", "--device", "cpu"]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--adapter",
+        str(adapter_dir),
+        "--data",
+        "synthetic:n=60,max=2,style=bare",
+        "--reward",
+        "rl_helpers:answer_scorer",
+        "--rollout",
+        "rl_helpers:scripted_rollout",
+        "--max-response-length",
+        "2",
+        "--overlong-buffer",
+        "0",
+        "--group-size",
+        "4",
+        "--prompt-batch",
+        "4",
+        "--mini-batch",
+        "2",
+        "--micro-batch",
+        "2",
+        "--steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--max-gen-batches",
+        "0",
+        "--save-every",
+        "1",
+        "--no-tensorboard",
+        "--device",
+        "cpu",
+    ]
     two, one = tmp_path / "two", tmp_path / "one"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "rl")]), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "loraforge"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "loraforge",
+    ]
     proc = subprocess.run(launch + args + ["-o", str(two)], env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr[-3000:]

@@ -11,10 +11,23 @@ from loraforge.rl.trainer import Trainer, response_logprobs
 
 
 def cfg(model_dir, adapter_dir, out, **over):
-    values = dict(model=str(model_dir), adapter=str(adapter_dir), output_dir=str(out),
-                  data="synthetic:n=60,max=2,style=bare", max_response_length=3, overlong_buffer=0,
-                  group_size=8, prompt_batch=4, mini_batch=2, micro_batch=8, steps=2, lr=1e-2,
-                  dynamic_sampling=False, save_every=0, tensorboard=False)
+    values = dict(
+        model=str(model_dir),
+        adapter=str(adapter_dir),
+        output_dir=str(out),
+        data="synthetic:n=60,max=2,style=bare",
+        max_response_length=3,
+        overlong_buffer=0,
+        group_size=8,
+        prompt_batch=4,
+        mini_batch=2,
+        micro_batch=8,
+        steps=2,
+        lr=1e-2,
+        dynamic_sampling=False,
+        save_every=0,
+        tensorboard=False,
+    )
     values.update(over)
     return TrainConfig(**values)
 
@@ -26,15 +39,17 @@ def run(config, plain_old: bool, share_prefix: bool, monkeypatch):
         if plain_old:  # the straightforward way: one no-grad pass over every row before any update
             m.setattr(Trainer, "_old_logprobs", lambda self, samples, first: self._logprobs(samples, entropy=True))
         if not share_prefix:
-            m.setattr(trainer_mod, "response_logprobs",
-                      lambda *a, **k: response_logprobs(*a, **{**k, "share_prefix": False}))
+            m.setattr(
+                trainer_mod, "response_logprobs", lambda *a, **k: response_logprobs(*a, **{**k, "share_prefix": False})
+            )
         Trainer(config, scorer=answer_scorer, echo=lambda s: None).run()
     return read_metrics(config.output_dir), load_file(f"{config.output_dir}/adapter/adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("over", [dict(), dict(mini_batch=4), dict(epochs=2, micro_batch=4)])
-def test_first_minibatch_old_logprobs_from_its_update_pass_change_nothing(model_dir, adapter_dir, tmp_path,
-                                                                          monkeypatch, over):
+def test_first_minibatch_old_logprobs_from_its_update_pass_change_nothing(
+    model_dir, adapter_dir, tmp_path, monkeypatch, over
+):
     fast = run(cfg(model_dir, adapter_dir, tmp_path / "fast", **over), False, True, monkeypatch)
     plain = run(cfg(model_dir, adapter_dir, tmp_path / "plain", **over), True, True, monkeypatch)
     for a, b in zip(fast[0], plain[0]):

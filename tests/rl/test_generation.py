@@ -87,8 +87,7 @@ def test_shared_prefix_and_dropping_finished_rows_give_the_plain_samples(tiny_mo
     for seed in range(4):
         for temperature, n, top_p in ((0.0, 1, 1.0), (1.0, 4, 1.0), (0.7, 3, 0.9)):
             params = SamplingParams(n=n, max_new_tokens=12, temperature=temperature, top_p=top_p)
-            plain = generate(tiny_model, tokenizer, prompts, params, seed=seed, share_prefix=False,
-                             drop_finished=False)
+            plain = generate(tiny_model, tokenizer, prompts, params, seed=seed, share_prefix=False, drop_finished=False)
             for kw in ({}, {"share_prefix": False}, {"drop_finished": False}):
                 fast = generate(tiny_model, tokenizer, prompts, params, seed=seed, **kw)
                 assert fast.response_ids.tolist() == plain.response_ids.tolist(), (seed, temperature, kw)

@@ -92,8 +92,11 @@ def test_shared_prefix_with_override_params_and_without_sharing():
     model = lora_model()
     batch = pack(samples(), pad=0)
     mask = batch["response_mask"].float()
-    ref = {n: torch.zeros_like(p) if "lora_B" in n else p.detach().clone()
-           for n, p in model.named_parameters() if p.requires_grad}
+    ref = {
+        n: torch.zeros_like(p) if "lora_B" in n else p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     with torch.no_grad():
         plain, _ = response_logprobs(model, batch, 1.0, params=ref, share_prefix=False)
         shared, _ = shared_prefix_logprobs(model, batch, 1.0, params=ref)

@@ -11,12 +11,12 @@ from rl_helpers import answer_scorer, make_model, make_tokenizer
 from test_trainer import tiny_cfg
 
 from loraforge.cli import main
+from loraforge.core.clients import vllm_max_lora_rank
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.distributed import check_world_divides
 from loraforge.rl.metrics import read_metrics
 from loraforge.rl.rollout import check_sampler, generation_from_tokens, logprob_gap, logprob_gap_terms, sampler_verdict
 from loraforge.rl.trainer import train
-from loraforge.core.clients import vllm_max_lora_rank
 
 
 def test_logprob_gap_hand_computed():
@@ -49,8 +49,13 @@ def test_generation_from_tokens():
     tok = make_tokenizer()
     eos = tok.eos_token_id
     one, two = tok("1", add_special_tokens=False)["input_ids"], tok("2", add_special_tokens=False)["input_ids"]
-    g = generation_from_tokens([[5, 6, 7], [8]], [(0, one + [eos], False), (0, two + two, True), (1, [], True)], tok, 0,
-                               sampler_logprobs=[[-0.1, -0.2], [-1.0, -1.0], []])
+    g = generation_from_tokens(
+        [[5, 6, 7], [8]],
+        [(0, one + [eos], False), (0, two + two, True), (1, [], True)],
+        tok,
+        0,
+        sampler_logprobs=[[-0.1, -0.2], [-1.0, -1.0], []],
+    )
     assert g.prompt_index == [0, 0, 1] and g.lengths == [2, 2, 0] and g.texts == ["1", "22", ""]
     assert g.prompt_ids.tolist() == [[5, 6, 7], [5, 6, 7], [0, 0, 8]] and g.prompt_mask[2].tolist() == [0, 0, 1]
     assert g.response_ids[0].tolist() == one + [eos] and g.response_mask.tolist() == [[1, 1], [1, 1], [0, 0]]
@@ -61,13 +66,21 @@ def test_vllm_max_lora_rank_and_batch_division():
     assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 16, 17, 64, 300)] == [1, 8, 8, 16, 32, 64, 320]
     check_world_divides(8, 4, "GPUs")
     check_world_divides(7, 1)  # one process takes everything
-    with pytest.raises(LoraforgeError, match=r"--prompt-batch 6 is not divisible by the 4 GPUs: .*--prompt-batch 4 or 8"):
+    with pytest.raises(
+        LoraforgeError, match=r"--prompt-batch 6 is not divisible by the 4 GPUs: .*--prompt-batch 4 or 8"
+    ):
         check_world_divides(6, 4, "GPUs")
 
 
 def test_synced_separate_sampler_passes_the_check(model_dir, adapter_dir, tmp_path):
-    cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", rollout="rl_helpers:synced_sampler",
-                   logprob_check_tol=1e-3, logprob_check_rows=6)
+    cfg = tiny_cfg(
+        model_dir,
+        adapter_dir,
+        tmp_path / "run",
+        rollout="rl_helpers:synced_sampler",
+        logprob_check_tol=1e-3,
+        logprob_check_rows=6,
+    )
     train(cfg, scorer=answer_scorer, echo=lambda s: None)
     m = read_metrics(tmp_path / "run")
     assert len(m) == 2 and all(x["sampler_logp_diff"] < 1e-5 for x in m)  # same weights, same code: ~0
@@ -76,10 +89,21 @@ def test_synced_separate_sampler_passes_the_check(model_dir, adapter_dir, tmp_pa
 
 def test_stale_sampler_fails_loudly(model_dir, adapter_dir, tmp_path):
     # the sampler keeps the initial adapter; after step 1's updates the trainer has moved (lr 5e-2)
-    cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", rollout="rl_helpers:stale_sampler", steps=3, lr=5e-2,
-                   logprob_check_tol=1e-3, logprob_check_rows=8)
-    with pytest.raises(LoraforgeError, match=r"step 2: the rl_helpers:stale_sampler sampler is not running the current "
-                                             r"adapter: the sampler's log-probs differ"):
+    cfg = tiny_cfg(
+        model_dir,
+        adapter_dir,
+        tmp_path / "run",
+        rollout="rl_helpers:stale_sampler",
+        steps=3,
+        lr=5e-2,
+        logprob_check_tol=1e-3,
+        logprob_check_rows=8,
+    )
+    with pytest.raises(
+        LoraforgeError,
+        match=r"step 2: the rl_helpers:stale_sampler sampler is not running the current "
+        r"adapter: the sampler's log-probs differ",
+    ):
         train(cfg, scorer=answer_scorer, echo=lambda s: None)
     assert len(read_metrics(tmp_path / "run")) == 1  # step 1 was fine and logged
 
@@ -106,8 +130,22 @@ def test_rollout_vllm_without_vllm_says_what_to_install(model_dir, adapter_dir, 
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_vllm)
-    r = CliRunner().invoke(main, ["train", "--model", str(model_dir), "--adapter", str(adapter_dir), "-o",
-                                  str(tmp_path / "run"), "--data", "synthetic:n=8,max=2,style=bare", "--rollout", "vllm"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(adapter_dir),
+            "-o",
+            str(tmp_path / "run"),
+            "--data",
+            "synthetic:n=8,max=2,style=bare",
+            "--rollout",
+            "vllm",
+        ],
+    )
     assert r.exit_code == 1 and "pip install 'loraforge[vllm]'" in r.output, r.output
     assert not (tmp_path / "run" / "config.json").exists()  # stopped before loading anything
 

@@ -17,10 +17,21 @@ from loraforge.rl.trainer import Trainer, lr_factor, resume, train
 
 def tiny_cfg(model_dir, adapter_dir, out, **over):
     values = dict(
-        model=str(model_dir), adapter=str(adapter_dir), output_dir=str(out),
-        data="synthetic:n=60,max=2,style=bare", max_response_length=1, overlong_buffer=0,
-        group_size=8, prompt_batch=4, mini_batch=2, micro_batch=8, steps=2, lr=1e-2,
-        max_gen_batches=0, save_every=0, tensorboard=False,
+        model=str(model_dir),
+        adapter=str(adapter_dir),
+        output_dir=str(out),
+        data="synthetic:n=60,max=2,style=bare",
+        max_response_length=1,
+        overlong_buffer=0,
+        group_size=8,
+        prompt_batch=4,
+        mini_batch=2,
+        micro_batch=8,
+        steps=2,
+        lr=1e-2,
+        max_gen_batches=0,
+        save_every=0,
+        tensorboard=False,
     )
     values.update(over)
     return TrainConfig(**values)
@@ -32,8 +43,11 @@ def quiet(lines):
 
 def test_two_dapo_steps_change_the_adapter_and_nothing_else(model_dir, adapter_dir, tmp_path):
     lines = []
-    trainer = Trainer(tiny_cfg(model_dir, adapter_dir, tmp_path / "run", max_response_length=3), scorer=answer_scorer,
-                      echo=lines.append)
+    trainer = Trainer(
+        tiny_cfg(model_dir, adapter_dir, tmp_path / "run", max_response_length=3),
+        scorer=answer_scorer,
+        echo=lines.append,
+    )
     result = trainer.run()
     assert result.steps_done == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     base = make_model().state_dict()
@@ -70,10 +84,10 @@ def test_reward_rises_on_the_synthetic_task(model_dir, adapter_dir, tmp_path):
 
 def test_resume_2_plus_2_equals_4_straight(model_dir, adapter_dir, tmp_path):
     over = dict(save_every=2)  # dynamic sampling on: the data position spans several generation batches
-    train(tiny_cfg(model_dir, adapter_dir, tmp_path / "straight", steps=4, **over), scorer=answer_scorer,
-          echo=quiet([]))
-    train(tiny_cfg(model_dir, adapter_dir, tmp_path / "split", steps=2, **over), scorer=answer_scorer,
-          echo=quiet([]))
+    train(
+        tiny_cfg(model_dir, adapter_dir, tmp_path / "straight", steps=4, **over), scorer=answer_scorer, echo=quiet([])
+    )
+    train(tiny_cfg(model_dir, adapter_dir, tmp_path / "split", steps=2, **over), scorer=answer_scorer, echo=quiet([]))
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_000002"]
     resume(tmp_path / "split", steps=4, scorer=answer_scorer, echo=quiet([]))
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
@@ -136,8 +150,11 @@ def test_dynamic_sampling_gives_up_naming_the_flag(model_dir, adapter_dir, tmp_p
 
 def test_adapter_base_mismatch_names_the_module(model_dir, tmp_path):
     make_adapter(make_model(hidden=48), tmp_path / "ad48")
-    with pytest.raises(LoraforgeError, match=r"module model\.layers\.0\.self_attn\.q_proj has lora_A of shape "
-                                             r"\[4, 48\] in the adapter but \[4, 32\] in the model"):
+    with pytest.raises(
+        LoraforgeError,
+        match=r"module model\.layers\.0\.self_attn\.q_proj has lora_A of shape "
+        r"\[4, 48\] in the adapter but \[4, 32\] in the model",
+    ):
         train(tiny_cfg(model_dir, tmp_path / "ad48", tmp_path / "run"), echo=quiet([]))
 
 
@@ -194,8 +211,14 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(model_dir, adapter_dir, tmp_pa
 
 
 def test_eval_every_logs_greedy_accuracy(model_dir, adapter_dir, tmp_path):
-    cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", steps=2, eval_data="synthetic:n=5,max=2,style=bare,seed=9",
-                   eval_every=2)
+    cfg = tiny_cfg(
+        model_dir,
+        adapter_dir,
+        tmp_path / "run",
+        steps=2,
+        eval_data="synthetic:n=5,max=2,style=bare,seed=9",
+        eval_every=2,
+    )
     train(cfg, scorer=answer_scorer, echo=quiet([]))
     m = read_metrics(tmp_path / "run")
     assert "eval_acc" not in m[0] and 0.0 <= m[1]["eval_acc"] <= 1.0
@@ -208,5 +231,7 @@ def test_out_of_memory_names_the_setting(model_dir, adapter_dir, tmp_path, monke
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(trainer_mod, "response_logprobs", oom)
-    with pytest.raises(LoraforgeError, match=r"out of memory .* lower --micro-batch \(now 8\) or --max-response-length"):
+    with pytest.raises(
+        LoraforgeError, match=r"out of memory .* lower --micro-batch \(now 8\) or --max-response-length"
+    ):
         train(tiny_cfg(model_dir, adapter_dir, tmp_path / "run"), scorer=answer_scorer, echo=quiet([]))
