@@ -60,17 +60,49 @@ def _init_batch(
     device: torch.device,
     workspace: Optional[Workspace] = None,
 ) -> list[ModuleInit]:
+    """One batch of same-shaped modules: load W, decompose, apply the method, residualise, report."""
     method = config.method_spec
-    s = config.scaling
-    workspace = workspace or Workspace()
-    shape = (len(stored), *stored[0].shape)
     base_dtypes = [w.dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype] for w in stored]
-    # Our own float64 copy (and a float32 one for top-r spectra), filled in one pass per matrix: copy_
-    # converts as it copies, and float32 holds bf16/fp16/fp32 weights exactly. `--svd fast` works in
-    # float32 alone when the residual is stored in 16 bits: float32 residual arithmetic (DESIGN.md
-    # allows it) errs by ~6e-8 of W, 1/60000 of bf16's own rounding, and the reported reconstruction
-    # error still measures that rounding. A float32 base would hide float32's error behind a zero, so
-    # it keeps float64.
+    W, W32, w_norm = _load_batch(batch, stored, config, device, workspace or Workspace(), base_dtypes)
+    spectrum = _spectrum(batch, W, W32, config)
+    seeds = [module_seed(config.seed, t.name) for t in batch]
+    A, B = method.init(MethodInput(W=W, r=config.r, scaling=config.scaling, spectrum=spectrum, seeds=seeds))
+    adapter_dtype = DTYPES[config.adapter_dtype]
+    A_s, B_s = A.to(adapter_dtype), B.to(adapter_dtype)
+    update_norm = _residualise(W, A_s, B_s, config) if method.residual else torch.zeros(len(batch), dtype=torch.float64)
+    results = []
+    for i, t in enumerate(batch):
+        stats = {
+            "shape": [t.out_features, t.in_features],
+            "init_norm": float(update_norm[i]) / config.scaling,  # ||B0 A0||_F (the paper's Table 4)
+            "update_norm": float(update_norm[i]),  # ||s B0 A0||_F: what the adapter adds at step 0
+        }
+        if spectrum is not None:
+            if method.spectrum == "bottom":  # bottom-r counts every zero direction: the rank is exact
+                stats["rank"] = int(spectrum.rank[i])
+            # Share of ||W||_F^2 in the chosen singular directions (captured energy).
+            stats["energy"] = float((spectrum.S[i] ** 2).sum() / w_norm[i] ** 2) if w_norm[i] > 0 else 0.0
+        base = None
+        if method.residual:
+            base = _store_residual(W[i], base_dtypes[i], w_norm[i], t.transposed, stats)
+        else:
+            stats["recon_max_abs"] = 0.0  # the base is not touched and s * B0 A0 = 0 exactly
+            stats["recon_rel"] = 0.0
+        results.append(ModuleInit(t, A_s[i].contiguous().cpu(), B_s[i].contiguous().cpu(), base, stats))
+    return results
+
+
+def _load_batch(batch, stored, config: InitConfig, device, workspace: Workspace, base_dtypes):
+    """W (batch, m, n) in the working precision on DEVICE, a float32 copy for top-r spectra, and ||W||_F.
+
+    Our own float64 copy (and a float32 one for top-r spectra), filled in one pass per matrix: copy_
+    converts as it copies, and float32 holds bf16/fp16/fp32 weights exactly. `--svd fast` works in
+    float32 alone when the residual is stored in 16 bits: float32 residual arithmetic errs by ~6e-8
+    of W, 1/60000 of bf16's own rounding, and the reported reconstruction error still measures that
+    rounding. A float32 base would hide float32's error behind a zero, so it keeps float64.
+    """
+    method = config.method_spec
+    shape = (len(stored), *stored[0].shape)
     fast32 = config.svd == "fast" and all(d in (torch.bfloat16, torch.float16) for d in base_dtypes)
     W = workspace.take("W", shape, torch.float32 if fast32 else torch.float64, device)
     W32 = workspace.take("W32", shape, torch.float32, device) if method.spectrum == "top" and not fast32 else None
@@ -90,65 +122,54 @@ def _init_batch(
     if not bool(finite.all()):
         bad = batch[int((~finite).nonzero()[0])]
         raise LoraforgeError(
-            f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. Re-download or re-save it."
+            f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. "
+            "Re-download or re-save it."
         )
+    return W, W32, w_norm
 
-    spectrum = None
-    if method.spectrum is not None:
-        if config.svd == "fast":
-            spectrum = fast_spectrum(W, config.r, seed=config.seed, W32=W32)
-        else:
-            spectrum = exact_spectrum(W, config.r, method.spectrum, left=method.residual, W32=W32)
-            low = (spectrum.rank < config.r).nonzero()
-            if len(low):
-                i = int(low[0])
-                raise LoraforgeError(
-                    f"Module {batch[i].name} ({batch[i].out_features} x {batch[i].in_features}) has numerical rank "
-                    f"{int(spectrum.rank[i])}, fewer than -r {config.r} nonzero singular values, so {method.name} has no "
-                    f"{config.r} singular directions to use. Lower -r to at most {int(spectrum.rank[i])}."
-                )
-    seeds = [module_seed(config.seed, t.name) for t in batch]
-    A, B = method.init(MethodInput(W=W, r=config.r, scaling=s, spectrum=spectrum, seeds=seeds))
 
-    adapter_dtype = DTYPES[config.adapter_dtype]
-    A_s, B_s = A.to(adapter_dtype), B.to(adapter_dtype)
-    # Norms and residuals use the factors AS STORED (after rounding to the adapter dtype), so
-    # base + s * B0 A0 reproduces W as closely as the base dtype allows. B0 = 0 methods skip the
-    # (m x n) product: it is exactly zero.
-    update_norm = torch.zeros(len(batch), dtype=torch.float64)
-    if method.residual:
-        Bd, Ad = B_s.double(), A_s.double()
-        # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)): r x r products instead of a pass over the m x n update
-        gram_B, gram_A = Bd.transpose(1, 2) @ Bd, Ad @ Ad.transpose(1, 2)
-        update_norm = (s * (gram_B * gram_A).sum(dim=(1, 2)).clamp_min(0).sqrt()).cpu()
-        # W <- W - s B A in W's precision, inside the GEMM (no m x n temporary): W is now the residual
-        # and W itself is not needed any more. (Stored factors are exact in float32 as in float64.)
-        W.baddbmm_(Bd.to(W.dtype), Ad.to(W.dtype), alpha=-s)
-    results = []
-    for i, t in enumerate(batch):
-        stats = {
-            "shape": [t.out_features, t.in_features],
-            "init_norm": float(update_norm[i]) / s,  # ||B0 A0||_F (the paper's Table 4)
-            "update_norm": float(update_norm[i]),  # ||s B0 A0||_F: what the adapter adds at step 0
-        }
-        if spectrum is not None:
-            if method.spectrum == "bottom":  # bottom-r counts every zero direction: the rank is exact
-                stats["rank"] = int(spectrum.rank[i])
-            # Share of ||W||_F^2 in the chosen singular directions (captured energy).
-            stats["energy"] = float((spectrum.S[i] ** 2).sum() / w_norm[i] ** 2) if w_norm[i] > 0 else 0.0
-        base = None
-        if method.residual:
-            residual = W[i].to(base_dtypes[i], copy=True)  # copy: W lives in the workspace
-            err = W[i].sub_(residual)  # W - (base + s B0 A0), as stored (in place; promotes as it goes)
-            lo, hi = torch.aminmax(err)  # max |err| in one pass, without an |err| copy
-            stats["recon_max_abs"] = float(torch.maximum(-lo, hi))
-            stats["recon_rel"] = float(torch.linalg.vector_norm(err) / w_norm[i]) if w_norm[i] > 0 else 0.0
-            base = (residual.T if t.transposed else residual).contiguous().cpu()
-        else:
-            stats["recon_max_abs"] = 0.0  # the base is not touched and s * B0 A0 = 0 exactly
-            stats["recon_rel"] = 0.0
-        results.append(ModuleInit(t, A_s[i].contiguous().cpu(), B_s[i].contiguous().cpu(), base, stats))
-    return results
+def _spectrum(batch, W, W32, config: InitConfig):
+    """The singular triplets the method needs (None for data-independent methods)."""
+    method = config.method_spec
+    if method.spectrum is None:
+        return None
+    if config.svd == "fast":
+        return fast_spectrum(W, config.r, seed=config.seed, W32=W32)
+    spectrum = exact_spectrum(W, config.r, method.spectrum, left=method.residual, W32=W32)
+    low = (spectrum.rank < config.r).nonzero()
+    if len(low):
+        i = int(low[0])
+        raise LoraforgeError(
+            f"Module {batch[i].name} ({batch[i].out_features} x {batch[i].in_features}) has numerical rank "
+            f"{int(spectrum.rank[i])}, fewer than -r {config.r} nonzero singular values, so {method.name} has no "
+            f"{config.r} singular directions to use. Lower -r to at most {int(spectrum.rank[i])}."
+        )
+    return spectrum
+
+
+def _residualise(W: torch.Tensor, A_s: torch.Tensor, B_s: torch.Tensor, config: InitConfig) -> torch.Tensor:
+    """W <- W - s B0 A0 in place, with the factors AS STORED (after rounding to the adapter dtype), so
+    base + s B0 A0 reproduces W as closely as the base dtype allows; returns ||s B0 A0||_F per module."""
+    s = config.scaling
+    Bd, Ad = B_s.double(), A_s.double()
+    # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)): r x r products instead of a pass over the m x n update
+    gram_B, gram_A = Bd.transpose(1, 2) @ Bd, Ad @ Ad.transpose(1, 2)
+    update_norm = (s * (gram_B * gram_A).sum(dim=(1, 2)).clamp_min(0).sqrt()).cpu()
+    # In W's precision, inside the GEMM (no m x n temporary): W becomes the residual. (Stored
+    # factors are exact in float32 as in float64.)
+    W.baddbmm_(Bd.to(W.dtype), Ad.to(W.dtype), alpha=-s)
+    return update_norm
+
+
+def _store_residual(R: torch.Tensor, base_dtype, w_norm, transposed: bool, stats: dict) -> torch.Tensor:
+    """The residual R cast to the base dtype, in the checkpoint's layout; records its rounding error
+    (max abs and relative Frobenius) in STATS. Overwrites R (it lives in the workspace)."""
+    residual = R.to(base_dtype, copy=True)  # copy: R lives in the workspace
+    err = R.sub_(residual)  # W - (base + s B0 A0), as stored (in place; promotes as it goes)
+    lo, hi = torch.aminmax(err)  # max |err| in one pass, without an |err| copy
+    stats["recon_max_abs"] = float(torch.maximum(-lo, hi))
+    stats["recon_rel"] = float(torch.linalg.vector_norm(err) / w_norm) if w_norm > 0 else 0.0
+    return (residual.T if transposed else residual).contiguous().cpu()
 
 
 def compute_inits(
