@@ -122,7 +122,8 @@ def main(argv=None) -> int:
             runs.append(rec)
             print(
                 f"  {name:<26} {rec['wall_s']:8.1f} s  peak RSS {rec['peak_rss_mib'] / 1024:.2f} GiB "
-                f"(sampled anon {rec['sampled_peak_anon_mib'] / 1024:.2f}, file {rec['sampled_peak_file_mib'] / 1024:.2f})",
+                f"(sampled anon {rec['sampled_peak_anon_mib'] / 1024:.2f}, "
+                f"file {rec['sampled_peak_file_mib'] / 1024:.2f})",
                 flush=True,
             )
     shutil.rmtree(work, ignore_errors=True)

@@ -37,9 +37,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "/work/models/SmolLM2-135M-Instruct"
 
@@ -235,7 +239,7 @@ def _checkpoint_reader(model: str):
     return index
 
 
-def _adapter_A(adapter_dir: Path) -> dict[str, "torch.Tensor"]:
+def _adapter_A(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     sd = load_file(str(adapter_dir / "adapter_model.safetensors"))

@@ -286,7 +286,8 @@ def main(argv=None):
 
     def row(engine, part, tps, secs):
         la = os.getloadavg()
-        cpu_label = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+        threads = torch.get_num_threads()
+        cpu_label = f"CPU ({os.cpu_count()} cores, {threads} thread{'s' if threads > 1 else ''})"
         rows.append(
             {
                 "date": date,
@@ -340,11 +341,11 @@ def main(argv=None):
         header = (
             "`python benchmarks/rollout_throughput.py [--device cuda] --write`: random weights with the named model's "
             "shapes, LoRA r=16 on all linear layers, rows run to the full length (EOS masked). Rollout = generated "
-            "tokens/s (loraforge.sampling.generation, or vLLM with the adapter as a LoRARequest); update = response tokens/s "
-            "of one forward+backward of the trainer's log-probs in micro-batches of 8 rows. Mean over the repeats "
-            "after a warm-up. Load average: 1-minute, at the end of the part; above the core count it means other "
-            "jobs shared the CPU, and the CPU figures are then lower bounds. Update tokens/s counts response tokens; "
-            f"the prompt tokens are computed too. Machine of the latest run: {mach}."
+            "tokens/s (loraforge.sampling.generation, or vLLM with the adapter as a LoRARequest); update = response "
+            "tokens/s of one forward+backward of the trainer's log-probs in micro-batches of 8 rows. Mean over the "
+            "repeats after a warm-up. Load average: 1-minute, at the end of the part; above the core count it means "
+            "other jobs shared the CPU, and the CPU figures are then lower bounds. Update tokens/s counts response "
+            f"tokens; the prompt tokens are computed too. Machine of the latest run: {mach}."
         )
         write_results(Path(a.write), rows, header)
         print(f"recorded in {a.write}", flush=True)

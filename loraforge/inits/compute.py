@@ -90,7 +90,8 @@ def _init_batch(
     if not bool(finite.all()):
         bad = batch[int((~finite).nonzero()[0])]
         raise LoraforgeError(
-            f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. Re-download or re-save it."
+            f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. "
+            "Re-download or re-save it."
         )
 
     spectrum = None
@@ -104,8 +105,9 @@ def _init_batch(
                 i = int(low[0])
                 raise LoraforgeError(
                     f"Module {batch[i].name} ({batch[i].out_features} x {batch[i].in_features}) has numerical rank "
-                    f"{int(spectrum.rank[i])}, fewer than -r {config.r} nonzero singular values, so {method.name} has no "
-                    f"{config.r} singular directions to use. Lower -r to at most {int(spectrum.rank[i])}."
+                    f"{int(spectrum.rank[i])}, fewer than -r {config.r} nonzero singular values, "
+                    f"so {method.name} has no {config.r} singular directions to use. "
+                    f"Lower -r to at most {int(spectrum.rank[i])}."
                 )
     seeds = [module_seed(config.seed, t.name) for t in batch]
     A, B = method.init(MethodInput(W=W, r=config.r, scaling=s, spectrum=spectrum, seeds=seeds))
