@@ -31,6 +31,21 @@ def test_method_choices_come_from_the_registry():
     assert "[" + "|".join(METHODS) + "]" in res.output.replace("\n", "").replace(" ", "")
 
 
+def test_init_help_is_the_config_fields_metadata_help():
+    import dataclasses
+
+    from loraforge.inits.config import InitConfig
+
+    fields = dataclasses.fields(InitConfig)
+    assert all(f.metadata.get("help") for f in fields), [f.name for f in fields if not f.metadata.get("help")]
+    shown = " ".join(invoke("init", "--help").output.split())  # click wraps the help column
+    not_flags = {"batch_mib", "residual_mib"}  # library-only settings
+    for f in fields:
+        if f.name not in not_flags:
+            assert " ".join(f.metadata["help"].split()) in shown, f.name
+    assert "Seed of the random methods (lora, wavelet). [default: 0" in shown
+
+
 def test_unknown_method_is_a_usage_error(tiny_models, tmp_path):
     res = invoke("init", tiny_models["llama"], "--method", "qlora", "-r", 4, "-o", tmp_path / "o")
     assert res.exit_code == 2 and "qlora" in res.output and "rlpo" in res.output
@@ -83,8 +98,8 @@ def test_target_modules_that_match_nothing_list_the_linear_modules(tiny_models, 
     )
     assert res.exit_code == 1
     assert (
-        "No modules match ['qkv'] in LlamaForCausalLM. Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-        in res.output
+        "No modules match ['qkv'] in LlamaForCausalLM. "
+        "Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in res.output
     )
 
 

@@ -80,6 +80,29 @@ def test_help_lists_the_commands_and_every_flag():
         assert flag in r.output, flag
 
 
+def test_every_train_setting_has_help():
+    import dataclasses
+
+    from loraforge.rl.config import TrainConfig
+
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("help")]
+    assert not missing, f"TrainConfig fields without metadata help: {missing}"
+
+
+def test_train_help_shows_each_settings_metadata_help():
+    import dataclasses
+
+    from loraforge.rl.config import TrainConfig
+
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0
+    shown = " ".join(r.output.split())  # click wraps the help column
+    for f in dataclasses.fields(TrainConfig):
+        assert " ".join(f.metadata["help"].split()) in shown, f.name
+    # spot check one by its text, so the test does not pass if both sides went empty
+    assert "responses per prompt G [paper 8] [default: 8]" in shown
+
+
 def test_train_resume_and_plot(model_dir, adapter_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"
