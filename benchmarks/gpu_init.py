@@ -34,7 +34,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import checkpoints  # noqa: E402
+import machine  # noqa: E402
+import processes  # noqa: E402
+import report  # noqa: E402
+import workers  # noqa: E402
 
 TARGET_S, TARGET_GPU_GIB = 20.0, 2.0
 
@@ -67,13 +71,13 @@ class Budget:
 
 
 def run_step(name: str, func_name: str, kwargs: dict, device: str, budget: Budget, min_s: float = 5) -> dict:
-    """One step in a fresh process via _common.gpu_measure; never raises, records errors/skips."""
+    """One step in a fresh process via workers.gpu_measure; never raises, records errors/skips."""
     left = budget.left()
     if left < min_s:
         print(f"[{name}] skipped: {left:.0f} s of budget left", flush=True)
         return {"skipped": f"budget ({left:.0f} s left)"}
     print(f"[{name}] running (timeout {left:.0f} s)", flush=True)
-    res = C.run_measured(C.gpu_measure_script(func_name, kwargs, device), timeout=left)
+    res = processes.run_measured(workers.command("gpu_measure", [func_name, kwargs, device]), timeout=left)
     rec = {
         "process_wall_s": res["wall_s"],
         "process_cpu_s": res["cpu_s"],
@@ -81,10 +85,13 @@ def run_step(name: str, func_name: str, kwargs: dict, device: str, budget: Budge
         "rc": res["rc"],
         "timed_out": res["timed_out"],
     }
-    inner = C.parse_result(res["stdout"])
+    inner = workers.parse_result(res["stdout"])
     if inner is None:
-        rec["error"] = C.tail(res["stderr"], 3000)
-        print(f"[{name}] FAILED rc={res['rc']} timed_out={res['timed_out']}\n{C.tail(res['stderr'], 1500)}", flush=True)
+        rec["error"] = processes.tail(res["stderr"], 3000)
+        print(
+            f"[{name}] FAILED rc={res['rc']} timed_out={res['timed_out']}\n{processes.tail(res['stderr'], 1500)}",
+            flush=True,
+        )
     else:
         rec.update(inner)
         gpu = f", GPU peak {inner['gpu_peak_alloc_mib'] / 1024:.2f} GiB" if "gpu_peak_alloc_mib" in inner else ""
@@ -97,14 +104,14 @@ def main(argv=None) -> int:
     if args.peft_layers is None:
         args.peft_layers = 2 if args.tiny else 4
     budget = Budget(args.budget_s)
-    C.ensure_loraforge_importable()  # a bare GPU machine has only the repository
+    machine.ensure_loraforge_importable()  # a bare GPU machine has only the repository
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     preset = "tiny" if args.tiny else "qwen2.5-7b"
-    layers = C.QWEN2_PRESETS[preset]["num_hidden_layers"]
+    layers = checkpoints.QWEN2_PRESETS[preset]["num_hidden_layers"]
     ckpt = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "loraforge-bench" / f"{preset}-random"
     summary = {
         "benchmark": "gpu_init",
@@ -112,17 +119,17 @@ def main(argv=None) -> int:
         "device": device,
         "r": args.r,
         "args": vars(args),
-        "machine": C.machine_info(),
+        "machine": machine.machine_info(),
         "steps": {},
     }
     out_json = Path(args.json) if args.json else Path(os.environ.get("OUT", ".")) / "gpu_init.json"
 
     def save():
         summary["elapsed_s"] = round(budget.seconds - budget.left(), 1)
-        C.write_json(out_json, summary)
+        report.write_json(out_json, summary)
 
     print(f"[checkpoint] {ckpt} ({preset}, generated on {device})", flush=True)
-    summary["checkpoint"] = C.write_random_checkpoint(ckpt, preset, device=device)
+    summary["checkpoint"] = checkpoints.write_random_checkpoint(ckpt, preset, device=device)
     print(
         f"[checkpoint] {'reused' if summary['checkpoint']['reused'] else 'written'} "
         f"{summary['checkpoint']['bytes'] / 2**30:.1f} GiB in {summary['checkpoint']['seconds']:.1f} s",

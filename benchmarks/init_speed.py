@@ -40,7 +40,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import checkpoints  # noqa: E402
+import machine  # noqa: E402
+import processes  # noqa: E402
+import report  # noqa: E402
+import workers  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -132,9 +136,9 @@ def run_inproc(case: str, model: str, out: Path, r: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     cpu0, t0 = time.process_time(), time.perf_counter()
     if side == "loraforge":
-        phases = C.loraforge_init(model, str(out), settings["method"], r, device, settings["svd"])
+        phases = workers.loraforge_init(model, str(out), settings["method"], r, device, settings["svd"])
     else:
-        phases = C.peft_init(model, str(out), r, settings["init"], device)
+        phases = workers.peft_init(model, str(out), r, settings["init"], device)
     if cuda:
         torch.cuda.synchronize()
     rec = {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0, "phases": phases}
@@ -148,7 +152,7 @@ def process_command(case: str, model: str, out: Path, r: int, device: str) -> li
     side, settings = CASES[case]
     if side == "loraforge":
         cmd = [
-            *C.loraforge_cli(),
+            *machine.loraforge_cli(),
             "init",
             model,
             "--method",
@@ -161,13 +165,15 @@ def process_command(case: str, model: str, out: Path, r: int, device: str) -> li
             device,
         ]
         return cmd + (["--svd", "fast"] if settings["svd"] == "fast" else [])
-    return C.function_script(C.peft_init, [model, str(out), r, settings["init"], device])
+    return workers.command("peft_init", [model, str(out), r, settings["init"], device])
 
 
 def run_process(case: str, model: str, out: Path, r: int, device: str, env: dict, timeout: float) -> dict:
-    res = C.run_measured(process_command(case, model, out, r, device), env=env, timeout=timeout)
+    res = processes.run_measured(process_command(case, model, out, r, device), env=env, timeout=timeout)
     if res["rc"] != 0:
-        raise RuntimeError(f"{case} failed (rc={res['rc']}, timed_out={res['timed_out']}):\n{C.tail(res['stderr'])}")
+        raise RuntimeError(
+            f"{case} failed (rc={res['rc']}, timed_out={res['timed_out']}):\n{processes.tail(res['stderr'])}"
+        )
     return {
         "seconds": res["wall_s"],
         "cpu_s": res["cpu_s"],
@@ -206,7 +212,7 @@ def alternate(
                     "round": rnd,
                     "warmup": warm,
                     "load_avg_1m": os.getloadavg()[0],
-                    "loraforge_commit": C.loraforge_commit(),
+                    "loraforge_commit": machine.loraforge_commit(),
                 }
             )
             records.append(rec)
@@ -318,14 +324,14 @@ def summarise(records: list[dict], cases: list[str], modes: list[str]) -> list[d
             timed = [r for r in records if r["mode"] == mode and r["case"] == case and not r["warmup"]]
             if not timed:
                 continue
-            med[case] = C.median([r["seconds"] for r in timed])
+            med[case] = report.median([r["seconds"] for r in timed])
             row = {
                 "mode": mode,
                 "case": case,
                 "n": len(timed),
                 "median_s": med[case],
                 "min_s": min(r["seconds"] for r in timed),
-                "median_cpu_s": C.median([r["cpu_s"] for r in timed]),
+                "median_cpu_s": report.median([r["cpu_s"] for r in timed]),
             }
             rss = [
                 r["peak_rss_mib"] for r in records if r["mode"] == mode and r["case"] == case and "peak_rss_mib" in r
@@ -377,7 +383,7 @@ def print_report(rows, energy, targets) -> None:
 
     print("\n== init speed (median of timed runs; x = PEFT median / this median) ==")
     print(
-        C.table(
+        report.table(
             [
                 [
                     r["mode"],
@@ -413,7 +419,7 @@ def print_report(rows, energy, targets) -> None:
             f"float64 reference mean {energy['reference_energy_mean']:.4f} =="
         )
         print(
-            C.table(
+            report.table(
                 [
                     [k, f(v["mean_rel_shortfall"], ".3e"), f(v["max_rel_shortfall"], ".3e")]
                     for k, v in energy.items()
@@ -433,7 +439,7 @@ def print_report(rows, energy, targets) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.ensure_loraforge_importable()
+    machine.ensure_loraforge_importable()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # same for both sides; keeps the log readable
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.threads:
@@ -450,7 +456,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = str(Path(args.model).resolve())
     if args.layers:
-        model = str(C.truncate_checkpoint(model, work / f"model-{args.layers}layers", args.layers))
+        model = str(checkpoints.truncate_checkpoint(model, work / f"model-{args.layers}layers", args.layers))
         print(f"using {model} (first {args.layers} blocks)")
 
     t0 = time.perf_counter()
@@ -460,7 +466,7 @@ def main(argv=None) -> int:
     import loraforge.adapters.build  # noqa: F401  (imports done once for the in-process mode)
 
     import_s = time.perf_counter() - t0
-    info = C.machine_info()
+    info = machine.machine_info()
     print(
         f"{info['cpu_model']}, {info['cpu_affinity']} cores, torch {info['versions']['torch']} "
         f"({info['torch_threads']} threads), device {device}, load {info['load_avg'][0]:.1f}; "
@@ -503,7 +509,7 @@ def main(argv=None) -> int:
     path = (
         args.json or Path(__file__).resolve().parent / "results" / f"init_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     )
-    C.write_json(path, result)
+    report.write_json(path, result)
     print(f"\nraw results: {path}")
     return 0
 
