@@ -1,12 +1,12 @@
 """GPU init: loraforge exact rlpo / rlmo on a Qwen2.5-7B-shaped checkpoint, and PEFT pissa for the ratio.
 
 A prepared run for a lent GPU (one H100/H200); it keeps to --budget-s (default 450 s, under the
-issue's 8 minutes) and skips what no longer fits. Steps, each timed:
+8 minutes a lent GPU run gets) and skips what no longer fits. Steps, each timed:
 1. Write a RANDOM bf16 checkpoint with Qwen2.5-7B's shapes (hidden 3584, intermediate 18944, 28
    layers, 28 heads, 4 kv heads, vocab 152064; ~15 GB) to local disk (--dir, default under /tmp;
    never the repository or $OUT), shard by shard, generating on the GPU. Reused if present.
 2. loraforge exact rlpo, then PEFT, then loraforge exact rlmo, each in a fresh process
-   (`python -c` calling `init_adapter(DIR, OUT, InitConfig(method, r=32, device="cuda"))`), end to
+   (`benchmarks/workers.py` calling `init_adapter(DIR, OUT, InitConfig(method, r=32, device="cuda"))`), end to
    end from the checkpoint to the files written. Inside the process: a CUDA warm-up (context and
    cuSOLVER handles; reported separately as cuda_warmup_s), then the timed call with
    torch.cuda.max_memory_allocated / max_memory_reserved as the GPU peak. Outside: the whole
@@ -14,8 +14,8 @@ issue's 8 minutes) and skips what no longer fits. Steps, each timed:
 3. PEFT pissa (full fp32 SVD per module) on the same GPU for the first --peft-layers blocks only
    (from_pretrained(num_hidden_layers=4, device_map="cuda")): load, get_peft_model (init_s), save
    adapter + residual base. Extrapolated to all blocks as init_s * L / 4 (the SVDs scale with the
-   number of blocks), which is how the DESIGN.md anchor (16.1 s for 4 layers, ~112 s for 28) was
-   taken; the ratio is that extrapolation over loraforge's end-to-end time.
+   number of blocks), which is how the reference figure for PEFT pissa on an H200 (16.1 s for 4
+   layers, ~112 s for 28) was taken; the ratio is that extrapolation over loraforge's end-to-end time.
 Prints a JSON summary and writes it to --json (default $OUT/gpu_init.json when $OUT is set).
 
     python benchmarks/gpu_init.py                  # on the GPU machine
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
 
 
 def headline(steps: dict, methods: list[str], args, layers: int) -> dict:
-    """loraforge wall/GPU peak per method, PEFT extrapolated, ratios and the issue's targets."""
+    """loraforge wall/GPU peak per method, PEFT extrapolated, ratios and the GPU targets."""
     out = {}
     peft = next((v for k, v in steps.items() if k.startswith("peft-")), None)
     peft_full = None

@@ -1,6 +1,6 @@
 """Init memory: peak RSS of `loraforge init` on a checkpoint with Qwen2.5-1.5B's shapes.
 
-What is measured (issue 3): a RANDOM bf16 checkpoint with Qwen2.5-1.5B's shapes (hidden 1536,
+What is measured: a RANDOM bf16 checkpoint with Qwen2.5-1.5B's shapes (hidden 1536,
 intermediate 8960, 28 layers, 12 heads, 2 kv heads, vocab 151936, tied embeddings; ~3 GB) is
 written once (shard by shard from a meta-device skeleton, never the whole model in memory) and
 reused. Then `loraforge init DIR --method rlpo -r 32 -o OUT --device cpu` runs as a fresh process;

@@ -1,6 +1,6 @@
 """Init speed: loraforge vs PEFT, end to end from the checkpoint on disk to the files written.
 
-What is measured (issue 3), same checkpoint, same machine, runs alternating between cases
+What is measured, same checkpoint, same machine, runs alternating between cases
 (round i runs the cases in order, round i+1 in reverse: A B B A ..., so drift hits all alike):
 
 - in-process ("inproc"): one Python process, imports done once, --warmup runs of each case
@@ -10,17 +10,17 @@ What is measured (issue 3), same checkpoint, same machine, runs alternating betw
   `save_pretrained` of the residual base. Wall time (perf_counter), CPU time (process_time), and
   torch.cuda.max_memory_allocated when the decomposition runs on a GPU.
 - whole process ("process"): what a user waits for, imports included: the `loraforge init`
-  console script vs `python -c "<the PEFT code above>"`, each a fresh process. Wall time, CPU
-  time (user+sys) and peak RSS (ru_maxrss from wait4 = VmHWM, counting file pages mapped).
+  console script vs `python benchmarks/workers.py peft_init ...` (the PEFT code above), each a
+  fresh process. Wall time, CPU time (user+sys) and peak RSS (ru_maxrss from wait4 = VmHWM, counting file pages mapped).
 - captured energy of the fast path: for every --energy-every'th block and each of its target
   modules, ||W Q||_F^2 / ||W||_F^2 with Q an orthonormal basis of the row space of the adapter's A0
   (= V_r for rlpo; pissa's rows are V_r scaled, QR removes the scale), against the float64
   reference sum(s_1..s_r ^2) / ||W||_F^2 (torch.linalg.svdvals in float64). Reports the mean and
   max relative shortfall of loraforge `--svd fast` pissa, PEFT pissa_niter_16, and loraforge
-  exact rlpo / pissa when they ran (exactness: the issue asks for 1e-6).
+  exact rlpo / pissa when they ran (exactness: the target is 1e-6).
 
 Prints a table (median seconds, ratio vs PEFT pissa and vs PEFT pissa_niter_16, peak RSS), the
-issue's targets as PASS/FAIL, and writes every raw timing to a JSON file.
+init speed targets (benchmarks/README.md) as PASS/FAIL, and writes every raw timing to a JSON file.
 
     python benchmarks/init_speed.py                                  # everything, 3 repeats
     python benchmarks/init_speed.py --repeats 1 --cases rlpo --quick  # a quick check
@@ -348,8 +348,9 @@ def summarise(records: list[dict], cases: list[str], modes: list[str]) -> list[d
 
 
 def check_targets(rows: list[dict], energy: dict | None) -> list[dict]:
-    """The issue's targets, as read here: speed-ups are median(PEFT) / median(loraforge) on the
-    same run; whole process: exact cases vs PEFT pissa, pissa-fast vs PEFT pissa_niter_16, <= 0.5x."""
+    """The init speed targets (benchmarks/README.md), as read here: speed-ups are median(PEFT) /
+    median(loraforge) on the same run; whole process: exact cases vs PEFT pissa, pissa-fast vs PEFT
+    pissa_niter_16, <= 0.5x."""
     get = {(r["mode"], r["case"]): r for r in rows}
     out = []
 
@@ -429,7 +430,7 @@ def print_report(rows, energy, targets) -> None:
             )
         )
     if targets:
-        print("\n== issue 3 targets ==")
+        print("\n== init speed targets ==")
         for t in targets:
             print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['value']:.3g}")
 

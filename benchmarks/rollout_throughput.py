@@ -1,4 +1,4 @@
-"""Rollout and update throughput of `loraforge train`'s engines (issue 7): tokens/s of generation with the
+"""Rollout and update throughput of `loraforge train`'s engines: tokens/s of generation with the
 transformers rollout (and vLLM on a CUDA machine when vllm is installed) and of the training update,
 on a randomly initialised model with a real model's shapes and a LoRA r=16 adapter on all linear layers.
 
@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTION = "## Rollout throughput (issue 7)"
+SECTION = "## Rollout throughput"
 SHAPES = {
     # HuggingFaceTB/SmolLM2-135M-Instruct
     "smollm2-135m": dict(

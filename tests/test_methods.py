@@ -78,7 +78,7 @@ def test_update_and_residual_match_reference(method, shape, backend):
     A, B = run(method, W, r, scaling)
     update = scaling * B @ A
     # Bottom-r is a float64 eigh (float64-exact); top-r starts from a float32 eigh refined in float64,
-    # which the issue's bar ("float32 tolerance") allows; we hold it to 1e-8 of ||W||.
+    # which the exactness bar ("float32 tolerance") allows; we hold it to 1e-8 of ||W||.
     atol = 1e-10 if METHODS[method].spectrum != "top" else 1e-8 * np.linalg.norm(W)
     np.testing.assert_allclose(update, expected_update(method, W, r, scaling), atol=atol)
     np.testing.assert_allclose(W - update, W - expected_update(method, W, r, scaling), atol=atol)
@@ -97,7 +97,7 @@ def test_A0_spans_the_chosen_right_singular_subspace(method):
 
 def test_top_r_captured_energy_matches_float64_svd_on_a_flat_spectrum(backend):
     # A slowly decaying spectrum (ratio 0.97 per index) makes the top-r subspace hard to separate:
-    # captured energy ||W V_r||_F^2 must still match a float64 SVD within 1e-6 relative (issue 3).
+    # captured energy ||W V_r||_F^2 must still match a float64 SVD within 1e-6 relative (the exactness bar).
     rng = np.random.default_rng(4)
     U, _ = np.linalg.qr(rng.standard_normal((300, 120)))
     V, _ = np.linalg.qr(rng.standard_normal((120, 120)))

@@ -153,7 +153,7 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         keys = reader.keys()
     elif (path / LEGACY_WEIGHTS).exists():
         weights_file = path / LEGACY_WEIGHTS
-        # Legacy pickles are read with weights_only=True: tensors only, no code runs (DESIGN.md, safety).
+        # Legacy pickles are read with weights_only=True: tensors only, so a downloaded adapter cannot run code.
         try:
             reader = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a damaged or non-tensor pickle

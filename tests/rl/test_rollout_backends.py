@@ -1,4 +1,4 @@
-"""Rollout backends (issue 7): the sampler-vs-trainer log-prob check as pure functions and wired into the
+"""Rollout backends: the sampler-vs-trainer log-prob check as pure functions and wired into the
 loop with separate CPU samplers (synced, stale, adapter missing), and --rollout vllm without vLLM."""
 
 import builtins
