@@ -153,20 +153,11 @@ def test_missing_field_in_data_file(model_dir, adapter_dir, tmp_path):
     assert "row 1 has no field answer" in r.output and "solution" in r.output
 
 
-def test_plot_without_runs_or_matplotlib(tmp_path, monkeypatch):
+def test_plot_without_runs_or_matplotlib(tmp_path, hide_package):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(main, ["plot", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "no metrics.jsonl" in r.output
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_mpl(name, *a, **k):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    hide_package("matplotlib")
     r = CliRunner().invoke(main, ["plot", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "pip install 'loraforge[plots]'" in r.output
 
