@@ -8,16 +8,11 @@ import math
 import pytest
 import torch
 from adapter_helpers import fake_train, logits, one_torch_thread, rel_err  # noqa: F401 (autouse fixture)
-from click.testing import CliRunner
+from conftest import invoke
 
 from loraforge import InitConfig, LoraforgeError, init_adapter
-from loraforge.cli import main
 from loraforge.ship.analysis import concat_factors
 from loraforge.ship.convert import convert_adapter, converted_alpha
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_concatenated_factors_give_exactly_the_update():

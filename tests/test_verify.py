@@ -7,19 +7,13 @@ import shutil
 
 import pytest
 from adapter_helpers import one_torch_thread, rewrite_factor  # noqa: F401 (autouse fixture)
-from click.testing import CliRunner
-from conftest import build_tiny, make_tokenizer
+from conftest import build_tiny, invoke, make_tokenizer
 
 from loraforge import InitConfig, LoraforgeError, init_adapter
-from loraforge.cli import main
 from loraforge.inits.methods import METHODS
 from loraforge.ship.verify import verify_adapter
 
 Q = "model.layers.0.self_attn.q_proj"
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,7 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         keys = reader.keys()
     elif (path / LEGACY_WEIGHTS).exists():
         weights_file = path / LEGACY_WEIGHTS
-        # Legacy pickles are read with weights_only=True: tensors only, no code runs (DESIGN.md, safety).
+        # Legacy pickles are read with weights_only=True: tensors only, so a downloaded adapter cannot run code.
         try:
             reader = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a damaged or non-tensor pickle
@@ -164,7 +164,8 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         keys = list(reader)
     else:
         raise LoraforgeError(
-            f"{role} {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}); the adapter is incomplete."
+            f"{role} {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}); "
+            "the adapter is incomplete."
         )
 
     pairs: dict[str, dict[str, str]] = {}
@@ -178,7 +179,8 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
     incomplete = [mod for mod, p in pairs.items() if set(p) != {"A", "B"}]
     if incomplete:
         raise LoraforgeError(
-            f"{weights_file}: module {incomplete[0]} has only lora_{next(iter(pairs[incomplete[0]]))}; the adapter is damaged."
+            f"{weights_file}: module {incomplete[0]} has only lora_{next(iter(pairs[incomplete[0]]))}; "
+            "the adapter is damaged."
         )
     if not pairs:
         raise LoraforgeError(f"{weights_file} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight tensors).")

@@ -35,7 +35,7 @@ class Workspace:
     """Reusable buffers for a batch's big temporaries (the float64 and float32 copies of W).
 
     Why: a fresh CPU tensor of a few hundred MB is paid for again in page faults on first touch
-    (~0.1 s per 200 MB here, a fifth of SmolLM2's whole init); one buffer per role, grown to the
+    (a measurable share of a small model's whole init: benchmarks/RESULTS.md); one buffer per role, grown to the
     largest batch, is touched once. Nothing that outlives the batch may point into it. On a GPU
     torch's caching allocator already reuses memory, so this hands out plain tensors there.
     """

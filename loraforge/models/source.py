@@ -68,7 +68,8 @@ def resolve_source(
         return _read_dir(model, local, None, True)
     if _looks_like_path(model):
         raise LoraforgeError(
-            f"No such directory: {model}. Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+            f"No such directory: {model}. "
+            "Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
         )
     path, sha = _download(model, revision, token, trust_remote_code)
     return _read_dir(model, path, sha, False)
@@ -137,7 +138,8 @@ def _read_dir(model_id: str, path: Path, revision: Optional[str], is_local: bool
             missing = [s for s in shards if not (path / s).exists()]
             if missing:
                 raise LoraforgeError(
-                    f"{model_id}: {index_name} names {missing[0]}, which is not in the directory. Re-download the model."
+                    f"{model_id}: {index_name} names {missing[0]}, which is not in the directory. "
+                    "Re-download the model."
                 )
             return Source(model_id, path, revision, is_local, config, fmt, shards, weight_map)
     if (path / "model.safetensors").exists():

@@ -2,7 +2,8 @@
 
 Targets are found on a model skeleton (built on the meta device, no weights in memory) or on a
 loaded model. For the common decoder architectures in HEADER_LAYOUTS the skeleton is read from the
-checkpoint's header instead, which spares `loraforge init` importing transformers (~3 s). Defaults
+checkpoint's header instead, which spares `loraforge init` importing transformers (seconds of
+start-up: benchmarks/RESULTS.md). Defaults
 follow PEFT's `all-linear`: every nn.Linear and GPT-2 Conv1D except the output head. A name in
 --target-modules matches a module whose path equals it or ends with `.name` (PEFT's rule).
 """
@@ -168,7 +169,7 @@ _HEADER_KEY = re.compile(r"model\.embed_tokens|lm_head|model\.layers\.(\d+)\.(?:
 
 class _MetaLinear(torch.nn.Linear):
     def reset_parameters(self) -> None:  # nothing to initialise on the meta device (and torch's
-        pass  # meta init path imports torch._dynamo: ~1 s of start-up)
+        pass  # meta init path imports torch._dynamo, a second of start-up: benchmarks/RESULTS.md)
 
 
 class _MetaEmbedding(torch.nn.Embedding):

@@ -241,7 +241,10 @@ def verify_adapter(
                 if not float(err[i]) <= tol:
                     what = "A0 A0^T" + (" or B0^T B0" if method.name in ORTHONORMAL_B else "")
                     ortho.fail(t.name, f"max |{what} - I| = {float(err[i]):.3e} > {tol:.1e}: rows are not orthonormal")
-            ortho.detail = f"max |A0 A0^T - I| {worst['ortho']:.1e} (tolerance {tol:.1e}, {str(adapter_dtype).removeprefix('torch.')} adapter)"
+            ortho.detail = (
+                f"max |A0 A0^T - I| {worst['ortho']:.1e} "
+                f"(tolerance {tol:.1e}, {str(adapter_dtype).removeprefix('torch.')} adapter)"
+            )
 
         _check_formula(method, manifest, batch, W, A, B, adapter_dtype, formula, stats, worst, module_seed)
 
@@ -258,13 +261,14 @@ def _init_manifest(adapter: Adapter) -> dict:
     manifest = adapter.manifest
     if manifest is None:
         raise LoraforgeError(
-            f"{adapter.path} has no loraforge.json, so there is nothing to verify it against: verify checks a directory "
-            "written by `loraforge init`. For a trained or converted adapter use `loraforge inspect`."
+            f"{adapter.path} has no loraforge.json, so there is nothing to verify it against: "
+            "verify checks a directory written by `loraforge init`. "
+            "For a trained or converted adapter use `loraforge inspect`."
         )
     if manifest.get("format") != INIT_FORMAT:
         raise LoraforgeError(
-            f"{adapter.path}/loraforge.json has format {manifest.get('format')!r}, expected {INIT_FORMAT!r}: verify checks "
-            "directories written by `loraforge init` (not converted adapters)."
+            f"{adapter.path}/loraforge.json has format {manifest.get('format')!r}, expected {INIT_FORMAT!r}: "
+            "verify checks directories written by `loraforge init` (not converted adapters)."
         )
     if manifest.get("method") not in METHODS:
         raise LoraforgeError(

@@ -1,7 +1,5 @@
-"""Rollout backends (issue 7): the sampler-vs-trainer log-prob check as pure functions and wired into the
+"""Rollout backends: the sampler-vs-trainer log-prob check as pure functions and wired into the
 loop with separate CPU samplers (synced, stale, adapter missing), and --rollout vllm without vLLM."""
-
-import builtins
 
 import pytest
 import torch
@@ -121,15 +119,8 @@ def test_sampler_without_the_adapter_fails_at_step_1(model_dir, tmp_path):
         train(cfg, scorer=answer_scorer, echo=lambda s: None)
 
 
-def test_rollout_vllm_without_vllm_says_what_to_install(model_dir, adapter_dir, tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_vllm(name, *a, **k):
-        if name == "vllm" or name.startswith("vllm."):
-            raise ImportError("No module named 'vllm'")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_vllm)
+def test_rollout_vllm_without_vllm_says_what_to_install(model_dir, adapter_dir, tmp_path, hide_package):
+    hide_package("vllm")
     r = CliRunner().invoke(
         main,
         [
