@@ -205,11 +205,9 @@ def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bo
             held += size
             residual_files.update(residuals)
             continue
-        from safetensors.torch import save_file
-
         spill = tmp / ".residuals" / f"batch{batch_no:05d}.safetensors"
         spill.parent.mkdir(exist_ok=True)
-        save_file(residuals, str(spill))
+        writers.write_tensors(spill, residuals)
         residual_files.update({k: spill for k in residuals})
     return factors, stats, residual_files
 
@@ -220,12 +218,12 @@ def _write_outputs(
     """The adapter weights and config, and the residual base; returns the files' hashes and the base dtype."""
     method = config.method_spec
     source = plan.source
-    writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
+    adapter_sha = writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
     # For residualised methods the adapter belongs on OUT/base, not on the source model, so that
     # is what PEFT's AutoPeftModel must load (`loraforge push` rewrites it to the base's Hub repo).
     base_model = str(out.resolve() / writers.BASE_DIR) if method.residual else source.model_id
     writers.write_adapter_config(tmp, adapter_config(config, plan.target_modules, base_model, plan.fan_in_fan_out))
-    files = {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)}
+    files = {writers.ADAPTER_WEIGHTS: adapter_sha}
     if not method.residual:
         return files, None
     cast_to = None if config.base_dtype == "auto" else DTYPES[config.base_dtype]
@@ -268,7 +266,8 @@ def _load_model(source, config: InitConfig, device_map: Optional[str], trust_rem
 def _save_loaded_base(model, source, base_dir: Path, cast_to, trust_remote_code: bool) -> None:
     if cast_to is not None:
         model.to(cast_to)
-    model.save_pretrained(str(base_dir), safe_serialization=True)
+    with writers.os_errors(base_dir):
+        model.save_pretrained(str(base_dir), safe_serialization=True)
     for f in companion_files(source, trust_remote_code):
         if not (base_dir / f.name).exists():
             shutil.copy2(f, base_dir / f.name)

@@ -91,9 +91,10 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
                 f"-o {out} is (or contains) the {role} directory, which convert reads; choose another -o."
             )
     with writers.staged_dir(out, overwrite) as tmp:
-        writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
-        if trained_ad.other_keys:
-            _append_other_tensors(tmp / writers.ADAPTER_WEIGHTS, trained_ad)
+        # Tensors that are not LoRA factors (e.g. modules_to_save copies) do not depend on the base:
+        # carried over unchanged.
+        other = {k: trained_ad.read(k).contiguous() for k in trained_ad.other_keys}
+        adapter_sha = writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors, other)
         config = dict(trained_ad.config)
         config.update(
             r=r2,
@@ -120,7 +121,7 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
                 "alpha": trained_ad.alpha,
                 "adapter_sha256": writers.sha256_file(trained_ad.weights_file),
             },
-            "files": {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)},
+            "files": {writers.ADAPTER_WEIGHTS: adapter_sha},
             "modules": len(factors),
         }
         writers.write_json(tmp / writers.MANIFEST, converted)
@@ -170,13 +171,3 @@ def _check_matches(trained: Adapter, init: Adapter) -> None:
                 f"Module {name}: TRAINED_ADAPTER has A {list(A.shape)}, B {list(B.shape)}; the init has A {list(A0.shape)}, "
                 f"B {list(B0.shape)}. Pass the init directory the adapter was trained from."
             )
-
-
-def _append_other_tensors(path: Path, trained: Adapter) -> None:
-    # Tensors that are not LoRA factors (e.g. modules_to_save copies) do not depend on the base:
-    # carry them over unchanged.
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(path))
-    tensors.update({k: trained.read(k).contiguous() for k in trained.other_keys})
-    save_file(tensors, str(path), metadata={"format": "pt"})
