@@ -29,7 +29,15 @@ from loraforge.core.errors import LoraforgeError
 from loraforge.inits.compute import compute_inits
 from loraforge.inits.config import DTYPES, InitConfig
 from loraforge.models.source import companion_files, resolve_source
-from loraforge.models.targets import build_skeleton, checkpoint_keys, find_targets, header_skeleton, peft_target_modules
+from loraforge.models.targets import (
+    HeaderSkeleton,
+    build_skeleton,
+    checkpoint_keys,
+    find_targets,
+    header_skeleton,
+    peft_target_modules,
+)
+from loraforge.models.validate import check_blocks, check_target_tensors
 
 
 @dataclass
@@ -114,6 +122,7 @@ def init_adapter(
     writers.check_destination(out, overwrite, protect=source.path)
     devices = decomposition_devices(config.device)
     plan = _plan(source, config, device_map, trust_remote_code)
+    _validate_plan(plan, config)
 
     with writers.staged_dir(out, overwrite) as tmp:
         t0 = time.perf_counter()
@@ -153,6 +162,7 @@ class _Plan:
     fan_in_fan_out: bool
     loaded: Optional[torch.nn.Module]  # the model in memory (device_map or legacy checkpoints), else None
     keys: Optional[dict[str, str]]  # streaming: target name -> checkpoint key
+    skeleton: Optional[torch.nn.Module] = None  # what the targets were found on
 
     def read(self, t) -> torch.Tensor:
         if self.loaded is not None:
@@ -174,8 +184,26 @@ def _plan(source, config: InitConfig, device_map: Optional[str], trust_remote_co
             loaded = _load_model(source, config, None, trust_remote_code)
             targets = find_targets(loaded, config.target_modules, config.layers)
     return _Plan(
-        source, targets, peft_target_modules(skeleton, targets), any(t.transposed for t in targets), loaded, keys
+        source,
+        targets,
+        peft_target_modules(skeleton, targets),
+        any(t.transposed for t in targets),
+        loaded,
+        keys,
+        loaded if loaded is not None else skeleton,
     )
+
+
+def _validate_plan(plan: _Plan, config: InitConfig) -> None:
+    """Before any work: each streamed target weight is a float tensor of the shape the config implies,
+    and a model read off its header has every block the config declares. (Headers and the index were
+    checked when the source was resolved; --layers and -r against the targets where they are found.)"""
+    if plan.keys is None:  # loaded through transformers, which checks shapes against the config itself
+        return
+    from_header = isinstance(plan.skeleton, HeaderSkeleton)
+    check_target_tensors(plan.source, plan.targets, plan.keys, from_header)
+    if from_header:
+        check_blocks(plan.source, find_targets(plan.skeleton, config.target_modules, None))
 
 
 def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bool):
