@@ -68,7 +68,8 @@ def resolve_source(
         return _read_dir(model, local, None, True)
     if _looks_like_path(model):
         raise LoraforgeError(
-            f"No such directory: {model}. Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+            f"No such directory: {model}. Pass a model directory or a Hub id such as "
+            "HuggingFaceTB/SmolLM2-135M-Instruct."
         )
     path, sha = _download(model, revision, token, trust_remote_code)
     return _read_dir(model, path, sha, False)

@@ -94,14 +94,14 @@ def check_blocks(source: Source, targets: Sequence[Target]) -> None:
     beyond = [i for i in by_layer if i >= n]
     if beyond:
         raise LoraforgeError(
-            f"{checkpoint_file(source)}: the checkpoint has block {max(beyond)}, but config.json says num_hidden_layers = {n}; "
-            "the checkpoint and its config disagree. Re-download the model, or fix config.json."
+            f"{checkpoint_file(source)}: the checkpoint has block {max(beyond)}, but config.json says "
+            f"num_hidden_layers = {n}; the checkpoint and its config disagree. Re-download the model, or fix config.json."
         )
     leaves = set().union(*by_layer.values())
     for i in range(n):
         lacking = sorted(leaves - by_layer.get(i, set()))
         if lacking:
             raise LoraforgeError(
-                f"{checkpoint_file(source)}: block {i} has no {lacking[0]} weight (model.layers.{i}...{lacking[0]}.weight) "
-                f"although config.json declares {n} blocks; the checkpoint is incomplete. Re-download the model."
+                f"{checkpoint_file(source)}: block {i} has no {lacking[0]} weight "
+                f"(model.layers.{i}...{lacking[0]}.weight) although config.json declares {n} blocks; the checkpoint is incomplete. Re-download the model."
             )
