@@ -207,7 +207,8 @@ def write_streaming(path: str | os.PathLike, tensors: Iterable[PlannedTensor], m
             value = t.produce()
             if value.dtype != t.dtype or tuple(value.shape) != tuple(t.shape):
                 raise RuntimeError(
-                    f"internal error: {t.name} planned as {t.dtype}{list(t.shape)}, produced {value.dtype}{list(value.shape)}"
+                    f"internal error: {t.name} planned as {t.dtype}{list(t.shape)}, "
+                    f"produced {value.dtype}{list(value.shape)}"
                 )
             data = memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             f.write(data)

@@ -95,7 +95,8 @@ def check_blocks(source: Source, targets: Sequence[Target]) -> None:
     if beyond:
         raise LoraforgeError(
             f"{checkpoint_file(source)}: the checkpoint has block {max(beyond)}, but config.json says "
-            f"num_hidden_layers = {n}; the checkpoint and its config disagree. Re-download the model, or fix config.json."
+            f"num_hidden_layers = {n}; the checkpoint and its config disagree. Re-download the model, or fix "
+            "config.json."
         )
     leaves = set().union(*by_layer.values())
     for i in range(n):
@@ -103,5 +104,6 @@ def check_blocks(source: Source, targets: Sequence[Target]) -> None:
         if lacking:
             raise LoraforgeError(
                 f"{checkpoint_file(source)}: block {i} has no {lacking[0]} weight "
-                f"(model.layers.{i}...{lacking[0]}.weight) although config.json declares {n} blocks; the checkpoint is incomplete. Re-download the model."
+                f"(model.layers.{i}...{lacking[0]}.weight) although config.json declares {n} blocks; the checkpoint "
+                "is incomplete. Re-download the model."
             )
