@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from loraforge import InitConfig, LoraforgeError, init_adapter
@@ -260,3 +261,38 @@ def test_init_writes_the_same_adapter_bytes_twice(tiny_models, tmp_path):
     assert len(load_file(str(a / "adapter_model.safetensors"))) == 2 * len(
         json.loads((a / "loraforge.json").read_text())["modules"]
     )
+
+
+# --- validation before commit: an init that cannot train is never written -----------------------
+
+
+@pytest.mark.parametrize(
+    "method, flags, words",
+    [
+        ("pissa", ["--alpha", "1e-30", "--adapter-dtype", "float16"], "overflow"),  # sqrt(S/s) > 65504
+        ("milora", ["--alpha", "1e-300"], "overflow"),  # sqrt(S/s) ~ 1e150 > float32's 3e38
+        ("pissa", ["--alpha", "1e30", "--adapter-dtype", "float16"], "underflowed to zero"),
+        ("milora", ["--alpha", "1e300"], "underflowed to zero"),  # even in float32
+        ("milora", ["--alpha", "1e8", "--adapter-dtype", "float16"], "to underflow"),  # subnormal rows
+        ("olora", ["--alpha", "1e8"], "cannot hold W - s B0 A0"),  # W - s U V^T rounds W away in bf16
+    ],
+)
+def test_flags_that_make_an_untrainable_init_exit_1_and_keep_the_old_out(tiny_models, tmp_path, method, flags, words):
+    # Before: these printed "error nan" or wrote all-zero factors, and exited 0.
+    out = make_old(tmp_path / "out")
+    r = invoke("init", tiny_models["llama"], "--method", method, "-r", "4", *flags, "-o", out, "--overwrite")
+    assert r.exit_code == 1 and words in r.output and "Nothing was written" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and litter(tmp_path, "out") == []
+
+
+def test_the_same_check_guards_init_model(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from loraforge import init_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(LoraforgeError, match="underflowed to zero"):
+        init_model(model, InitConfig(method="pissa", r=4, alpha=1e300))
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)  # untouched

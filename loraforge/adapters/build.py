@@ -28,6 +28,7 @@ from loraforge.core.devices import decomposition_devices
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.compute import compute_inits
 from loraforge.inits.config import DTYPES, InitConfig
+from loraforge.inits.sanity import check_inits
 from loraforge.models.source import companion_files, resolve_source
 from loraforge.models.targets import (
     HeaderSkeleton,
@@ -77,6 +78,7 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
         for batch in compute_inits(targets, lambda t: modules[t.name].weight.detach(), config, devices, progress)
         for m in batch
     ]
+    check_inits(inits, config)  # before the model is touched
     with torch.no_grad():
         for m in inits:
             if m.base is not None:
@@ -214,6 +216,7 @@ def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bo
     residual_files: dict[str, Path | torch.Tensor] = {}  # checkpoint key -> residual, or the file holding it
     held = 0  # bytes of residuals kept in memory
     for batch_no, batch in enumerate(compute_inits(plan.targets, plan.read, config, devices, progress)):
+        check_inits(batch, config)  # before anything of the batch is kept: a bad init stops the run
         residuals = {}
         for m in batch:
             factors[m.target.name] = (m.A, m.B)

@@ -112,6 +112,7 @@ def _init_batch(
 
     adapter_dtype = DTYPES[config.adapter_dtype]
     A_s, B_s = A.to(adapter_dtype), B.to(adapter_dtype)
+    rounding = torch.maximum(factor_rounding(A, A_s, dim=2), factor_rounding(B, B_s, dim=1)).cpu()
     # Norms and residuals use the factors AS STORED (after rounding to the adapter dtype), so
     # base + s * B0 A0 reproduces W as closely as the base dtype allows. B0 = 0 methods skip the
     # (m x n) product: it is exactly zero.
@@ -130,6 +131,7 @@ def _init_batch(
             "shape": [t.out_features, t.in_features],
             "init_norm": float(update_norm[i]) / s,  # ||B0 A0||_F (the paper's Table 4)
             "update_norm": float(update_norm[i]),  # ||s B0 A0||_F: what the adapter adds at step 0
+            "factor_rounding": float(rounding[i]),  # worst row of A0 / column of B0 lost to the adapter dtype
         }
         if spectrum is not None:
             if method.spectrum == "bottom":  # bottom-r counts every zero direction: the rank is exact
@@ -149,6 +151,18 @@ def _init_batch(
             stats["recon_rel"] = 0.0
         results.append(ModuleInit(t, A_s[i].contiguous().cpu(), B_s[i].contiguous().cpu(), base, stats))
     return results
+
+
+def factor_rounding(exact: torch.Tensor, stored: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per module, the largest relative change that storing made to a row (DIM=2: A's rows) or column
+    (DIM=1: B's columns): ||stored - exact|| / ||exact||. About the dtype's epsilon normally; near 1
+    where a factor underflowed to zero, inf or NaN where it overflowed. A row that is exactly zero
+    counts as 0 (B0 = 0 methods)."""
+    num = torch.linalg.vector_norm(stored.to(exact.dtype) - exact, dim=dim)
+    den = torch.linalg.vector_norm(exact, dim=dim)
+    rel = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num * math.inf)
+    rel = torch.where(num == 0, torch.zeros_like(rel), rel)  # 0 * inf would be NaN
+    return rel.amax(dim=1).double()
 
 
 def compute_inits(
