@@ -132,6 +132,7 @@ def init_adapter(
         decompose_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         files, base_dtype = _write_outputs(plan, config, out, tmp, factors, residuals, trust_remote_code)
+        files.update(writers.hash_remaining(tmp, files))  # config, tokenizer...: verify covers every file
         timings = {
             "decompose_s": round(decompose_s, 3),
             "write_s": round(time.perf_counter() - t1, 3),

@@ -252,6 +252,21 @@ def write_residual_base(
     return hashes
 
 
+# Files of OUT the manifest cannot hash: itself, and the model card rendered from it.
+UNHASHED = (MANIFEST, "README.md")
+
+
+def hash_remaining(root: Path, known: dict[str, str]) -> dict[str, str]:
+    """sha256 of every file under ROOT not in KNOWN (nor UNHASHED, nor the staging owner file), keyed
+    by path relative to ROOT: config and tokenizer files of base/ too, so verify covers all of OUT."""
+    skip = set(known) | set(UNHASHED) | {atomic.OWNER_FILE}
+    return {
+        rel: sha256_file(root / rel)
+        for rel in sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        if rel not in skip
+    }
+
+
 def hash_tree(root: Path, sub: str) -> dict[str, str]:
     """sha256 of every .safetensors file under ROOT/SUB, keyed by path relative to ROOT."""
     return {f"{sub}/{p.name}": sha256_file(p) for p in sorted((root / sub).glob("*.safetensors"))}
