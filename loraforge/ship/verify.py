@@ -359,13 +359,13 @@ def _init_manifest(adapter: Adapter) -> dict:
     manifest = adapter.manifest
     if manifest is None:
         raise LoraforgeError(
-            f"{adapter.path} has no loraforge.json, so there is nothing to verify it against: verify checks a directory "
-            "written by `loraforge init`. For a trained or converted adapter use `loraforge inspect`."
+            f"{adapter.path} has no loraforge.json, so there is nothing to verify it against: verify checks a "
+            "directory written by `loraforge init`. For a trained or converted adapter use `loraforge inspect`."
         )
     if manifest.get("format") != INIT_FORMAT:
         raise LoraforgeError(
-            f"{adapter.path}/loraforge.json has format {manifest.get('format')!r}, expected {INIT_FORMAT!r}: verify checks "
-            "directories written by `loraforge init` (not converted adapters)."
+            f"{adapter.path}/loraforge.json has format {manifest.get('format')!r}, expected {INIT_FORMAT!r}: verify "
+            "checks directories written by `loraforge init` (not converted adapters)."
         )
     if manifest.get("method") not in METHODS:
         raise LoraforgeError(
