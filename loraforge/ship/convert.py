@@ -58,7 +58,8 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
     manifest = init_ad.manifest
     if manifest is None or manifest.get("method") not in METHODS:
         raise LoraforgeError(
-            f"--init {init} has no loraforge.json naming a method: pass the directory `loraforge init` wrote, the one the "
+            f"--init {init} has no loraforge.json naming a method: pass the directory `loraforge init` wrote, "
+            "the one the "
             "adapter was trained from."
         )
     method = METHODS[manifest["method"]]
@@ -138,7 +139,8 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
         alpha=alpha2,
         modules=len(factors),
         message=(
-            f"{method.name}: {len(factors)} modules, rank {trained_ad.r} -> {r2}, alpha {trained_ad.alpha:g} -> {alpha2:g} "
+            f"{method.name}: {len(factors)} modules, rank {trained_ad.r} -> {r2}, "
+            f"alpha {trained_ad.alpha:g} -> {alpha2:g} "
             f"(scaling {trained_ad.scaling:g} kept) -> {out}. Load it on the original base {original}."
         ),
     )
@@ -197,7 +199,8 @@ def _read_lineage(trained: Adapter) -> Optional[dict]:
         or not isinstance(lineage.get("init"), dict)
     ):
         raise LoraforgeError(
-            f"{path} is not a {LINEAGE_FORMAT} record (format {lineage.get('format') if isinstance(lineage, dict) else None!r}); "
+            f"{path} is not a {LINEAGE_FORMAT} record "
+            f"(format {lineage.get('format') if isinstance(lineage, dict) else None!r}); "
             "it may come from a newer loraforge. Upgrade loraforge."
         )
     return lineage
@@ -232,12 +235,14 @@ def _check_matches(trained: Adapter, init: Adapter) -> None:
     if trained.r != init.r:
         hint = " It looks converted already." if trained.r == 2 * init.r else ""
         raise LoraforgeError(
-            f"TRAINED_ADAPTER has r = {trained.r} but --init has r = {init.r}: it was not trained from this init.{hint} "
+            f"TRAINED_ADAPTER has r = {trained.r} but --init has r = {init.r}: it was not trained from this "
+            f"init.{hint} "
             "Pass the init directory the adapter was trained from."
         )
     if not math.isclose(trained.scaling, init.scaling, rel_tol=1e-12):
         raise LoraforgeError(
-            f"TRAINED_ADAPTER's scaling is {trained.scaling:g} (alpha {trained.alpha:g}, rsLoRA {trained.rslora}) but the "
+            f"TRAINED_ADAPTER's scaling is {trained.scaling:g} (alpha {trained.alpha:g}, rsLoRA {trained.rslora}) "
+            "but the "
             f"init's is {init.scaling:g} (alpha {init.alpha:g}, rsLoRA {init.rslora}). The residual base subtracted "
             "s B0 A0 with the init's scaling; train with the init's adapter_config.json unchanged."
         )
@@ -246,7 +251,8 @@ def _check_matches(trained: Adapter, init: Adapter) -> None:
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the init does not"
         raise LoraforgeError(
-            f"TRAINED_ADAPTER {what} ({len(missing)} missing, {len(extra)} extra modules): it was not trained from this "
+            f"TRAINED_ADAPTER {what} ({len(missing)} missing, {len(extra)} extra modules): it was not trained "
+            "from this "
             "init. Pass the init directory the adapter was trained from."
         )
     for name in init.modules:
@@ -254,6 +260,7 @@ def _check_matches(trained: Adapter, init: Adapter) -> None:
         A0, B0 = init.factors(name)
         if A.shape != A0.shape or B.shape != B0.shape:
             raise LoraforgeError(
-                f"Module {name}: TRAINED_ADAPTER has A {list(A.shape)}, B {list(B.shape)}; the init has A {list(A0.shape)}, "
+                f"Module {name}: TRAINED_ADAPTER has A {list(A.shape)}, B {list(B.shape)}; "
+                f"the init has A {list(A0.shape)}, "
                 f"B {list(B0.shape)}. Pass the init directory the adapter was trained from."
             )
