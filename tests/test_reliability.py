@@ -296,3 +296,22 @@ def test_the_same_check_guards_init_model(tiny_models):
     with pytest.raises(LoraforgeError, match="underflowed to zero"):
         init_model(model, InitConfig(method="pissa", r=4, alpha=1e300))
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)  # untouched
+
+
+def test_an_out_below_a_file_is_one_line(tiny_models, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", "4", "-o", tmp_path / "afile" / "sub")
+    assert r.exit_code == 1 and "is a file, not a directory" in r.output, r.output
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+@pytest.mark.parametrize("damage", [b"\xff\xfe{}", b"[1, 2]", b'{"r": '])
+def test_a_damaged_adapter_config_or_manifest_is_one_line(tiny_models, tmp_path, command, damage):
+    out = init_adapter(str(tiny_models["llama"]), tmp_path / "a", InitConfig(method="rlpo", r=2)).out
+    for name in ("adapter_config.json", "loraforge.json"):
+        saved = (out / name).read_bytes()
+        (out / name).write_bytes(damage)
+        r = CliRunner().invoke(main, [command, str(out)])
+        assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+        assert r.exit_code == 1 and name in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        (out / name).write_bytes(saved)

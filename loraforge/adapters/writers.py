@@ -63,7 +63,11 @@ def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     gone) are removed first, with one line on stderr.
     """
     out = Path(os.path.abspath(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in [out.parent, *out.parent.parents] if p.exists() and not p.is_dir())
+        raise LoraforgeError(f"-o {out}: {blocker} is a file, not a directory; choose another -o.") from None
     with atomic.DirLock(out):
         clean_stale(out)  # first: it may put back an OUT that a killed run had moved aside
         check_destination(out, overwrite)
