@@ -39,7 +39,17 @@ def make_old(out: Path) -> Path:
 # --- the atomic claim ----------------------------------------------------------------------------
 
 
-def test_a_directory_that_appears_during_the_run_is_not_replaced(tmp_path):
+@pytest.fixture(params=["renameat2", "fallback"])
+def claim_mode(request, monkeypatch):
+    """Each claim test runs with renameat2 and with the re-check-then-rename fallback (no renameat2)."""
+    from loraforge.core import atomic
+
+    if request.param == "fallback":
+        monkeypatch.setattr(atomic, "_LIBC", None)
+    return request.param
+
+
+def test_a_directory_that_appears_during_the_run_is_not_replaced(tmp_path, claim_mode):
     out = tmp_path / "out"
     with pytest.raises(ClaimLost, match="changed while this command ran"):
         with writers.staged_dir(out, overwrite=False) as tmp:
@@ -49,7 +59,7 @@ def test_a_directory_that_appears_during_the_run_is_not_replaced(tmp_path):
     assert litter(tmp_path, "out") == []
 
 
-def test_an_empty_directory_that_appears_during_the_run_is_not_replaced(tmp_path):
+def test_an_empty_directory_that_appears_during_the_run_is_not_replaced(tmp_path, claim_mode):
     # rename(2) would silently replace an empty directory; RENAME_NOREPLACE (or the re-check) must not.
     out = tmp_path / "out"
     with pytest.raises(ClaimLost):
@@ -59,7 +69,7 @@ def test_an_empty_directory_that_appears_during_the_run_is_not_replaced(tmp_path
     assert out.is_dir() and list(out.iterdir()) == []
 
 
-def test_overwrite_replaces_only_the_directory_it_was_given_for(tmp_path):
+def test_overwrite_replaces_only_the_directory_it_was_given_for(tmp_path, claim_mode):
     out = make_old(tmp_path / "out")
     with pytest.raises(ClaimLost):
         with writers.staged_dir(out, overwrite=True) as tmp:
@@ -71,7 +81,7 @@ def test_overwrite_replaces_only_the_directory_it_was_given_for(tmp_path):
     assert litter(tmp_path, "out") == []
 
 
-def test_overwrite_replaces_the_checked_directory(tmp_path):
+def test_overwrite_replaces_the_checked_directory(tmp_path, claim_mode):
     out = make_old(tmp_path / "out")
     with writers.staged_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
