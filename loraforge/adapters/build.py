@@ -28,8 +28,17 @@ from loraforge.core.devices import decomposition_devices
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.compute import compute_inits
 from loraforge.inits.config import DTYPES, InitConfig
+from loraforge.inits.sanity import check_inits
 from loraforge.models.source import companion_files, resolve_source
-from loraforge.models.targets import build_skeleton, checkpoint_keys, find_targets, header_skeleton, peft_target_modules
+from loraforge.models.targets import (
+    HeaderSkeleton,
+    build_skeleton,
+    checkpoint_keys,
+    find_targets,
+    header_skeleton,
+    peft_target_modules,
+)
+from loraforge.models.validate import check_blocks, check_target_tensors
 
 
 @dataclass
@@ -69,6 +78,7 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
         for batch in compute_inits(targets, lambda t: modules[t.name].weight.detach(), config, devices, progress)
         for m in batch
     ]
+    check_inits(inits, config)  # before the model is touched
     with torch.no_grad():
         for m in inits:
             if m.base is not None:
@@ -114,6 +124,7 @@ def init_adapter(
     writers.check_destination(out, overwrite, protect=source.path)
     devices = decomposition_devices(config.device)
     plan = _plan(source, config, device_map, trust_remote_code)
+    _validate_plan(plan, config)
 
     with writers.staged_dir(out, overwrite) as tmp:
         t0 = time.perf_counter()
@@ -121,6 +132,7 @@ def init_adapter(
         decompose_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         files, base_dtype = _write_outputs(plan, config, out, tmp, factors, residuals, trust_remote_code)
+        files.update(writers.hash_remaining(tmp, files))  # config, tokenizer...: verify covers every file
         timings = {
             "decompose_s": round(decompose_s, 3),
             "write_s": round(time.perf_counter() - t1, 3),
@@ -153,6 +165,7 @@ class _Plan:
     fan_in_fan_out: bool
     loaded: Optional[torch.nn.Module]  # the model in memory (device_map or legacy checkpoints), else None
     keys: Optional[dict[str, str]]  # streaming: target name -> checkpoint key
+    skeleton: Optional[torch.nn.Module] = None  # what the targets were found on
 
     def read(self, t) -> torch.Tensor:
         if self.loaded is not None:
@@ -174,8 +187,26 @@ def _plan(source, config: InitConfig, device_map: Optional[str], trust_remote_co
             loaded = _load_model(source, config, None, trust_remote_code)
             targets = find_targets(loaded, config.target_modules, config.layers)
     return _Plan(
-        source, targets, peft_target_modules(skeleton, targets), any(t.transposed for t in targets), loaded, keys
+        source,
+        targets,
+        peft_target_modules(skeleton, targets),
+        any(t.transposed for t in targets),
+        loaded,
+        keys,
+        loaded if loaded is not None else skeleton,
     )
+
+
+def _validate_plan(plan: _Plan, config: InitConfig) -> None:
+    """Before any work: each streamed target weight is a float tensor of the shape the config implies,
+    and a model read off its header has every block the config declares. (Headers and the index were
+    checked when the source was resolved; --layers and -r against the targets where they are found.)"""
+    if plan.keys is None:  # loaded through transformers, which checks shapes against the config itself
+        return
+    from_header = isinstance(plan.skeleton, HeaderSkeleton)
+    check_target_tensors(plan.source, plan.targets, plan.keys, from_header)
+    if from_header:
+        check_blocks(plan.source, find_targets(plan.skeleton, config.target_modules, None))
 
 
 def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bool):
@@ -186,6 +217,7 @@ def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bo
     residual_files: dict[str, Path | torch.Tensor] = {}  # checkpoint key -> residual, or the file holding it
     held = 0  # bytes of residuals kept in memory
     for batch_no, batch in enumerate(compute_inits(plan.targets, plan.read, config, devices, progress)):
+        check_inits(batch, config)  # before anything of the batch is kept: a bad init stops the run
         residuals = {}
         for m in batch:
             factors[m.target.name] = (m.A, m.B)
@@ -205,11 +237,9 @@ def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bo
             held += size
             residual_files.update(residuals)
             continue
-        from safetensors.torch import save_file
-
         spill = tmp / ".residuals" / f"batch{batch_no:05d}.safetensors"
         spill.parent.mkdir(exist_ok=True)
-        save_file(residuals, str(spill))
+        writers.write_tensors(spill, residuals)
         residual_files.update({k: spill for k in residuals})
     return factors, stats, residual_files
 
@@ -220,12 +250,12 @@ def _write_outputs(
     """The adapter weights and config, and the residual base; returns the files' hashes and the base dtype."""
     method = config.method_spec
     source = plan.source
-    writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
+    adapter_sha = writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
     # For residualised methods the adapter belongs on OUT/base, not on the source model, so that
     # is what PEFT's AutoPeftModel must load (`loraforge push` rewrites it to the base's Hub repo).
     base_model = str(out.resolve() / writers.BASE_DIR) if method.residual else source.model_id
     writers.write_adapter_config(tmp, adapter_config(config, plan.target_modules, base_model, plan.fan_in_fan_out))
-    files = {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)}
+    files = {writers.ADAPTER_WEIGHTS: adapter_sha}
     if not method.residual:
         return files, None
     cast_to = None if config.base_dtype == "auto" else DTYPES[config.base_dtype]
@@ -268,7 +298,8 @@ def _load_model(source, config: InitConfig, device_map: Optional[str], trust_rem
 def _save_loaded_base(model, source, base_dir: Path, cast_to, trust_remote_code: bool) -> None:
     if cast_to is not None:
         model.to(cast_to)
-    model.save_pretrained(str(base_dir), safe_serialization=True)
+    with writers.os_errors(base_dir):
+        model.save_pretrained(str(base_dir), safe_serialization=True)
     for f in companion_files(source, trust_remote_code):
         if not (base_dir / f.name).exists():
             shutil.copy2(f, base_dir / f.name)

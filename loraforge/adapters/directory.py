@@ -21,6 +21,7 @@ from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.methods import METHODS, Method
 from loraforge.models.checkpoint import SafetensorsFile
+from loraforge.models.source import read_json_object
 
 LEGACY_WEIGHTS = "adapter_model.bin"
 # PEFT saves factors as base_model.model.<module>.lora_A.weight (the adapter name stripped); a
@@ -124,10 +125,7 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
             f"{role} {path} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG} (found {found}).{hint} "
             "Pass the directory `loraforge init -o` or PEFT's save_pretrained wrote."
         )
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoraforgeError(f"{cfg_path} is not valid JSON ({e}); the adapter is damaged. Re-create it.") from None
+    config = read_json_object(cfg_path, "the adapter config")  # damaged JSON, non-UTF-8, not an object: one line
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config or "lora_alpha" not in config:
         raise LoraforgeError(
             f"{cfg_path} does not describe a LoRA adapter (peft_type={config.get('peft_type')!r}, "
@@ -135,12 +133,7 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         )
     manifest = None
     if (path / MANIFEST).exists():
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except json.JSONDecodeError as e:
-            raise LoraforgeError(
-                f"{path / MANIFEST} is not valid JSON ({e}); the manifest is damaged. Re-run loraforge init."
-            ) from None
+        manifest = read_json_object(path / MANIFEST, "the manifest")
 
     if (path / ADAPTER_WEIGHTS).exists():
         weights_file = path / ADAPTER_WEIGHTS

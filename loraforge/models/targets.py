@@ -44,6 +44,9 @@ def layer_index(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+MAX_LAYER = 100_000  # far beyond any model's block count; bounds what one --layers flag can allocate
+
+
 def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
     """'0-3,7' -> [0, 1, 2, 3, 7]; None or '' -> None (all layers)."""
     if not spec:
@@ -55,6 +58,10 @@ def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
         if not m:
             raise LoraforgeError(f"--layers: cannot read {part!r}; expected numbers and ranges like 0-3,7.")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi > MAX_LAYER:  # checked before the range is expanded: 0-10**12 would fill memory
+            raise LoraforgeError(
+                f"--layers: {part!r} reaches block {hi}; no model has that many. Pass block numbers of this model."
+            )
         if hi < lo:
             raise LoraforgeError(f"--layers: range {part!r} runs backwards; write it as {hi}-{lo}.")
         layers.update(range(lo, hi + 1))
@@ -110,10 +117,15 @@ def find_targets(
             )
     if layers is not None:
         present = sorted({t.layer for t in chosen if t.layer is not None})
-        chosen = [t for t in chosen if t.layer in set(layers)]
-        if not chosen:
+        absent = sorted(set(layers) - set(present))
+        if absent:  # every block asked for must exist: a typo must not silently shrink the adapter
             span = f"{present[0]}-{present[-1]}" if present else "none"
-            raise LoraforgeError(f"--layers {layers} selects no target module; the model's layers are {span}.")
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise LoraforgeError(
+                f"--layers names block {absent[0]}{more}, which has no target module; the model's layers are {span}. "
+                "Pass --layers within that range."
+            )
+        chosen = [t for t in chosen if t.layer in set(layers)]
     return chosen
 
 

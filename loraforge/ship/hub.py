@@ -226,6 +226,7 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
         else:
             pushed["source"] = dict(pushed["source"], model_id=original)
         pushed["hub"] = {"repo_id": repo, "base_repo": base_repo, "revision": config.revision}
+        _rehash_rewritten(pushed, _json_bytes(cfg), residual)
         uploads.append(
             Upload(
                 repo,
@@ -280,6 +281,18 @@ def _original_model(adapter: Adapter, config: PushConfig) -> tuple[str, Optional
             "the card and adapter_config.json will name it."
         )
     return model_id, revision
+
+
+def _rehash_rewritten(pushed: dict, config_bytes: bytes, residual: bool) -> None:
+    """The pushed manifest records what is pushed: the rewritten adapter_config.json's sha256, and the
+    residual base's generated model card among the files it does not hash (verify of a download passes)."""
+    import hashlib
+
+    files = pushed.get("files") or {}
+    if ADAPTER_CONFIG in files:
+        files[ADAPTER_CONFIG] = hashlib.sha256(config_bytes).hexdigest()
+    if residual and "files_unhashed" in pushed:
+        pushed["files_unhashed"] = list(dict.fromkeys([*pushed["files_unhashed"], "base/README.md"]))
 
 
 def _json_bytes(data: dict, sort_keys: bool = True) -> bytes:
