@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,13 @@ class TrainConfig:
     eval_every: int = 0  # evaluation interval in steps, 0 = off
     eval_max_prompts: int = 64  # evaluate on at most this many held-out prompts
     tensorboard: bool = True  # also log to RUN_DIR/tb when tensorboard is installed
+    verl_version: str | None = field(
+        default=None,
+        metadata={
+            "help": "--backend verl: the verl release to write the job for, 0.9.0 or 0.9.1 "
+            "(default: the installed verl, else the newest)"
+        },
+    )
 
     # ------------------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
