@@ -82,6 +82,14 @@ def script_overrides(script: Path) -> list[str]:
     return argv[3:-1]
 
 
+def documented_overrides() -> list[str]:
+    """The generated command docs/scale.md shows, as a shell would pass it."""
+    text = (ROOT / "docs" / "scale.md").read_text()
+    block = text[text.index(f"```bash\npython3 -m {VERL_ENTRY}") + len("```bash\n") :]
+    argv = shlex.split(block[: block.index("```")].replace("\\\n", " "))
+    return argv[3:]
+
+
 def _hand_off(version, model_dir, adapter_dir, out, extra):
     args = ["train", "--backend", "verl", "--verl-version", version, "--model", str(model_dir)]
     args += ["--adapter", str(adapter_dir), "-o", str(out), "--data", "synthetic:n=40,max=2"]
@@ -117,7 +125,7 @@ def composed(request, model_dir, adapter_dir, tmp_path_factory):
     result = _probe(
         version,
         {
-            "compose": [argv for argv, _ in runs.values()] + [[key] for key in REFUSED],
+            "compose": [argv for argv, _ in runs.values()] + [[key] for key in REFUSED] + [documented_overrides()],
             "rewards": [
                 {"overrides": runs[name][0], "cases": vectors, "response_length": 256} for name in ("dapo", "grpo")
             ],
@@ -128,7 +136,8 @@ def composed(request, model_dir, adapter_dir, tmp_path_factory):
     return {
         "runs": runs,
         "configs": composed_runs,
-        "refused": result["composed"][len(runs) :],
+        "refused": result["composed"][len(runs) : -1],
+        "documented": result["composed"][-1],
         "rewards": dict(zip(("dapo", "grpo"), result["rewards"])),
         "vectors": vectors,
     }
@@ -210,3 +219,11 @@ def test_verl_dapo_manager_without_buffer(composed):
     rewards = [s["reward"] for s in reward["scores"]]
     assert rewards == [v[2] for v in RLVR_VECTORS] + [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]
     assert all("overlong" not in s["extra"] for s in reward["scores"])
+
+
+def test_the_documented_command_composes(composed):
+    """docs/scale.md's generated command composes strictly and sets the keys the hand-off writes."""
+    assert "error" not in composed["documented"], composed["documented"].get("error")
+    documented = {a.split("=", 1)[0] for a in documented_overrides()}
+    written = {a.split("=", 1)[0] for a in composed["runs"]["dapo"][0]}
+    assert documented == written
