@@ -4,6 +4,7 @@ that sets an InitConfig field is that field's metadata help (inits/config.py).""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -94,3 +95,7 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
         f"{config.method} r={config.r}: {result.modules} modules in {result.seconds:.1f} s, "
         f"max relative reconstruction error {s['recon_rel_max']:.2e} -> {result.out}"
     )
+    # which base a server loads, with vLLM's flags for this rank (the same line `loraforge verify` ends with)
+    from loraforge.ship.verify import serve_line
+
+    click.echo(serve_line(Path(result.out), METHODS[config.method], result.manifest["source"]["model_id"], config.r))

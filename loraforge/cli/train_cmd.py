@@ -49,8 +49,10 @@ def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_n
 
             run_verl_backend(flags, config_file, resume_dir, run_verl, verl_gpus_per_node, verl_nodes, click.echo)
             return
-        if run_verl or verl_gpus_per_node is not None or verl_nodes != 1:
-            raise click.UsageError("--run, --verl-gpus-per-node and --verl-nodes go with --backend verl")
+        if run_verl or verl_gpus_per_node is not None or verl_nodes != 1 or flags.get("verl_version"):
+            raise click.UsageError(
+                "--run, --verl-gpus-per-node, --verl-nodes and --verl-version go with --backend verl"
+            )
         result = run_train(flags, config_file, resume_dir)
     from loraforge.rl.distributed import context
 

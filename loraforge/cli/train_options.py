@@ -101,12 +101,15 @@ def run_verl_backend(
             "run RUN_DIR/verl/run_verl.sh again"
         )
     prepared = verl_launch.prepare(build_config(flags, config_file), gpus_per_node, nodes)
-    echo(f"wrote {prepared.script} (and overrides.json, train.parquet, val.parquet, reward.py in {prepared.directory})")
+    echo(
+        f"wrote {prepared.script} for verl {prepared.verl_version} "
+        f"(and overrides.json, train.parquet, val.parquet, reward.py in {prepared.directory})"
+    )
     for note in prepared.notes:
         echo(f"note: {note}")
     echo("command:\n" + verl_launch.format_command(prepared.argv))
     if not launch_now:
-        echo(f"run it from a clone of verl: bash {prepared.script}   (or add --run)")
+        echo(f"run it where verl {prepared.verl_version} is installed: bash {prepared.script}   (or add --run)")
         return
     code = verl_launch.launch(prepared, echo)
     if code != 0:

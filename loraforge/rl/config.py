@@ -119,6 +119,11 @@ class TrainConfig:
     eval_every: int = setting(0, "evaluation interval in steps, 0 = off")
     eval_max_prompts: int = setting(64, "evaluate on at most this many held-out prompts")
     tensorboard: bool = setting(True, "also log to RUN_DIR/tb when tensorboard is installed")
+    verl_version: str | None = setting(
+        None,
+        "--backend verl: the verl release to write the job for, 0.9.0 or 0.9.1 "
+        "(default: the installed verl, else the newest)",
+    )
 
     # ------------------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":

@@ -1,25 +1,37 @@
-"""`loraforge train --backend verl`: the same run as a verl job (DAPO recipe, FSDP + vLLM, many GPUs).
+"""`loraforge train --backend verl`: the same run as a verl job (DAPO on verl's PPO trainer, FSDP + vLLM, many GPUs).
 
     RUN_DIR/verl/
-        run_verl.sh      the command line: python3 -m recipe.dapo.main_dapo KEY=VALUE ... (Hydra overrides)
+        run_verl.sh      the command line: python3 -m verl.trainer.main_ppo KEY=VALUE ... (Hydra overrides)
         overrides.json   the same overrides as data {dotted key: value}
         train.parquet    the training prompts in verl's row format (val.parquet: --eval-data or a copy)
-        reward.py        compute_score() calling loraforge's scorer (--reward), for custom_reward_function
+        reward.py        compute_score() calling loraforge's scorer (--reward), for reward.custom_reward_function
 
-Key names are verl's own, taken from (cited where they are set below):
-  [dapo]  verl recipe/dapo/run_dapo_qwen2.5_32b.sh (the DAPO reproduction script: data.*, algorithm.filter_groups.*,
-          actor.clip_ratio_low/high/c, actor.loss_agg_mode, reward_model.reward_manager=dapo,
-          reward_model.overlong_buffer.*, rollout.n/temperature/top_p/top_k)
-  [main]  verl recipe/dapo/main_dapo.py (custom_reward_function via get_custom_reward_fn; overlong_buffer_cfg
-          read from reward_model.overlong_buffer)
-  [lora]  verl docs/advance/ppo_lora.rst and fsdp_workers.py (model.lora_rank, lora_alpha, target_modules,
-          lora_adapter_path loaded with PeftModel.from_pretrained(..., is_trainable=True); LoRA is on when
-          lora_adapter_path is set or lora_rank > 0; rollout.load_format=safetensors for vLLM LoRA)
-  [ppo]   verl trainer/config ppo_trainer.yaml (actor.optim.lr/weight_decay/lr_warmup_steps/warmup_style/
-          min_lr_ratio, actor.grad_clip, use_kl_loss/kl_loss_coef/kl_loss_type=low_var_kl, ppo_epochs,
-          ppo_mini_batch_size (prompts), ppo_micro_batch_size_per_gpu (rows), trainer.*)
-  `warmup_style` is the name verl's recipe era uses; newer verl renamed it `lr_scheduler_type` and still
-  maps `warmup_style` onto it (verl/workers/config/optimizer.py, FSDPOptimizerConfig.__post_init__).
+Supported verl: the releases in SUPPORTED_VERL (0.9.0 and 0.9.1, the newest two on PyPI). Both run DAPO from the
+pip package itself: `verl.trainer.main_ppo` composes `verl/trainer/config/ppo_trainer.yaml`, which has
+`algorithm.filter_groups` and `data.gen_batch_size` from 0.9.0 on, and its default V1 trainer filters groups in
+its replay buffer. Earlier releases run DAPO only through `recipe.dapo.main_dapo`, which since 0.7.1 lives in the
+verl-recipe git submodule (not on PyPI; a plain clone leaves `recipe/` empty), and whose copy pinned by verl 0.9.0
+imports names main_ppo no longer has; they are refused with the supported list.
+
+Key names are verl 0.9's own, read from its shipped config (cited where they are set below):
+  [data]  verl/trainer/config/data/legacy_data.yaml (train_files ... gen_batch_size)
+  [algo]  ppo_trainer.yaml algorithm.* (adv_estimator, kl_ctrl, filter_groups.{enable,metric})
+  [lora]  model/hf_model.yaml (lora_rank, lora_alpha, target_modules, lora_adapter_path loaded with
+          PeftModel.from_pretrained(..., is_trainable=True); LoRA is on when lora_adapter_path is set or
+          lora_rank > 0; rollout.load_format=safetensors for vLLM LoRA)
+  [actor] actor/actor.yaml and actor/dp_actor.yaml (optim.lr/weight_decay/lr_warmup_steps/lr_scheduler_type/
+          min_lr_ratio, grad_clip, clip_ratio_low/high/c, loss_agg_mode, use_kl_loss/kl_loss_coef/kl_loss_type,
+          ppo_epochs, ppo_mini_batch_size (prompts), ppo_micro_batch_size_per_gpu (rows))
+  [reward] reward/reward.yaml (reward_manager.name, custom_reward_function.{path,name}) and the DAPO reward
+          manager, verl/experimental/reward_loop/reward_manager/dapo.py, which reads
+          reward.reward_kwargs.{overlong_buffer_cfg,max_resp_len}: keys the shipped yaml does not define, so they
+          are added with Hydra's `++` (add or override); every other key is a plain, strictly checked override.
+Departures from the DAPO recipe's own script, each because verl 0.9 reads the key elsewhere or not at all:
+  - reward_model.reward_manager, reward_model.overlong_buffer.* and top-level custom_reward_function.* are the
+    recipe-era keys; 0.9's main_ppo never migrates them, so they would compose and be ignored. Not emitted.
+  - algorithm.filter_groups.max_num_gen_batches is ignored by 0.9's V1 trainer (it logs a warning): not emitted;
+    an explicit --max-gen-batches with dynamic sampling is refused.
+  - optim.warmup_style is a deprecated alias of lr_scheduler_type: lr_scheduler_type is emitted.
 
 The adapter is handed over as is: `model.path` is the base it was made for (the residual base
 ADAPTER/base for PiSSA/MiLoRA/OLoRA, named by loraforge.json's "base"), and rank/alpha/targets are
@@ -28,10 +40,8 @@ read from its adapter_config.json, so that verl's vLLM rollout gets a LoRA slot 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import re
 import shlex
 import subprocess
@@ -44,12 +54,60 @@ from loraforge.adapters.directory import BaseModel, resolve_base
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.config import TrainConfig
 
-# The DAPO recipe's entry point in a verl checkout (the recipe directory is not part of the pip package).
-VERL_ENTRY = "recipe.dapo.main_dapo"
+# The verl releases the hand-off is written for, oldest first; both share the key layout below (composed
+# strictly against each release's shipped config in tests/rl/test_verl_real.py). The `verl` extra in
+# pyproject.toml pins the same range.
+SUPPORTED_VERL = ("0.9.0", "0.9.1")
+# verl 0.9's PPO entry point runs DAPO itself (dynamic sampling in ppo_trainer.yaml): no recipe checkout.
+VERL_ENTRY = "verl.trainer.main_ppo"
 VERL_INSTALL = (
-    "pip install verl vllm (on a CUDA machine; see https://verl.readthedocs.io/en/latest/start/install.html) "
-    "and run from a clone of https://github.com/volcengine/verl, whose recipe/ directory holds the DAPO recipe"
+    f"pip install 'loraforge[verl]' (verl {SUPPORTED_VERL[-1]} with vLLM, on a CUDA machine; "
+    "see https://verl.readthedocs.io/en/latest/start/install.html)"
 )
+# Keys the shipped config does not define but verl 0.9 reads: added with Hydra's `++` (add or override).
+# Nothing else is: a misspelt plain key is refused by Hydra's strict composition, as it should be.
+ADDED_PREFIX = "reward.reward_kwargs."
+
+
+# ------------------------------------------------------------------------------------------------
+# which verl
+def installed_verl_version() -> str | None:
+    """The version of the verl distribution installed here, read from its metadata (verl is not imported:
+    importing it pulls in ray and CUDA-only code); None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("verl")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _supported_text() -> str:
+    return " or ".join(SUPPORTED_VERL)
+
+
+def choose_verl_version(requested: str | None, installed: str | None) -> tuple[str, list[str]]:
+    """The verl release to write the job for, and notes about the choice: --verl-version when given, else the
+    installed verl, else the newest supported. An unsupported version, asked for or installed, is refused."""
+    if requested:
+        if requested not in SUPPORTED_VERL:
+            raise LoraforgeError(
+                f"--verl-version {requested} is not supported: the verl hand-off is written for verl "
+                f"{_supported_text()}; pass one of them and install it with {VERL_INSTALL}"
+            )
+        if installed and installed != requested:
+            return requested, [f"written for verl {requested} (--verl-version), but verl {installed} is installed here"]
+        return requested, []
+    if installed is None:
+        newest = SUPPORTED_VERL[-1]
+        return newest, [f"verl is not installed here: written for verl {newest} (--verl-version to choose)"]
+    if installed not in SUPPORTED_VERL:
+        raise LoraforgeError(
+            f"verl {installed} is installed here, but the verl hand-off is written for verl {_supported_text()}: "
+            f"pip install 'verl=={SUPPORTED_VERL[-1]}', or pass --verl-version {SUPPORTED_VERL[-1]} to write the "
+            "job for another machine"
+        )
+    return installed, []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,12 +243,13 @@ def verl_overrides(
     nodes: int = 1,
     n_examples: int | None = None,
 ) -> dict[str, Any]:
-    """The Hydra overrides {dotted key: value} of the DAPO recipe for this (resolved) config."""
+    """The Hydra overrides {dotted key: value} of this (resolved) config for verl 0.9's main_ppo; keys under
+    ADDED_PREFIX are given with `++` on the command line (command_line)."""
     gen_factor = (cfg.max_gen_batches or 10) if cfg.dynamic_sampling else 1
     epochs = math.ceil(cfg.steps * cfg.prompt_batch * gen_factor / max(1, n_examples or cfg.prompt_batch)) + 1
     logger = ["console"] + (["tensorboard"] if cfg.tensorboard else [])
     o: dict[str, Any] = {
-        # data [dapo]; gen_batch_size = prompt_batch: each generation batch is one prompt batch, as in loraforge
+        # data [data]; gen_batch_size = prompt_batch: each generation batch is one prompt batch, as in loraforge
         "data.train_files": str(files.train),
         "data.val_files": str(files.val),
         "data.prompt_key": "prompt",
@@ -199,13 +258,13 @@ def verl_overrides(
         "data.max_response_length": cfg.max_response_length,
         "data.train_batch_size": cfg.prompt_batch,
         "data.gen_batch_size": cfg.prompt_batch,
-        # algorithm [dapo]: GRPO outcome advantage, dynamic sampling on the acc metric
+        # algorithm [algo]: GRPO outcome advantage, dynamic sampling on reward.py's "acc" (0.9.0's metric default
+        # is null, which verl refuses with filtering on)
         "algorithm.adv_estimator": "grpo",
         "algorithm.use_kl_in_reward": False,
         "algorithm.kl_ctrl.kl_coef": 0.0,
         "algorithm.filter_groups.enable": bool(cfg.dynamic_sampling),
         "algorithm.filter_groups.metric": "acc",
-        "algorithm.filter_groups.max_num_gen_batches": cfg.max_gen_batches,  # 0 = no limit in both
         # the adapter [lora]
         "actor_rollout_ref.model.path": base.path,
         "actor_rollout_ref.model.lora_adapter_path": str(Path(cfg.adapter).resolve()),
@@ -214,28 +273,28 @@ def verl_overrides(
         "actor_rollout_ref.model.target_modules": lora.target_modules,
         "actor_rollout_ref.model.trust_remote_code": bool(cfg.trust_remote_code),
         "actor_rollout_ref.model.use_remove_padding": True,
-        # optimisation [ppo]
+        # optimisation [actor]
         "actor_rollout_ref.actor.optim.lr": cfg.lr,
         "actor_rollout_ref.actor.optim.weight_decay": cfg.weight_decay,
         "actor_rollout_ref.actor.optim.lr_warmup_steps": cfg.warmup_steps,
-        "actor_rollout_ref.actor.optim.warmup_style": cfg.lr_schedule,
+        "actor_rollout_ref.actor.optim.lr_scheduler_type": cfg.lr_schedule,
         "actor_rollout_ref.actor.optim.min_lr_ratio": cfg.min_lr_ratio,
         "actor_rollout_ref.actor.grad_clip": cfg.grad_clip,
         "actor_rollout_ref.actor.ppo_epochs": cfg.epochs,
         "actor_rollout_ref.actor.ppo_mini_batch_size": cfg.mini_batch,
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": cfg.micro_batch,
-        # the loss [dapo]
+        # the loss [actor]
         "actor_rollout_ref.actor.clip_ratio_low": cfg.eps_low,
         "actor_rollout_ref.actor.clip_ratio_high": cfg.eps_high,
         "actor_rollout_ref.actor.clip_ratio_c": cfg.clip_c,
         "actor_rollout_ref.actor.loss_agg_mode": cfg.loss_agg,
         "actor_rollout_ref.actor.entropy_coeff": 0,
-        # KL to the reference [ppo]: GRPO's k3 ("low_var_kl") as an actor loss term
+        # KL to the reference [actor]: GRPO's k3 ("low_var_kl") as an actor loss term
         "actor_rollout_ref.actor.use_kl_loss": cfg.kl_beta > 0,
         "actor_rollout_ref.actor.kl_loss_coef": cfg.kl_beta,
         "actor_rollout_ref.actor.kl_loss_type": "low_var_kl",
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": cfg.micro_batch,
-        # rollout [dapo] [lora]: vLLM, one GPU per engine, greedy validation as `loraforge train --eval-data`
+        # rollout [lora]: vLLM, one GPU per engine, greedy validation as `loraforge train --eval-data`
         "actor_rollout_ref.rollout.name": "vllm",
         "actor_rollout_ref.rollout.load_format": "safetensors",
         "actor_rollout_ref.rollout.tensor_model_parallel_size": 1,
@@ -248,14 +307,17 @@ def verl_overrides(
         "actor_rollout_ref.rollout.val_kwargs.temperature": 0,
         "actor_rollout_ref.rollout.val_kwargs.do_sample": False,
         "actor_rollout_ref.rollout.val_kwargs.n": 1,
-        # reward [dapo] [main]: the DAPO reward manager adds the overlong penalty to loraforge's scorer
-        "reward_model.reward_manager": "dapo",
-        "reward_model.overlong_buffer.enable": cfg.overlong_buffer > 0,
-        "reward_model.overlong_buffer.len": cfg.overlong_buffer,
-        "reward_model.overlong_buffer.penalty_factor": cfg.overlong_penalty,
-        "custom_reward_function.path": str(files.reward),
-        "custom_reward_function.name": "compute_score",
-        # trainer [ppo]
+        # reward [reward]: the DAPO reward manager adds the overlong penalty to loraforge's scorer. It reads all four
+        # overlong_buffer_cfg keys (a missing `log` stops it) and refuses the buffer without max_resp_len.
+        "reward.reward_manager.name": "dapo",
+        "reward.custom_reward_function.path": str(files.reward),
+        "reward.custom_reward_function.name": "compute_score",
+        ADDED_PREFIX + "overlong_buffer_cfg.enable": cfg.overlong_buffer > 0,
+        ADDED_PREFIX + "overlong_buffer_cfg.len": cfg.overlong_buffer,
+        ADDED_PREFIX + "overlong_buffer_cfg.penalty_factor": cfg.overlong_penalty,
+        ADDED_PREFIX + "overlong_buffer_cfg.log": cfg.overlong_buffer > 0,
+        ADDED_PREFIX + "max_resp_len": cfg.max_response_length,
+        # trainer [ppo_trainer.yaml]
         "trainer.total_training_steps": cfg.steps,
         "trainer.total_epochs": epochs,
         "trainer.save_freq": cfg.save_every or cfg.steps,
@@ -291,19 +353,45 @@ def hydra_value(v: Any) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def override_arg(key: str, value: Any) -> str:
+    """One Hydra override: KEY=VALUE, or ++KEY=VALUE for a key verl reads but its shipped config lacks."""
+    return ("++" if key.startswith(ADDED_PREFIX) else "") + f"{key}={hydra_value(value)}"
+
+
 def command_line(overrides: dict[str, Any], python: str = "python3") -> list[str]:
-    return [python, "-m", VERL_ENTRY] + [f"{k}={hydra_value(v)}" for k, v in overrides.items()]
+    return [python, "-m", VERL_ENTRY] + [override_arg(k, v) for k, v in overrides.items()]
 
 
-def render_script(argv: list[str], notes: list[str]) -> str:
+def version_guard(version: str) -> str:
+    """The script's first command: stop with one line unless a supported verl is installed (an unsupported
+    release would fail in Hydra on a renamed key or, worse, compose and ignore a setting)."""
+    program = "\n".join(
+        [
+            "import importlib.metadata as m, sys",
+            "try:",
+            "    v = m.version('verl')",
+            "except m.PackageNotFoundError:",
+            f"    sys.exit('run_verl.sh needs verl {version}, which is not installed: pip install verl=={version}')",
+            f"if v not in {SUPPORTED_VERL!r}:",
+            f"    sys.exit('run_verl.sh is written for verl {version} (supported: {_supported_text()}), found verl '"
+            f" + v + ': pip install verl=={version}')",
+        ]
+    )
+    return "python3 -c " + shlex.quote(program)
+
+
+def render_script(argv: list[str], notes: list[str], version: str) -> str:
     lines = [
         "#!/usr/bin/env bash",
-        "# Written by `loraforge train --backend verl`: the same run as a verl DAPO-recipe job.",
-        f"# Run it from a clone of verl (the recipe is not in the pip package): {VERL_INSTALL}.",
+        f"# Written by `loraforge train --backend verl` for verl {version}: the same run as a verl DAPO job.",
+        f"# Needs verl {_supported_text()} installed ({VERL_INSTALL}); runs from any directory.",
         "# Extra Hydra overrides given to this script are appended (later ones win).",
     ]
     lines += [f"# note: {n}" for n in notes]
-    lines += ["set -euo pipefail", 'cd "${VERL_HOME:-$PWD}"']
+    lines += [
+        "set -euo pipefail",
+        version_guard(version),
+    ]
     return "\n".join(lines) + "\n" + format_command(argv) + ' "$@"\n'
 
 
@@ -353,9 +441,9 @@ def write_parquet(examples, path: Path, template: str) -> None:
     pq.write_table(pa.Table.from_pylist(rows), str(path))
 
 
-REWARD_TEMPLATE = '''"""Written by `loraforge train --backend verl`: verl's custom_reward_function calling loraforge's
-scorer ({reward!r}), so the verl run scores exactly as `loraforge train` does. verl's DAPO reward manager adds the
-overlong penalty; "acc" feeds dynamic sampling (algorithm.filter_groups.metric=acc)."""
+REWARD_TEMPLATE = '''"""Written by `loraforge train --backend verl`: verl's reward.custom_reward_function calling
+loraforge's scorer ({reward!r}), so the verl run scores exactly as `loraforge train` does. verl's DAPO reward
+manager adds the overlong penalty; "acc" feeds dynamic sampling (algorithm.filter_groups.metric=acc)."""
 
 from loraforge.rl.rewards import get_scorer
 
@@ -376,6 +464,7 @@ class VerlLaunch:
     script: Path
     argv: list[str]
     overrides: dict[str, Any]
+    verl_version: str
     notes: list[str] = field(default_factory=list)
 
 
@@ -388,11 +477,25 @@ def default_gpus() -> int:
         return 1
 
 
+def check_handed_on(cfg: TrainConfig) -> None:
+    """Refuse a setting the user gave that verl 0.9 would accept and ignore."""
+    default_limit = TrainConfig.__dataclass_fields__["max_gen_batches"].default
+    # 0 (never give up) is what verl does; the default is not a choice the user made
+    if cfg.dynamic_sampling and cfg.max_gen_batches not in (0, default_limit):
+        raise LoraforgeError(
+            f"--max-gen-batches {cfg.max_gen_batches} cannot be handed to verl: verl 0.9 ignores "
+            "algorithm.filter_groups.max_num_gen_batches and refills each batch until it is full; drop the flag "
+            "(or use --no-dynamic-sampling)"
+        )
+
+
 def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) -> VerlLaunch:
     """Check the run, write RUN_DIR/verl/ and return what it holds. `cfg` may be unresolved."""
     from loraforge.rl.data import load_examples
 
     cfg = cfg.resolved()
+    version, version_notes = choose_verl_version(cfg.verl_version, installed_verl_version())
+    check_handed_on(cfg)
     gpus_per_node = gpus_per_node or default_gpus()
     if gpus_per_node < 1 or nodes < 1:
         raise LoraforgeError(f"--verl-gpus-per-node and --verl-nodes must be >= 1, got {gpus_per_node} and {nodes}")
@@ -423,7 +526,12 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
     files.reward.write_text(REWARD_TEMPLATE.format(reward=cfg.reward))
     overrides = verl_overrides(cfg, base, lora, files, gpus_per_node, nodes, len(examples))
 
-    notes = []
+    notes = list(version_notes)
+    if cfg.dynamic_sampling:
+        notes.append(
+            "dynamic sampling in verl 0.9 refills the batch until it is full, with no limit on generation "
+            "batches per step (loraforge's --max-gen-batches has no verl equivalent)"
+        )
     if base.residual and cfg.kl_beta > 0:
         notes.append(
             "with LoRA, verl's KL reference is the actor with the adapter disabled, which for this "
@@ -445,32 +553,25 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
     )
     argv = command_line(overrides)
     script = out / "run_verl.sh"
-    script.write_text(render_script(argv, notes))
+    script.write_text(render_script(argv, notes, version))
     script.chmod(0o755)
     (out / "overrides.json").write_text(json.dumps(overrides, indent=2) + "\n")
-    return VerlLaunch(directory=out, script=script, argv=argv, overrides=overrides, notes=notes)
+    return VerlLaunch(directory=out, script=script, argv=argv, overrides=overrides, verl_version=version, notes=notes)
 
 
 def launch(prepared: VerlLaunch, echo: Callable[[str], None] = print) -> int:
-    """Run the verl job in the foreground (needs verl and its DAPO recipe importable); returns its exit code."""
-    if importlib.util.find_spec("verl") is None:
+    """Run the verl job in the foreground (needs a supported verl installed); returns its exit code."""
+    installed = installed_verl_version()
+    if installed is None:
         raise LoraforgeError(
             f"--run needs verl, which is not installed here: {VERL_INSTALL}. "
             f"Or copy {prepared.directory} to a GPU machine and run {prepared.script.name} there"
         )
-    cwd = os.environ.get("VERL_HOME") or os.getcwd()
-    sys.path.insert(0, cwd)
-    try:
-        found = importlib.util.find_spec(VERL_ENTRY) is not None
-    except ModuleNotFoundError:
-        found = False
-    finally:
-        sys.path.remove(cwd)
-    if not found:
+    if installed not in SUPPORTED_VERL:
         raise LoraforgeError(
-            f"verl is installed but its DAPO recipe ({VERL_ENTRY}) is not importable from {cwd}: run "
-            "from a clone of https://github.com/volcengine/verl or set VERL_HOME to one"
+            f"--run: verl {installed} is installed, but the job is written for verl {prepared.verl_version} "
+            f"(supported: {_supported_text()}): pip install 'verl=={prepared.verl_version}'"
         )
     argv = [sys.executable] + prepared.argv[1:]
-    echo(f"launching verl in {cwd}: {prepared.script}")
-    return subprocess.call(argv, cwd=cwd)
+    echo(f"launching verl {installed}: {prepared.script}")
+    return subprocess.call(argv)

@@ -26,6 +26,7 @@ from typing import Optional
 
 from loraforge.adapters.directory import Adapter, load_adapter
 from loraforge.adapters.writers import ADAPTER_WEIGHTS
+from loraforge.core.clients import vllm_serve_command
 from loraforge.core.errors import LoraforgeError
 from loraforge.models.checkpoint import sha256_file
 from loraforge.ship.analysis import concat_factors
@@ -70,7 +71,8 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
             needed=False,
             message=(
                 f"{method.name} starts from B0 = 0 and leaves the base untouched, so {trained} already is a plain "
-                f"rank-{manifest['r']} LoRA for the original base {original}: serve or merge it as is. Nothing written."
+                f"rank-{manifest['r']} LoRA for the original base {original}: serve or merge it as is "
+                f"({vllm_serve_command(original, str(trained), manifest['r'])}). Nothing written."
             ),
         )
 
@@ -140,7 +142,8 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
         message=(
             f"{method.name}: {len(factors)} modules, rank {trained_ad.r} -> {r2}, "
             f"alpha {trained_ad.alpha:g} -> {alpha2:g} "
-            f"(scaling {trained_ad.scaling:g} kept) -> {out}. Load it on the original base {original}."
+            f"(scaling {trained_ad.scaling:g} kept) -> {out}. Load it on the original base {original}: "
+            f"{vllm_serve_command(original, str(out), r2)}"
         ),
     )
 

@@ -1,9 +1,12 @@
-"""`loraforge train --backend verl`: the generated verl command read back as data, key by key."""
+"""`loraforge train --backend verl`: the generated verl command read back as data, key by key, and the choice of
+verl release. tests/rl/test_verl_real.py composes these commands against verl's own shipped configuration."""
 
 import importlib.util
 import json
+import os
 import shlex
 import shutil
+import subprocess
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,12 +14,21 @@ from click.testing import CliRunner
 from rl_helpers import make_adapter, make_model
 
 from loraforge.cli import main
-from loraforge.rl.verl_launch import VERL_ENTRY, hydra_value, read_lora_settings
+from loraforge.core.errors import LoraforgeError
+from loraforge.rl.verl_launch import (
+    SUPPORTED_VERL,
+    VERL_ENTRY,
+    choose_verl_version,
+    hydra_value,
+    installed_verl_version,
+    override_arg,
+    read_lora_settings,
+)
 
 ENTRY = f"python3 -m {VERL_ENTRY}"
 
 
-def _invoke(model_dir, adapter_dir, out, *extra, model=True):
+def _invoke(model_dir, adapter_dir, out, *extra, model=True, version=SUPPORTED_VERL[-1]):
     args = [
         "train",
         "--backend",
@@ -29,13 +41,15 @@ def _invoke(model_dir, adapter_dir, out, *extra, model=True):
         "synthetic:n=40,max=2",
         *extra,
     ]
+    if version:
+        args += ["--verl-version", version]
     if model:
         args[3:3] = ["--model", str(model_dir)]
     return CliRunner().invoke(main, args)
 
 
 def read_command(script):
-    """The overrides of run_verl.sh as {key: value string}, parsed the way a shell would."""
+    """The overrides of run_verl.sh as {key as written, `++` included: value string}, parsed the way a shell would."""
     text = script.read_text()
     start = text.index(ENTRY)
     argv = shlex.split(text[start:].replace("\\\n", " "))
@@ -68,8 +82,6 @@ def test_dapo_run_as_verl_overrides(model_dir, adapter_dir, tmp_path):
         "256",
         "--max-prompt-length",
         "128",
-        "--max-gen-batches",
-        "7",
         "--group-size",
         "4",
         "--prompt-batch",
@@ -111,7 +123,8 @@ def test_dapo_run_as_verl_overrides(model_dir, adapter_dir, tmp_path):
         "2",
     )
     assert r.exit_code == 0, r.output
-    assert "python3 -m recipe.dapo.main_dapo \\" in r.output and "run_verl.sh" in r.output
+    assert "python3 -m verl.trainer.main_ppo \\" in r.output and "run_verl.sh" in r.output
+    assert f"for verl {SUPPORTED_VERL[-1]}" in r.output
     got = read_command(out / "verl" / "run_verl.sh")
     d = (out / "verl").resolve()
     expected = {
@@ -130,7 +143,6 @@ def test_dapo_run_as_verl_overrides(model_dir, adapter_dir, tmp_path):
         "algorithm.kl_ctrl.kl_coef": "0.0",
         "algorithm.filter_groups.enable": "True",
         "algorithm.filter_groups.metric": "acc",
-        "algorithm.filter_groups.max_num_gen_batches": "7",
         "actor_rollout_ref.actor.clip_ratio_low": "0.15",
         "actor_rollout_ref.actor.clip_ratio_high": "0.3",
         "actor_rollout_ref.actor.clip_ratio_c": "5.0",
@@ -139,12 +151,15 @@ def test_dapo_run_as_verl_overrides(model_dir, adapter_dir, tmp_path):
         "actor_rollout_ref.actor.use_kl_loss": "False",
         "actor_rollout_ref.actor.kl_loss_coef": "0.0",
         "actor_rollout_ref.actor.kl_loss_type": "low_var_kl",
-        "reward_model.reward_manager": "dapo",
-        "reward_model.overlong_buffer.enable": "True",
-        "reward_model.overlong_buffer.len": "64",
-        "reward_model.overlong_buffer.penalty_factor": "0.5",
-        "custom_reward_function.path": str(d / "reward.py"),
-        "custom_reward_function.name": "compute_score",
+        # reward: verl 0.9's keys; the DAPO manager's settings are added with ++ (the shipped yaml lacks them)
+        "reward.reward_manager.name": "dapo",
+        "reward.custom_reward_function.path": str(d / "reward.py"),
+        "reward.custom_reward_function.name": "compute_score",
+        "++reward.reward_kwargs.overlong_buffer_cfg.enable": "True",
+        "++reward.reward_kwargs.overlong_buffer_cfg.len": "64",
+        "++reward.reward_kwargs.overlong_buffer_cfg.penalty_factor": "0.5",
+        "++reward.reward_kwargs.overlong_buffer_cfg.log": "True",
+        "++reward.reward_kwargs.max_resp_len": "256",
         # the adapter: the plain LoRA of conftest (r 4, alpha 8, all linear layers) on --model
         "actor_rollout_ref.model.path": str(model_dir.resolve()),
         "actor_rollout_ref.model.lora_adapter_path": str(adapter_dir.resolve()),
@@ -157,7 +172,7 @@ def test_dapo_run_as_verl_overrides(model_dir, adapter_dir, tmp_path):
         "actor_rollout_ref.actor.optim.lr": "2e-05",
         "actor_rollout_ref.actor.optim.weight_decay": "0.05",
         "actor_rollout_ref.actor.optim.lr_warmup_steps": "3",
-        "actor_rollout_ref.actor.optim.warmup_style": "cosine",
+        "actor_rollout_ref.actor.optim.lr_scheduler_type": "cosine",
         "actor_rollout_ref.actor.optim.min_lr_ratio": "0.1",
         "actor_rollout_ref.actor.grad_clip": "0.5",
         "actor_rollout_ref.actor.ppo_epochs": "2",
@@ -177,9 +192,10 @@ def test_dapo_run_as_verl_overrides(model_dir, adapter_dir, tmp_path):
         "actor_rollout_ref.rollout.val_kwargs.temperature": "0",
         "actor_rollout_ref.rollout.val_kwargs.do_sample": "False",
         "actor_rollout_ref.rollout.val_kwargs.n": "1",
-        # trainer: 10 steps x 8 prompts x up to 7 generation batches over 40 prompts = 14 epochs, + 1
+        # trainer: 10 steps x 8 prompts x 10 generation batches (an allowance: verl 0.9 has no limit) over 40
+        # prompts = 20 epochs, + 1
         "trainer.total_training_steps": "10",
-        "trainer.total_epochs": "15",
+        "trainer.total_epochs": "21",
         "trainer.save_freq": "5",
         "trainer.test_freq": "-1",
         "trainer.val_before_train": "False",
@@ -194,7 +210,9 @@ def test_dapo_run_as_verl_overrides(model_dir, adapter_dir, tmp_path):
     assert got == expected
     # overrides.json holds the same settings as typed data
     data = json.loads((out / "verl" / "overrides.json").read_text())
-    assert {k: hydra_value(v) for k, v in data.items()} == expected
+    assert dict(override_arg(k, v).split("=", 1) for k, v in data.items()) == expected
+    # the legacy keys that verl 0.9 composes and then ignores are never written
+    assert not [k for k in got if k.lstrip("+").startswith(("reward_model.", "custom_reward_function."))]
     assert (
         data["actor_rollout_ref.model.target_modules"][0] == "down_proj" and data["trainer.max_actor_ckpt_to_keep"] == 3
     )
@@ -245,7 +263,9 @@ def test_grpo_settings_and_defaults(model_dir, adapter_dir, tmp_path):
         got["actor_rollout_ref.actor.use_kl_loss"] == "True" and got["actor_rollout_ref.actor.kl_loss_coef"] == "0.001"
     )
     assert got["actor_rollout_ref.actor.kl_loss_type"] == "low_var_kl"
-    assert got["algorithm.filter_groups.enable"] == "False" and got["reward_model.overlong_buffer.enable"] == "False"
+    assert got["algorithm.filter_groups.enable"] == "False"
+    assert got["++reward.reward_kwargs.overlong_buffer_cfg.enable"] == "False"
+    assert got["++reward.reward_kwargs.max_resp_len"] == "1024"
     assert (
         got["actor_rollout_ref.actor.clip_ratio_high"] == "0.2"
         and got["actor_rollout_ref.actor.clip_ratio_low"] == "0.2"
@@ -253,7 +273,7 @@ def test_grpo_settings_and_defaults(model_dir, adapter_dir, tmp_path):
     # defaults: constant lr 1e-5, wd 0.1, clip 1.0, c 10, T 1, top-p 1, top-k off; save at the end only
     assert (
         got["actor_rollout_ref.actor.optim.lr"] == "1e-05"
-        and got["actor_rollout_ref.actor.optim.warmup_style"] == "constant"
+        and got["actor_rollout_ref.actor.optim.lr_scheduler_type"] == "constant"
     )
     assert (
         got["actor_rollout_ref.actor.optim.weight_decay"] == "0.1" and got["actor_rollout_ref.actor.grad_clip"] == "1.0"
@@ -383,10 +403,12 @@ def test_run_without_verl_says_how_to_install(model_dir, adapter_dir, tmp_path):
         "1",
         "--run",
     )
-    assert r.exit_code == 1 and "--run needs verl" in r.output and "pip install verl" in r.output
+    assert r.exit_code == 1 and "--run needs verl" in r.output and "pip install 'loraforge[verl]'" in r.output
     assert (tmp_path / "run" / "verl" / "run_verl.sh").is_file()  # written anyway, to copy to a GPU machine
     r = CliRunner().invoke(main, ["train", "--run", "--adapter", "x"])
     assert r.exit_code == 2 and "go with --backend verl" in r.output
+    r = CliRunner().invoke(main, ["train", "--verl-version", "0.9.1", "--adapter", "x"])
+    assert r.exit_code == 2 and "--verl-version go with --backend verl" in r.output
 
 
 def test_hydra_values_and_lora_settings(tmp_path):
@@ -414,3 +436,88 @@ def test_hydra_values_and_lora_settings(tmp_path):
     )
     s = read_lora_settings(tmp_path)
     assert (s.r, s.alpha, s.target_modules, s.max_rank, s.patterns) == (16, 32, "all-linear", 64, True)
+
+
+def _fake_verl(root, version):
+    """A directory holding only the metadata of an installed verl VERSION (what pip writes as dist-info)."""
+    info = root / f"verl-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: verl\nVersion: {version}\n")
+    return root
+
+
+def test_verl_version_choice():
+    newest = SUPPORTED_VERL[-1]
+    assert SUPPORTED_VERL == ("0.9.0", "0.9.1")
+    # not installed, not asked: the newest, said so
+    v, notes = choose_verl_version(None, None)
+    assert v == newest and "verl is not installed here" in notes[0]
+    # installed and supported: that one, silently
+    assert choose_verl_version(None, "0.9.0") == ("0.9.0", [])
+    # asked for: that one; a different supported verl installed here is mentioned
+    assert choose_verl_version("0.9.0", None) == ("0.9.0", [])
+    v, notes = choose_verl_version("0.9.0", "0.9.1")
+    assert v == "0.9.0" and "verl 0.9.1 is installed here" in notes[0]
+    # unsupported, asked for or installed: one line naming the supported releases and what to do
+    for requested, installed, said in [
+        ("0.8.0", None, "--verl-version 0.8.0 is not supported"),
+        ("0.10.0", "0.9.1", "--verl-version 0.10.0 is not supported"),
+        (None, "0.7.1", "verl 0.7.1 is installed here"),
+    ]:
+        with pytest.raises(LoraforgeError) as e:
+            choose_verl_version(requested, installed)
+        assert said in str(e.value) and "0.9.0 or 0.9.1" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_installed_verl_is_detected(model_dir, adapter_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(_fake_verl(tmp_path / "site080", "0.8.0")))
+    assert installed_verl_version() == "0.8.0"
+    base = ["--prompt-batch", "4", "--mini-batch", "4", "--group-size", "2", "--verl-gpus-per-node", "1"]
+    r = _invoke(model_dir, adapter_dir, tmp_path / "run", *base, version=None)
+    assert r.exit_code == 1 and "verl 0.8.0 is installed here" in r.output and "--verl-version 0.9.1" in r.output
+    assert not (tmp_path / "run" / "verl").exists()
+    # --verl-version writes the job for another machine even so
+    r = _invoke(model_dir, adapter_dir, tmp_path / "run", *base, version="0.9.0")
+    assert r.exit_code == 0, r.output
+    assert "written for verl 0.9.0 (--verl-version), but verl 0.8.0 is installed here" in r.output
+    # but --run refuses to start it on the wrong verl
+    r = _invoke(model_dir, adapter_dir, tmp_path / "run2", *base, "--run", version="0.9.0")
+    assert r.exit_code == 1 and "--run: verl 0.8.0 is installed, but the job is written for verl 0.9.0" in r.output
+
+
+def test_script_refuses_an_unsupported_verl(model_dir, adapter_dir, tmp_path):
+    """run_verl.sh's first command checks the installed verl before verl sees a key."""
+    base = ["--prompt-batch", "4", "--mini-batch", "4", "--group-size", "2", "--verl-gpus-per-node", "1"]
+    r = _invoke(model_dir, adapter_dir, tmp_path / "run", *base)
+    assert r.exit_code == 0, r.output
+    script = tmp_path / "run" / "verl" / "run_verl.sh"
+
+    def run(site):
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
+        return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = run(empty)
+    assert p.returncode == 1 and "run_verl.sh needs verl 0.9.1, which is not installed" in p.stderr
+    p = run(_fake_verl(tmp_path / "site", "0.8.0"))
+    assert p.returncode == 1
+    assert "run_verl.sh is written for verl 0.9.1 (supported: 0.9.0 or 0.9.1), found verl 0.8.0" in p.stderr
+    # a supported verl passes the check and reaches the entry point (here only metadata, so the import fails)
+    p = run(_fake_verl(tmp_path / "site091", "0.9.1"))
+    assert p.returncode == 1 and "No module named 'verl'" in p.stderr and "run_verl.sh" not in p.stderr
+
+
+def test_ignored_verl_settings_are_refused(model_dir, adapter_dir, tmp_path):
+    base = ["--prompt-batch", "4", "--mini-batch", "4", "--group-size", "2", "--verl-gpus-per-node", "1"]
+    r = _invoke(model_dir, adapter_dir, tmp_path / "run", *base, "--algo", "dapo", "--max-gen-batches", "7")
+    assert r.exit_code == 1 and "--max-gen-batches 7 cannot be handed to verl" in r.output
+    assert "ignores algorithm.filter_groups.max_num_gen_batches" in r.output
+    # 0 (never give up) is what verl does, and without dynamic sampling the flag means nothing
+    r = _invoke(model_dir, adapter_dir, tmp_path / "ok0", *base, "--max-gen-batches", "0")
+    assert r.exit_code == 0, r.output
+    # the difference from the bundled loop is said in the output and the script
+    assert "no limit on generation batches per step" in r.output
+    assert "no limit on generation batches" in (tmp_path / "ok0" / "verl" / "run_verl.sh").read_text()
+    r = _invoke(model_dir, adapter_dir, tmp_path / "ok7", *base, "--max-gen-batches", "7", "--no-dynamic-sampling")
+    assert r.exit_code == 0, r.output
