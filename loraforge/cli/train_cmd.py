@@ -1,9 +1,13 @@
 """`loraforge train`: DAPO/GRPO on a PEFT adapter (see docs/train.md, docs/scale.md). Thin: flags -> library."""
 
+import signal
+
 import click
 
 from loraforge.cli._common import user_errors
 from loraforge.cli.train_options import config_options, run_train
+
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143
 
 
 @click.command(context_settings={"max_content_width": 120})
@@ -50,10 +54,16 @@ def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_n
             return
         if run_verl or verl_gpus_per_node is not None or verl_nodes != 1:
             raise click.UsageError("--run, --verl-gpus-per-node and --verl-nodes go with --backend verl")
-        result = run_train(flags, config_file, resume_dir)
+        try:
+            result = run_train(flags, config_file, resume_dir)
+        except KeyboardInterrupt:  # a second Ctrl-C: aborted without saving
+            click.echo("aborted without saving", err=True)
+            raise SystemExit(EXIT_SIGINT) from None
     from loraforge.rl.distributed import context
 
     if context().is_main:
         click.echo(
             f"{'interrupted' if result.interrupted else 'finished'} at step {result.steps_done}: {result.run_dir}"
         )
+    if result.interrupted:  # the shell's convention for death by a signal: 128 + its number
+        raise SystemExit(EXIT_SIGTERM if result.stop_signal == signal.SIGTERM else EXIT_SIGINT)

@@ -1,0 +1,127 @@
+"""kill -9 at random points of `python -m loraforge train`: a killed run loses no completed checkpoint, leaves
+only litter the next run cleans up, and `--resume` (again and again) ends with the adapter an uninterrupted
+run writes, bit for bit.
+
+The kill times are random (seeded), so which points are hit varies with the machine's speed; what is
+asserted does not: every invariant must hold whatever point a kill lands on.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.rl import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+KILLS = 6  # kill -9s per test run, then one --resume to the end
+ROOT = Path(__file__).parents[2]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the same arithmetic in every run
+    return env
+
+
+def _args(model_dir, adapter_dir, run):
+    return [
+        *("train", "--model", str(model_dir), "--adapter", str(adapter_dir), "-o", str(run)),
+        *("--data", "synthetic:n=60,max=2,style=bare", "--reward", "rl_helpers:answer_scorer"),
+        *("--max-response-length", "1", "--overlong-buffer", "0", "--group-size", "8", "--prompt-batch", "4"),
+        *("--mini-batch", "2", "--lr", "1e-2", "--max-gen-batches", "0", "--no-tensorboard"),
+        *("--steps", "6", "--save-every", "1", "--keep-checkpoints", "2"),
+    ]
+
+
+def _start(argv, log: Path):
+    out = log.open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "loraforge", *argv], stdout=out, stderr=subprocess.STDOUT, env=_env()
+    )
+
+
+def _newest_sound(run: Path) -> int:
+    """The step of the newest checkpoint that reads back whole (0: none)."""
+    for path in reversed(ckpt.list_checkpoints(run)):
+        if ckpt.check_checkpoint(path) is None:
+            return int(path.name.split("_")[1])
+    return 0
+
+
+def _check_invariants(run: Path, newest_before: int) -> int:
+    """What must hold after any kill; returns the newest sound checkpoint's step."""
+    newest = _newest_sound(run)
+    assert newest >= newest_before, f"a completed checkpoint was lost: step {newest_before} -> {newest}"
+    complete = ckpt.list_checkpoints(run)
+    # every checkpoint that looks complete (has state.json) is whole: no half-written or half-deleted one
+    assert all(ckpt.check_checkpoint(p) is None for p in complete), [ckpt.check_checkpoint(p) for p in complete]
+    if (run / "config.json").exists():
+        json.loads((run / "config.json").read_text())  # never torn
+    if (run / "adapter").exists():
+        load_file(str(run / "adapter" / "adapter_model.safetensors"))  # the old adapter or the new, whole
+    if (run / "metrics.jsonl").exists():  # at most the last line torn
+        lines = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        for ln in lines[:-1]:
+            json.loads(ln)
+    # anything else there is litter the next run recognises
+    known = {"config.json", "metrics.jsonl", "adapter", "checkpoints", ckpt.LOCK_FILE}
+    litter = [p.name for p in run.iterdir() if p.name not in known] if run.exists() else []
+    assert all(n.startswith((ckpt.TMP, ckpt.OLD, ckpt.DEL)) for n in litter), litter
+    return newest
+
+
+def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_dir, adapter_dir, tmp_path):
+    # the uninterrupted run, timed: kills are spread over its length
+    t0 = time.monotonic()
+    straight = _start(_args(model_dir, adapter_dir, tmp_path / "straight"), tmp_path / "straight.log")
+    assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()
+    duration = time.monotonic() - t0
+
+    rng = random.Random(1234)
+    run = tmp_path / "run"
+    newest, outcomes = 0, []
+    for i in range(KILLS):
+        argv = ["train", "--resume", str(run)] if (run / "config.json").exists() else _args(model_dir, adapter_dir, run)
+        log = tmp_path / f"kill{i}.log"
+        proc = _start(argv, log)
+        if i % 2 == 0:  # anywhere, from interpreter start to the end
+            time.sleep(rng.uniform(0, duration))
+        else:  # inside the training loop: after its first line, somewhere in the steps
+            deadline = time.monotonic() + 600
+            while "training dapo" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, duration / 2))
+        proc.send_signal(signal.SIGKILL)
+        rc = proc.wait(timeout=60)
+        outcomes.append((rc, _newest_sound(run)))
+        assert rc in (0, -signal.SIGKILL), log.read_text()
+        newest = _check_invariants(run, newest)
+
+    final = subprocess.run(
+        [sys.executable, "-m", "loraforge", "train", "--resume", str(run)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert final.returncode == 0, final.stdout + final.stderr
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), outcomes
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "config.json", "metrics.jsonl"] or (
+        sorted(p.name for p in run.iterdir())
+        == [ckpt.LOCK_FILE, "adapter", "checkpoints", "config.json", "metrics.jsonl"]
+    )
+    print("kill outcomes (exit status, newest sound checkpoint):", outcomes)
