@@ -23,7 +23,8 @@ from loraforge.rl import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
-KILLS = 6  # kill -9s per test run, then one --resume to the end
+KILLS = 8  # kill -9s per test run (fewer if the run reaches its end first), then one --resume to the end
+STEPS = 12
 ROOT = Path(__file__).parents[2]
 
 
@@ -40,7 +41,7 @@ def _args(model_dir, adapter_dir, run):
         *("--data", "synthetic:n=60,max=2,style=bare", "--reward", "rl_helpers:answer_scorer"),
         *("--max-response-length", "1", "--overlong-buffer", "0", "--group-size", "8", "--prompt-batch", "4"),
         *("--mini-batch", "2", "--lr", "1e-2", "--max-gen-batches", "0", "--no-tensorboard"),
-        *("--steps", "6", "--save-every", "1", "--keep-checkpoints", "2"),
+        *("--steps", str(STEPS), "--save-every", "1", "--keep-checkpoints", "2"),
     ]
 
 
@@ -81,12 +82,21 @@ def _check_invariants(run: Path, newest_before: int) -> int:
     return newest
 
 
+def _wait_for(log: Path, text: str, proc) -> float:
+    """Wait until `text` appears in the log (or the process ends); returns the time it appeared."""
+    deadline = time.monotonic() + 600
+    while text not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return time.monotonic()
+
+
 def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_dir, adapter_dir, tmp_path):
-    # the uninterrupted run, timed: kills are spread over its length
+    # the uninterrupted run, timed: its start-up (imports, model load) and its steps
     t0 = time.monotonic()
     straight = _start(_args(model_dir, adapter_dir, tmp_path / "straight"), tmp_path / "straight.log")
+    t_loop = _wait_for(tmp_path / "straight.log", "training dapo", straight)
     assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()
-    duration = time.monotonic() - t0
+    startup, per_step = t_loop - t0, (time.monotonic() - t_loop) / STEPS
 
     rng = random.Random(1234)
     run = tmp_path / "run"
@@ -95,18 +105,18 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_
         argv = ["train", "--resume", str(run)] if (run / "config.json").exists() else _args(model_dir, adapter_dir, run)
         log = tmp_path / f"kill{i}.log"
         proc = _start(argv, log)
-        if i % 2 == 0:  # anywhere, from interpreter start to the end
-            time.sleep(rng.uniform(0, duration))
-        else:  # inside the training loop: after its first line, somewhere in the steps
-            deadline = time.monotonic() + 600
-            while "training dapo" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0, duration / 2))
+        if i % 3 == 0:  # during start-up or the first steps
+            time.sleep(rng.uniform(0, startup + per_step))
+        else:  # inside the training loop, somewhere in the steps left (a save, a prune, a metrics line, a step)
+            _wait_for(log, "training dapo", proc)
+            time.sleep(rng.uniform(0, per_step * (STEPS - newest)))
         proc.send_signal(signal.SIGKILL)
         rc = proc.wait(timeout=60)
         outcomes.append((rc, _newest_sound(run)))
         assert rc in (0, -signal.SIGKILL), log.read_text()
         newest = _check_invariants(run, newest)
+        if newest == STEPS:
+            break  # the run got to its end before the kill: nothing left to interrupt
 
     final = subprocess.run(
         [sys.executable, "-m", "loraforge", "train", "--resume", str(run)],
@@ -119,9 +129,12 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), outcomes
-    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "config.json", "metrics.jsonl"] or (
-        sorted(p.name for p in run.iterdir())
-        == [ckpt.LOCK_FILE, "adapter", "checkpoints", "config.json", "metrics.jsonl"]
-    )
-    print("kill outcomes (exit status, newest sound checkpoint):", outcomes)
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    assert sorted(p.name for p in run.iterdir() if p.name != ckpt.LOCK_FILE) == [
+        "adapter",
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+    ]
+    print(f"start-up {startup:.1f} s, {per_step:.2f} s/step; kills (exit status, newest sound checkpoint): {outcomes}")
