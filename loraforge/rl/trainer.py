@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import signal
 import sys
 import time
@@ -352,7 +353,9 @@ class Trainer:
         elif cfg.kl_beta > 0 and self.dist.is_main:
             from safetensors.torch import save_file
 
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(ref_path))
+            tmp = ref_path.with_name(ckpt.TMP + ref_path.name)  # renamed into place: a kill never tears it
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(tmp))
+            os.replace(tmp, ref_path)
         self.dist.barrier()  # the reference file is written before anyone reads it
         # the KL reference: a frozen copy of the INITIAL adapter weights (saved at the start of the run)
         self.ref_params = None
@@ -977,6 +980,7 @@ def train(cfg: TrainConfig, *, scorer: Scorer | None = None, echo: Callable[[str
     """Run a training from scratch into cfg.output_dir. A directory that already holds a run is refused,
     unless that run saved nothing (no checkpoint, no adapter): then it is started afresh."""
     echo = echo or (lambda s: print(s, flush=True))
+    cfg.resolved()  # bad settings are refused before anything is created on disk
     dist = init_distributed(cfg.device)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else None
     with _run_lock(run_dir, dist, echo):
@@ -1015,9 +1019,15 @@ def resume(
     dist = init_distributed(cfg.device)
     _apply_overrides(cfg, {"steps": steps, **(overrides or {})}, echo)
     with _run_lock(run_dir, dist, echo):
+        had = ckpt.list_checkpoints(run_dir)
         latest = ckpt.newest_sound_checkpoint(run_dir, echo) if dist.is_main else None
         if dist.enabled:
             latest = dist.all_gather_object(latest)[0]
+        if latest is None and had:
+            raise LoraforgeError(
+                f"--resume {run_dir}: none of its {len(had)} checkpoint(s) reads back whole (set aside as "
+                f"{run_dir / ckpt.CKPT_DIR}/damaged-step_N); start a new run with -o"
+            )
         if latest is None:
             if (run_dir / "adapter").exists():
                 raise LoraforgeError(

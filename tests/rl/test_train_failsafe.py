@@ -149,6 +149,12 @@ def test_resume_drops_a_torn_metrics_line_and_falls_back_from_a_damaged_checkpoi
     assert (run / "checkpoints" / "damaged-step_000003").is_dir()  # kept for inspection, never loaded again
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
     assert same(weights(run / "adapter"), weights(tmp_path / "straight" / "adapter"))
+    # when no checkpoint reads back whole, --resume says so instead of starting over
+    for c in list_checkpoints(run):
+        (c / "state.json").write_text("{")
+    with pytest.raises(LoraforgeError, match=r"none of its 3 checkpoint\(s\) reads back whole"):
+        resume(run, scorer=answer_scorer, echo=quiet([]))
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]  # the run's history is kept
 
 
 def test_sigterm_abandons_the_step_saves_the_last_one_and_exits_143(model_dir, adapter_dir, tmp_path, monkeypatch):
