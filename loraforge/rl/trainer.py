@@ -736,12 +736,13 @@ class Trainer:
         return dest
 
     # -- the sound state: what a failed step rolls back to ------------------------------------
-    def _capture(self, step: int) -> SoundState:
-        """The state at the end of step `step` (before the next one changes anything), on the CPU."""
+    def _capture(self, step: int, previous: SoundState | None) -> SoundState:
+        """The state at the end of step `step` (before the next one changes anything), on the CPU; the
+        previous step's copy is overwritten in place (it is of no use once a step has completed)."""
         return SoundState(
             step=step,
-            params={n: p.detach().to("cpu", copy=True) for n, p in self.params.items()},
-            optimizer=ckpt.cpu_copy(self.optimizer.state_dict()),
+            params=ckpt.cpu_copy(dict(self.params), previous.params if previous else None),
+            optimizer=ckpt.cpu_copy(self.optimizer.state_dict(), previous.optimizer if previous else None),
             scheduler=ckpt.cpu_copy(self.scheduler.state_dict()),
             rng=ckpt.rng_state(self.generator),
             data=self.stream.state(),
@@ -853,8 +854,9 @@ class Trainer:
         """The steps; a TrainResult when the run stopped early on a signal, None when it completed."""
         cfg = self.cfg
         self._last_metrics = None
+        sound = None
         for step in range(self.start_step + 1, cfg.steps + 1):
-            sound = self._capture(step - 1)
+            sound = self._capture(step - 1, sound)
             try:
                 self._abortable = True
                 metrics = self.step(step)
