@@ -311,13 +311,16 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by a live process
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise LoraforgeError(
                 f"{self.path.parent} is in use by another `loraforge train` (pid {holder}); wait for it to finish, "
                 "stop it, or choose another -o directory"
             ) from None
+        except OSError:  # a filesystem without flock (some network mounts): run unlocked, as before
+            os.close(fd)
+            return
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd

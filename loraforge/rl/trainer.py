@@ -1045,8 +1045,9 @@ def _apply_overrides(cfg: TrainConfig, values: dict[str, Any], echo: Callable[[s
         if key not in RESUME_OVERRIDES:
             raise LoraforgeError(f"--resume may change only {', '.join(RESUME_OVERRIDES)}; got {key}")
         if value is not None and value != getattr(cfg, key):
-            flag = "--" + key.replace("_", "-")
-            echo(f"resuming with {flag} {value} (the run had {getattr(cfg, key)})")
+            name = key.replace("_", "-")
+            given = (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+            echo(f"resuming with {given} (the run had {key} = {getattr(cfg, key)})")
             setattr(cfg, key, value)
 
 

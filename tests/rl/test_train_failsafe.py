@@ -70,7 +70,7 @@ def test_dynamic_sampling_exhausted_saves_last_step_and_says_how_to_go_on(model_
     # the CLI's way on: --resume with dynamic sampling off, which the saved config.json then records
     lines = []
     resume(run, scorer=answer_scorer, echo=lines.append, overrides={"dynamic_sampling": False})
-    assert "resuming with --dynamic-sampling False (the run had True)" in lines
+    assert "resuming with --no-dynamic-sampling (the run had dynamic_sampling = True)" in lines
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
     assert json.loads((run / "config.json").read_text())["dynamic_sampling"] is False
 
@@ -184,6 +184,22 @@ def test_sigterm_abandons_the_step_saves_the_last_one_and_exits_143(model_dir, a
     )
     assert r.exit_code == 0, r.output
     assert same(weights(run / "adapter"), weights(straight / "adapter"))
+
+
+def test_a_save_that_fails_too_keeps_the_first_error(model_dir, adapter_dir, tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    scorer, echo = solved_after(1, [])
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", steps=3, max_gen_batches=2)
+    with pytest.raises(LoraforgeError) as e:
+        train(cfg, scorer=scorer, echo=echo)
+    msg = str(e.value)
+    assert msg.startswith("step 2: dynamic sampling kept 0 of the 4 groups needed")
+    assert "Saving the last complete step 1 failed too ([Errno 28] No space left on device); on disk: nothing" in msg
 
 
 def test_adapters_record_the_init_they_were_trained_from(model_dir, adapter_dir, tmp_path):
