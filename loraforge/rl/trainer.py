@@ -764,7 +764,7 @@ class Trainer:
 
     def _rescue(self, sound: SoundState, last_saved: int | None) -> tuple[int | None, str]:
         """After a failed step: roll back to the last complete step and save it (checkpoint + RUN_DIR/adapter).
-        Returns (the step saved or None, a sentence saying what was saved)."""
+        Returns (the step whose adapter is now RUN_DIR/adapter, or None; a sentence saying what was saved)."""
         if sound.step == 0:
             return None, (
                 f"no step had completed, so nothing was saved ({self.run_dir} holds no checkpoint: the same "
@@ -777,7 +777,7 @@ class Trainer:
             adapter = self.save_adapter()
         except Exception as e:  # a full disk, say: the original error stays the one reported
             saved = f"checkpoint {ckpt.checkpoint_path(self.run_dir, last_saved)}" if last_saved else "nothing"
-            return last_saved, f"saving the last complete step {sound.step} failed too ({e}); on disk: {saved}"
+            return None, f"saving the last complete step {sound.step} failed too ({e}); on disk: {saved}"
         return sound.step, (
             f"saved the last complete step {sound.step}: the adapter to {adapter} and a checkpoint to "
             f"{ckpt.checkpoint_path(self.run_dir, sound.step)}"
@@ -809,8 +809,8 @@ class Trainer:
         else:
             what = f"step {step} failed: {error}"
             how = "Fix the cause"
-        if saved is not None:
-            how += f", then continue with `loraforge train --resume {run}`"
+        # --resume always has a way on: the newest checkpoint, or step 0 of a run that saved none
+        how += f", then continue with `loraforge train --resume {run}`"
         return f"{what}. {what_saved[0].upper() + what_saved[1:]}. {how}."
 
     def run(self) -> TrainResult:
@@ -867,7 +867,7 @@ class Trainer:
                 self._abortable = False
                 saved, what_saved = self._rescue(sound, self._last_saved)
                 self.echo(f"SIGTERM during step {step}: {what_saved}")
-                return self._stopped(saved if saved is not None else 0, signal.SIGTERM)
+                return self._stopped(saved if saved is not None else (self._last_saved or 0), signal.SIGTERM)
             except Exception as e:
                 self._abortable = False
                 if self.dist.enabled and not isinstance(e, (GroupsExhausted, TrainingDiverged)):
