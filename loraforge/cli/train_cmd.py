@@ -21,7 +21,8 @@ EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 14
     "--resume",
     "resume_dir",
     type=click.Path(file_okay=False),
-    help="Continue the run in RUN_DIR from its latest checkpoint.",
+    help="Continue the run in RUN_DIR from its newest sound checkpoint (step 0 if it saved none); "
+    "only --steps, --max-gen-batches, --dynamic-sampling/--no-dynamic-sampling may be given with it.",
 )
 @click.option(
     "--backend",
@@ -45,6 +46,8 @@ def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_n
     loraforge train --algo dapo --model BASE --adapter ADAPTER --data DATA -o RUN_DIR
 
     Several processes: accelerate launch --multi_gpu --num_processes N -m loraforge train ...
+
+    Exit status: 0 done, 1 an error (the last complete step saved first), 130 Ctrl-C, 143 SIGTERM (both after saving).
     """
     with user_errors():
         if backend == "verl":

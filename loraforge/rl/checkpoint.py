@@ -307,8 +307,13 @@ class RunLock:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a file in the way, no permission, a read-only mount
+            raise LoraforgeError(
+                f"run directory {self.path.parent}: cannot write there ({e.strerror or e}); choose another -o directory"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # held by a live process

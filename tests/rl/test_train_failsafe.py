@@ -244,6 +244,12 @@ def test_a_second_run_on_the_same_directory_is_refused(model_dir, adapter_dir, t
         held.release()
 
 
+def test_an_output_path_that_is_a_file_is_one_line(model_dir, adapter_dir, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(LoraforgeError, match=r"run directory .*taken: cannot write there \(File exists\)"):
+        train(tiny_cfg(model_dir, adapter_dir, tmp_path / "taken"), scorer=answer_scorer, echo=quiet([]))
+
+
 def test_litter_of_a_killed_save_is_cleaned_or_put_back(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / ".tmp-step_000004" / "adapter").mkdir(parents=True)
