@@ -1,6 +1,6 @@
-"""kill -9 at random points of `python -m loraforge train`: a killed run loses no completed checkpoint, leaves
-only litter the next run cleans up, and `--resume` (again and again) ends with the adapter an uninterrupted
-run writes, bit for bit.
+"""kill -9 (and SIGTERM) at random points of `python -m loraforge train`: a killed run loses no completed
+checkpoint, leaves only litter the next run cleans up, and `--resume` (again and again) ends with the adapter
+an uninterrupted run writes, bit for bit.
 
 The kill times are random (seeded), so which points are hit varies with the machine's speed; what is
 asserted does not: every invariant must hold whatever point a kill lands on.
@@ -23,8 +23,9 @@ from loraforge.rl import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
-KILLS = 8  # kill -9s per test run (fewer if the run reaches its end first), then one --resume to the end
-STEPS = 12
+KILLS = 10  # signals per test run (fewer if the run reaches its end first), then one --resume to the end
+TERMS = 3  # the last TERMS of them are SIGTERM, the others SIGKILL
+STEPS = 20
 ROOT = Path(__file__).parents[2]
 
 
@@ -110,10 +111,15 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_
         else:  # inside the training loop, somewhere in the steps left (a save, a prune, a metrics line, a step)
             _wait_for(log, "training dapo", proc)
             time.sleep(rng.uniform(0, per_step * (STEPS - newest)))
-        proc.send_signal(signal.SIGKILL)
-        rc = proc.wait(timeout=60)
-        outcomes.append((rc, _newest_sound(run)))
-        assert rc in (0, -signal.SIGKILL), log.read_text()
+        # SIGKILL, and for the last few a SIGTERM: 143 after saving once the loop runs; -15 (the default
+        # action) during start-up or the final adapter write, where nothing needs saving or the write is atomic
+        sig = signal.SIGKILL if i < KILLS - TERMS else signal.SIGTERM
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+        outcomes.append((signal.Signals(sig).name, rc, _newest_sound(run)))
+        assert rc in (0, -sig) + ((143,) if sig == signal.SIGTERM else ()), log.read_text()
+        if rc == 143:
+            assert "SIGTERM" in log.read_text() and "Traceback" not in log.read_text()
         newest = _check_invariants(run, newest)
         if newest == STEPS:
             break  # the run got to its end before the kill: nothing left to interrupt
@@ -137,4 +143,6 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_
         "config.json",
         "metrics.jsonl",
     ]
-    print(f"start-up {startup:.1f} s, {per_step:.2f} s/step; kills (exit status, newest sound checkpoint): {outcomes}")
+    print(
+        f"start-up {startup:.1f} s, {per_step:.2f} s/step; (signal, exit status, newest sound checkpoint): {outcomes}"
+    )
