@@ -1,9 +1,13 @@
 """`loraforge train`: DAPO/GRPO on a PEFT adapter (see docs/train.md, docs/scale.md). Thin: flags -> library."""
 
+import signal
+
 import click
 
 from loraforge.cli._common import user_errors
 from loraforge.cli.train_options import config_options, run_train
+
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143
 
 
 @click.command(context_settings={"max_content_width": 120})
@@ -17,7 +21,8 @@ from loraforge.cli.train_options import config_options, run_train
     "--resume",
     "resume_dir",
     type=click.Path(file_okay=False),
-    help="Continue the run in RUN_DIR from its latest checkpoint.",
+    help="Continue the run in RUN_DIR from its newest sound checkpoint (step 0 if it saved none); "
+    "only --steps, --max-gen-batches, --dynamic-sampling/--no-dynamic-sampling may be given with it.",
 )
 @click.option(
     "--backend",
@@ -42,6 +47,8 @@ def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_n
     loraforge train --algo dapo --model BASE --adapter ADAPTER --data DATA -o RUN_DIR
 
     Several processes: accelerate launch --multi_gpu --num_processes N -m loraforge train ...
+
+    Exit status: 0 done, 1 an error (the last complete step saved first), 130 Ctrl-C, 143 SIGTERM (both after saving).
     """
     with user_errors():
         if backend == "verl":
@@ -53,10 +60,16 @@ def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_n
             raise click.UsageError(
                 "--run, --verl-gpus-per-node, --verl-nodes and --verl-version go with --backend verl"
             )
-        result = run_train(flags, config_file, resume_dir)
+        try:
+            result = run_train(flags, config_file, resume_dir)
+        except KeyboardInterrupt:  # a second Ctrl-C: aborted without saving
+            click.echo("aborted without saving", err=True)
+            raise SystemExit(EXIT_SIGINT) from None
     from loraforge.rl.distributed import context
 
     if context().is_main:
         click.echo(
             f"{'interrupted' if result.interrupted else 'finished'} at step {result.steps_done}: {result.run_dir}"
         )
+    if result.interrupted:  # the shell's convention for death by a signal: 128 + its number
+        raise SystemExit(EXIT_SIGTERM if result.stop_signal == signal.SIGTERM else EXIT_SIGINT)

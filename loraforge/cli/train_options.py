@@ -70,16 +70,17 @@ def build_config(flags: dict[str, Any], config_file: str | None) -> TrainConfig:
 
 def run_train(flags: dict[str, Any], config_file: str | None, resume_dir: str | None):
     """The whole `loraforge train` command: a new run, or --resume RUN_DIR (only --steps may change)."""
-    from loraforge.rl.trainer import resume, train
+    from loraforge.rl.trainer import RESUME_OVERRIDES, resume, train
 
     if resume_dir:
-        given = sorted(flag_of(k) for k, v in flags.items() if v is not None and k != "steps")
+        given = sorted(flag_of(k) for k, v in flags.items() if v is not None and k not in RESUME_OVERRIDES)
         if given or config_file:
             raise LoraforgeError(
-                f"--resume uses the run's saved config.json; only --steps may change, but got "
+                "--resume uses the run's saved config.json; only --steps, --max-gen-batches and "
+                "--dynamic-sampling/--no-dynamic-sampling may change, but got "
                 f"{', '.join(given + (['--config'] if config_file else []))}. Start a new run (-o) to change settings"
             )
-        return resume(resume_dir, steps=flags.get("steps"))
+        return resume(resume_dir, overrides={k: flags.get(k) for k in RESUME_OVERRIDES})
     return train(build_config(flags, config_file))
 
 

@@ -26,10 +26,13 @@ def read_row_file(path: Path) -> list[dict]:
                 f"{path} is a parquet file, which needs pyarrow: `pip install pyarrow` "
                 "(or `pip install 'loraforge[train]'`), or convert it to .jsonl"
             ) from None
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid & co. for a torn or non-parquet file
+            raise LoraforgeError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
     if suffix not in SUFFIXES:
         raise LoraforgeError(f"{path}: unknown file type {suffix!r}; expected .jsonl, .json or .parquet")
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -51,3 +54,16 @@ def read_row_file(path: Path) -> list[dict]:
                 f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one object per line"
             ) from None
     return rows
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is refused naming the line and byte, not decoded wrongly."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LoraforgeError(
+            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) {e.reason}; "
+            "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8.jsonl`)"
+        ) from None

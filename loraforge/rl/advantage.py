@@ -64,8 +64,8 @@ def fill_batch(next_groups, target: int, max_gen_batches: int, dynamic: bool):
     dropped, batches are drawn until at least `target` groups are kept, and the kept list is cut to
     `target` (verl truncates to train_batch_size * G rows, i.e. whole groups in order).
     Returns (kept groups, every group generated, number of generation batches).
-    Raises RuntimeError after `max_gen_batches` batches (0 = no limit) with too few kept; the trainer
-    turns it into a message naming --max-gen-batches.
+    Raises GroupsExhausted (a RuntimeError carrying the groups seen) after `max_gen_batches` batches
+    (0 = no limit) with too few kept; the trainer turns it into a message naming --max-gen-batches.
     """
     kept, seen, batches = [], [], 0
     while True:
@@ -78,10 +78,27 @@ def fill_batch(next_groups, target: int, max_gen_batches: int, dynamic: bool):
         if len(kept) >= target:
             return kept[:target], seen, batches
         if max_gen_batches > 0 and batches >= max_gen_batches:
-            raise RuntimeError(
+            raise GroupsExhausted(
+                kept,
+                seen,
+                batches,
                 f"dynamic sampling kept {len(kept)} of the {target} groups needed after {batches} generation "
-                f"batches ({len(seen)} groups drawn, the rest had all-equal accuracy)"
+                f"batches ({len(seen)} groups drawn, the rest had all-equal accuracy)",
             )
+
+
+class GroupsExhausted(RuntimeError):
+    """Dynamic sampling drew its last allowed batch with too few varying groups."""
+
+    def __init__(self, kept: list, seen: list, batches: int, message: str):
+        super().__init__(message)
+        self.kept, self.seen, self.batches = kept, seen, batches
+
+    def outcome_counts(self) -> tuple[int, int]:
+        """(groups where every response was right, groups where every one was wrong) among those seen."""
+        same = [_accs_of(g) for g in self.seen if not keep_group(_accs_of(g))]
+        right = sum(1 for a in same if a and all(x > 0 for x in a))
+        return right, len(same) - right
 
 
 def _accs_of(group):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,10 @@ class TrainConfig:
         return cls(**{k.replace("-", "_"): v for k, v in values.items()})
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write through a temporary file and a rename: a kill mid-write leaves the old config.json whole."""
+        tmp = path.parent / f".tmp-{path.name}"
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,13 +61,7 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.echo = echo
         if resume_step is not None and self.path.exists():
-            # drop lines of steps after the checkpoint we resume from: they will be redone
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            self._truncate_to(resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.tb = None
@@ -77,6 +72,17 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except Exception:  # not installed: jsonl and stdout only
                 self.tb = None
+
+    def _truncate_to(self, resume_step: int) -> None:
+        """Drop lines of steps after the checkpoint we resume from (they will be redone) and lines that do
+        not parse (a kill -9 mid-write tears the last one), saying how many; rewritten through a rename."""
+        rows, torn = _parse_lines(self.path.read_text(errors="replace"))
+        if torn:
+            self.echo(f"warning: {self.path}: dropped {torn} unreadable line(s) (a write was interrupted)")
+        kept = [json.dumps(m) + "\n" for m in rows if m.get("step", 0) <= resume_step]
+        tmp = self.path.with_name(".tmp-" + self.path.name)
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
     def log(self, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -92,8 +98,27 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _parse_lines(text: str) -> tuple[list[dict[str, Any]], int]:
+    """(the objects of the lines that parse, the number of non-empty lines that do not)."""
+    rows, bad = [], 0
+    for ln in text.splitlines():
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The steps of RUN_DIR/metrics.jsonl; a torn line (a run killed mid-write) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return _parse_lines(path.read_text(errors="replace"))[0]

@@ -2,6 +2,8 @@
 length penalty.
 
     get_scorer(name) -> Scorer        "dapo", "dapo-boxed", "math-verify" or "module:function"
+    RewardGuard(scorer, name)(response, ground_truth, where) -> ScoreResult   the trainer's only call path:
+                                      an exception or a non-number becomes one line naming the function and row
     math_verify_result(response, ground_truth) -> ScoreResult   1.0 / 0.0 (Math-Verify, gold boxed as verl does)
     overlong_penalty(length, max_len, buffer, factor) -> float   <= 0, added to the score
 
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
+import numbers
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.grading.dapo import ScoreResult, dapo_result
@@ -72,18 +76,76 @@ def _user_scorer(spec: str) -> Scorer:
         raise LoraforgeError(f"reward {spec!r} is not callable; expected a function (response, ground_truth)")
 
     def scorer(response: str, ground_truth: str) -> ScoreResult:
-        out = fn(response, ground_truth)
-        if isinstance(out, ScoreResult):
-            return out
-        if isinstance(out, dict):  # verl style: {"score": float, "acc": bool, ...}
-            score = float(out["score"])
-            return ScoreResult(score, bool(out.get("acc", score > 0)), out.get("pred"))
-        if isinstance(out, bool):
-            return ScoreResult(float(out), out)
-        score = float(out)
-        return ScoreResult(score, score > 0)  # a plain number: correct means positive
+        return as_score_result(fn(response, ground_truth))
 
+    scorer.__qualname__ = spec  # what RewardGuard names in its messages
     return scorer
+
+
+class BadReward(ValueError):
+    """A reward function returned something that is not a score; the message says what it returned."""
+
+
+def as_score_result(out: Any) -> ScoreResult:
+    """A reward function's return value as a ScoreResult: a ScoreResult, a dict with "score" (and
+    optionally "acc", "pred"; verl style), a bool, or a real number; accuracy = score > 0 unless given.
+    Anything else, and a score that is NaN or infinite, raises BadReward."""
+    if isinstance(out, ScoreResult):
+        score, result = out.score, out
+    elif isinstance(out, dict):
+        if "score" not in out:
+            raise BadReward(f"returned a dict without a 'score' key (keys {sorted(map(str, out))[:6]})")
+        score = out["score"]
+        if not _is_number(score):
+            raise BadReward(f"returned a dict whose 'score' is {_show(score)}")
+        result = ScoreResult(float(score), bool(out.get("acc", score > 0)), out.get("pred"))
+    elif isinstance(out, bool):
+        score, result = float(out), ScoreResult(float(out), out)
+    elif _is_number(out):
+        score, result = out, ScoreResult(float(out), float(out) > 0)
+    else:
+        raise BadReward(f"returned {_show(out)}")
+    if not _is_number(score) or not math.isfinite(float(score)):
+        raise BadReward(f"returned the score {_show(score)}")
+    return result
+
+
+def _is_number(x: Any) -> bool:
+    # numbers.Real covers int, float, numpy floats; a 0-d tensor passes through float() too
+    if isinstance(x, (str, bytes)) or x is None:
+        return False
+    if isinstance(x, numbers.Real):
+        return True
+    return hasattr(x, "item") and getattr(x, "numel", lambda: 0)() == 1
+
+
+def _show(x: Any) -> str:
+    text = repr(x)
+    return f"{type(x).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+class RewardGuard:
+    """Calls the reward for one response; an exception or a non-score becomes a LoraforgeError of one line
+    naming the function, the row (`where`, e.g. "prompt 3 (data row 17), response 2") and what it
+    returned, so a user's reward bug reads as that and not as a traceback from inside the trainer."""
+
+    def __init__(self, scorer: Scorer, name: str | None = None):
+        self.scorer = scorer
+        self.name = name or getattr(scorer, "__qualname__", None) or repr(scorer)
+
+    def __call__(self, response: str, ground_truth: str, where: str) -> ScoreResult:
+        try:
+            return as_score_result(self.scorer(response, ground_truth))
+        except BadReward as e:
+            what = str(e)
+        except LoraforgeError:
+            raise  # already a message for the user (e.g. math-verify not installed)
+        except Exception as e:
+            what = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        raise LoraforgeError(
+            f"reward function {self.name} {what} for {where} (ground truth {ground_truth!r}, response "
+            f"{response[:80]!r}); it must return a finite number, a bool, or a dict with a numeric 'score'"
+        ) from None
 
 
 def get_scorer(name: str) -> Scorer:

@@ -15,6 +15,12 @@
         metrics   incl. KL(pi_new || pi_old) on the step's response tokens after its updates
         checkpoint every --save-every steps; Ctrl-C finishes the step, saves, and exits
 
+Failing safe: the state at the end of the last complete step (adapter, optimizer, scheduler, RNGs,
+data position) is kept in memory (on the CPU) during each step. A step that fails, for whatever
+reason (dynamic sampling gives up, a reward function raises, the loss turns NaN, out of memory,
+SIGTERM), rolls back to it and saves it as a checkpoint and as RUN_DIR/adapter before the error is
+reported, so `--resume` continues exactly where the uninterrupted run would have been.
+
 Departures from verl, each on purpose and named where it happens: exact token-mean under gradient
 accumulation (loss.py); by default one model for sampling and training, so there are no
 sampler/trainer log-prob mismatches to monitor (with --rollout vllm there are, and they are checked
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import signal
 import sys
 import time
@@ -44,7 +51,7 @@ from loraforge.adapters.directory import resolve_base
 from loraforge.core.devices import resolve_device
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl import checkpoint as ckpt
-from loraforge.rl.advantage import fill_batch, group_advantages
+from loraforge.rl.advantage import GroupsExhausted, fill_batch, group_advantages
 from loraforge.rl.config import TrainConfig
 from loraforge.rl.data import PromptStream, format_prompt, load_examples
 from loraforge.rl.distributed import check_world_divides, device_for, init_distributed, plan_minibatches, split_evenly
@@ -52,7 +59,7 @@ from loraforge.rl.distributed import context as dist_context
 from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, policy_loss
 from loraforge.rl.metrics import MetricsLogger
 from loraforge.rl.prefix import shared_prefix_logprobs, token_logprobs
-from loraforge.rl.rewards import Scorer, get_scorer, overlong_penalty
+from loraforge.rl.rewards import RewardGuard, Scorer, get_scorer, overlong_penalty
 from loraforge.rl.rollout import RolloutBackend, TransformersRollout, check_sampler, logprob_gap_terms
 from loraforge.sampling.generation import SamplingParams, left_pad, model_forward_kwargs, position_ids_from_mask
 
@@ -70,6 +77,7 @@ class Sample:
     acc: bool
     truncated: bool
     sampler_logp: list[float] | None = None  # per response token, from a separate sampler (vLLM)
+    text: str = ""  # the decoded response
 
 
 @dataclass
@@ -77,6 +85,7 @@ class Group:
     """The G responses to one prompt."""
 
     samples: list[Sample]
+    prompt: str = ""  # the formatted prompt text
 
     @property
     def accs(self) -> list[float]:
@@ -87,6 +96,11 @@ class TrainingDiverged(Exception):
     """The loss became non-finite; the trainer turns it into a LoraforgeError naming the checkpoint."""
 
 
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler inside a step: abandon the step, roll back, save (not an Exception,
+    so no `except Exception` on the way swallows it)."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -94,6 +108,31 @@ class TrainResult:
     adapter_dir: Path | None
     interrupted: bool = False
     last_metrics: dict[str, Any] | None = None
+    stop_signal: int | None = None  # signal.SIGINT or signal.SIGTERM when interrupted
+
+
+@dataclass
+class SoundState:
+    """Everything a checkpoint holds, as it was at the end of step `step`, copied to the CPU."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    data: dict[str, int]
+    skipped: int
+
+
+@dataclass
+class StepBatch:
+    """The kept groups of one step as training rows: the global batch, its advantages, and this process's share."""
+
+    samples: list[Sample]  # every kept response, the same on every process
+    adv: torch.Tensor  # one advantage per row of `samples`
+    plan: list  # per global mini-batch: (its rows, this process's rows of it)
+    mine: list[Sample]  # this process's rows, first mini-batch first
+    at: dict[int, int]  # row of `samples` -> its index in `mine`
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,9 +300,12 @@ class Trainer:
         self.cfg = cfg.resolved()
         self.run_dir = Path(self.cfg.output_dir)
         self.echo = echo or (lambda s: print(s, flush=True))
-        self.scorer = scorer or get_scorer(self.cfg.reward)
+        # every reward goes through the guard: a raising or non-numeric reward names itself and the row
+        self.scorer = RewardGuard(scorer or get_scorer(self.cfg.reward), None if scorer else self.cfg.reward)
         self.resume_from = resume_from
         self._stop_requested = False
+        self._stop_signal: int | None = None
+        self._abortable = False  # True while a step runs: SIGTERM may abandon it (the sound state is kept)
         self.dist = dist_context()
         self._updates, self._synced = 0, None  # optimizer steps taken; the count the sampler last received
 
@@ -284,6 +326,7 @@ class Trainer:
             self.echo = lambda s: None
         torch.manual_seed(cfg.seed)
         self.examples = load_examples(cfg.data, cfg.data_split)
+        self._row_of = {id(e): i for i, e in enumerate(self.examples)}  # for messages naming a data row
         self.eval_examples = (
             load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts] if cfg.eval_data and cfg.eval_every else []
         )
@@ -310,7 +353,9 @@ class Trainer:
         elif cfg.kl_beta > 0 and self.dist.is_main:
             from safetensors.torch import save_file
 
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(ref_path))
+            tmp = ref_path.with_name(ckpt.TMP + ref_path.name)  # renamed into place: a kill never tears it
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(tmp))
+            os.replace(tmp, ref_path)
         self.dist.barrier()  # the reference file is written before anyone reads it
         # the KL reference: a frozen copy of the INITIAL adapter weights (saved at the start of the run)
         self.ref_params = None
@@ -320,6 +365,9 @@ class Trainer:
             self.ref_params = {n: t.to(self.device) for n, t in load_file(str(ref_path)).items()}
         if self.dist.is_main:
             cfg.save(self.run_dir / "config.json")
+            # the init this run trains, recorded in every adapter it saves (hashed once, here)
+            kept = ckpt.read_lineage(self.resume_from / "adapter") if self.resume_from is not None else None
+            self.lineage = kept or ckpt.init_lineage(cfg.adapter)
         self.rollout = make_rollout(cfg.rollout, self)
 
     def _restore(self, path: Path) -> None:
@@ -362,17 +410,23 @@ class Trainer:
         )
 
     def _generate_groups(self, examples, n: int, greedy: bool = False) -> list[Group]:
+        """Sample n responses to each example and score them: one Group per example."""
         cfg = self.cfg
         prompts = [format_prompt(e, self.tokenizer, cfg.prompt_template, cfg.chat_template) for e in examples]
         try:
             gen = self.rollout.generate(prompts, self._sampling(n, greedy))
         except LoraforgeError as e:
             raise LoraforgeError(f"{e} (flags: --rollout-batch-size, --max-response-length, --group-size)") from None
-        groups: list[Group] = [Group([]) for _ in examples]
+        return self._score(examples, prompts, gen)
+
+    def _score(self, examples, prompts: list[str], gen) -> list[Group]:
+        """Rewards (through the guard) plus DAPO's overlong penalty for every generated row, grouped by prompt."""
+        cfg = self.cfg
+        groups: list[Group] = [Group([], p) for p in prompts]
         sampler_lp = getattr(gen, "sampler_logprobs", None)
         for row, pi in enumerate(gen.prompt_index):
             length = gen.lengths[row]
-            result = self.scorer(gen.texts[row], examples[pi].ground_truth)
+            result = self.scorer(gen.texts[row], examples[pi].ground_truth, self._where(examples[pi], pi, row))
             penalty = (
                 overlong_penalty(length, cfg.max_response_length, cfg.overlong_buffer, cfg.overlong_penalty)
                 if cfg.overlong_buffer > 0
@@ -387,9 +441,16 @@ class Trainer:
                     acc=bool(result.acc),
                     truncated=bool(gen.truncated[row]),
                     sampler_logp=sampler_lp[row] if sampler_lp is not None else None,
+                    text=gen.texts[row],
                 )
             )
         return groups
+
+    def _where(self, example, prompt_index: int, row: int) -> str:
+        """ "prompt 2 of this batch (data row 17 of --data), response row 5": where a reward was computed."""
+        data_row = self._row_of.get(id(example))
+        source = f"data row {data_row} of --data {self.cfg.data}" if data_row is not None else "--eval-data"
+        return f"prompt {prompt_index} of this batch ({source}), response row {row}"
 
     def _generate_shared(self, examples, n: int, greedy: bool = False) -> list[Group]:
         """Groups for `examples`: each process generates its contiguous share, then all are gathered, so
@@ -412,13 +473,7 @@ class Trainer:
         def next_groups():
             return self._generate_shared(self.stream.next_batch(cfg.prompt_batch), cfg.group_size)
 
-        try:
-            return fill_batch(next_groups, cfg.prompt_batch, cfg.max_gen_batches, cfg.dynamic_sampling)
-        except RuntimeError as e:
-            raise LoraforgeError(
-                f"{e}. The prompts are too easy or too hard for this policy: raise --max-gen-batches (0 = no limit), "
-                "use easier/harder data, or turn off --dynamic-sampling"
-            ) from None
+        return fill_batch(next_groups, cfg.prompt_batch, cfg.max_gen_batches, cfg.dynamic_sampling)
 
     # -- one step -----------------------------------------------------------------------------
     def _logprobs(self, samples: list[Sample], entropy=False, params=None, grad=False):
@@ -473,66 +528,41 @@ class Trainer:
         return out
 
     def step(self, step: int) -> dict[str, Any]:
-        cfg = self.cfg
+        """One training step: rollout (with scoring and dynamic sampling), advantages, old/ref log-probs,
+        the updates, the metrics. Parameters change only inside `_update`."""
         t0 = time.perf_counter()
         self._sync_sampler()
         kept, seen, gen_batches = self._rollout()
         t_gen = time.perf_counter() - t0
-        all_samples = [s for g in seen for s in g.samples]
+        batch = self._advantages(kept)
+        extra = self._check_sampler(batch.mine, step) if getattr(self.rollout, "separate", False) else {}
+        # this process's rows of the first mini-batch come first in `mine`
+        old_lp, ent = self._old_logprobs(batch.mine, len(batch.plan[0][1]) if batch.plan else 0)
+        ref_lp = self._logprobs(batch.mine, params=self.ref_params)[0] if self.cfg.kl_beta > 0 else None
+        stats_acc, grad_norms, lr = self._update(batch, old_lp, ent, ref_lp, step)
+        m = self._step_metrics(step, seen, gen_batches, batch.mine, old_lp, ent, (stats_acc, grad_norms, lr), t0, t_gen)
+        m.update(extra)
+        return m
+
+    def _advantages(self, kept: list[Group]) -> StepBatch:
+        """The kept groups as rows with group-normalised advantages, split into mini-batches and shares."""
+        cfg = self.cfg
         samples = [s for g in kept for s in g.samples]  # the global batch: the same on every process
         group_ids = [gi for gi, g in enumerate(kept) for _ in g.samples]
         adv = group_advantages(torch.tensor([s.reward for s in samples]), group_ids)
         # rows of each global mini-batch and this process's share of them (all of them with one process)
         plan = plan_minibatches([len(g.samples) for g in kept], cfg.mini_batch, self.dist.world, self.dist.rank)
         local = [i for _, rows in plan for i in rows]
-        at = {row: k for k, row in enumerate(local)}
-        mine = [samples[i] for i in local]
+        return StepBatch(samples, adv, plan, [samples[i] for i in local], {row: k for k, row in enumerate(local)})
 
-        extra = self._check_sampler(mine, step) if getattr(self.rollout, "separate", False) else {}
-        # this process's rows of the first mini-batch come first in `mine`
-        old_lp, ent = self._old_logprobs(mine, len(plan[0][1]) if plan else 0)
-        ref_lp = self._logprobs(mine, params=self.ref_params)[0] if cfg.kl_beta > 0 else None
-
+    def _update(self, batch: StepBatch, old_lp: list, ent: list, ref_lp: list | None, step: int):
+        """--epochs passes of one optimizer step per mini-batch. Returns (per-micro-batch stats, grad norms, lr)."""
+        cfg = self.cfg
         stats_acc: dict[str, list[float]] = {"ppo_kl": [], "clipfrac": [], "clipfrac_lower": [], "kl_ref": []}
         grad_norms: list[float] = []
         for _epoch in range(cfg.epochs):
-            for rows, local_rows in plan:
-                # the denominator is the whole global mini-batch's; gradients are summed over processes
-                n_tokens = sum(len(samples[i].response_ids) for i in rows)
-                denom = float(n_tokens if cfg.loss_agg == "token-mean" else len(rows))
-                bad = None
-                for u0 in range(0, len(local_rows), cfg.micro_batch):
-                    mi = local_rows[u0 : u0 + cfg.micro_batch]
-                    batch = pack([samples[i] for i in mi], self.pad)
-                    mask = batch["response_mask"].to(self.device)
-                    width = mask.shape[1]
-                    fresh = old_lp[at[mi[0]]] is None  # the first mini-batch: nothing has been updated yet
-                    logp, ent_mb = self._forward(batch, entropy=fresh)
-                    if fresh:
-                        self._keep_old([at[i] for i in mi], mine, logp, ent_mb, old_lp, ent)
-                    old = self._pad_list([old_lp[at[i]] for i in mi], width).to(self.device)
-                    loss, st = policy_loss(
-                        logp,
-                        old,
-                        adv[mi].to(self.device),
-                        mask,
-                        cfg.eps_low,
-                        cfg.eps_high,
-                        cfg.clip_c,
-                        loss_agg=cfg.loss_agg,
-                        denominator=denom,
-                    )
-                    for k in ("ppo_kl", "clipfrac", "clipfrac_lower"):
-                        stats_acc[k].append(st[k])
-                    if ref_lp is not None:
-                        ref = self._pad_list([ref_lp[at[i]] for i in mi], width).to(self.device)
-                        kl = kl_k3(logp, ref)
-                        loss = loss + cfg.kl_beta * aggregate(kl, mask, cfg.loss_agg, denom)
-                        stats_acc["kl_ref"].append(masked_mean(kl.detach(), mask).item())
-                    if not torch.isfinite(loss):
-                        bad = loss.item()
-                        break
-                    loss.backward()
+            for rows, local_rows in batch.plan:
+                bad = self._accumulate(batch, rows, local_rows, old_lp, ent, ref_lp, stats_acc)
                 # all processes stop together when any saw a non-finite loss (the flag rides the all-reduce)
                 if self.dist.sync_grads(list(self.params.values()), bad is not None):
                     what = f"the loss is {bad}" if bad is not None else "the loss is not finite (on another process)"
@@ -547,8 +577,52 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        return stats_acc, grad_norms, lr
 
-        # the paper's stability diagnostic: KL(pi_new || pi_old) on this step's response tokens
+    def _accumulate(self, batch: StepBatch, rows, local_rows, old_lp, ent, ref_lp, stats_acc) -> float | None:
+        """Backward of one global mini-batch's loss over this process's micro-batches (gradients accumulate).
+        Returns the loss value when it was not finite (nothing more is accumulated then), else None."""
+        cfg, samples, at = self.cfg, batch.samples, batch.at
+        # the denominator is the whole global mini-batch's; gradients are summed over processes
+        n_tokens = sum(len(samples[i].response_ids) for i in rows)
+        denom = float(n_tokens if cfg.loss_agg == "token-mean" else len(rows))
+        for u0 in range(0, len(local_rows), cfg.micro_batch):
+            mi = local_rows[u0 : u0 + cfg.micro_batch]
+            packed = pack([samples[i] for i in mi], self.pad)
+            mask = packed["response_mask"].to(self.device)
+            width = mask.shape[1]
+            fresh = old_lp[at[mi[0]]] is None  # the first mini-batch: nothing has been updated yet
+            logp, ent_mb = self._forward(packed, entropy=fresh)
+            if fresh:
+                self._keep_old([at[i] for i in mi], batch.mine, logp, ent_mb, old_lp, ent)
+            old = self._pad_list([old_lp[at[i]] for i in mi], width).to(self.device)
+            loss, st = policy_loss(
+                logp,
+                old,
+                batch.adv[mi].to(self.device),
+                mask,
+                cfg.eps_low,
+                cfg.eps_high,
+                cfg.clip_c,
+                loss_agg=cfg.loss_agg,
+                denominator=denom,
+            )
+            for k in ("ppo_kl", "clipfrac", "clipfrac_lower"):
+                stats_acc[k].append(st[k])
+            if ref_lp is not None:
+                ref = self._pad_list([ref_lp[at[i]] for i in mi], width).to(self.device)
+                kl = kl_k3(logp, ref)
+                loss = loss + cfg.kl_beta * aggregate(kl, mask, cfg.loss_agg, denom)
+                stats_acc["kl_ref"].append(masked_mean(kl.detach(), mask).item())
+            if not torch.isfinite(loss):
+                return loss.item()
+            loss.backward()
+        return None
+
+    def _step_metrics(self, step, seen, gen_batches, mine, old_lp, ent, updates, t0, t_gen) -> dict[str, Any]:
+        """The step's metrics (metrics.py lists them); the paper's stability diagnostic KL(pi_new || pi_old)
+        is measured here, on this step's response tokens after its updates. `updates` is _update's result."""
+        stats_acc, grad_norms, lr = updates
         new_lp, _ = self._logprobs(mine)
         num = sum(kl_new_old_terms(n - o).sum().item() for n, o in zip(new_lp, old_lp))
         den = sum(o.numel() for o in old_lp)
@@ -558,9 +632,9 @@ class Trainer:
             num, den, ent_sum = self.dist.sum_floats([num, den, ent_sum])
         den = max(1, den)
         elapsed = time.perf_counter() - t0
-        lens = [len(s.response_ids) for s in all_samples]
+        all_samples = [s for g in seen for s in g.samples]
         tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in all_samples)
-        m: dict[str, Any] = {
+        m = {
             "step": step,
             "reward": _mean([s.reward for s in all_samples]),
             "score": _mean([s.score for s in all_samples]),
@@ -573,7 +647,7 @@ class Trainer:
             "clipfrac": stats["clipfrac"],
             "clipfrac_lower": stats["clipfrac_lower"],
             "entropy": ent_sum / den,
-            "response_len": _mean(lens),
+            "response_len": _mean([len(s.response_ids) for s in all_samples]),
             "response_clip_ratio": _mean([float(s.truncated) for s in all_samples]),
             "lr": lr,
             "tokens_per_s": tokens / elapsed,
@@ -581,9 +655,8 @@ class Trainer:
             "skipped": self.skipped,
             "time_s": elapsed,
         }
-        if ref_lp is not None:
+        if self.cfg.kl_beta > 0:
             m["kl_ref"] = stats["kl_ref"]
-        m.update(extra)
         return m
 
     def _reduce_means(self, lists: dict[str, list[float]]) -> dict[str, float]:
@@ -649,9 +722,96 @@ class Trainer:
                 {"data": self.stream.state(), "skipped": self.skipped},
                 keep=self.cfg.keep_checkpoints,
                 extra=extra,
+                lineage=self.lineage,
             )
         self.dist.barrier()
         return path
+
+    def save_adapter(self) -> Path:
+        """RUN_DIR/adapter: the current adapter in PEFT format, with its lineage (process 0 writes it)."""
+        dest = self.run_dir / "adapter"
+        if self.dist.is_main:
+            ckpt.atomic_save_adapter(self.model, dest, self.lineage)
+        self.dist.barrier()
+        return dest
+
+    # -- the sound state: what a failed step rolls back to ------------------------------------
+    def _capture(self, step: int, previous: SoundState | None) -> SoundState:
+        """The state at the end of step `step` (before the next one changes anything), on the CPU; the
+        previous step's copy is overwritten in place (it is of no use once a step has completed)."""
+        return SoundState(
+            step=step,
+            params=ckpt.cpu_copy(dict(self.params), previous.params if previous else None),
+            optimizer=ckpt.cpu_copy(self.optimizer.state_dict(), previous.optimizer if previous else None),
+            scheduler=ckpt.cpu_copy(self.scheduler.state_dict()),
+            rng=ckpt.rng_state(self.generator),
+            data=self.stream.state(),
+            skipped=self.skipped,
+        )
+
+    def _roll_back(self, sound: SoundState) -> None:
+        """Put the captured state back into the live model, optimizer, scheduler, RNGs and data stream."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(sound.params[n])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.load_state_dict(sound.optimizer)
+        self.scheduler.load_state_dict(sound.scheduler)
+        ckpt.set_rng_state(sound.rng, self.generator)
+        self.stream.load_state(sound.data)
+        self.skipped = sound.skipped
+        self._synced = None  # the sampler may hold weights of the abandoned step
+
+    def _rescue(self, sound: SoundState, last_saved: int | None) -> tuple[int | None, str]:
+        """After a failed step: roll back to the last complete step and save it (checkpoint + RUN_DIR/adapter).
+        Returns (the step whose adapter is now RUN_DIR/adapter, or None; a sentence saying what was saved)."""
+        if sound.step == 0:
+            return None, (
+                f"no step had completed, so nothing was saved ({self.run_dir} holds no checkpoint: the same "
+                "command may be run on it again)"
+            )
+        try:
+            self._roll_back(sound)
+            if last_saved != sound.step:
+                self.save(sound.step)
+            adapter = self.save_adapter()
+        except Exception as e:  # a full disk, say: the original error stays the one reported
+            saved = f"checkpoint {ckpt.checkpoint_path(self.run_dir, last_saved)}" if last_saved else "nothing"
+            return None, f"saving the last complete step {sound.step} failed too ({e}); on disk: {saved}"
+        return sound.step, (
+            f"saved the last complete step {sound.step}: the adapter to {adapter} and a checkpoint to "
+            f"{ckpt.checkpoint_path(self.run_dir, sound.step)}"
+        )
+
+    def _failure_message(self, error: BaseException, step: int, saved: int | None, what_saved: str) -> str:
+        """One message: what went wrong at `step`, what was saved, how to go on (the flags as the CLI spells them)."""
+        run = self.run_dir
+        if isinstance(error, GroupsExhausted):
+            right, wrong = error.outcome_counts()
+            bigger = max(2 * self.cfg.max_gen_batches, self.cfg.max_gen_batches + 4)
+            what = (
+                f"step {step}: dynamic sampling kept {len(error.kept)} of the {self.cfg.prompt_batch} groups needed "
+                f"after {error.batches} generation batches (--max-gen-batches {self.cfg.max_gen_batches}): in "
+                f"{right + wrong} of the {len(error.seen)} groups drawn every response had the same outcome ({right} "
+                f"all right, {wrong} all wrong), so the task is solved (or unsolvable) for this policy at this "
+                "difficulty"
+            )
+            how = (
+                f"to go on: `loraforge train --resume {run} --max-gen-batches {bigger}` (0 = no limit), or "
+                f"`loraforge train --resume {run} --no-dynamic-sampling`, or harder/easier --data in a new run"
+            )
+            if saved is not None:
+                how += f", or stop here: the adapter is at {run / 'adapter'}"
+            return f"{what}. {what_saved[0].upper() + what_saved[1:]}. {how[0].upper() + how[1:]}"
+        if isinstance(error, TrainingDiverged):
+            what = f"{error}: training stopped"
+            how = "Lower --lr, check the reward function for NaN, or use --dtype float32"
+        else:
+            what = f"step {step} failed: {error}"
+            how = "Fix the cause"
+        # --resume always has a way on: the newest checkpoint, or step 0 of a run that saved none
+        how += f", then continue with `loraforge train --resume {run}`"
+        return f"{what}. {what_saved[0].upper() + what_saved[1:]}. {how}."
 
     def run(self) -> TrainResult:
         self.setup()
@@ -672,58 +832,73 @@ class Trainer:
             f"training {cfg.algo} for {cfg.steps} steps{where} ({len(self.params)} adapter tensors, "
             f"{sum(p.numel() for p in self.params.values()):,} parameters) -> {self.run_dir}"
         )
-        last_saved = self.start_step if self.resume_from is not None else None
-        step = self.start_step
-        metrics = None
+        self._last_saved = self.start_step if self.resume_from is not None else None
         bar = self._bar = _progress(cfg.steps, self.start_step) if self.dist.is_main else None
         try:
             with self._deferred_interrupt():
-                for step in range(self.start_step + 1, cfg.steps + 1):
-                    try:
-                        metrics = self.step(step)
-                    except TrainingDiverged as e:
-                        raise LoraforgeError(self._diverged_message(str(e), last_saved)) from None
-                    if cfg.eval_every and step % cfg.eval_every == 0:
-                        metrics.update(self.evaluate())
-                    logger.log(metrics)
-                    if bar is not None:
-                        bar.update(1)
-                    if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                        self.save(step)
-                        last_saved = step
-                    if self.dist.any(self._stop_requested):  # every process stops at the same step
-                        if last_saved != step:
-                            self.save(step)
-                        self.echo(
-                            f"interrupted: saved a checkpoint at step {step}; continue with "
-                            f"`loraforge train --resume {self.run_dir}`"
-                        )
-                        return TrainResult(self.run_dir, step, None, interrupted=True, last_metrics=metrics)
+                result = self._loop(logger, bar)
         finally:
             logger.close()
             if bar is not None:
                 bar.close()
-        final = self.run_dir / "adapter"
+        if result is not None:
+            return result
         self.dist.check_in_sync(list(self.params.values()))
-        if self.dist.is_main:
-            ckpt.atomic_save_adapter(self.model, final)
-        self.dist.barrier()
+        final = self.save_adapter()
         if self.dist.enabled:
             self.echo(f"the adapter is identical on all {self.dist.world} processes")
         self.echo(f"done: adapter saved to {final}")
-        return TrainResult(self.run_dir, step, final, last_metrics=metrics)
+        return TrainResult(self.run_dir, cfg.steps, final, last_metrics=self._last_metrics)
 
-    def _diverged_message(self, what: str, last_saved: int | None) -> str:
-        if last_saved is not None:
-            where = (
-                f"the last good checkpoint is {ckpt.checkpoint_path(self.run_dir, last_saved)} (step {last_saved}), "
-                f"kept as is; continue from it with `loraforge train --resume {self.run_dir}`"
-            )
-        else:
-            where = f"no checkpoint had been saved yet; the initial adapter {self.cfg.adapter} is untouched"
-        return (
-            f"{what}: training stopped and nothing was saved for this step; {where}. "
-            "Lower --lr, check the reward function for NaN, or use --dtype float32"
+    def _loop(self, logger, bar) -> TrainResult | None:
+        """The steps; a TrainResult when the run stopped early on a signal, None when it completed."""
+        cfg = self.cfg
+        self._last_metrics = None
+        sound = None
+        for step in range(self.start_step + 1, cfg.steps + 1):
+            sound = self._capture(step - 1, sound)
+            try:
+                self._abortable = True
+                metrics = self.step(step)
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    metrics.update(self.evaluate())
+                self._abortable = False
+            except _Terminated:
+                self._abortable = False
+                saved, what_saved = self._rescue(sound, self._last_saved)
+                self.echo(f"SIGTERM during step {step}: {what_saved}")
+                return self._stopped(saved if saved is not None else (self._last_saved or 0), signal.SIGTERM)
+            except Exception as e:
+                self._abortable = False
+                if self.dist.enabled and not isinstance(e, (GroupsExhausted, TrainingDiverged)):
+                    raise  # raised on this process only: the others are not at a point where they can save
+                saved, what_saved = self._rescue(sound, self._last_saved)
+                message = self._failure_message(e, step, saved, what_saved)
+                if isinstance(e, (LoraforgeError, GroupsExhausted, TrainingDiverged)):
+                    raise LoraforgeError(message) from None
+                self.echo(message)  # an unexpected error: what was saved, then its traceback
+                raise
+            logger.log(metrics)
+            self._last_metrics = metrics
+            if bar is not None:
+                bar.update(1)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                self.save(step)
+                self._last_saved = step
+            if self.dist.any(self._stop_requested):  # every process stops at the same step
+                if self._last_saved != step:
+                    self.save(step)
+                    self._last_saved = step
+                self.echo(
+                    f"interrupted: saved a checkpoint at step {step}; continue with "
+                    f"`loraforge train --resume {self.run_dir}`"
+                )
+                return self._stopped(step, self._stop_signal or signal.SIGINT)
+        return None
+
+    def _stopped(self, step: int, signum: int) -> TrainResult:
+        return TrainResult(
+            self.run_dir, step, None, interrupted=True, last_metrics=self._last_metrics, stop_signal=signum
         )
 
     def _write(self, line: str) -> None:
@@ -736,24 +911,34 @@ class Trainer:
 
     @contextmanager
     def _deferred_interrupt(self):
-        """First Ctrl-C: finish the current step, save, exit cleanly. A second one aborts at once."""
+        """First Ctrl-C: finish the current step, save, exit (status 130). A second one aborts at once.
+        SIGTERM (what schedulers send before SIGKILL): abandon the current step at once, roll back to the
+        last complete one, save it, exit (status 143); with several processes, like Ctrl-C."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
-        def handler(signum, frame):
+        def on_int(signum, frame):
             if self._stop_requested:
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested, self._stop_signal = True, signal.SIGINT
             self.echo("\nCtrl-C: finishing this step, then saving a checkpoint (press again to abort without saving)")
 
-        previous = signal.signal(signal.SIGINT, handler)
+        def on_term(signum, frame):
+            self._stop_requested, self._stop_signal = True, signal.SIGTERM
+            if self._abortable and not self.dist.enabled:
+                self._abortable = False
+                raise _Terminated
+            self.echo("\nSIGTERM: saving a checkpoint after this step")
+
+        previous = signal.signal(signal.SIGINT, on_int), signal.signal(signal.SIGTERM, on_term)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
 
 
 class _NullLogger:
@@ -788,17 +973,29 @@ def _progress(total: int, initial: int):
 
 # ------------------------------------------------------------------------------------------------
 # entry points
+# settings `--resume` may change: how a run stopped by dynamic sampling goes on (the rest would make the
+# resumed run a different run than the one its checkpoints belong to)
+RESUME_OVERRIDES = ("steps", "max_gen_batches", "dynamic_sampling")
+
+
 def train(cfg: TrainConfig, *, scorer: Scorer | None = None, echo: Callable[[str], None] | None = None) -> TrainResult:
-    """Run a training from scratch into cfg.output_dir (refuses a directory that already has a run)."""
+    """Run a training from scratch into cfg.output_dir. A directory that already holds a run is refused,
+    unless that run saved nothing (no checkpoint, no adapter): then it is started afresh."""
+    echo = echo or (lambda s: print(s, flush=True))
+    cfg.resolved()  # bad settings are refused before anything is created on disk
     dist = init_distributed(cfg.device)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    exists = run_dir is not None and (run_dir / "config.json").exists()
-    dist.barrier()  # every process has looked before process 0 writes config.json
-    if exists:
-        raise LoraforgeError(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another -o directory"
-        )
-    return Trainer(cfg, scorer=scorer, echo=echo).run()
+    with _run_lock(run_dir, dist, echo):
+        exists = run_dir is not None and (run_dir / "config.json").exists()
+        saved = exists and (ckpt.list_checkpoints(run_dir) or (run_dir / "adapter").exists())
+        dist.barrier()  # every process has looked before process 0 writes config.json
+        if saved:
+            raise LoraforgeError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another -o directory"
+            )
+        if exists:
+            echo(f"{run_dir} holds a run that saved no checkpoint; starting it afresh")
+        return Trainer(cfg, scorer=scorer, echo=echo).run()
 
 
 def resume(
@@ -807,17 +1004,64 @@ def resume(
     steps: int | None = None,
     scorer: Scorer | None = None,
     echo: Callable[[str], None] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Continue the run in run_dir from its latest checkpoint, with its saved config (steps may be raised)."""
+    """Continue the run in run_dir from its newest sound checkpoint, with its saved config. `steps` may be
+    raised; `overrides` may set max_gen_batches and dynamic_sampling. A run that saved no checkpoint is
+    started from step 0 with its config; a damaged newest checkpoint is set aside, falling back to the one before."""
+    echo = echo or (lambda s: print(s, flush=True))
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise LoraforgeError(f"--resume {run_dir}: no config.json there; expected a directory `loraforge train` wrote")
-    cfg = TrainConfig.load(run_dir / "config.json")
+    try:
+        cfg = TrainConfig.load(run_dir / "config.json")
+    except ValueError as e:  # bad JSON: LoraforgeError (config problems) passes through as it is
+        raise LoraforgeError(f"--resume {run_dir}: config.json is unreadable ({e})") from None
     cfg.output_dir = str(run_dir)
-    init_distributed(cfg.device)
-    if steps is not None:
-        cfg.steps = steps
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
-        raise LoraforgeError(f"--resume {run_dir}: no checkpoint found under {run_dir / ckpt.CKPT_DIR}")
-    return Trainer(cfg, scorer=scorer, echo=echo, resume_from=latest).run()
+    dist = init_distributed(cfg.device)
+    _apply_overrides(cfg, {"steps": steps, **(overrides or {})}, echo)
+    with _run_lock(run_dir, dist, echo):
+        had = ckpt.list_checkpoints(run_dir)
+        latest = ckpt.newest_sound_checkpoint(run_dir, echo) if dist.is_main else None
+        if dist.enabled:
+            latest = dist.all_gather_object(latest)[0]
+        if latest is None and had:
+            raise LoraforgeError(
+                f"--resume {run_dir}: none of its {len(had)} checkpoint(s) reads back whole (set aside as "
+                f"{run_dir / ckpt.CKPT_DIR}/damaged-step_N); start a new run with -o"
+            )
+        if latest is None:
+            if (run_dir / "adapter").exists():
+                raise LoraforgeError(
+                    f"--resume {run_dir}: it holds an adapter but no checkpoint to continue from (were "
+                    f"{run_dir / ckpt.CKPT_DIR} deleted?); start a new run with -o, from that adapter if you like"
+                )
+            echo(f"{run_dir} holds no checkpoint: starting its run from step 0 with its config.json")
+        return Trainer(cfg, scorer=scorer, echo=echo, resume_from=latest).run()
+
+
+def _apply_overrides(cfg: TrainConfig, values: dict[str, Any], echo: Callable[[str], None]) -> None:
+    for key, value in values.items():
+        if key not in RESUME_OVERRIDES:
+            raise LoraforgeError(f"--resume may change only {', '.join(RESUME_OVERRIDES)}; got {key}")
+        if value is not None and value != getattr(cfg, key):
+            name = key.replace("_", "-")
+            given = (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+            echo(f"resuming with {given} (the run had {key} = {getattr(cfg, key)})")
+            setattr(cfg, key, value)
+
+
+@contextmanager
+def _run_lock(run_dir: Path | None, dist, echo: Callable[[str], None]):
+    """Hold RUN_DIR's lock (process 0) for the whole run, after undoing what a killed run left there."""
+    lock = ckpt.RunLock(run_dir) if run_dir is not None and dist.is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if lock is not None:
+            for line in ckpt.clean_litter(run_dir):
+                echo(line)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

@@ -146,3 +146,30 @@ def stale_sampler(trainer):
 
 def base_sampler(trainer):
     return SeparateSampler(trainer, "base")
+
+
+# ------------------------------------------------------------------------------------------------
+# rewards for the fail-safe tests (`--reward rl_helpers:NAME` from a CLI test)
+signal_calls = {"n": 0}
+
+
+def signalling_scorer(response: str, ground_truth: str):
+    """answer_scorer that sends this process the signal named by $LF_TEST_SIGNAL (SIGINT, SIGTERM) at its
+    call number $LF_TEST_SIGNAL_AT (counted in signal_calls, which a test resets)."""
+    import os
+    import signal
+
+    signal_calls["n"] += 1
+    if signal_calls["n"] == int(os.environ["LF_TEST_SIGNAL_AT"]):
+        os.kill(os.getpid(), getattr(signal, os.environ["LF_TEST_SIGNAL"]))
+    return answer_scorer(response, ground_truth)
+
+
+def returns_none(response: str, ground_truth: str):
+    return None
+
+
+def raises_on_sevens(response: str, ground_truth: str):
+    if "7" in ground_truth:
+        raise KeyError("seven")
+    return answer_scorer(response, ground_truth)

@@ -122,30 +122,50 @@ def test_grpo_kl_reference_is_the_initial_adapter(model_dir, tmp_path):
     assert (tmp_path / "run" / "reference_adapter.safetensors").is_file()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, adapter_dir, tmp_path):
-    calls = {"n": 0}
+def test_nan_loss_mid_step_rolls_back_saves_the_last_step_and_resumes_exactly(
+    model_dir, adapter_dir, tmp_path, monkeypatch
+):
+    import loraforge.rl.trainer as trainer_mod
 
-    def scorer(response, gt):
+    # prompt_batch 4 / mini_batch 2 = 2 optimizer steps per step; each mini-batch is 2 groups x 8 = 16
+    # rows in micro-batches of 8, so 4 policy_loss calls per step. Call 11 = step 3, second mini-batch:
+    # step 3's first update has already changed the adapter and the optimizer when the loss turns NaN.
+    real, calls = trainer_mod.policy_loss, {"n": 0}
+
+    def nan_at_call_11(*a, **k):
         calls["n"] += 1
-        r = answer_scorer(response, gt)
-        if calls["n"] > 2 * 32:  # from the third step's rollout on (32 responses per step)
-            return type(r)(float("nan"), r.acc, r.pred)
-        return r
+        loss, stats = real(*a, **k)
+        return (loss * float("nan") if calls["n"] == 11 else loss), stats
 
-    cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", steps=4, save_every=2, dynamic_sampling=False)
+    monkeypatch.setattr(trainer_mod, "policy_loss", nan_at_call_11)
+    over = dict(steps=4, save_every=0, dynamic_sampling=False)
     with pytest.raises(LoraforgeError) as e:
-        train(cfg, scorer=scorer, echo=quiet([]))
+        train(tiny_cfg(model_dir, adapter_dir, tmp_path / "run", **over), scorer=answer_scorer, echo=quiet([]))
     msg = str(e.value)
-    assert "the loss is nan at step 3" in msg and "step_000002" in msg and "--resume" in msg
+    assert "the loss is nan at step 3" in msg and "step_000002" in msg and f"--resume {tmp_path / 'run'}" in msg
+    # the last complete step (2) was saved, rolled back from the half-updated step 3
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_000002"]
-    assert not (tmp_path / "run" / "adapter").exists()
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    in_ckpt = load_file(str(list_checkpoints(tmp_path / "run")[0] / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[k], in_ckpt[k]) for k in saved)
+    # resumed without the fault, the run is bit for bit the uninterrupted one
+    monkeypatch.undo()
+    resume(tmp_path / "run", scorer=answer_scorer, echo=quiet([]))
+    train(tiny_cfg(model_dir, adapter_dir, tmp_path / "straight", **over), scorer=answer_scorer, echo=quiet([]))
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 def test_dynamic_sampling_gives_up_naming_the_flag(model_dir, adapter_dir, tmp_path):
     never = lambda r, g: type(answer_scorer(r, g))(-1.0, False, None)  # noqa: E731  every group all-wrong
     cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", max_gen_batches=2)
-    with pytest.raises(LoraforgeError, match="--max-gen-batches"):
+    with pytest.raises(LoraforgeError, match="--max-gen-batches") as e:
         train(cfg, scorer=never, echo=quiet([]))
+    # failed in step 1: nothing was learned, nothing saved, and the same -o may be used again
+    assert "No step had completed, so nothing was saved" in str(e.value) and "may be run on it again" in str(e.value)
+    assert list_checkpoints(tmp_path / "run") == [] and not (tmp_path / "run" / "adapter").exists()
 
 
 def test_adapter_base_mismatch_names_the_module(model_dir, tmp_path):
@@ -159,7 +179,7 @@ def test_adapter_base_mismatch_names_the_module(model_dir, tmp_path):
 
 
 def test_refuses_an_existing_run_and_a_missing_adapter(model_dir, adapter_dir, tmp_path):
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "adapter").mkdir(parents=True)  # a run that saved its adapter
     (tmp_path / "run" / "config.json").write_text("{}")
     with pytest.raises(LoraforgeError, match="already holds a run"):
         train(tiny_cfg(model_dir, adapter_dir, tmp_path / "run"))
