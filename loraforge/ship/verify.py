@@ -33,6 +33,7 @@ from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum, fast_spectru
 from loraforge.inits.methods import METHODS, Method, MethodInput
 from loraforge.models.checkpoint import sha256_file
 from loraforge.ship.analysis import orthonormality_error, reconstruction_error, subspace_similarity
+from loraforge.ship.client_check import MAX_LOGIT_PARAMS, client_checks
 
 INIT_FORMAT = "loraforge-manifest/1"
 # Methods whose A0 has orthonormal rows. Method.orthonormal means "orthonormal A0 AND B0 = 0", so
@@ -114,9 +115,14 @@ def serve_line(adapter_dir: Path, method: Method, original: str, r: int) -> str:
 
 
 def verify_adapter(
-    out: str | Path, base: Optional[str] = None, device: str = "auto", batch_mib: int = 512
+    out: str | Path,
+    base: Optional[str] = None,
+    device: str = "auto",
+    batch_mib: int = 512,
+    logit_max_params: int = MAX_LOGIT_PARAMS,
 ) -> VerifyReport:
-    """Check the loraforge init directory OUT; BASE overrides the original model the manifest names."""
+    """Check the loraforge init directory OUT; BASE overrides the original model the manifest names.
+    The logit check (residualised methods) runs on bases of at most LOGIT_MAX_PARAMS parameters."""
     from loraforge.core.devices import resolve_device
     from loraforge.inits.plan import module_seed, plan_batches
     from loraforge.models.weights import open_model_weights
@@ -251,6 +257,7 @@ def verify_adapter(
         if c.applies and not c.checked and not c.failures:
             c.detail = "no module could be compared (see factors)"
     report.modules = stats
+    report.checks.extend(client_checks(out, manifest, original, method.residual, logit_max_params))  # what PEFT builds
     return report
 
 
