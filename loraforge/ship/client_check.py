@@ -119,7 +119,7 @@ def peft_view(adapter_dir: str | Path, skeleton: torch.nn.Module) -> PeftView:
     shape_error, unexpected, missing = None, [], []
     try:
         result = set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
-        unexpected = list(result.unexpected_keys)
+        unexpected = [_file_key(k, state) for k in result.unexpected_keys]
         missing = [k for k in result.missing_keys if "lora_" in k and ".default." in k]
     except RuntimeError as e:  # load_state_dict: "size mismatch for ..."
         shape_error = f"PEFT {__version__} cannot load it: {str(e).strip().splitlines()[-1].strip()}"
@@ -133,6 +133,13 @@ def peft_view(adapter_dir: str | Path, skeleton: torch.nn.Module) -> PeftView:
         shape_error,
         n_params,
     )
+
+
+def _file_key(key: str, file_keys) -> str:
+    """The file's name for KEY, which PEFT may have renamed on load (e.g. `lora_magnitude_vector` + `.weight`)."""
+    if key in file_keys:
+        return key
+    return next((k for k in file_keys if key.startswith(k + ".")), key)
 
 
 def _targets(config) -> dict:
