@@ -140,6 +140,19 @@ def test_peft_rewriting_deepseek_v3_mlp_targets_fails_naming_the_modules(inits):
     assert list(c["peft logits"].failures) == ["logits"]
 
 
+def test_the_same_tensors_as_target_parameters_pass(inits, tmp_path):
+    # The form PEFT 0.21 leaves alone: the dense/shared Linear weights as 2-D target_parameters (ParamWrapper),
+    # with the same tensor names and shapes. Only adapter_config.json changes, and every client check passes.
+    out = copy(inits["ds3-all"], tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["target_modules"] = DS3_ATTENTION
+    config["target_parameters"] = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    report = verify_adapter(out)
+    assert report.ok, {c.name: c.failures for c in report.checks}
+    assert checks(report)["peft modules"].checked == 16 and checks(report)["peft logits"].status == "ok"
+
+
 def test_an_extra_tensor_peft_would_drop_fails_the_key_check(inits, tmp_path):
     from safetensors.torch import load_file, save_file
 
