@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from loraforge.adapters.writers import ADAPTER_WEIGHTS, BASE_DIR
+from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR
 from loraforge.core.errors import LoraforgeError
 
 # The logit check loads two float32 copies of the base; above this many parameters it is skipped with a note.
@@ -164,19 +164,32 @@ def client_checks(
     base_dir = out / (manifest.get("base") or BASE_DIR)
     # The skeleton of what the client loads: the residual base for residualised methods, else the original.
     load_on = base_dir if residual and (base_dir / "config.json").is_file() else resolve_source(original).path
-    view = peft_view(out, build_skeleton(load_on))
+    logits = ClientCheck("peft logits", applies=residual)
+    try:
+        view = peft_view(out, build_skeleton(load_on))
+    except LoraforgeError:
+        raise
+    except Exception as e:  # whatever PEFT raises (ValueError, TypeError, AttributeError...), a client gets it too
+        from peft import __version__
+
+        modules.fail(ADAPTER_CONFIG, f"PEFT {__version__} cannot build a model from it: {type(e).__name__}: {e}")
+        keys.detail = logits.detail = "skipped: PEFT builds nothing (see peft modules)"
+        return [modules, keys, logits]
     _compare_modules(view, list(manifest["modules"]), modules)
     _check_keys(view, keys)
-    logits = ClientCheck("peft logits", applies=residual)
     if not residual:
         logits.detail = "B0 = 0: the adapter starts as a no-op (see B0 = 0)"
     elif view.n_params > max_params:
-        logits.detail = f"skipped: the base has {view.n_params / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M"
+        logits.detail = f"skipped: the base has {_count(view.n_params)} parameters > {_count(max_params)}"
     elif not (base_dir / "config.json").is_file():
         logits.detail = "skipped: no residual base (see reconstruction)"
     else:
         _compare_logits(original, base_dir, out, logits)
     return [modules, keys, logits]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.0f}M" if n >= 10**7 else f"{n:,}"
 
 
 def _compare_modules(view: PeftView, expected: list[str], check: ClientCheck) -> None:
