@@ -89,10 +89,11 @@ def test_reloading_on_the_residual_base_gives_the_in_memory_model(pissa):
     assert rel_err(run(auto), in_memory) < 1e-5
 
 
-def test_plain_save_pretrained_of_a_residualised_model_is_loud(pissa, tiny_models, tmp_path):
+def test_plain_save_pretrained_of_a_residualised_model_is_loud(tiny_models, tmp_path):
     from peft import AutoPeftModelForCausalLM, PeftModel
 
-    peft_model, in_memory, _ = pissa
+    peft_model = init_model(load(tiny_models["llama"]), InitConfig(method="pissa", r=4))
+    in_memory = run(peft_model)
     plain = tmp_path / "plain"
     with pytest.warns(UserWarning, match=r"without its base.*loraforge\.save_init\(model, OUT\)"):
         peft_model.save_pretrained(str(plain))
@@ -113,12 +114,31 @@ def test_plain_save_pretrained_of_a_residualised_model_is_loud(pissa, tiny_model
         resolve_base(plain, str(tiny_models["llama"]))
 
 
-def test_an_adapter_saved_plainly_loads_on_the_base_save_init_wrote(pissa, tmp_path):
-    # A trainer's checkpoint (save_pretrained) is right on OUT/base: resolve_base accepts that base.
-    peft_model, _, result = pissa
+def test_after_save_init_plain_saves_name_the_base_it_wrote(pissa, tmp_path):
+    # A trainer's checkpoints (save_pretrained) after save_init: loadable on their own, no warning.
+    from peft import AutoPeftModelForCausalLM
+
+    peft_model, in_memory, result = pissa
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file")  # PEFT's, offline
+        peft_model.save_pretrained(str(tmp_path / "ckpt"))
+    config = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(result.out.resolve() / "base")
+    assert UNSAVED_RESIDUAL_KEY not in config
+    assert resolve_base(tmp_path / "ckpt").path == str(result.out.resolve() / "base")
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float32)
+    assert rel_err(run(auto), in_memory) < 1e-5
+
+
+def test_a_marked_checkpoint_loads_on_the_base_save_init_wrote(pissa, tiny_models, tmp_path):
+    # Saved plainly before save_init (marked), trained from the same init: right on OUT/base, which
+    # resolve_base accepts when it is passed explicitly.
+    _, _, result = pissa
+    early = init_model(load(tiny_models["llama"]), InitConfig(method="pissa", r=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model.save_pretrained(str(tmp_path / "ckpt"))
+        early.save_pretrained(str(tmp_path / "ckpt"))
     base = resolve_base(tmp_path / "ckpt", str(result.out / "base"))
     assert base.path == str(result.out / "base")
 

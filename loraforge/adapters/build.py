@@ -68,6 +68,7 @@ class InMemoryInit:
     stats: dict  # module name -> init statistics, as in the manifest
     fingerprints: dict  # module name -> sha256 of A0 and B0 as initialised
     seconds: float
+    saved_base: Optional[str] = None  # OUT/base once save_init wrote it
 
     @property
     def residual(self) -> bool:
@@ -168,6 +169,8 @@ def _warn_on_plain_save(self, save_directory, *args, **kwargs):
     each adapter_config.json it wrote and warns. Not an error: TRL calls save_pretrained at every
     checkpoint, and those checkpoints are right on the residual base that save_init writes."""
     type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if self.loraforge_init.saved_base is not None:  # the adapter names OUT/base, which save_init wrote
+        return
     method = self.loraforge_init.config.method
     for name in self.peft_config:
         writers.mark_unsaved_residual(Path(save_directory) / ("" if name == "default" else name), method)
@@ -215,6 +218,9 @@ def save_init(
         )
         writers.write_json(tmp / writers.MANIFEST, manifest)
         (tmp / "README.md").write_text(render_model_card(manifest))
+    if record.residual:  # from now on the model's own save_pretrained (a trainer's checkpoints) names OUT/base
+        record.saved_base = str(out.resolve() / writers.BASE_DIR)
+        peft_model.peft_config[record.adapter_name].base_model_name_or_path = record.saved_base
     return InitResult(out=out, manifest=manifest, seconds=time.perf_counter() - started)
 
 

@@ -36,7 +36,7 @@ MAX_LOGIT_PARAMS = 200_000_000
 # passes; table in docs/ship.md). A module PEFT drops or a wrong base moves them by far more (a tiny
 # DeepSeek-V3 losing its dense/shared MLP LoRA: 0.2, i.e. 27 eps of bf16).
 LOGIT_TOL_EPS = 4.0
-LOGIT_TOL_FLOOR = 1e-5  # float32 bases: the float32 forward passes themselves round differently
+LOGIT_TOL_FLOOR = 1e-4  # float32 bases: the float32 forward passes round differently (SmolLM2: 3.8e-6)
 PROBE_TOKENS = 16
 
 
