@@ -193,4 +193,6 @@ def mark_unsaved_residual(adapter_dir: Path, method: str) -> None:
         "the adapter subtracted) was only in memory: on the original model it gives wrong outputs. Save the "
         "initialised model with loraforge.save_init(model, OUT) and load adapters trained from it on OUT/base."
     )
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp = path.with_name(f".{ADAPTER_CONFIG}.partial")  # replaced in one step: never a half-written config
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, path)
