@@ -165,6 +165,18 @@ def test_a_config_peft_refuses_fails_with_peft_s_message(inits, tmp_path):
     assert checks(report)["peft keys"].status == "skipped"
 
 
+def test_tensors_that_do_not_fit_fail_the_key_check(inits, tmp_path):
+    # adapter_config.json says r = 8 over r = 4 tensors: PEFT raises on load, so does every client.
+    out = copy(inits["pissa"], tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config.update(r=8, lora_alpha=16.0)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    report = verify_adapter(out)
+    why = checks(report)["peft keys"].failures["adapter_model.safetensors"]
+    assert "size mismatch for base_model.model.model.layers.0.self_attn.q_proj.lora_A" in why and "(and 27 more)" in why
+    assert checks(report)["peft logits"].status == "skipped"
+
+
 def test_an_extra_tensor_peft_would_drop_fails_the_key_check(inits, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -121,8 +121,10 @@ def peft_view(adapter_dir: str | Path, skeleton: torch.nn.Module) -> PeftView:
         result = set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
         unexpected = [_file_key(k, state) for k in result.unexpected_keys]
         missing = [k for k in result.missing_keys if "lora_" in k and ".default." in k]
-    except RuntimeError as e:  # load_state_dict: "size mismatch for ..."
-        shape_error = f"PEFT {__version__} cannot load it: {str(e).strip().splitlines()[-1].strip()}"
+    except RuntimeError as e:  # load_state_dict: "size mismatch for ..." per tensor, one a line
+        lines = [line.strip() for line in str(e).strip().splitlines()[1:]] or [str(e)]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        shape_error = f"PEFT {__version__} cannot load it: {lines[0]}{more}"
     return PeftView(
         getattr(skeleton.config, "model_type", "?"),
         declared,
@@ -183,6 +185,8 @@ def client_checks(
         logits.detail = f"skipped: the base has {_count(view.n_params)} parameters > {_count(max_params)}"
     elif not (base_dir / "config.json").is_file():
         logits.detail = "skipped: no residual base (see reconstruction)"
+    elif view.shape_error:
+        logits.detail = "skipped: PEFT cannot load the adapter (see peft keys)"
     else:
         _compare_logits(original, base_dir, out, logits)
     return [modules, keys, logits]
@@ -277,14 +281,22 @@ def _compare_logits(original: str, base_dir: Path, out: Path, check: ClientCheck
         want = reference(tokens).logits
     del reference
     base_dtype = _stored_dtype(base_dir)
-    with warnings.catch_warnings():  # PEFT's warnings about this load are the other checks' findings
-        warnings.simplefilter("ignore")
-        client = PeftModel.from_pretrained(load(base_dir), str(out)).eval()
-    with torch.no_grad():
-        got = client(tokens).logits
+    client = load(base_dir)
+    check.checked = 1
+    try:
+        with warnings.catch_warnings():  # PEFT's warnings about this load are the other checks' findings
+            warnings.simplefilter("ignore")
+            client = PeftModel.from_pretrained(client, str(out)).eval()
+        with torch.no_grad():
+            got = client(tokens).logits
+    except Exception as e:  # whatever PEFT or the model raises, a client gets it too
+        check.fail("logits", f"PEFT cannot run the adapter on {base_dir}: {type(e).__name__}: {e}")
+        return
+    if got.shape != want.shape:
+        check.fail("logits", f"the logits have shape {list(got.shape)}, the original model's {list(want.shape)}")
+        return
     err = logit_error(want, got)
     tol = max(LOGIT_TOL_EPS * torch.finfo(base_dtype).eps, LOGIT_TOL_FLOOR)
-    check.checked = 1
     dtype = str(base_dtype).removeprefix("torch.")
     if not err <= tol:
         check.fail(
