@@ -2,8 +2,8 @@
 
 `loraforge verify`'s other checks read the files. These ask PEFT itself what it makes of them, because
 PEFT does not always build what adapter_config.json says: on transformers 5 it rewrites the config of
-many MoE model types (PEFT 0.21: every model type with a registered expert conversion, e.g. deepseek_v3,
-glm4_moe, qwen3_moe, mixtral) so that `gate_proj`/`up_proj`/`down_proj` (Mixtral: `w1`/`w3`/`w2`) name the
+many MoE model types (PEFT 0.21.2: the 28 whose transformers checkpoint conversion is Mixtral's or
+Qwen2-MoE's, e.g. deepseek_v3, glm4_moe, qwen3_moe, qwen3_next, olmoe, mixtral; not qwen2_moe itself) so that `gate_proj`/`up_proj`/`down_proj` (Mixtral: `w1`/`w3`/`w2`) name the
 fused experts' `target_parameters` instead of modules. The dense and shared-expert MLPs then get no LoRA,
 their saved tensors are dropped, and PEFT warns only about missing keys, never about unexpected ones.
 
@@ -13,7 +13,7 @@ their saved tensors are dropped, and PEFT warns only about missing keys, never a
   no missing one, every shape fits);
 - peft logits:  residualised methods, on a base of at most `max_params` parameters: the original model and
   the residual base + adapter loaded through PeftModel.from_pretrained give the same logits on a few fixed
-  tokens, up to the rounding of the residual base's dtype (see LOGIT_TOL).
+  tokens, up to the rounding of the residual base's dtype (see LOGIT_TOL_EPS).
 """
 
 from __future__ import annotations
