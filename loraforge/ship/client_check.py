@@ -3,9 +3,10 @@
 `loraforge verify`'s other checks read the files. These ask PEFT itself what it makes of them, because
 PEFT does not always build what adapter_config.json says: on transformers 5 it rewrites the config of
 many MoE model types (PEFT 0.21.2: the 28 whose transformers checkpoint conversion is Mixtral's or
-Qwen2-MoE's, e.g. deepseek_v3, glm4_moe, qwen3_moe, qwen3_next, olmoe, mixtral; not qwen2_moe itself) so that `gate_proj`/`up_proj`/`down_proj` (Mixtral: `w1`/`w3`/`w2`) name the
-fused experts' `target_parameters` instead of modules. The dense and shared-expert MLPs then get no LoRA,
-their saved tensors are dropped, and PEFT warns only about missing keys, never about unexpected ones.
+Qwen2-MoE's, e.g. deepseek_v3, glm4_moe, qwen3_moe, qwen3_next, olmoe, mixtral; not qwen2_moe itself)
+so that `gate_proj`/`up_proj`/`down_proj` (Mixtral: `w1`/`w3`/`w2`) name the fused experts'
+`target_parameters` instead of modules. The dense and shared-expert MLPs then get no LoRA, their saved
+tensors are dropped, and PEFT warns only about missing keys, never about unexpected ones.
 
 - peft modules: the modules and parameters PEFT attaches LoRA to, on a meta-device skeleton of the base
   (no weights read), are exactly the manifest's modules;
