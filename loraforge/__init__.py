@@ -1,7 +1,8 @@
 """loraforge: LoRA initialisations for RL with verifiable rewards, as ready-to-train PEFT adapters.
 
-    from loraforge import InitConfig, init_adapter, init_model
+    from loraforge import InitConfig, init_adapter, init_model, save_init
     init_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "out/rlpo", InitConfig(method="rlpo", r=32))
+    save_init(init_model(model, InitConfig(method="pissa", r=32)), "out/pissa")  # a model in memory
 
 Heavy modules (transformers, peft) are imported only when a function needs them.
 """
@@ -9,7 +10,7 @@ Heavy modules (transformers, peft) are imported only when a function needs them.
 from loraforge.core.errors import LoraforgeError
 
 __version__ = "0.1.0"
-__all__ = ["LoraforgeError", "InitConfig", "init_adapter", "init_model", "METHODS"]
+__all__ = ["LoraforgeError", "InitConfig", "init_adapter", "init_model", "save_init", "METHODS"]
 
 
 def __getattr__(name):
@@ -17,7 +18,7 @@ def __getattr__(name):
         from loraforge.inits.config import InitConfig
 
         return InitConfig
-    if name in ("init_adapter", "init_model"):
+    if name in ("init_adapter", "init_model", "save_init"):
         from loraforge.adapters import build
 
         return getattr(build, name)

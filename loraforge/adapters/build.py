@@ -12,8 +12,11 @@ Two entry points share one computation (`compute_inits`):
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
+import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -54,6 +57,33 @@ class InitResult:
         return len(self.manifest["modules"])
 
 
+# What a residualised model from `init_model` names as its base until `save_init` writes one: not a
+# loadable model, so AutoPeftModel fails on it, printing this text, instead of loading the original.
+RESIDUAL_PLACEHOLDER = "<residual base in memory: save it with loraforge.save_init(model, OUT)>"
+
+
+@dataclass
+class InMemoryInit:
+    """What `init_model` did, kept on the returned PeftModel as `loraforge_init` for `save_init`."""
+
+    config: InitConfig
+    adapter_name: str
+    original: str  # the model's name_or_path at init: the model verify compares against
+    revision: Optional[str]  # its Hub commit, when transformers downloaded it
+    source_config: dict  # the model's config.json fields (for the manifest's source dtype)
+    target_modules: object  # what adapter_config.json lists
+    fan_in_fan_out: bool
+    devices: list
+    stats: dict  # module name -> init statistics, as in the manifest
+    fingerprints: dict  # module name -> sha256 of A0 and B0 as initialised
+    seconds: float
+    saved_base: Optional[str] = None  # OUT/base once save_init wrote it
+
+    @property
+    def residual(self) -> bool:
+        return self.config.method_spec.residual
+
+
 def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "default", progress: bool = False):
     """Initialise a model already in memory and return it wrapped as a PeftModel.
 
@@ -61,10 +91,52 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
     as the target weights are materialised (not offloaded to disk). For residualised methods the
     target weights are replaced IN PLACE by the residual (in the model's own dtype). The result is
     ready for TRL's GRPOTrainer (pass it as `model`, with no `peft_config`).
+
+    `save_init(peft_model, OUT)` writes it as `loraforge init` would (adapter, residual base, manifest).
+    For residualised methods the model's own `save_pretrained` writes an adapter without its base:
+    it warns, and marks the adapter_config.json it writes (see `_warn_on_plain_save`).
     """
     from peft import get_peft_model
 
+    started = time.perf_counter()
     targets = find_targets(model, config.target_modules, config.layers)
+    devices = decomposition_devices(config.device)
+    inits = _init_in_place(model, targets, config, devices, progress)
+    original = getattr(model, "name_or_path", "") or ""
+    target_modules = peft_target_modules(model, targets)
+    fan_in_fan_out = any(t.transposed for t in targets)
+    model_config = getattr(model, "config", None)
+    peft_model = get_peft_model(
+        model, lora_config(config, target_modules, original, fan_in_fan_out), adapter_name=adapter_name
+    )
+    with torch.no_grad():
+        for m in inits:
+            layer = peft_model.base_model.model.get_submodule(m.target.name)
+            layer.lora_A[adapter_name].weight.copy_(m.A)
+            layer.lora_B[adapter_name].weight.copy_(m.B)
+    record = InMemoryInit(
+        config,
+        adapter_name,
+        original,
+        getattr(model_config, "_commit_hash", None),  # set when transformers loaded it from the Hub
+        model_config.to_dict() if model_config is not None else {},
+        target_modules,
+        fan_in_fan_out,
+        devices,
+        {m.target.name: m.stats for m in inits},
+        _fingerprints(peft_model, adapter_name, [m.target.name for m in inits]),
+        time.perf_counter() - started,
+    )
+    peft_model.loraforge_init = record
+    if record.residual:
+        peft_model.peft_config[adapter_name].base_model_name_or_path = RESIDUAL_PLACEHOLDER
+        # On the instance, as a bound method: copy.deepcopy re-binds it to the copy.
+        peft_model.save_pretrained = types.MethodType(_warn_on_plain_save, peft_model)
+    return peft_model
+
+
+def _init_in_place(model: torch.nn.Module, targets, config: InitConfig, devices, progress: bool) -> list:
+    """Compute every target's init from the model's weights; residualised methods replace the weights."""
     modules = dict(model.named_modules())
     for t in targets:
         if modules[t.name].weight.device.type == "meta":
@@ -72,7 +144,6 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
                 f"Module {t.name}'s weight is offloaded (on the meta device); init_model needs materialised weights. "
                 "Use `loraforge init MODEL_DIR` (the streaming path) for models that do not fit in memory."
             )
-    devices = decomposition_devices(config.device)
     inits = [
         m
         for batch in compute_inits(targets, lambda t: modules[t.name].weight.detach(), config, devices, progress)
@@ -84,19 +155,156 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
             if m.base is not None:
                 weight = modules[m.target.name].weight
                 weight.copy_(m.base.to(weight.device, weight.dtype))
-    cfg = lora_config(
-        config,
-        peft_target_modules(model, targets),
-        getattr(model, "name_or_path", "") or "",
-        any(t.transposed for t in targets),
+    return inits
+
+
+def _factors(peft_model, adapter_name: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = peft_model.base_model.model.get_submodule(name)
+    return layer.lora_A[adapter_name].weight.detach(), layer.lora_B[adapter_name].weight.detach()
+
+
+def _fingerprints(peft_model, adapter_name: str, names: list[str]) -> dict[str, str]:
+    """sha256 of each module's A and B bytes: lets save_init tell the initialisation from a trained adapter."""
+    out = {}
+    for name in names:
+        digest = hashlib.sha256()
+        for t in _factors(peft_model, adapter_name, name):
+            digest.update(t.float().cpu().contiguous().numpy().tobytes())
+        out[name] = digest.hexdigest()
+    return out
+
+
+def _warn_on_plain_save(self, save_directory, *args, **kwargs):
+    """PeftModel.save_pretrained for a residualised init_model result: saves as PEFT does, then marks
+    each adapter_config.json it wrote and warns. Not an error: TRL calls save_pretrained at every
+    checkpoint, and those checkpoints are right on the residual base that save_init writes."""
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if self.loraforge_init.saved_base is not None:  # the adapter names OUT/base, which save_init wrote
+        return
+    method = self.loraforge_init.config.method
+    for name in self.peft_config:
+        writers.mark_unsaved_residual(Path(save_directory) / ("" if name == "default" else name), method)
+    warnings.warn(
+        f"loraforge: {save_directory} holds a {method} adapter without its base. init_model subtracted the adapter "
+        "from the weights in memory, so on the original model it gives wrong outputs, and its adapter_config.json "
+        "names no loadable base. Save the initialised model with loraforge.save_init(model, OUT) (adapter, residual "
+        "base and manifest; `loraforge verify OUT` checks it) and load adapters trained from it on OUT/base.",
+        UserWarning,
+        stacklevel=2,
     )
-    peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
-    with torch.no_grad():
-        for m in inits:
-            layer = peft_model.base_model.model.get_submodule(m.target.name)
-            layer.lora_A[adapter_name].weight.copy_(m.A)
-            layer.lora_B[adapter_name].weight.copy_(m.B)
-    return peft_model
+
+
+def save_init(
+    peft_model,
+    out: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    original: Optional[str] = None,
+) -> InitResult:
+    """Write the PeftModel `init_model` returned to OUT as `loraforge init` would: adapter_config.json,
+    adapter_model.safetensors, loraforge.json, README.md and, for residualised methods, base/ (the
+    residual model in memory, with TOKENIZER if given). ORIGINAL names the pretrained model verify
+    compares against [default: the model's name_or_path at init]. Call it before training: it
+    refuses an adapter whose factors are no longer the initialisation. OUT is written atomically.
+    """
+    started = time.perf_counter()
+    record, original = _unchanged_init(peft_model, original)
+    out = Path(out)
+    with writers.staged_dir(out, overwrite) as tmp:
+        files, base_dtype = _write_in_memory_outputs(peft_model, record, original, out, tmp, tokenizer)
+        files.update(writers.hash_remaining(tmp, files))  # config, tokenizer...: verify covers every file
+        source = _InMemorySource(original, record.revision, Path(original).exists(), record.source_config)
+        timings = {"decompose_s": round(record.seconds, 3), "write_s": round(time.perf_counter() - started, 3)}
+        manifest = build_manifest(
+            record.config,
+            source,
+            record.target_modules,
+            record.fan_in_fan_out,
+            base_dtype,
+            "in-memory",
+            record.devices,
+            timings,
+            files,
+            record.stats,
+        )
+        writers.write_json(tmp / writers.MANIFEST, manifest)
+        (tmp / "README.md").write_text(render_model_card(manifest))
+    if record.residual:  # from now on the model's own save_pretrained (a trainer's checkpoints) names OUT/base
+        record.saved_base = str(out.resolve() / writers.BASE_DIR)
+        peft_model.peft_config[record.adapter_name].base_model_name_or_path = record.saved_base
+    return InitResult(out=out, manifest=manifest, seconds=time.perf_counter() - started)
+
+
+def _unchanged_init(peft_model, original: Optional[str]) -> tuple[InMemoryInit, str]:
+    """init_model's record of PEFT_MODEL and the original model's name; refuses anything else."""
+    record = getattr(peft_model, "loraforge_init", None)
+    if not isinstance(record, InMemoryInit):
+        raise LoraforgeError(
+            "save_init writes a model returned by loraforge.init_model; this one was not (it has no loraforge_init "
+            "record). Use `loraforge init MODEL -o OUT` for a model on disk."
+        )
+    original = original or record.original
+    if not original:
+        raise LoraforgeError(
+            "The model had no name_or_path at init_model (built from a config?), so the manifest cannot name the "
+            "original model that `loraforge verify` compares against. Pass original='ORG/NAME' or a directory."
+        )
+    now = _fingerprints(peft_model, record.adapter_name, list(record.stats))
+    changed = [n for n, h in now.items() if h != record.fingerprints[n]]
+    if changed:
+        raise LoraforgeError(
+            f"The adapter's factors changed since init_model ({len(changed)} modules, e.g. {changed[0]}): it has been "
+            "trained, and save_init writes the initialisation. Call save_init right after init_model; save a trained "
+            "adapter with peft_model.save_pretrained(DIR) and load it on the residual base save_init wrote."
+        )
+    return record, original
+
+
+def _write_in_memory_outputs(
+    peft_model, record: InMemoryInit, original: str, out: Path, tmp: Path, tokenizer
+) -> tuple[dict, Optional[str]]:
+    """The adapter weights and config, and the residual base; returns the files' hashes and the base dtype."""
+    config = record.config
+    adapter_dtype = DTYPES[config.adapter_dtype]
+    factors = {}
+    for name in record.stats:
+        A, B = _factors(peft_model, record.adapter_name, name)
+        factors[name] = (A.to("cpu", adapter_dtype), B.to("cpu", adapter_dtype))
+    writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
+    # As the streaming path: a residualised adapter names OUT/base, where save_init puts the residual model.
+    base_model = str(out.resolve() / writers.BASE_DIR) if record.residual else original
+    writers.write_adapter_config(tmp, adapter_config(config, record.target_modules, base_model, record.fan_in_fan_out))
+    files = {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)}
+    if not record.residual:
+        return files, None
+    base_dtype = _save_residual_model(peft_model, tmp / writers.BASE_DIR, tokenizer)
+    files.update(writers.hash_tree(tmp, writers.BASE_DIR))
+    return files, base_dtype
+
+
+@dataclass
+class _InMemorySource:
+    """The manifest's view of the model init_model read (build_manifest takes a models.source.Source)."""
+
+    model_id: str
+    revision: Optional[str]
+    is_local: bool
+    config: dict
+
+
+def _save_residual_model(peft_model, base_dir: Path, tokenizer) -> str:
+    """The base model without its LoRA layers, as transformers saves it; returns its dtype's name."""
+    base = peft_model.get_base_model()
+    state = {}
+    for key, value in base.state_dict().items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        state[".".join(p for p in parts if p != "base_layer")] = value
+    base.save_pretrained(str(base_dir), state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(base_dir))
+    return str(base.dtype).removeprefix("torch.")
 
 
 def init_adapter(

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, MANIFEST
+from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, MANIFEST, UNSAVED_RESIDUAL_KEY
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.methods import METHODS, Method
 from loraforge.models.checkpoint import SafetensorsFile
@@ -249,11 +249,18 @@ def resolve_base(adapter: str | Path, model: Optional[str] = None, flag: str = "
                 f"{residual.resolve()}; drop {flag} or pass that directory"
             )
         return BaseModel(str(residual.resolve()), True)
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise LoraforgeError(f"{cfg_path} cannot be read ({e}); the adapter is damaged.") from None
+    # Saved by PeftModel.save_pretrained from init_model's residualised model (see build.save_init): only a
+    # residual base that save_init wrote is right for it.
+    if UNSAVED_RESIDUAL_KEY in config and (model is None or residual_base_of(Path(model)) is None):
+        raise LoraforgeError(
+            f"--adapter {adapter}: {config[UNSAVED_RESIDUAL_KEY]} Pass that base with {flag} OUT/base."
+        )
     if model is None:
-        try:
-            model = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError) as e:
-            raise LoraforgeError(f"{cfg_path} cannot be read ({e}); the adapter is damaged.") from None
+        model = config.get("base_model_name_or_path")
         if not model:
             raise LoraforgeError(f"--adapter {adapter} names no base model (base_model_name_or_path); pass {flag}")
     return BaseModel(str(Path(model).resolve()) if Path(model).exists() else model, False)

@@ -81,7 +81,7 @@ def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             atomic.claim(tmp, out, was)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if e.filename is None:  # a write() on a full disk names no file: name what was being written
+            if e.filename is None and e.errno is not None:  # a write() on a full disk names no file: name OUT
                 raise OSError(e.errno, e.strerror, str(out)) from None
             raise
         except BaseException:
@@ -274,3 +274,24 @@ def hash_remaining(root: Path, known: dict[str, str]) -> dict[str, str]:
 def hash_tree(root: Path, sub: str) -> dict[str, str]:
     """sha256 of every .safetensors file under ROOT/SUB, keyed by path relative to ROOT."""
     return {f"{sub}/{p.name}": sha256_file(p) for p in sorted((root / sub).glob("*.safetensors"))}
+
+
+# adapter_config.json key that `init_model`'s save_pretrained adds for residualised methods: PEFT
+# warns about the unknown key on load, and `resolve_base` refuses such an adapter with a message.
+UNSAVED_RESIDUAL_KEY = "loraforge_residual_base_not_saved"
+
+
+def mark_unsaved_residual(adapter_dir: Path, method: str) -> None:
+    """Add UNSAVED_RESIDUAL_KEY to ADAPTER_DIR/adapter_config.json, if PEFT wrote one there."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config[UNSAVED_RESIDUAL_KEY] = (
+        f"This {method} adapter was saved from loraforge.init_model's PeftModel, whose residual base (the model with "
+        "the adapter subtracted) was only in memory: on the original model it gives wrong outputs. Save the "
+        "initialised model with loraforge.save_init(model, OUT) and load adapters trained from it on OUT/base."
+    )
+    tmp = path.with_name(f".{ADAPTER_CONFIG}.partial")  # replaced in one step: never a half-written config
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, path)

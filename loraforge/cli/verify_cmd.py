@@ -11,12 +11,20 @@ from loraforge.cli._common import user_errors
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--base", default=None, help="The ORIGINAL model (Hub id or directory) [default: the manifest's source].")
 @click.option("--device", default="auto", show_default=True, help="Where the checks compute: auto, cpu, cuda, cuda:N.")
-def verify(out, base, device):
+@click.option(
+    "--logit-max-params",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Residualised methods: compare logits through PEFT when the base has at most this many parameters "
+    "[default: 200000000].",
+)
+def verify(out, base, device, logit_max_params):
     """Check the init directory OUT against its manifest and its base; exit 1 naming failing modules."""
     from loraforge.ship.verify import verify_adapter
 
     with user_errors():
-        report = verify_adapter(out, base=base, device=device)
+        limit = {} if logit_max_params is None else {"logit_max_params": logit_max_params}
+        report = verify_adapter(out, base=base, device=device, **limit)
     click.echo(
         f"{report.path}: {report.method} r={report.r}, {len(report.modules)} modules, against {report.base_model}"
     )

@@ -37,6 +37,7 @@ from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum, fast_spectru
 from loraforge.inits.methods import METHODS, Method, MethodInput
 from loraforge.models.checkpoint import sha256_file
 from loraforge.ship.analysis import orthonormality_error, reconstruction_error, subspace_similarity
+from loraforge.ship.client_check import MAX_LOGIT_PARAMS, client_checks
 
 INIT_FORMAT = "loraforge-manifest/1"
 # Methods whose A0 has orthonormal rows. Method.orthonormal means "orthonormal A0 AND B0 = 0", so
@@ -168,9 +169,14 @@ class _Checks:
 
 
 def verify_adapter(
-    out: str | Path, base: Optional[str] = None, device: str = "auto", batch_mib: int = 512
+    out: str | Path,
+    base: Optional[str] = None,
+    device: str = "auto",
+    batch_mib: int = 512,
+    logit_max_params: int = MAX_LOGIT_PARAMS,
 ) -> VerifyReport:
-    """Check the loraforge init directory OUT; BASE overrides the original model the manifest names."""
+    """Check the loraforge init directory OUT; BASE overrides the original model the manifest names.
+    The logit check (residualised methods) runs on bases of at most LOGIT_MAX_PARAMS parameters."""
     from loraforge.core.devices import resolve_device
     from loraforge.inits.plan import plan_batches
 
@@ -194,6 +200,7 @@ def verify_adapter(
     for batch in plan_batches(targets, batch_mib * 2**20):
         _check_batch(adapter, manifest, method, batch, weights, residual, dev, checks, report.modules)
     _finish_details(method, checks)
+    report.checks.extend(client_checks(out, manifest, original, method.residual, logit_max_params))  # what PEFT builds
     return report
 
 
