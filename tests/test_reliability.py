@@ -325,3 +325,11 @@ def test_a_damaged_adapter_config_or_manifest_is_one_line(tiny_models, tmp_path,
         assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
         assert r.exit_code == 1 and name in r.output and len(r.output.strip().splitlines()) == 1, r.output
         (out / name).write_bytes(saved)
+
+
+def test_inspect_json_to_a_read_only_disk_is_one_line(tiny_models, tmp_path, tmpfs):
+    out = init_adapter(str(tiny_models["llama"]), tmp_path / "a", InitConfig(method="rlpo", r=2)).out
+    disk = tmpfs("ro-json", "ro,size=1m")
+    r = CliRunner().invoke(main, ["inspect", str(out), "--json", str(disk / "n.json")])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert r.exit_code == 1 and "EROFS" in r.output and str(disk / "n.json") in r.output

@@ -1,8 +1,9 @@
 """Everything that writes to disk: the staged output directory, the PEFT adapter files, the
 residual base (streamed shard by shard) and the manifest.
 
-Every output is built in a hidden temporary directory next to OUT and renamed into place only when
-complete, so an interrupted run leaves either nothing or the previous complete result.
+Every output is built in a hidden staging directory next to OUT and claimed atomically only when
+complete (`staged_dir`), so an interrupted run leaves the previous result (or none) or the new one,
+plus at most its staging directory, which the next run to the same OUT removes.
 """
 
 from __future__ import annotations

@@ -63,9 +63,10 @@ def inspect_(adapter, init, base, modules, layers, plots_dir, plot_modules, json
         click.echo(f"note: {note}")
     click.echo(format_table(report) + "\n" + LEGEND)
     if json_file:
-        Path(json_file).parent.mkdir(parents=True, exist_ok=True)
-        with open(json_file, "w") as f:
-            json.dump(report.to_json(), f, indent=1)
+        with user_errors():  # a read-only or full disk: one line, not a traceback
+            Path(json_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(json_file, "w") as f:
+                json.dump(report.to_json(), f, indent=1)
         click.echo(f"numbers -> {json_file}")
     for path in figures:
         click.echo(f"figure -> {path}")
