@@ -23,13 +23,24 @@ import torch
 from loraforge.adapters import writers
 from loraforge.adapters.card import render_model_card
 from loraforge.adapters.manifest import build_manifest, source_dtype
-from loraforge.adapters.peft_config import adapter_config, lora_config
+from loraforge.adapters.peft_config import PeftForm, adapter_config, differences, lora_config, plan_peft_form
 from loraforge.core.devices import decomposition_devices
 from loraforge.core.errors import LoraforgeError
-from loraforge.inits.compute import compute_inits
+from loraforge.inits.compute import ModuleInit, compute_inits
 from loraforge.inits.config import DTYPES, InitConfig
+from loraforge.inits.plan import drop_small
+from loraforge.models.experts import ExpertKeys, expert_keys
 from loraforge.models.source import companion_files, resolve_source
-from loraforge.models.targets import build_skeleton, checkpoint_keys, find_targets, header_skeleton, peft_target_modules
+from loraforge.models.targets import (
+    Target,
+    build_skeleton,
+    checkpoint_keys,
+    find_targets,
+    header_skeleton,
+    meta_skeleton,
+    parse_target_modules,
+    peft_target_modules,
+)
 
 
 @dataclass
@@ -51,42 +62,122 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
     Works on a plain model and on one dispatched across devices by accelerate (device_map), as long
     as the target weights are materialised (not offloaded to disk). For residualised methods the
     target weights are replaced IN PLACE by the residual (in the model's own dtype). The result is
-    ready for TRL's GRPOTrainer (pass it as `model`, with no `peft_config`).
+    ready for TRL's GRPOTrainer (pass it as `model`, with no `peft_config`). The PEFT config form is
+    checked on a meta copy of the model before any weight is touched (see `plan_peft_form`).
     """
     from peft import get_peft_model
 
-    targets = find_targets(model, config.target_modules, config.layers)
-    modules = dict(model.named_modules())
+    from loraforge.adapters.peft_view import adapted_in
+
+    targets, _ = select_targets(model, config)
+    fan_in_fan_out = any(t.transposed and not t.experts for t in targets)
+    form = plan_peft_form(meta_skeleton(model) or model, targets, config, fan_in_fan_out)
     for t in targets:
-        if modules[t.name].weight.device.type == "meta":
+        if _tensor(model, t).device.type == "meta":
             raise LoraforgeError(
                 f"Module {t.name}'s weight is offloaded (on the meta device); init_model needs materialised weights. "
                 "Use `loraforge init MODEL_DIR` (the streaming path) for models that do not fit in memory."
             )
     devices = decomposition_devices(config.device)
-    inits = [
-        m
-        for batch in compute_inits(targets, lambda t: modules[t.name].weight.detach(), config, devices, progress)
-        for m in batch
-    ]
-    with torch.no_grad():
-        for m in inits:
+    stacks = _Stacks(targets, config)
+    for batch in compute_inits(targets, lambda u: _tensor(model, u), config, devices, progress):
+        for m in batch:
+            stacks.add(m)
             if m.base is not None:
-                weight = modules[m.target.name].weight
-                weight.copy_(m.base.to(weight.device, weight.dtype))
+                weight = _tensor(model, m.target)
+                with torch.no_grad():
+                    weight.copy_(m.base.to(weight.device, weight.dtype))
     cfg = lora_config(
-        config,
-        peft_target_modules(model, targets),
-        getattr(model, "name_or_path", "") or "",
-        any(t.transposed for t in targets),
+        config, form.target_modules, getattr(model, "name_or_path", "") or "", fan_in_fan_out, form.target_parameters
     )
     peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
+    built = adapted_in(peft_model, adapter_name)
+    diff = differences(built, targets, config)
+    if diff:  # the meta check above makes this unreachable unless the model differs from its config
+        raise LoraforgeError(f"PEFT built a different adapter than planned: {diff}")
     with torch.no_grad():
-        for m in inits:
-            layer = peft_model.base_model.model.get_submodule(m.target.name)
-            layer.lora_A[adapter_name].weight.copy_(m.A)
-            layer.lora_B[adapter_name].weight.copy_(m.B)
+        for name, (A, B) in stacks.factors.items():
+            t = stacks.targets[name]
+            layer = peft_model.base_model.model.get_submodule(built[(t.module, t.param)].path)
+            layer.lora_A[adapter_name].weight.copy_(A)
+            layer.lora_B[adapter_name].weight.copy_(B)
     return peft_model
+
+
+def _tensor(model: torch.nn.Module, t: Target) -> torch.Tensor:
+    """T's weight in MODEL (for a unit of an expert stack: that expert's matrix), as stored."""
+    weight = getattr(model.get_submodule(t.module), t.param)
+    return (weight if t.expert is None else weight[t.expert]).detach()
+
+
+def select_targets(model: torch.nn.Module, config: InitConfig) -> tuple[list[Target], dict[str, str]]:
+    """The targets of CONFIG on MODEL and {name: why left out} for the default set's exclusions: routers and gates,
+    unflagged fused parameters, and modules smaller than r (named modules smaller than r stop with an error)."""
+    skipped: dict[str, str] = {}
+    targets = find_targets(model, config.target_modules, config.layers, skipped)
+    if parse_target_modules(config.target_modules) == "all-linear":
+        targets, small = drop_small(targets, config.r)
+        skipped.update(small)
+        if not targets:
+            raise LoraforgeError(
+                f"No module of {type(model).__name__} can hold rank -r {config.r} ({len(small)} are smaller). Lower -r."
+            )
+    return targets, skipped
+
+
+class _Stacks:
+    """Collects per-matrix inits into what is written: (A0, B0) per target, fused experts in PEFT's ParamWrapper
+    layout, and the manifest's per-target statistics.
+
+    PEFT's layout for a stack of E experts at rank r (peft/tuners/lora/layer.py, ParamWrapper.get_delta_weight):
+    lora_A (r*E, in) with A_e = rows e*r:(e+1)*r (expert-major), lora_B (out, r*E) with B_e = columns e::E
+    (expert-minor), and delta[e] = s B_e A_e (transposed for is_transposed stacks, as the stored matrix is)."""
+
+    def __init__(self, targets: list[Target], config: InitConfig):
+        self.targets = {t.name: t for t in targets}
+        self.r = config.r
+        self.dtype = DTYPES[config.adapter_dtype]
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stats: dict[str, dict] = {}
+        self._experts: dict[str, list[dict]] = {}
+
+    def add(self, m: ModuleInit) -> None:
+        t, r = m.target, self.r
+        if t.expert is None:
+            self.factors[t.name] = (m.A, m.B)
+            self.stats[t.name] = m.stats
+            return
+        E = t.experts
+        if t.name not in self.factors:
+            self.factors[t.name] = (
+                torch.zeros(r * E, t.in_features, dtype=self.dtype),
+                torch.zeros(t.out_features, r * E, dtype=self.dtype),
+            )
+            self._experts[t.name] = [None] * E
+        A, B = self.factors[t.name]
+        A[t.expert * r : (t.expert + 1) * r] = m.A
+        B[:, t.expert :: E] = m.B
+        per = self._experts[t.name]
+        per[t.expert] = m.stats
+        if all(p is not None for p in per):
+            self.stats[t.name] = _stack_stats(t, per)
+            del self._experts[t.name]
+
+
+def _stack_stats(t: Target, per: list[dict]) -> dict:
+    """A fused stack's manifest entry: norms over the whole stack, worst errors, and each expert's numbers."""
+    stats = {
+        "shape": [t.out_features, t.in_features],
+        "experts": t.experts,
+        "init_norm": sum(p["init_norm"] ** 2 for p in per) ** 0.5,
+        "update_norm": sum(p["update_norm"] ** 2 for p in per) ** 0.5,
+        "recon_max_abs": max(p["recon_max_abs"] for p in per),
+        "recon_rel": max(p["recon_rel"] for p in per),
+    }
+    for key in ("init_norm", "energy", "rank", "recon_rel"):
+        if key in per[0]:
+            stats.setdefault("per_expert", {})[key] = [p[key] for p in per]
+    return stats
 
 
 def init_adapter(
@@ -117,10 +208,10 @@ def init_adapter(
 
     with writers.staged_dir(out, overwrite) as tmp:
         t0 = time.perf_counter()
-        factors, stats, residuals = _run_inits(plan, config, devices, tmp, progress)
+        stacks, residuals = _run_inits(plan, config, devices, tmp, progress)
         decompose_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        files, base_dtype = _write_outputs(plan, config, out, tmp, factors, residuals, trust_remote_code)
+        files, base_dtype = _write_outputs(plan, config, out, tmp, stacks.factors, residuals, trust_remote_code)
         timings = {
             "decompose_s": round(decompose_s, 3),
             "write_s": round(time.perf_counter() - t1, 3),
@@ -129,14 +220,16 @@ def init_adapter(
         manifest = build_manifest(
             config,
             source,
-            plan.target_modules,
+            plan.form.target_modules,
             plan.fan_in_fan_out,
             base_dtype,
             "in-memory" if plan.loaded is not None else "streaming",
             devices,
             timings,
             files,
-            stats,
+            stacks.stats,
+            peft=plan.form.manifest(),
+            skipped=plan.skipped,
         )
         writers.write_json(tmp / writers.MANIFEST, manifest)
         (tmp / "README.md").write_text(render_model_card(manifest))
@@ -145,57 +238,102 @@ def init_adapter(
 
 @dataclass
 class _Plan:
-    """What an init works on: the source, its targets, and how their weights are read."""
+    """What an init works on: the source, its targets, how PEFT is told about them, and how their weights are read."""
 
     source: object
     targets: list
-    target_modules: object  # what adapter_config.json lists
+    skipped: dict  # name -> why the default set leaves it out
+    form: PeftForm  # adapter_config's target_modules / target_parameters, checked with PEFT
     fan_in_fan_out: bool
     loaded: Optional[torch.nn.Module]  # the model in memory (device_map or legacy checkpoints), else None
-    keys: Optional[dict[str, str]]  # streaming: target name -> checkpoint key
+    keys: Optional[dict[str, str]]  # streaming: linear target name -> checkpoint key
+    experts: Optional[dict[str, ExpertKeys]] = None  # streaming: fused expert target name -> where its experts are
 
-    def read(self, t) -> torch.Tensor:
+    def read(self, t: Target) -> torch.Tensor:
         if self.loaded is not None:
-            return self.loaded.get_submodule(t.name).weight.detach()
+            return _tensor(self.loaded, t)
+        if t.experts:
+            return self.experts[t.name].read(self.source, t.expert)
         key = self.keys[t.name]
         return self.source.open_shard(self.source.weight_map[key]).read(key)
 
+    def stacked(self) -> dict[str, list[str]]:
+        """Fused-on-disk stacks: checkpoint key -> the residual entries of its experts (see writers)."""
+        return {
+            k.fused: [_piece(k.fused, e) for e in range(self.targets_by_name[n].experts)]
+            for n, k in (self.experts or {}).items()
+            if k.fused
+        }
+
+    @property
+    def targets_by_name(self) -> dict[str, Target]:
+        return {t.name: t for t in self.targets}
+
+
+def _piece(key: str, e: int) -> str:
+    return f"{key}.__expert{e}"
+
 
 def _plan(source, config: InitConfig, device_map: Optional[str], trust_remote_code: bool) -> _Plan:
-    """Find the targets, on a skeleton when the checkpoint can be streamed, else on the loaded model."""
-    loaded, keys = None, None
-    if device_map is not None or source.weight_format != "safetensors":
-        loaded = skeleton = _load_model(source, config, device_map, trust_remote_code)
-        targets = find_targets(skeleton, config.target_modules, config.layers)
-    else:
-        skeleton, targets = _skeleton_and_targets(source, config, trust_remote_code)
-        keys = checkpoint_keys(targets, source, skeleton)
-        if keys is None:  # names in the checkpoint differ from the model's (legacy layout): load it
-            loaded = _load_model(source, config, None, trust_remote_code)
-            targets = find_targets(loaded, config.target_modules, config.layers)
-    return _Plan(
-        source, targets, peft_target_modules(skeleton, targets), any(t.transposed for t in targets), loaded, keys
-    )
+    """Targets on the meta skeleton and the PEFT form that loads them as planned (checked with PEFT before any
+    heavy work); then how their weights are read: streamed from the safetensors checkpoint, or from the model
+    loaded in memory (device_map, legacy .bin checkpoints, layouts the streaming reader does not know)."""
+    skeleton, targets, skipped, form = _header_plan(source, config) if device_map is None else (None,) * 4
+    if skeleton is None:
+        skeleton = build_skeleton(source.path, trust_remote_code)
+        targets, skipped = select_targets(skeleton, config)
+        form = plan_peft_form(skeleton, targets, config, any(t.transposed and not t.experts for t in targets))
+    fan_in_fan_out = any(t.transposed and not t.experts for t in targets)
+    loaded, keys, experts = None, None, {}
+    streaming = device_map is None and source.weight_format == "safetensors"
+    if streaming:
+        keys = checkpoint_keys([t for t in targets if not t.experts], source, skeleton)
+        model_type = source.config.get("model_type")
+        experts = {t.name: expert_keys(t, source, model_type) for t in targets if t.experts}
+    if not streaming or keys is None or any(k is None for k in experts.values()):
+        # names in the checkpoint differ from the model's (legacy layout), or not streamable: load it
+        loaded = _load_model(source, config, device_map, trust_remote_code)
+        keys = experts = None
+    return _Plan(source, targets, skipped, form, fan_in_fan_out, loaded, keys, experts)
+
+
+def _header_plan(source, config: InitConfig):
+    """(skeleton, targets, skipped, form) read from the checkpoint header for the dense decoder layouts of
+    HEADER_LAYOUTS (no transformers or PEFT import: `loraforge init` starts fast), or Nones. PEFT's config
+    rewriting applies only to model types transformers converts on load, none of which is in HEADER_LAYOUTS;
+    tests/test_architectures.py checks both facts and that PEFT loads these adapters as written."""
+    header = header_skeleton(source)
+    if header is None:
+        return None, None, None, None
+    try:
+        targets, skipped = select_targets(header, config)
+    except LoraforgeError:  # names not in the header layout: the transformers skeleton has the final word
+        return None, None, None, None
+    return header, targets, skipped, PeftForm(peft_target_modules(header, targets), [])
 
 
 def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bool):
     """Compute every init; residuals go into the loaded model, or are kept for the base writer:
     in memory up to config.residual_mib, parked in tmp/.residuals beyond that."""
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    stats: dict[str, dict] = {}
+    stacks = _Stacks(plan.targets, config)
     residual_files: dict[str, Path | torch.Tensor] = {}  # checkpoint key -> residual, or the file holding it
     held = 0  # bytes of residuals kept in memory
     for batch_no, batch in enumerate(compute_inits(plan.targets, plan.read, config, devices, progress)):
         residuals = {}
         for m in batch:
-            factors[m.target.name] = (m.A, m.B)
-            stats[m.target.name] = m.stats
+            stacks.add(m)
             if m.base is None:
                 continue
             if plan.loaded is not None:
-                weight = plan.loaded.get_submodule(m.target.name).weight
+                weight = _tensor(plan.loaded, m.target)
                 with torch.no_grad():
                     weight.copy_(m.base.to(weight.device, weight.dtype))
+            elif m.target.experts:
+                where = plan.experts[m.target.name]
+                if where.fused:
+                    residuals[_piece(where.fused, m.target.expert)] = m.base
+                else:
+                    residuals.update(where.split(m.target.expert, m.base))
             else:
                 residuals[plan.keys[m.target.name]] = m.base
         if not residuals:
@@ -211,7 +349,7 @@ def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bo
         spill.parent.mkdir(exist_ok=True)
         save_file(residuals, str(spill))
         residual_files.update({k: spill for k in residuals})
-    return factors, stats, residual_files
+    return stacks, residual_files
 
 
 def _write_outputs(
@@ -220,11 +358,18 @@ def _write_outputs(
     """The adapter weights and config, and the residual base; returns the files' hashes and the base dtype."""
     method = config.method_spec
     source = plan.source
-    writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
+    view = plan.form.view  # empty for header layouts: plain LoRA layers, saved under writers.adapter_key
+    keys = {t.name: (view[(t.module, t.param)].key_A, view[(t.module, t.param)].key_B) for t in plan.targets if view}
+    writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors, keys)
     # For residualised methods the adapter belongs on OUT/base, not on the source model, so that
     # is what PEFT's AutoPeftModel must load (`loraforge push` rewrites it to the base's Hub repo).
     base_model = str(out.resolve() / writers.BASE_DIR) if method.residual else source.model_id
-    writers.write_adapter_config(tmp, adapter_config(config, plan.target_modules, base_model, plan.fan_in_fan_out))
+    writers.write_adapter_config(
+        tmp,
+        adapter_config(
+            config, plan.form.target_modules, base_model, plan.fan_in_fan_out, plan.form.target_parameters
+        ),
+    )
     files = {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)}
     if not method.residual:
         return files, None
@@ -234,23 +379,13 @@ def _write_outputs(
         _save_loaded_base(plan.loaded, source, tmp / writers.BASE_DIR, cast_to, trust_remote_code)
         files.update(writers.hash_tree(tmp, writers.BASE_DIR))
     else:
-        files.update(writers.write_residual_base(source, tmp / writers.BASE_DIR, residuals, cast_to, trust_remote_code))
+        files.update(
+            writers.write_residual_base(
+                source, tmp / writers.BASE_DIR, residuals, cast_to, trust_remote_code, stacked=plan.stacked()
+            )
+        )
     shutil.rmtree(tmp / ".residuals", ignore_errors=True)
     return files, base_dtype
-
-
-def _skeleton_and_targets(source, config: InitConfig, trust_remote_code: bool):
-    """The skeleton to find targets on, and the targets. Known decoder layouts come from the
-    checkpoint header (no transformers import); if the names asked for are not among them, the
-    transformers skeleton has the final word."""
-    header = header_skeleton(source)
-    if header is not None:
-        try:
-            return header, find_targets(header, config.target_modules, config.layers)
-        except LoraforgeError:
-            pass
-    skeleton = build_skeleton(source.path, trust_remote_code)
-    return skeleton, find_targets(skeleton, config.target_modules, config.layers)
 
 
 def _load_model(source, config: InitConfig, device_map: Optional[str], trust_remote_code: bool):

@@ -34,6 +34,11 @@ class Adapted:
     shape_A: tuple[int, int]
     shape_B: tuple[int, int]
 
+    @property
+    def path(self) -> str:
+        """The LoRA layer's path in the PeftModel's base model (nested ParamWrappers: ....experts.base_layer)."""
+        return self.key_A.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+
 
 def peft_lora_config(adapter_config: dict):
     """The LoraConfig PEFT reads from ADAPTER_CONFIG (a dict as in adapter_config.json), the way
@@ -49,7 +54,6 @@ def adapted_by_peft(skeleton: torch.nn.Module, adapter_config: dict) -> dict[tup
 
     Raises ValueError (PEFT's own) when PEFT refuses the config on this model."""
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
 
     config = peft_lora_config(adapter_config)
     config.inference_mode = True  # as PeftModel.from_pretrained(is_trainable=False)
@@ -57,20 +61,27 @@ def adapted_by_peft(skeleton: torch.nn.Module, adapter_config: dict) -> dict[tup
     with warnings.catch_warnings():  # PEFT warns about targets it drops; what it built is the answer here
         warnings.simplefilter("ignore")
         peft_model = PeftModel(model, config, adapter_name="default", low_cpu_mem_usage=True)
+    return adapted_in(peft_model)
+
+
+def adapted_in(peft_model, adapter_name: str = "default") -> dict[tuple[str, str], Adapted]:
+    """{(module, param): Adapted} for the LoRA layers of adapter ADAPTER_NAME in a live PeftModel."""
+    from peft.tuners.lora import LoraLayer
+
     adapted = {}
     for path, layer in peft_model.base_model.model.named_modules():
-        if not isinstance(layer, LoraLayer) or "default" not in layer.lora_A:
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
             continue
         module = ".".join(p for p in path.split(".") if p != "base_layer")  # nested ParamWrappers: x.base_layer
         param = getattr(layer, "parameter_name", None) or "weight"
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         adapted[(module, param)] = Adapted(
             module=module,
             param=param,
             wrapper=type(layer).__name__,
             experts=int(getattr(layer, "num_experts", 1) or 1),
-            r=int(layer.r["default"]),
-            scaling=float(layer.scaling["default"]),
+            r=int(layer.r[adapter_name]),
+            scaling=float(layer.scaling[adapter_name]),
             key_A=f"base_model.model.{path}.lora_A.weight",
             key_B=f"base_model.model.{path}.lora_B.weight",
             shape_A=tuple(a.shape),

@@ -79,14 +79,20 @@ def adapter_key(module_name: str, which: str) -> str:
     return f"base_model.model.{module_name}.lora_{which}.weight"
 
 
-def write_adapter_weights(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Write {module name: (A0, B0)} as PEFT's adapter_model.safetensors, in module order."""
+def write_adapter_weights(
+    path: Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    keys: Optional[dict[str, tuple[str, str]]] = None,
+) -> None:
+    """Write {module name: (A0, B0)} as PEFT's adapter_model.safetensors, in module order. KEYS gives the saved
+    names where they are not `adapter_key`'s (fused experts: PEFT nests ParamWrappers, see peft_view)."""
     from safetensors.torch import save_file
 
     tensors = {}
     for name, (A, B) in factors.items():
-        tensors[adapter_key(name, "A")] = A.contiguous()
-        tensors[adapter_key(name, "B")] = B.contiguous()
+        key_a, key_b = (keys or {}).get(name) or (adapter_key(name, "A"), adapter_key(name, "B"))
+        tensors[key_a] = A.contiguous()
+        tensors[key_b] = B.contiguous()
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -112,8 +118,12 @@ def write_residual_base(
     residual_files: dict[str, Path | torch.Tensor],
     cast_to: Optional[torch.dtype],
     trust_remote_code: bool = False,
+    stacked: Optional[dict[str, list[str]]] = None,
 ) -> dict[str, str]:
     """Write the residual base model shard by shard; return {relative file name: sha256}.
+
+    STACKED maps a checkpoint key of a fused expert stack to the residual_files entries of its experts, in
+    order: the tensor written is their stack (one stack in memory at a time).
 
     residual_files maps checkpoint keys of target weights to their residual (already in the base
     dtype), or to the temporary safetensors file that holds it. Every other tensor is copied through from the
@@ -134,7 +144,18 @@ def write_residual_base(
         src = source.open_shard(shard)
         planned = []
         for key, info in src.tensors.items():
-            if isinstance(residual_files.get(key), torch.Tensor):
+            if stacked and key in stacked:
+                parts = stacked[key]
+                dtype = _residual_dtype(residual_files[parts[0]], parts[0], reader_for)
+                planned.append(
+                    PlannedTensor(
+                        key,
+                        dtype,
+                        info.shape,
+                        lambda parts=parts: torch.stack([_residual(residual_files[p], p, reader_for) for p in parts]),
+                    )
+                )
+            elif isinstance(residual_files.get(key), torch.Tensor):
                 t = residual_files[key]
                 planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t: t))
             elif key in residual_files:
@@ -170,6 +191,14 @@ def write_residual_base(
     for f in companion_files(source, trust_remote_code):
         shutil.copy2(f, base_dir / f.name)
     return hashes
+
+
+def _residual(value, key: str, reader_for) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else reader_for(value).read(key)
+
+
+def _residual_dtype(value, key: str, reader_for) -> torch.dtype:
+    return value.dtype if isinstance(value, torch.Tensor) else DTYPES[reader_for(value).tensors[key].dtype]
 
 
 def hash_tree(root: Path, sub: str) -> dict[str, str]:

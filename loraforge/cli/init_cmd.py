@@ -82,6 +82,15 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
             trust_remote_code=trust_remote_code,
             progress=sys.stderr.isatty(),
         )
+    for name, why in result.manifest.get("skipped", {}).items():
+        click.echo(f"note: {name} left out of the default targets ({why})", err=True)
+    peft_form = result.manifest.get("peft") or {}
+    if peft_form.get("linear_as_parameters"):
+        click.echo(
+            f"note: {', '.join(peft_form['linear_as_parameters'])} written as PEFT target_parameters (PEFT remaps "
+            "these names to the fused experts on this model type; see loraforge.json 'peft')",
+            err=True,
+        )
     s = result.manifest["summary"]
     click.echo(
         f"{config.method} r={config.r}: {result.modules} modules in {result.seconds:.1f} s, "
