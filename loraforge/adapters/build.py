@@ -366,9 +366,7 @@ def _write_outputs(
     base_model = str(out.resolve() / writers.BASE_DIR) if method.residual else source.model_id
     writers.write_adapter_config(
         tmp,
-        adapter_config(
-            config, plan.form.target_modules, base_model, plan.fan_in_fan_out, plan.form.target_parameters
-        ),
+        adapter_config(config, plan.form.target_modules, base_model, plan.fan_in_fan_out, plan.form.target_parameters),
     )
     files = {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)}
     if not method.residual:

@@ -102,7 +102,6 @@ class SafetensorsFile:
                 )
         return out
 
-
     def read_index(self, key: str, index: int) -> torch.Tensor:
         """KEY[index] (one entry along dim 0, e.g. one expert of a fused stack), reading only its bytes."""
         info = self.tensors[key]

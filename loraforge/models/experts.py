@@ -56,21 +56,20 @@ def expert_keys(target: Target, source, model_type: Optional[str]) -> Optional[E
     its layout is not one we can read expert by expert."""
     stored = (target.in_features, target.out_features) if target.transposed else target.shape
     want = (target.experts, *stored)
-    info = _shape(source, target.name)
-    if info is not None:
-        return ExpertKeys(fused=target.name) if info == want else None
-    if target.transposed or not model_type:  # per-expert layouts of (E, in, out) stacks: not seen in transformers
-        return None
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    converters = get_checkpoint_conversion_mapping(model_type) or []
+    converters = _converters(model_type)
     renames = [
         (src, dst)
         for c in converters
         if type(c).__name__ == "WeightRenaming"
-        for src, dst in zip(c.source_patterns, c.target_patterns)
+        for src, dst in zip((p.replace("\\.", ".") for p in c.source_patterns), c.target_patterns)
         if not _REGEX.search(src + dst)
     ]
+    for (name,) in _renamed([target.name], renames):  # fused on disk, maybe under another name (GraniteMoE)
+        info = _shape(source, name)
+        if info is not None:
+            return ExpertKeys(fused=name) if info == want else None
+    if target.transposed:  # per-expert layouts of (E, in, out) stacks: not seen in transformers
+        return None
     for c in converters:
         if type(c).__name__ != "WeightConverter" or not _stacks_and_concatenates(c):
             continue
@@ -84,6 +83,14 @@ def expert_keys(target: Target, source, model_type: Optional[str]) -> Optional[E
                 if found is not None:
                     return found
     return None
+
+
+def _converters(model_type: Optional[str]) -> list:
+    if not model_type:
+        return []
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return list(get_checkpoint_conversion_mapping(model_type) or [])
 
 
 def _boundary(name: str, suffix: str) -> bool:

@@ -140,11 +140,13 @@ def _expert_count(experts: torch.nn.Module) -> Optional[int]:
 
 
 def _router_reason(modules: dict[str, torch.nn.Module], t: Target) -> Optional[str]:
-    """Why linear target T is a router or gate of an MoE block (None if it is not): a sibling of the block's
-    `experts` whose output is one score per expert or a single gate value (Qwen's shared_expert_gate), or
+    """Why linear target T is a router or gate of an MoE block (None if it is not): a linear layer inside a block
+    that holds `experts` whose output is one score per expert or a single gate value (Qwen's shared_expert_gate), or
     named gate/router/shared_expert_gate there."""
     parent, _, leaf = t.name.rpartition(".")
-    experts = modules.get(f"{parent}.experts" if parent else "experts")
+    grandparent = parent.rpartition(".")[0]
+    # The block holding `experts`: the router's parent, or its grandparent (GraniteMoE: block.router.layer).
+    experts = next((modules[k] for k in (f"{parent}.experts", f"{grandparent}.experts") if k in modules), None)
     if experts is None:
         return None
     count = _expert_count(experts)
