@@ -1,0 +1,177 @@
+"""MoE models: experts read expert by expert from either checkpoint layout, residual bases in the checkpoint's own
+layout, PEFT's config rewriting caught and worked around, routers and tiny gates out of the default set, init_model
+in memory. (Every architecture's round trip through PEFT is in test_model_zoo.py.)"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from adapter_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from click.testing import CliRunner
+from test_model_zoo import _build
+
+from loraforge import InitConfig, init_adapter
+from loraforge.cli import main
+
+
+def _keys_and_shapes(directory) -> dict:
+    from loraforge.models.source import resolve_source
+
+    source = resolve_source(str(directory))
+    return {k: source.open_shard(s).tensors[k].shape for k, s in source.weight_map.items()}
+
+
+def _logits_rel(model, base_dir, adapter_dir) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(ids).logits, peft_model(ids).logits
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    return _build("qwen3_moe")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per-expert-keys", "fused-keys"])
+def test_residual_base_keeps_the_checkpoint_layout(qwen3_moe, fused, tmp_path):
+    # save_pretrained writes experts per expert (transformers 4's names) by default, fused without it.
+    src = tmp_path / "src"
+    qwen3_moe.save_pretrained(src, save_original_format=not fused)
+    layout = _keys_and_shapes(src)
+    assert ("model.layers.0.mlp.experts.gate_up_proj" in layout) == fused
+    assert ("model.layers.0.mlp.experts.3.up_proj.weight" in layout) == (not fused)
+    result = init_adapter(str(src), tmp_path / "out", InitConfig(method="pissa", r=4))
+    assert result.manifest["path"] == "streaming"  # read expert by expert, not by loading the model
+    assert _keys_and_shapes(tmp_path / "out" / "base") == layout
+    assert _logits_rel(qwen3_moe, tmp_path / "out" / "base", tmp_path / "out") <= 1e-4
+    stack = result.manifest["modules"]["model.layers.0.mlp.experts.gate_up_proj"]
+    assert stack["experts"] == 4 and stack["shape"] == [48, 32] and len(stack["per_expert"]["init_norm"]) == 4
+
+
+def test_a_fused_stack_is_read_one_expert_at_a_time(qwen3_moe, tmp_path):
+    from loraforge.models.experts import expert_keys
+    from loraforge.models.source import resolve_source
+    from loraforge.models.targets import Target
+
+    qwen3_moe.save_pretrained(tmp_path, save_original_format=False)
+    source = resolve_source(str(tmp_path))
+    t = Target("model.layers.1.mlp.experts.down_proj", 32, 24, False, 1, experts=4)
+    keys = expert_keys(t, source, "qwen3_moe")
+    assert keys.fused == t.name
+    W = qwen3_moe.model.layers[1].mlp.experts.down_proj.detach()
+    for e in range(4):
+        assert torch.equal(keys.read(source, e), W[e])
+
+
+def test_an_expert_stack_is_cut_into_batches_of_experts():
+    # A Qwen3-30B-A3B-shaped layer: 128 experts, gate_up (1536 x 2048), down (2048 x 768); --batch-mib 512.
+    from loraforge.inits.plan import plan_batches
+    from loraforge.models.targets import Target
+
+    gate_up = Target("model.layers.0.mlp.experts.gate_up_proj", 1536, 2048, False, 0, experts=128)
+    down = Target("model.layers.0.mlp.experts.down_proj", 2048, 768, False, 0, experts=128)
+    budget = 512 * 2**20
+    batches = plan_batches([u for t in (gate_up, down) for u in t.units()], budget)
+    for batch in batches:
+        m, n = batch[0].shape
+        assert len(batch) * 24 * m * n <= budget  # float64 matrices at ~3x their size while decomposed
+    assert sorted((b.name, b.expert) for batch in batches for b in batch) == sorted(
+        (t.name, e) for t in (gate_up, down) for e in range(128)
+    )
+
+
+def test_peft_config_rewriting_is_caught_and_the_dense_mlps_written_as_parameters(tmp_path):
+    # PEFT moves gate/up/down_proj targets of DeepSeek-V3 to the fused experts: the dense MLP of layer 0 and the
+    # shared experts of layer 1 would get no LoRA. The plan is compared with what PEFT itself builds.
+    from loraforge.adapters.build import select_targets
+    from loraforge.adapters.peft_config import differences, plan_peft_form
+    from loraforge.adapters.peft_view import adapted_by_peft
+    from loraforge.models.targets import meta_skeleton
+
+    model = _build("deepseek_v3")
+    skeleton = meta_skeleton(model)
+    config = InitConfig(method="pissa", r=4)
+    targets, _ = select_targets(skeleton, config)
+    naive = {"peft_type": "LORA", "r": 4, "lora_alpha": 8.0, "target_parameters": ["experts.gate_up_proj"]}
+    naive["target_modules"] = sorted({t.name.rsplit(".", 1)[-1] for t in targets if not t.experts})
+    lost = differences(adapted_by_peft(skeleton, naive), targets, config)
+    assert "model.layers.0.mlp.gate_proj" in lost and "model.layers.1.mlp.shared_experts.down_proj" in lost
+    form = plan_peft_form(skeleton, targets, config, False)
+    assert form.as_parameters == ["down_proj", "gate_proj", "up_proj"]
+    assert {"gate_proj.weight", "experts.gate_up_proj"} <= set(form.target_parameters)
+    assert not {"gate_proj", "up_proj", "down_proj"} & set(form.target_modules)
+
+    model.save_pretrained(tmp_path / "src")
+    res = CliRunner().invoke(
+        main, ["init", str(tmp_path / "src"), "--method", "pissa", "-r", "4", "-o", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "written as PEFT target_parameters" in res.output
+    manifest = json.loads((tmp_path / "o" / "loraforge.json").read_text())
+    assert manifest["peft"]["linear_as_parameters"] == ["down_proj", "gate_proj", "up_proj"]
+    assert _logits_rel(model, tmp_path / "o" / "base", tmp_path / "o") <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2_moe")
+    _build("qwen2_moe").save_pretrained(path)
+    return path
+
+
+def test_default_targets_leave_out_gates_and_modules_smaller_than_r(qwen2_moe_dir, tmp_path):
+    res = CliRunner().invoke(
+        main, ["init", str(qwen2_moe_dir), "--method", "rlpo", "-r", "4", "-o", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "note: model.layers.0.mlp.shared_expert_gate left out of the default targets (router/gate" in res.output
+    manifest = json.loads((tmp_path / "o" / "loraforge.json").read_text())
+    assert set(manifest["skipped"]) == {f"model.layers.{i}.mlp.shared_expert_gate" for i in (0, 1)}
+    assert not any("shared_expert_gate" in m for m in manifest["modules"])
+    assert "model.layers.1.mlp.experts.down_proj" in manifest["modules"]
+
+
+def test_a_named_gate_smaller_than_r_is_an_error_and_at_r_1_it_is_adapted(qwen2_moe_dir, tmp_path):
+    args = ["init", str(qwen2_moe_dir), "--method", "rlpo", "--target-modules", "shared_expert_gate"]
+    res = CliRunner().invoke(main, [*args, "-r", "4", "-o", str(tmp_path / "a")])
+    assert res.exit_code == 1 and "rank is at most 1" in res.output and not (tmp_path / "a").exists()
+    res = CliRunner().invoke(main, [*args, "-r", "1", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "b" / "loraforge.json").read_text())
+    assert set(manifest["modules"]) == {f"model.layers.{i}.mlp.shared_expert_gate" for i in (0, 1)}
+
+
+def test_a_default_set_with_nothing_as_large_as_r_asks_for_a_lower_r(tmp_path):
+    # Default-set modules smaller than r are left out; when that leaves nothing (every matrix of this tiny model is
+    # at most 32 wide), the init stops with one line saying what to do, and writes nothing.
+    _build("qwen3_moe").save_pretrained(tmp_path / "src")
+    res = CliRunner().invoke(
+        main, ["init", str(tmp_path / "src"), "--method", "rlpo", "-r", "33", "-o", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 1 and "Lower -r" in res.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "gpt_oss"])
+def test_init_model_in_memory_adapts_every_expert(model_type):
+    from loraforge import init_model
+    from loraforge.adapters.peft_view import adapted_in
+
+    model = _build(model_type)
+    original = copy.deepcopy(model)
+    peft_model = init_model(model, InitConfig(method="pissa", r=4)).eval()
+    built = adapted_in(peft_model)
+    assert any(a.experts == 4 for a in built.values())
+    assert ("model.layers.0.mlp.gate_proj", "weight") in built or model_type == "gpt_oss"
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = original(ids).logits, peft_model(ids).logits
+    assert float((got - want).norm() / want.norm()) <= 1e-4
