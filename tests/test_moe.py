@@ -175,3 +175,28 @@ def test_init_model_in_memory_adapts_every_expert(model_type):
     with torch.no_grad():
         want, got = original(ids).logits, peft_model(ids).logits
     assert float((got - want).norm() / want.norm()) <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["rlpo", "pissa"])
+def test_verify_checks_each_expert_against_its_own_weights(qwen3_moe, method, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.ship.verify import verify_adapter
+
+    qwen3_moe.save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    init_adapter(str(tmp_path / "src"), out, InitConfig(method=method, r=4))
+    report = verify_adapter(out)
+    assert report.ok, [(c.name, c.failures) for c in report.checks]
+    assert "model.layers.1.mlp.experts.gate_up_proj.3" in report.modules
+
+    # Swap experts 0 and 1 of one stack's lora_A (expert-major rows): the formula check names exactly those two.
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"  # gate_up_proj: the inner wrapper
+    A = tensors[key].clone()
+    tensors[key] = torch.cat([A[4:8], A[0:4], A[8:]])
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    failing = verify_adapter(out).failing
+    assert "model.layers.1.mlp.experts.gate_up_proj.0" in failing
+    assert "model.layers.1.mlp.experts.gate_up_proj.1" in failing
+    assert "model.layers.1.mlp.experts.gate_up_proj.2" not in failing

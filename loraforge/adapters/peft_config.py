@@ -90,8 +90,9 @@ def plan_peft_form(skeleton, targets, config: InitConfig, fan_in_fan_out: bool) 
         params = [t for t in linear if t.name in moved] + experts
         form = PeftForm(peft_target_modules(skeleton, modules), peft_target_parameters(skeleton, params))
         form.as_parameters = sorted({t.name.rsplit(".", 1)[-1] for t in linear if t.name in moved})
-        if form.target_parameters and fan_in_fan_out:
-            break  # PEFT's ParamWrapper has no fan_in_fan_out (GPT-2's Conv1D)
+        if form.target_parameters and fan_in_fan_out:  # PEFT's ParamWrapper has no fan_in_fan_out (GPT-2's Conv1D)
+            diff = {"adapter_config": "needs target_parameters and fan_in_fan_out, which PEFT cannot combine"}
+            break
         try:
             form.view = peft_view_of(skeleton, config, form, fan_in_fan_out)
         except ValueError as e:  # PEFT refuses the config on this model (e.g. gate_proj without up_proj on an MoE)

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from loraforge.adapters.directory import Adapter, load_adapter
+from loraforge.adapters.directory import Adapter, expert_units_of, load_adapter
 from loraforge.adapters.writers import ADAPTER_CONFIG
 from loraforge.core.clients import vllm_serve_command
 from loraforge.core.errors import LoraforgeError
@@ -145,8 +145,16 @@ def verify_adapter(
     checks = [hashes, config, factors, recon, zero_b, ortho, formula]
     report = VerifyReport(out, method.name, r, original, checks, serve_line(out, method, original, r))
 
+    if base is None and manifest["source"].get("local") and not Path(original).exists():
+        raise LoraforgeError(
+            f"The manifest's source model {original} (a local directory at init time) is not there any more. "
+            "Pass the original model with --base."
+        )
     # Which modules can be compared at all: present in the manifest and the file, with the right shapes.
-    expected = manifest["modules"]
+    # Fused expert stacks are compared expert by expert, as they were computed.
+    expected = expert_units_of(manifest["modules"])
+    if len(expected) != len(manifest["modules"]):
+        _name_expert_factors(adapter, original)
     for name in expected:
         if name not in adapter.factor_keys:
             factors.fail(name, "in the manifest but not in adapter_model.safetensors")
@@ -154,11 +162,6 @@ def verify_adapter(
         if name not in expected:
             factors.fail(name, "in adapter_model.safetensors but not in the manifest")
     names = [n for n in expected if n in adapter.factor_keys]
-    if base is None and manifest["source"].get("local") and not Path(original).exists():
-        raise LoraforgeError(
-            f"The manifest's source model {original} (a local directory at init time) is not there any more. "
-            "Pass the original model with --base."
-        )
     weights = open_model_weights(original, names, role="--base" if base else "the manifest's source model")
     residual = None
     if method.residual and not adapter.base_dir.is_dir():
@@ -252,6 +255,20 @@ def verify_adapter(
             c.detail = "no module could be compared (see factors)"
     report.modules = stats
     return report
+
+
+def _name_expert_factors(adapter: Adapter, original: str) -> None:
+    """Name the adapter's fused-expert factors per expert, from what PEFT builds from its adapter_config on a meta
+    skeleton of ORIGINAL (the saved names of a stack do not say which parameter they hold)."""
+    from loraforge.adapters.peft_view import adapted_by_peft
+    from loraforge.models.source import resolve_source
+    from loraforge.models.targets import build_skeleton
+
+    skeleton = build_skeleton(resolve_source(original).path)
+    try:
+        adapter.use_peft_view(adapted_by_peft(skeleton, adapter.config))
+    except ValueError as e:  # PEFT refuses this adapter_config on that model: the factors stay unnamed (and fail)
+        raise LoraforgeError(f"PEFT cannot load {adapter.path} on {original}: {e}") from None
 
 
 def _init_manifest(adapter: Adapter) -> dict:
