@@ -133,7 +133,9 @@ def test_default_targets_leave_out_gates_and_modules_smaller_than_r(qwen2_moe_di
         main, ["init", str(qwen2_moe_dir), "--method", "rlpo", "-r", "4", "-o", str(tmp_path / "o")]
     )
     assert res.exit_code == 0, res.output
-    assert "note: model.layers.0.mlp.shared_expert_gate left out of the default targets (router/gate" in res.output
+    assert "note: model.layers.*.mlp.shared_expert_gate (2 modules) left out of the default targets (router/gate" in (
+        res.output
+    )
     manifest = json.loads((tmp_path / "o" / "loraforge.json").read_text())
     assert set(manifest["skipped"]) == {f"model.layers.{i}.mlp.shared_expert_gate" for i in (0, 1)}
     assert not any("shared_expert_gate" in m for m in manifest["modules"])
@@ -200,3 +202,39 @@ def test_verify_checks_each_expert_against_its_own_weights(qwen3_moe, method, tm
     assert "model.layers.1.mlp.experts.gate_up_proj.0" in failing
     assert "model.layers.1.mlp.experts.gate_up_proj.1" in failing
     assert "model.layers.1.mlp.experts.gate_up_proj.2" not in failing
+
+
+def test_one_expert_parameter_named_alone_loads_as_written(qwen3_moe, tmp_path):
+    # With one parameter of the experts module targeted, PEFT saves it as experts.lora_A (no base_layer nesting).
+    qwen3_moe.save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    config = InitConfig(method="pissa", r=4, target_modules=["q_proj", "gate_up_proj"])
+    result = init_adapter(str(tmp_path / "src"), out, config)
+    assert set(result.manifest["modules"]) == {
+        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.experts.gate_up_proj")
+    }
+    assert _logits_rel(qwen3_moe, out / "base", out) <= 1e-4
+
+
+def test_layers_scope_experts_and_dense_mlps_with_full_parameter_paths(tmp_path):
+    # --layers 1 on DeepSeek-V3: layer 1's experts and shared experts only, not layer 0's dense MLP; a leaf name
+    # in target_parameters would reach every layer, so the paths are written in full.
+    model = _build("deepseek_v3")
+    model.save_pretrained(tmp_path / "src")
+    result = init_adapter(str(tmp_path / "src"), tmp_path / "out", InitConfig(method="pissa", r=4, layers=[1]))
+    modules = set(result.manifest["modules"])
+    assert "model.layers.1.mlp.experts.down_proj" in modules and "model.layers.1.mlp.shared_experts.up_proj" in modules
+    assert not any(m.startswith("model.layers.0.") for m in modules)
+    params = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_parameters"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in params
+    assert _logits_rel(model, tmp_path / "out" / "base", tmp_path / "out") <= 1e-4
+
+
+def test_header_layouts_are_types_peft_never_rewrites():
+    # init reads these dense layouts from the checkpoint header and skips the PEFT check (no transformers import):
+    # PEFT rewrites adapter configs only for model types with a transformers checkpoint conversion.
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from loraforge.models.targets import HEADER_LAYOUTS
+
+    assert all(get_checkpoint_conversion_mapping(t) is None for t in HEADER_LAYOUTS)

@@ -82,8 +82,9 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
             trust_remote_code=trust_remote_code,
             progress=sys.stderr.isatty(),
         )
-    for name, why in result.manifest.get("skipped", {}).items():
-        click.echo(f"note: {name} left out of the default targets ({why})", err=True)
+    for name, (why, count) in _grouped(result.manifest.get("skipped", {})).items():
+        what = name if count == 1 else f"{name} ({count} modules)"
+        click.echo(f"note: {what} left out of the default targets ({why})", err=True)
     peft_form = result.manifest.get("peft") or {}
     if peft_form.get("linear_as_parameters"):
         click.echo(
@@ -96,3 +97,13 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
         f"{config.method} r={config.r}: {result.modules} modules in {result.seconds:.1f} s, "
         f"max relative reconstruction error {s['recon_rel_max']:.2e} -> {result.out}"
     )
+
+
+def _grouped(skipped: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """{name: reason} grouped over layers: model.layers.*.mlp.shared_expert_gate once, with a count."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for name in skipped:
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(name)
+    return {(n[0] if len(n) == 1 else key): (skipped[n[0]], len(n)) for key, n in groups.items()}
