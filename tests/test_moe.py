@@ -238,3 +238,32 @@ def test_header_layouts_are_types_peft_never_rewrites():
     from loraforge.models.targets import HEADER_LAYOUTS
 
     assert all(get_checkpoint_conversion_mapping(t) is None for t in HEADER_LAYOUTS)
+
+
+def test_convert_concatenates_expert_factors_expert_by_expert(tmp_path):
+    # A pissa adapter trained on its residual base -> a rank-2r LoRA for the original base: for fused experts the
+    # concatenation [A_e ; A0_e], [B_e | -B0_e] must happen per expert, inside PEFT's interleaved layout.
+    from adapter_helpers import fake_train, logits, rel_err
+
+    from loraforge.ship.convert import convert_adapter
+
+    _build("deepseek_v3").save_pretrained(tmp_path / "src")
+    init_adapter(str(tmp_path / "src"), tmp_path / "init", InitConfig(method="pissa", r=4))
+    fake_train(tmp_path / "init", tmp_path / "init" / "base", tmp_path / "trained")
+    convert_adapter(tmp_path / "trained", tmp_path / "init", tmp_path / "plain")
+    want = logits(tmp_path / "init" / "base", tmp_path / "trained")
+    assert rel_err(logits(tmp_path / "src", tmp_path / "plain"), want) <= 1e-5
+    assert rel_err(logits(tmp_path / "src"), want) > 1e-3  # training moved the model: the check has teeth
+
+
+def test_inspect_diagnoses_each_expert(qwen3_moe, tmp_path):
+    from adapter_helpers import fake_train
+
+    from loraforge.ship.inspect import inspect_adapter
+
+    qwen3_moe.save_pretrained(tmp_path / "src")
+    init_adapter(str(tmp_path / "src"), tmp_path / "init", InitConfig(method="rlpo", r=4))
+    fake_train(tmp_path / "init", tmp_path / "src", tmp_path / "trained")
+    report = inspect_adapter(tmp_path / "trained", init=tmp_path / "init")
+    names = {row.name for row in report.modules}
+    assert {f"model.layers.1.mlp.experts.down_proj.{e}" for e in range(4)} <= names
