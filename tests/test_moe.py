@@ -42,14 +42,15 @@ def qwen3_moe():
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["per-expert-keys", "fused-keys"])
-def test_residual_base_keeps_the_checkpoint_layout(qwen3_moe, fused, tmp_path):
+@pytest.mark.parametrize("mib", [512, 0], ids=["held", "parked"])
+def test_residual_base_keeps_the_checkpoint_layout(qwen3_moe, fused, mib, tmp_path):
     # save_pretrained writes experts per expert (transformers 4's names) by default, fused without it.
     src = tmp_path / "src"
     qwen3_moe.save_pretrained(src, save_original_format=not fused)
     layout = _keys_and_shapes(src)
     assert ("model.layers.0.mlp.experts.gate_up_proj" in layout) == fused
     assert ("model.layers.0.mlp.experts.3.up_proj.weight" in layout) == (not fused)
-    result = init_adapter(str(src), tmp_path / "out", InitConfig(method="pissa", r=4))
+    result = init_adapter(str(src), tmp_path / "out", InitConfig(method="pissa", r=4, residual_mib=mib))
     assert result.manifest["path"] == "streaming"  # read expert by expert, not by loading the model
     assert _keys_and_shapes(tmp_path / "out" / "base") == layout
     assert _logits_rel(qwen3_moe, tmp_path / "out" / "base", tmp_path / "out") <= 1e-4
@@ -267,3 +268,19 @@ def test_inspect_diagnoses_each_expert(qwen3_moe, tmp_path):
     report = inspect_adapter(tmp_path / "trained", init=tmp_path / "init")
     names = {row.name for row in report.modules}
     assert {f"model.layers.1.mlp.experts.down_proj.{e}" for e in range(4)} <= names
+
+
+def test_factors_and_residuals_parked_on_disk_write_the_same_adapter(tmp_path):
+    # With no memory budget (residual_mib 0) every finished module's factors and residual wait in the staging
+    # directory until written: the same tensors come out, and nothing of the parking is left behind.
+    from safetensors.torch import load_file
+
+    _build("deepseek_v3").save_pretrained(tmp_path / "src")
+    for name, mib in (("held", 512), ("parked", 0)):
+        init_adapter(str(tmp_path / "src"), tmp_path / name, InitConfig(method="pissa", r=4, residual_mib=mib))
+    held, parked = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("held", "parked"))
+    assert held.keys() == parked.keys() and all(torch.equal(held[k], parked[k]) for k in held)
+    assert _keys_and_shapes(tmp_path / "held" / "base") == _keys_and_shapes(tmp_path / "parked" / "base")
+    assert sorted(p.name for p in (tmp_path / "parked").iterdir()) == sorted(
+        p.name for p in (tmp_path / "held").iterdir()
+    )

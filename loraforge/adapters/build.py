@@ -133,19 +133,23 @@ class _Stacks:
     lora_A (r*E, in) with A_e = rows e*r:(e+1)*r (expert-major), lora_B (out, r*E) with B_e = columns e::E
     (expert-minor), and delta[e] = s B_e A_e (transposed for is_transposed stacks, as the stored matrix is)."""
 
-    def __init__(self, targets: list[Target], config: InitConfig):
+    def __init__(self, targets: list[Target], config: InitConfig, spill: Optional[Path] = None):
         self.targets = {t.name: t for t in targets}
         self.r = config.r
         self.dtype = DTYPES[config.adapter_dtype]
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # name -> (A0, B0), or the file they wait in: beyond config.residual_mib of factors (an MoE adapter at
+        # r = 32 is gigabytes), finished targets are parked in SPILL until the adapter file is written.
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor] | Path] = {}
         self.stats: dict[str, dict] = {}
         self._experts: dict[str, list[dict]] = {}
+        self._spill, self._budget, self._held = spill, config.residual_mib * 2**20, 0
 
     def add(self, m: ModuleInit) -> None:
         t, r = m.target, self.r
         if t.expert is None:
             self.factors[t.name] = (m.A, m.B)
             self.stats[t.name] = m.stats
+            self._settle(t.name)
             return
         E = t.experts
         if t.name not in self.factors:
@@ -162,6 +166,21 @@ class _Stacks:
         if all(p is not None for p in per):
             self.stats[t.name] = _stack_stats(t, per)
             del self._experts[t.name]
+            self._settle(t.name)
+
+    def _settle(self, name: str) -> None:
+        """Keep NAME's finished factors in memory within the budget, else park them on disk."""
+        A, B = self.factors[name]
+        size = A.numel() * A.element_size() + B.numel() * B.element_size()
+        if self._spill is None or self._held + size <= self._budget:
+            self._held += size
+            return
+        from safetensors.torch import save_file
+
+        self._spill.mkdir(exist_ok=True)
+        path = self._spill / f"factors{len(list(self._spill.iterdir())):05d}.safetensors"
+        save_file({"A": A, "B": B}, str(path))
+        self.factors[name] = path
 
 
 def _stack_stats(t: Target, per: list[dict]) -> dict:
@@ -315,7 +334,7 @@ def _header_plan(source, config: InitConfig):
 def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bool):
     """Compute every init; residuals go into the loaded model, or are kept for the base writer:
     in memory up to config.residual_mib, parked in tmp/.residuals beyond that."""
-    stacks = _Stacks(plan.targets, config)
+    stacks = _Stacks(plan.targets, config, spill=tmp / ".factors")
     residual_files: dict[str, Path | torch.Tensor] = {}  # checkpoint key -> residual, or the file holding it
     held = 0  # bytes of residuals kept in memory
     for batch_no, batch in enumerate(compute_inits(plan.targets, plan.read, config, devices, progress)):
@@ -361,6 +380,7 @@ def _write_outputs(
     view = plan.form.view  # empty for header layouts: plain LoRA layers, saved under writers.adapter_key
     keys = {t.name: (view[(t.module, t.param)].key_A, view[(t.module, t.param)].key_B) for t in plan.targets if view}
     writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors, keys)
+    shutil.rmtree(tmp / ".factors", ignore_errors=True)
     # For residualised methods the adapter belongs on OUT/base, not on the source model, so that
     # is what PEFT's AutoPeftModel must load (`loraforge push` rewrites it to the base's Hub repo).
     base_model = str(out.resolve() / writers.BASE_DIR) if method.residual else source.model_id

@@ -81,19 +81,25 @@ def adapter_key(module_name: str, which: str) -> str:
 
 def write_adapter_weights(
     path: Path,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor] | Path],
     keys: Optional[dict[str, tuple[str, str]]] = None,
 ) -> None:
-    """Write {module name: (A0, B0)} as PEFT's adapter_model.safetensors, in module order. KEYS gives the saved
-    names where they are not `adapter_key`'s (fused experts: PEFT nests ParamWrappers, see peft_view)."""
-    from safetensors.torch import save_file
+    """Write {module name: (A0, B0)} as PEFT's adapter_model.safetensors, in module order, one tensor at a time.
 
-    tensors = {}
-    for name, (A, B) in factors.items():
+    A value may be the file a pair waits in (tensors "A" and "B", see adapters.build._Stacks). KEYS gives the
+    saved names where they are not `adapter_key`'s (fused experts: PEFT nests ParamWrappers, see peft_view)."""
+    planned = []
+    for name, value in factors.items():
         key_a, key_b = (keys or {}).get(name) or (adapter_key(name, "A"), adapter_key(name, "B"))
-        tensors[key_a] = A.contiguous()
-        tensors[key_b] = B.contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt"})
+        for key, which in ((key_a, "A"), (key_b, "B")):
+            if isinstance(value, Path):
+                parked = SafetensorsFile(value)
+                info = parked.tensors[which]
+                planned.append(PlannedTensor(key, DTYPES[info.dtype], info.shape, lambda f=parked, w=which: f.read(w)))
+            else:
+                t = value[0] if which == "A" else value[1]
+                planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t: t))
+    write_streaming(path, planned, metadata={"format": "pt"})
 
 
 def write_adapter_config(out_dir: Path, config: dict) -> None:

@@ -31,7 +31,9 @@ class InitConfig:
     base_dtype: str = "auto"  # residual base dtype: auto (as the checkpoint), float32, bfloat16, float16
     svd: str = "exact"  # exact, or fast (randomised; principal methods only)
     batch_mib: int = 512  # memory budget for one batch of float64 matrices, in MiB
-    residual_mib: int = 512  # residuals held in memory until their shard is written, in MiB; the rest wait on disk
+    residual_mib: int = (
+        512  # residuals (and, separately, factors) held in memory until written, in MiB; the rest wait on disk
+    )
 
     def __post_init__(self):
         self.method_spec = get_method(self.method)
