@@ -40,6 +40,7 @@ from loraforge.models.targets import (
     meta_skeleton,
     parse_target_modules,
     peft_target_modules,
+    peft_target_parameters,
 )
 
 
@@ -71,7 +72,12 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
 
     targets, _ = select_targets(model, config)
     fan_in_fan_out = any(t.transposed and not t.experts for t in targets)
-    form = plan_peft_form(meta_skeleton(model) or model, targets, config, fan_in_fan_out)
+    skeleton = meta_skeleton(model)
+    if skeleton is not None:
+        form = plan_peft_form(skeleton, targets, config, fan_in_fan_out)
+    else:  # not a transformers model: PEFT rewrites nothing (it needs config.model_type); checked after wrapping
+        linear, experts = [t for t in targets if not t.experts], [t for t in targets if t.experts]
+        form = PeftForm(peft_target_modules(model, linear), peft_target_parameters(model, experts))
     for t in targets:
         if _tensor(model, t).device.type == "meta":
             raise LoraforgeError(
@@ -93,8 +99,12 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
     peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
     built = adapted_in(peft_model, adapter_name)
     diff = differences(built, targets, config)
-    if diff:  # the meta check above makes this unreachable unless the model differs from its config
-        raise LoraforgeError(f"PEFT built a different adapter than planned: {diff}")
+    if diff:  # the meta check makes this unreachable for transformers models whose modules match their config
+        raise LoraforgeError(
+            f"PEFT built a different adapter on this model than planned ({diff}); the model is not usable as is "
+            "(residualised methods have already changed its target weights). Reload it, and pass "
+            "--target-modules naming only modules PEFT adapts as planned."
+        )
     with torch.no_grad():
         for name, (A, B) in stacks.factors.items():
             t = stacks.targets[name]
