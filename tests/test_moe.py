@@ -284,3 +284,24 @@ def test_factors_and_residuals_parked_on_disk_write_the_same_adapter(tmp_path):
     assert sorted(p.name for p in (tmp_path / "parked").iterdir()) == sorted(
         p.name for p in (tmp_path / "held").iterdir()
     )
+
+
+def test_a_plan_peft_cannot_build_is_refused_naming_the_modules():
+    # The safety net behind every init: whatever PEFT builds differently from the plan, in every form tried, is
+    # refused before any work. Here the plan says q_proj is 40 x 32; PEFT (rightly) builds it 32 x 32.
+    from loraforge.adapters.build import select_targets
+    from loraforge.adapters.peft_config import plan_peft_form
+    from loraforge.core.errors import LoraforgeError
+    from loraforge.models.targets import Target, meta_skeleton
+
+    skeleton = meta_skeleton(_build("deepseek_v3"))
+    config = InitConfig(method="rlpo", r=4)
+    targets, _ = select_targets(skeleton, config)
+    wrong = [
+        Target(t.name, 40, t.in_features, False, t.layer) if t.name.endswith("0.mlp.gate_proj") else t for t in targets
+    ]
+    with pytest.raises(LoraforgeError) as e:
+        plan_peft_form(skeleton, wrong, config, False)
+    message = str(e.value)
+    assert "model.layers.0.mlp.gate_proj: PEFT builds lora_A [4, 32], lora_B [64, 4]" in message
+    assert "Nothing was written" in message and "--target-modules down_proj,gate_up_proj,kv_a_proj" in message

@@ -146,10 +146,11 @@ def _refusal(skeleton, diff: dict[str, str], targets) -> LoraforgeError:
     model_type = getattr(getattr(skeleton, "config", None), "model_type", type(skeleton).__name__)
     shown = "; ".join(f"{n}: {why}" for n, why in list(diff.items())[:4])
     more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
-    working = sorted({t.name.rsplit(".", 1)[-1] for t in targets if t.name not in diff})
+    failing = {n.rsplit(".", 1)[-1] for n in diff}
+    working = sorted({t.name.rsplit(".", 1)[-1] for t in targets} - failing)
     hint = f"--target-modules {','.join(working)}" if working else "other --target-modules"
     return LoraforgeError(
-        f"PEFT {peft.__version__} would not load this adapter as planned on {model_type}: {shown}{more}. "
-        f"(PEFT rewrites the adapter config of some MoE models on load; no adapter_config form loads these targets "
-        f"exactly.) Nothing was written. Use {hint}."
+        f"PEFT {peft.__version__} would not load this adapter as planned on {model_type}: {shown}{more}. No form of "
+        f"adapter_config.json tried (these as target_modules, or as target_parameters) makes PEFT build them "
+        f"exactly (PEFT rewrites the adapter config of some MoE models on load). Nothing was written. Use {hint}."
     )
