@@ -2,9 +2,11 @@
 
 Targets are found on a model skeleton (built on the meta device, no weights in memory) or on a
 loaded model. For the common decoder architectures in HEADER_LAYOUTS the skeleton is read from the
-checkpoint's header instead, which spares `loraforge init` importing transformers (~3 s). Defaults
-follow PEFT's `all-linear`: every nn.Linear and GPT-2 Conv1D except the output head. A name in
---target-modules matches a module whose path equals it or ends with `.name` (PEFT's rule).
+checkpoint's header instead, which spares `loraforge init` importing transformers. The default set
+("all-linear") is every nn.Linear and GPT-2 Conv1D except the output head and MoE routers/gates, plus
+every fused expert parameter (transformers 5's 3-D expert stacks, adapted expert by expert). A name in
+--target-modules matches a module or expert parameter whose path equals it or ends with `.name`
+(PEFT's rule). Departures from PEFT's own all-linear are explained in docs/design.md.
 """
 
 from __future__ import annotations

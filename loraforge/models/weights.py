@@ -1,9 +1,10 @@
 """Reading the weight matrices of named modules from a model (a local directory or a Hub id).
 
 verify, convert and inspect need W0 of each adapted module, as the (out_features, in_features)
-matrix nn.Linear stores (GPT-2's Conv1D is transposed back). Weights are read one tensor at a time
-from the safetensors shards; a legacy .bin checkpoint is loaded through transformers (which uses
-torch.load with weights_only=True).
+matrix nn.Linear stores (GPT-2's Conv1D is transposed back), or of one expert of a fused expert
+stack ("<experts module>.<param>.<e>", from a fused or per-expert checkpoint: models/experts.py).
+Weights are read one tensor at a time from the safetensors shards; a legacy .bin checkpoint is
+loaded through transformers (which uses torch.load with weights_only=True).
 """
 
 from __future__ import annotations
