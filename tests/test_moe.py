@@ -117,6 +117,7 @@ def test_peft_config_rewriting_is_caught_and_the_dense_mlps_written_as_parameter
     )
     assert res.exit_code == 0, res.output
     assert "written as PEFT target_parameters" in res.output
+    assert "pissa r=4: 18 modules (2 of them expert stacks, 8 experts) in" in res.output
     manifest = json.loads((tmp_path / "o" / "loraforge.json").read_text())
     assert manifest["peft"]["linear_as_parameters"] == ["down_proj", "gate_proj", "up_proj"]
     assert _logits_rel(model, tmp_path / "o" / "base", tmp_path / "o") <= 1e-4

@@ -22,7 +22,8 @@ from loraforge.inits.methods import METHODS
     "--target-modules",
     default="all-linear",
     show_default=True,
-    help="all-linear (every Linear/Conv1D but the output head) or names like q_proj,v_proj.",
+    help="all-linear (every Linear/Conv1D but the output head and MoE routers, plus fused MoE experts) or names "
+    "like q_proj,v_proj,experts.",
 )
 @click.option("--layers", default=None, help="Only these transformer blocks, e.g. 0-3,7 [default: all].")
 @click.option(
@@ -61,6 +62,21 @@ from loraforge.inits.methods import METHODS
     show_default=True,
     help="fast: randomised SVD, principal methods only (rlpo, pissa, olora).",
 )
+@click.option(
+    "--batch-mib",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Memory budget of one batch of matrices decomposed together (an MoE expert stack is cut into batches of "
+    "experts), in MiB of float64.",
+)
+@click.option(
+    "--residual-mib",
+    type=click.IntRange(min=0),
+    default=512,
+    show_default=True,
+    help="Residuals (and, separately, adapter factors) kept in memory until written, in MiB; the rest wait on disk.",
+)
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the model repository's own code.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output adapter directory.")
@@ -93,8 +109,10 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
             err=True,
         )
     s = result.manifest["summary"]
+    stacks = [m["experts"] for m in result.manifest["modules"].values() if m.get("experts")]
+    experts = f" ({len(stacks)} of them expert stacks, {sum(stacks)} experts)" if stacks else ""
     click.echo(
-        f"{config.method} r={config.r}: {result.modules} modules in {result.seconds:.1f} s, "
+        f"{config.method} r={config.r}: {result.modules} modules{experts} in {result.seconds:.1f} s, "
         f"max relative reconstruction error {s['recon_rel_max']:.2e} -> {result.out}"
     )
 
