@@ -119,7 +119,7 @@ def test_peft_config_rewriting_is_caught_and_the_dense_mlps_written_as_parameter
     assert "written as PEFT target_parameters" in res.output
     assert "pissa r=4: 18 modules (2 of them expert stacks, 8 experts) in" in res.output
     manifest = json.loads((tmp_path / "o" / "loraforge.json").read_text())
-    assert manifest["peft"]["linear_as_parameters"] == ["down_proj", "gate_proj", "up_proj"]
+    assert manifest["peft"]["modules_as_parameters"] == ["down_proj", "gate_proj", "up_proj"]
     assert _logits_rel(model, tmp_path / "o" / "base", tmp_path / "o") <= 1e-4
 
 
@@ -306,3 +306,23 @@ def test_a_plan_peft_cannot_build_is_refused_naming_the_modules():
     message = str(e.value)
     assert "model.layers.0.mlp.gate_proj: PEFT builds lora_A [4, 32], lora_B [64, 4]" in message
     assert "Nothing was written" in message and "--target-modules down_proj,gate_up_proj,kv_a_proj" in message
+
+
+@pytest.mark.parametrize("model_type, router", [("qwen3_moe", "gate"), ("gpt_oss", "router")])
+def test_a_router_named_in_target_modules_is_adapted_and_verifies(model_type, router, tmp_path):
+    # transformers 5's routers hold a 2-D weight but are not linear layers: PEFT adapts them through
+    # target_parameters (router.weight), and attention stays an ordinary LoRA layer.
+    from loraforge.ship.verify import verify_adapter
+
+    model = _build(model_type)
+    model.save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    result = init_adapter(
+        str(tmp_path / "src"), out, InitConfig(method="pissa", r=2, target_modules=["q_proj", router])
+    )
+    assert result.manifest["peft"]["target_modules"] == ["q_proj"]
+    assert result.manifest["peft"]["target_parameters"] == [f"{router}.weight"]
+    assert f"model.layers.1.mlp.{router}" in result.manifest["modules"]
+    assert _logits_rel(model, out / "base", out) <= 1e-4
+    report = verify_adapter(out)
+    assert report.ok, [(c.name, c.failures) for c in report.checks]

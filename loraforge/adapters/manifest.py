@@ -60,8 +60,9 @@ def build_manifest(
         "svd": config.svd if method.spectrum else None,
         "source": {"model_id": source.model_id, "revision": source.revision, "local": source.is_local},
         "target_modules": target_modules,
-        # How adapter_config.json names the targets for PEFT (linear_as_parameters: linear modules written as
-        # target_parameters because PEFT remaps them otherwise), and what the default set left out and why.
+        # How adapter_config.json names the targets for PEFT (modules_as_parameters: modules written as
+        # target_parameters because PEFT remaps them, or cannot wrap them, otherwise), and what the default set left
+        # out and why.
         "peft": peft,
         "skipped": skipped or {},
         "layers": config.layers,

@@ -66,24 +66,27 @@ class PeftForm:
         return {
             "target_modules": self.target_modules,
             "target_parameters": self.target_parameters,
-            "linear_as_parameters": self.as_parameters,
+            "modules_as_parameters": self.as_parameters,
         }
 
 
 def plan_peft_form(skeleton, targets, config: InitConfig, fan_in_fan_out: bool) -> PeftForm:
     """target_modules / target_parameters that make PEFT adapt exactly TARGETS with rank r, checked on SKELETON.
 
-    First form: linear targets in target_modules, fused experts in target_parameters. Where PEFT adapts something
+    First form: linear targets in target_modules, fused experts (and routers that are not linear layers) in
+    target_parameters. Where PEFT adapts something
     else from it (its transformers-5 MoE conversion moves gate_proj/up_proj/down_proj targets of DeepSeek-V3,
     GLM4-MoE, Qwen3-MoE, Qwen3-Next... to the fused experts, and the dense MLPs and shared experts lose their
     LoRA), the linear targets concerned go into target_parameters as their `.weight` instead: PEFT wraps them with
     its ParamWrapper, which saves and loads under the same keys as a LoRA Linear. A form PEFT still builds
     differently is refused, naming the modules and what PEFT would build."""
-    from loraforge.models.targets import peft_target_modules, peft_target_parameters
+    from loraforge.models.targets import is_linear_module, peft_target_modules, peft_target_parameters
 
     experts = [t for t in targets if t.experts]
     linear = [t for t in targets if not t.experts]
-    moved: set[str] = set()
+    # 2-D weights of modules PEFT cannot wrap as a layer (a TopKRouter named in --target-modules) are parameters
+    # from the start.
+    moved = {t.name for t in linear if not is_linear_module(skeleton, t.name)}
     diff: dict[str, str] = {}
     for attempt in range(2):
         modules = [t for t in linear if t.name not in moved]
@@ -97,6 +100,8 @@ def plan_peft_form(skeleton, targets, config: InitConfig, fan_in_fan_out: bool) 
             form.view = peft_view_of(skeleton, config, form, fan_in_fan_out)
         except ValueError as e:  # PEFT refuses the config on this model (e.g. gate_proj without up_proj on an MoE)
             diff = {"adapter_config": f"PEFT refuses it: {e}"}
+            if moved == {t.name for t in linear}:
+                break
             moved = {t.name for t in linear}
             continue
         diff = differences(form.view, targets, config)
@@ -104,9 +109,10 @@ def plan_peft_form(skeleton, targets, config: InitConfig, fan_in_fan_out: bool) 
             return form
         if attempt == 0:
             wrong = {n.rsplit(".", 1)[-1] for n in diff}
-            moved = {t.name for t in linear if t.name.rsplit(".", 1)[-1] in wrong}
-            if not moved:
+            more = {t.name for t in linear if t.name.rsplit(".", 1)[-1] in wrong} - moved
+            if not more:
                 break
+            moved |= more
     raise _refusal(skeleton, diff, targets)
 
 

@@ -102,10 +102,10 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
         what = name if count == 1 else f"{name} ({count} modules)"
         click.echo(f"note: {what} left out of the default targets ({why})", err=True)
     peft_form = result.manifest.get("peft") or {}
-    if peft_form.get("linear_as_parameters"):
+    if peft_form.get("modules_as_parameters"):
         click.echo(
-            f"note: {', '.join(peft_form['linear_as_parameters'])} written as PEFT target_parameters (PEFT remaps "
-            "these names to the fused experts on this model type; see loraforge.json 'peft')",
+            f"note: {', '.join(peft_form['modules_as_parameters'])} written as PEFT target_parameters: PEFT would not "
+            "adapt them as planned from target_modules on this model type (see loraforge.json 'peft')",
             err=True,
         )
     s = result.manifest["summary"]

@@ -141,6 +141,24 @@ def _expert_count(experts: torch.nn.Module) -> Optional[int]:
     return len(experts) if isinstance(experts, torch.nn.ModuleList) else None
 
 
+def _router_weight(modules: dict[str, torch.nn.Module], name: str, module: torch.nn.Module) -> list[Target]:
+    """A router of an MoE block that is not a linear layer (transformers 5's TopKRouter modules: a 2-D `weight`,
+    logits = x W^T), as a Target for --target-modules to name (PEFT adapts it through target_parameters)."""
+    parent = name.rpartition(".")[0]
+    weight = module._parameters.get("weight")
+    if weight is None or weight.dim() != 2 or f"{parent}.experts" not in modules or name.endswith(".experts"):
+        return []
+    if isinstance(module, torch.nn.Embedding) or "norm" in type(module).__name__.lower():
+        return []
+    return [Target(name, weight.shape[0], weight.shape[1], False, layer_index(name))]
+
+
+def router_targets(model: torch.nn.Module) -> dict[str, Target]:
+    """{name: Target} of MODEL's routers that are not linear layers (see `_router_weight`)."""
+    modules = dict(model.named_modules())
+    return {t.name: t for name, m in modules.items() for t in _router_weight(modules, name, m)}
+
+
 def _router_reason(modules: dict[str, torch.nn.Module], t: Target) -> Optional[str]:
     """Why linear target T is a router or gate of an MoE block (None if it is not): a linear layer inside a block
     that holds `experts` whose output is one score per expert or a single gate value (Qwen's shared_expert_gate), or
@@ -160,6 +178,14 @@ def _router_reason(modules: dict[str, torch.nn.Module], t: Target) -> Optional[s
     return None
 
 
+def is_linear_module(model: torch.nn.Module, name: str) -> bool:
+    """NAME is an nn.Linear / Conv1D of MODEL (a LoRA layer for PEFT), not a parameter holder like a router."""
+    try:
+        return _is_linear(model.get_submodule(name))[0]
+    except AttributeError:
+        return False
+
+
 def find_targets(
     model: torch.nn.Module,
     target_modules: str | Sequence[str] = "all-linear",
@@ -175,6 +201,7 @@ def find_targets(
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     modules = dict(model.named_modules())
     found: list[Target] = []
+    routers: list[Target] = []  # routers that are not linear layers: targets only when named
     notes: dict[str, str] = {}
     for name, module in modules.items():
         is_linear, transposed = _is_linear(module)
@@ -184,16 +211,17 @@ def find_targets(
             found.append(Target(name, out_f, in_f, transposed, layer_index(name)))
         elif not is_linear:
             found.extend(_expert_stacks(name, module, notes))
-    leaf_names = list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in found))
+            routers.extend(_router_weight(modules, name, module))
+    leaf_names = list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in found + routers))
 
     wanted = parse_target_modules(target_modules)
     if wanted == "all-linear":
-        routers = {t.name: why for t in found if not t.experts and (why := _router_reason(modules, t))}
-        notes.update(routers)
-        chosen = [t for t in found if t.name not in routers]
+        gates = {t.name: why for t in found if not t.experts and (why := _router_reason(modules, t))}
+        notes.update(gates)
+        chosen = [t for t in found if t.name not in gates]
     else:
         notes = {}
-        chosen = [t for t in found if any(_matches(t, w) for w in wanted)]
+        chosen = [t for t in found + routers if any(_matches(t, w) for w in wanted)]
         if not chosen:
             raise LoraforgeError(
                 f"No modules match {wanted} in {type(model).__name__}. Linear modules and expert parameters: "

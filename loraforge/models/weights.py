@@ -17,7 +17,7 @@ import torch
 from loraforge.core.errors import LoraforgeError
 from loraforge.models.experts import expert_keys
 from loraforge.models.source import Source, resolve_source
-from loraforge.models.targets import Target, _is_linear, build_skeleton, checkpoint_keys
+from loraforge.models.targets import Target, _is_linear, build_skeleton, checkpoint_keys, router_targets
 
 
 @dataclass
@@ -68,7 +68,7 @@ def open_model_weights(
     source = resolve_source(model, revision, token)
     skeleton = build_skeleton(source.path)
     modules = dict(skeleton.named_modules())
-    targets, experts = {}, {}
+    targets, experts, routers = {}, {}, None
     for name in module_names:
         module = modules.get(name)
         is_linear, transposed = _is_linear(module) if module is not None else (False, False)
@@ -77,6 +77,9 @@ def open_model_weights(
             targets[name] = Target(name, unit.out_features, unit.in_features, unit.transposed, None)
             experts[name] = (unit, expert_keys(unit, source, source.config.get("model_type")))
             continue
+        if not is_linear and module is not None and not isinstance(module, torch.nn.Embedding):
+            routers = router_targets(skeleton) if routers is None else routers
+            is_linear = name in routers  # a router holding a 2-D weight (logits = x W^T), adapted when named
         if not is_linear:
             raise LoraforgeError(
                 f"{role} {model} has no linear module {name} (it is a {type(skeleton).__name__}); the adapter was made "
