@@ -22,11 +22,12 @@ import torch
 
 from loraforge.adapters import writers
 from loraforge.adapters.card import render_model_card
+from loraforge.adapters.factors import FactorSet
 from loraforge.adapters.manifest import build_manifest, source_dtype
 from loraforge.adapters.peft_config import PeftForm, adapter_config, differences, lora_config, plan_peft_form
 from loraforge.core.devices import decomposition_devices
 from loraforge.core.errors import LoraforgeError
-from loraforge.inits.compute import ModuleInit, compute_inits
+from loraforge.inits.compute import compute_inits
 from loraforge.inits.config import DTYPES, InitConfig
 from loraforge.inits.plan import drop_small
 from loraforge.models.experts import ExpertKeys, expert_keys
@@ -85,7 +86,7 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
                 "Use `loraforge init MODEL_DIR` (the streaming path) for models that do not fit in memory."
             )
     devices = decomposition_devices(config.device)
-    stacks = _Stacks(targets, config)
+    stacks = FactorSet(targets, config)
     for batch in compute_inits(targets, lambda u: _tensor(model, u), config, devices, progress):
         for m in batch:
             stacks.add(m)
@@ -133,80 +134,6 @@ def select_targets(model: torch.nn.Module, config: InitConfig) -> tuple[list[Tar
                 f"No module of {type(model).__name__} can hold rank -r {config.r} ({len(small)} are smaller). Lower -r."
             )
     return targets, skipped
-
-
-class _Stacks:
-    """Collects per-matrix inits into what is written: (A0, B0) per target, fused experts in PEFT's ParamWrapper
-    layout, and the manifest's per-target statistics.
-
-    PEFT's layout for a stack of E experts at rank r (peft/tuners/lora/layer.py, ParamWrapper.get_delta_weight):
-    lora_A (r*E, in) with A_e = rows e*r:(e+1)*r (expert-major), lora_B (out, r*E) with B_e = columns e::E
-    (expert-minor), and delta[e] = s B_e A_e (transposed for is_transposed stacks, as the stored matrix is)."""
-
-    def __init__(self, targets: list[Target], config: InitConfig, spill: Optional[Path] = None):
-        self.targets = {t.name: t for t in targets}
-        self.r = config.r
-        self.dtype = DTYPES[config.adapter_dtype]
-        # name -> (A0, B0), or the file they wait in: beyond config.residual_mib of factors (an MoE adapter at
-        # r = 32 is gigabytes), finished targets are parked in SPILL until the adapter file is written.
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor] | Path] = {}
-        self.stats: dict[str, dict] = {}
-        self._experts: dict[str, list[dict]] = {}
-        self._spill, self._budget, self._held = spill, config.residual_mib * 2**20, 0
-
-    def add(self, m: ModuleInit) -> None:
-        t, r = m.target, self.r
-        if t.expert is None:
-            self.factors[t.name] = (m.A, m.B)
-            self.stats[t.name] = m.stats
-            self._settle(t.name)
-            return
-        E = t.experts
-        if t.name not in self.factors:
-            self.factors[t.name] = (
-                torch.zeros(r * E, t.in_features, dtype=self.dtype),
-                torch.zeros(t.out_features, r * E, dtype=self.dtype),
-            )
-            self._experts[t.name] = [None] * E
-        A, B = self.factors[t.name]
-        A[t.expert * r : (t.expert + 1) * r] = m.A
-        B[:, t.expert :: E] = m.B
-        per = self._experts[t.name]
-        per[t.expert] = m.stats
-        if all(p is not None for p in per):
-            self.stats[t.name] = _stack_stats(t, per)
-            del self._experts[t.name]
-            self._settle(t.name)
-
-    def _settle(self, name: str) -> None:
-        """Keep NAME's finished factors in memory within the budget, else park them on disk."""
-        A, B = self.factors[name]
-        size = A.numel() * A.element_size() + B.numel() * B.element_size()
-        if self._spill is None or self._held + size <= self._budget:
-            self._held += size
-            return
-        from safetensors.torch import save_file
-
-        self._spill.mkdir(exist_ok=True)
-        path = self._spill / f"factors{len(list(self._spill.iterdir())):05d}.safetensors"
-        save_file({"A": A, "B": B}, str(path))
-        self.factors[name] = path
-
-
-def _stack_stats(t: Target, per: list[dict]) -> dict:
-    """A fused stack's manifest entry: norms over the whole stack, worst errors, and each expert's numbers."""
-    stats = {
-        "shape": [t.out_features, t.in_features],
-        "experts": t.experts,
-        "init_norm": sum(p["init_norm"] ** 2 for p in per) ** 0.5,
-        "update_norm": sum(p["update_norm"] ** 2 for p in per) ** 0.5,
-        "recon_max_abs": max(p["recon_max_abs"] for p in per),
-        "recon_rel": max(p["recon_rel"] for p in per),
-    }
-    for key in ("init_norm", "energy", "rank", "recon_rel"):
-        if key in per[0]:
-            stats.setdefault("per_expert", {})[key] = [p[key] for p in per]
-    return stats
 
 
 def init_adapter(
@@ -330,7 +257,7 @@ def _header_plan(source, config: InitConfig):
     """(skeleton, targets, skipped, form) read from the checkpoint header for the dense decoder layouts of
     HEADER_LAYOUTS (no transformers or PEFT import: `loraforge init` starts fast), or Nones. PEFT's config
     rewriting applies only to model types transformers converts on load, none of which is in HEADER_LAYOUTS;
-    tests/test_architectures.py checks both facts and that PEFT loads these adapters as written."""
+    tests/test_moe.py checks the first fact, tests/test_model_zoo.py that PEFT loads these adapters as written."""
     header = header_skeleton(source)
     if header is None:
         return None, None, None, None
@@ -344,7 +271,7 @@ def _header_plan(source, config: InitConfig):
 def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bool):
     """Compute every init; residuals go into the loaded model, or are kept for the base writer:
     in memory up to config.residual_mib, parked in tmp/.residuals beyond that."""
-    stacks = _Stacks(plan.targets, config, spill=tmp / ".factors")
+    stacks = FactorSet(plan.targets, config, spill=tmp / ".factors")
     residual_files: dict[str, Path | torch.Tensor] = {}  # checkpoint key -> residual, or the file holding it
     held = 0  # bytes of residuals kept in memory
     for batch_no, batch in enumerate(compute_inits(plan.targets, plan.read, config, devices, progress)):
