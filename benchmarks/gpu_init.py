@@ -1,12 +1,12 @@
 """GPU init: loraforge exact rlpo / rlmo on a Qwen2.5-7B-shaped checkpoint, and PEFT pissa for the ratio.
 
 A prepared run for a lent GPU (one H100/H200); it keeps to --budget-s (default 450 s, under the
-issue's 8 minutes) and skips what no longer fits. Steps, each timed:
+8 minutes a lent GPU run gets) and skips what no longer fits. Steps, each timed:
 1. Write a RANDOM bf16 checkpoint with Qwen2.5-7B's shapes (hidden 3584, intermediate 18944, 28
    layers, 28 heads, 4 kv heads, vocab 152064; ~15 GB) to local disk (--dir, default under /tmp;
    never the repository or $OUT), shard by shard, generating on the GPU. Reused if present.
 2. loraforge exact rlpo, then PEFT, then loraforge exact rlmo, each in a fresh process
-   (`python -c` calling `init_adapter(DIR, OUT, InitConfig(method, r=32, device="cuda"))`), end to
+   (`benchmarks/workers.py` calling `init_adapter(DIR, OUT, InitConfig(method, r=32, device="cuda"))`), end to
    end from the checkpoint to the files written. Inside the process: a CUDA warm-up (context and
    cuSOLVER handles; reported separately as cuda_warmup_s), then the timed call with
    torch.cuda.max_memory_allocated / max_memory_reserved as the GPU peak. Outside: the whole
@@ -14,8 +14,8 @@ issue's 8 minutes) and skips what no longer fits. Steps, each timed:
 3. PEFT pissa (full fp32 SVD per module) on the same GPU for the first --peft-layers blocks only
    (from_pretrained(num_hidden_layers=4, device_map="cuda")): load, get_peft_model (init_s), save
    adapter + residual base. Extrapolated to all blocks as init_s * L / 4 (the SVDs scale with the
-   number of blocks), which is how the DESIGN.md anchor (16.1 s for 4 layers, ~112 s for 28) was
-   taken; the ratio is that extrapolation over loraforge's end-to-end time.
+   number of blocks), which is how the reference figure for PEFT pissa on an H200 (16.1 s for 4
+   layers, ~112 s for 28) was taken; the ratio is that extrapolation over loraforge's end-to-end time.
 Prints a JSON summary and writes it to --json (default $OUT/gpu_init.json when $OUT is set).
 
     python benchmarks/gpu_init.py                  # on the GPU machine
@@ -34,7 +34,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import checkpoints  # noqa: E402
+import machine  # noqa: E402
+import processes  # noqa: E402
+import report  # noqa: E402
+import workers  # noqa: E402
 
 TARGET_S, TARGET_GPU_GIB = 20.0, 2.0
 
@@ -67,13 +71,13 @@ class Budget:
 
 
 def run_step(name: str, func_name: str, kwargs: dict, device: str, budget: Budget, min_s: float = 5) -> dict:
-    """One step in a fresh process via _common.gpu_measure; never raises, records errors/skips."""
+    """One step in a fresh process via workers.gpu_measure; never raises, records errors/skips."""
     left = budget.left()
     if left < min_s:
         print(f"[{name}] skipped: {left:.0f} s of budget left", flush=True)
         return {"skipped": f"budget ({left:.0f} s left)"}
     print(f"[{name}] running (timeout {left:.0f} s)", flush=True)
-    res = C.run_measured(C.gpu_measure_script(func_name, kwargs, device), timeout=left)
+    res = processes.run_measured(workers.command("gpu_measure", [func_name, kwargs, device]), timeout=left)
     rec = {
         "process_wall_s": res["wall_s"],
         "process_cpu_s": res["cpu_s"],
@@ -81,10 +85,13 @@ def run_step(name: str, func_name: str, kwargs: dict, device: str, budget: Budge
         "rc": res["rc"],
         "timed_out": res["timed_out"],
     }
-    inner = C.parse_result(res["stdout"])
+    inner = workers.parse_result(res["stdout"])
     if inner is None:
-        rec["error"] = C.tail(res["stderr"], 3000)
-        print(f"[{name}] FAILED rc={res['rc']} timed_out={res['timed_out']}\n{C.tail(res['stderr'], 1500)}", flush=True)
+        rec["error"] = processes.tail(res["stderr"], 3000)
+        print(
+            f"[{name}] FAILED rc={res['rc']} timed_out={res['timed_out']}\n{processes.tail(res['stderr'], 1500)}",
+            flush=True,
+        )
     else:
         rec.update(inner)
         gpu = f", GPU peak {inner['gpu_peak_alloc_mib'] / 1024:.2f} GiB" if "gpu_peak_alloc_mib" in inner else ""
@@ -97,14 +104,14 @@ def main(argv=None) -> int:
     if args.peft_layers is None:
         args.peft_layers = 2 if args.tiny else 4
     budget = Budget(args.budget_s)
-    C.ensure_loraforge_importable()  # a bare GPU machine has only the repository
+    machine.ensure_loraforge_importable()  # a bare GPU machine has only the repository
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     preset = "tiny" if args.tiny else "qwen2.5-7b"
-    layers = C.QWEN2_PRESETS[preset]["num_hidden_layers"]
+    layers = checkpoints.QWEN2_PRESETS[preset]["num_hidden_layers"]
     ckpt = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "loraforge-bench" / f"{preset}-random"
     summary = {
         "benchmark": "gpu_init",
@@ -112,17 +119,17 @@ def main(argv=None) -> int:
         "device": device,
         "r": args.r,
         "args": vars(args),
-        "machine": C.machine_info(),
+        "machine": machine.machine_info(),
         "steps": {},
     }
     out_json = Path(args.json) if args.json else Path(os.environ.get("OUT", ".")) / "gpu_init.json"
 
     def save():
         summary["elapsed_s"] = round(budget.seconds - budget.left(), 1)
-        C.write_json(out_json, summary)
+        report.write_json(out_json, summary)
 
     print(f"[checkpoint] {ckpt} ({preset}, generated on {device})", flush=True)
-    summary["checkpoint"] = C.write_random_checkpoint(ckpt, preset, device=device)
+    summary["checkpoint"] = checkpoints.write_random_checkpoint(ckpt, preset, device=device)
     print(
         f"[checkpoint] {'reused' if summary['checkpoint']['reused'] else 'written'} "
         f"{summary['checkpoint']['bytes'] / 2**30:.1f} GiB in {summary['checkpoint']['seconds']:.1f} s",
@@ -168,7 +175,7 @@ def main(argv=None) -> int:
 
 
 def headline(steps: dict, methods: list[str], args, layers: int) -> dict:
-    """loraforge wall/GPU peak per method, PEFT extrapolated, ratios and the issue's targets."""
+    """loraforge wall/GPU peak per method, PEFT extrapolated, ratios and the GPU targets."""
     out = {}
     peft = next((v for k, v in steps.items() if k.startswith("peft-")), None)
     peft_full = None

@@ -1,6 +1,6 @@
 """Init memory: peak RSS of `loraforge init` on a checkpoint with Qwen2.5-1.5B's shapes.
 
-What is measured (issue 3): a RANDOM bf16 checkpoint with Qwen2.5-1.5B's shapes (hidden 1536,
+What is measured: a RANDOM bf16 checkpoint with Qwen2.5-1.5B's shapes (hidden 1536,
 intermediate 8960, 28 layers, 12 heads, 2 kv heads, vocab 151936, tied embeddings; ~3 GB) is
 written once (shard by shard from a meta-device skeleton, never the whole model in memory) and
 reused. Then `loraforge init DIR --method rlpo -r 32 -o OUT --device cpu` runs as a fresh process;
@@ -25,7 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import checkpoints  # noqa: E402
+import machine  # noqa: E402
+import processes  # noqa: E402
+import report  # noqa: E402
+import workers  # noqa: E402
 
 LIMIT_GIB = 1.5
 
@@ -33,7 +37,9 @@ LIMIT_GIB = 1.5
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default=None, help="checkpoint directory, made if missing [/tmp/loraforge-bench/<shape>]")
-    p.add_argument("--preset", default="qwen2.5-1.5b", choices=list(C.QWEN2_PRESETS), help="shapes [%(default)s]")
+    p.add_argument(
+        "--preset", default="qwen2.5-1.5b", choices=list(checkpoints.QWEN2_PRESETS), help="shapes [%(default)s]"
+    )
     p.add_argument("--layers", type=int, default=None, help="override the number of blocks (quick checks)")
     p.add_argument("--method", default="rlpo", help="loraforge method [%(default)s]")
     p.add_argument("--r", type=int, default=32, help="adapter rank [%(default)s]")
@@ -57,11 +63,11 @@ def checkpoint_dir(args) -> Path:
 def measure(cmd: list[str], out: Path, timeout: float) -> dict:
     """Run CMD once in a fresh process (OUT removed before and after); wall time and peak RSS."""
     shutil.rmtree(out, ignore_errors=True)
-    res = C.run_measured(cmd, timeout=timeout)
+    res = processes.run_measured(cmd, timeout=timeout)
     shutil.rmtree(out, ignore_errors=True)
     if res["rc"] != 0:
         raise RuntimeError(
-            f"{cmd[:3]}... failed (rc={res['rc']}, timed_out={res['timed_out']}):\n{C.tail(res['stderr'])}"
+            f"{cmd[:3]}... failed (rc={res['rc']}, timed_out={res['timed_out']}):\n{processes.tail(res['stderr'])}"
         )
     return {
         k: res[k]
@@ -78,7 +84,7 @@ def measure(cmd: list[str], out: Path, timeout: float) -> dict:
 
 def loraforge_command(args, ckpt: Path, out: Path) -> list[str]:
     return [
-        *C.loraforge_cli(),
+        *machine.loraforge_cli(),
         "init",
         str(ckpt),
         "--method",
@@ -95,15 +101,15 @@ def loraforge_command(args, ckpt: Path, out: Path) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.ensure_loraforge_importable()
+    machine.ensure_loraforge_importable()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ckpt = checkpoint_dir(args)
     print(f"checkpoint {ckpt} ({args.preset}{f', {args.layers} blocks' if args.layers else ''})", flush=True)
-    made = C.write_random_checkpoint(ckpt, args.preset, num_hidden_layers=args.layers)
+    made = checkpoints.write_random_checkpoint(ckpt, args.preset, num_hidden_layers=args.layers)
     how = "reused" if made["reused"] else f"written in {made['seconds']:.1f} s"
     print(f"  {how}: {made['bytes'] / 2**30:.2f} GiB", flush=True)
-    info = C.machine_info()
+    info = machine.machine_info()
     work = Path(tempfile.mkdtemp(prefix="lf-bench-mem-"))
     runs = []
     sides = [("loraforge " + args.method, loraforge_command(args, ckpt, work / "loraforge"), work / "loraforge")]
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
         sides.append(
             (
                 f"peft {args.peft_init}",
-                C.function_script(C.peft_init, [str(ckpt), str(work / "peft"), args.r, args.peft_init, "cpu"]),
+                workers.command("peft_init", [str(ckpt), str(work / "peft"), args.r, args.peft_init, "cpu"]),
                 work / "peft",
             )
         )
@@ -122,7 +128,8 @@ def main(argv=None) -> int:
             runs.append(rec)
             print(
                 f"  {name:<26} {rec['wall_s']:8.1f} s  peak RSS {rec['peak_rss_mib'] / 1024:.2f} GiB "
-                f"(sampled anon {rec['sampled_peak_anon_mib'] / 1024:.2f}, file {rec['sampled_peak_file_mib'] / 1024:.2f})",
+                f"(sampled anon {rec['sampled_peak_anon_mib'] / 1024:.2f}, "
+                f"file {rec['sampled_peak_file_mib'] / 1024:.2f})",
                 flush=True,
             )
     shutil.rmtree(work, ignore_errors=True)
@@ -134,13 +141,13 @@ def main(argv=None) -> int:
             {
                 "side": name,
                 "n": len(mine),
-                "median_wall_s": C.median([r["wall_s"] for r in mine]),
+                "median_wall_s": report.median([r["wall_s"] for r in mine]),
                 "peak_rss_gib": max(r["peak_rss_mib"] for r in mine) / 1024,
             }
         )
     print(f"\n== peak RSS, {made['bytes'] / 2**30:.2f} GiB checkpoint ==")
     print(
-        C.table(
+        report.table(
             [[r["side"], r["n"], f"{r['median_wall_s']:.1f}", f"{r['peak_rss_gib']:.2f}"] for r in rows],
             ["side", "n", "median wall s", "peak RSS GiB"],
         )
@@ -164,7 +171,7 @@ def main(argv=None) -> int:
     path = (
         args.json or Path(__file__).resolve().parent / "results" / f"init_memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
     )
-    C.write_json(path, result)
+    report.write_json(path, result)
     print(f"results: {path}")
     return 0
 

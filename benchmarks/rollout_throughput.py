@@ -1,4 +1,4 @@
-"""Rollout and update throughput of `loraforge train`'s engines (issue 7): tokens/s of generation with the
+"""Rollout and update throughput of `loraforge train`'s engines: tokens/s of generation with the
 transformers rollout (and vLLM on a CUDA machine when vllm is installed) and of the training update,
 on a randomly initialised model with a real model's shapes and a LoRA r=16 adapter on all linear layers.
 
@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTION = "## Rollout throughput (issue 7)"
+SECTION = "## Rollout throughput"
 SHAPES = {
     # HuggingFaceTB/SmolLM2-135M-Instruct
     "smollm2-135m": dict(
@@ -189,27 +189,35 @@ def rate(pairs) -> tuple[float, float]:
 
 
 def write_results(path: Path, rows: list[dict], header: str) -> None:
-    """Replace this benchmark's rows of the same (device, engine, shape, settings) in the section, keep the rest."""
+    """Merge this run's rows into the section's table in place: a row of the same (device, engine, shape,
+    settings) is replaced, other rows are kept, and so are the section's notes after the table and the
+    sections around it. A file without the section gets it at the end."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     cols = ["date", "device", "engine", "part", "shape", "P x G x new (prompt)", "tokens/s", "s/call", "load avg"]
     old_rows: list[list[str]] = []
+    notes = ""
+    before, after = text.rstrip("\n") + "\n\n", ""
     if SECTION in text:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
-        body = text[start : nxt if nxt >= 0 else len(text)]
-        for line in body.splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if line.startswith("|") and len(cells) == len(cols) and cells[0] not in ("date", "---"):
+        end = nxt + 1 if nxt >= 0 else len(text)
+        lines = text[start:end].splitlines()
+        table_lines = [i for i, line in enumerate(lines) if line.startswith("|")]
+        for i in table_lines:
+            cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+            if len(cells) == len(cols) and cells[0] not in ("date", "---"):
                 old_rows.append(cells)
-        text = text[:start] + text[nxt + 1 :] if nxt >= 0 else text[:start]
+        if table_lines:
+            notes = "\n".join(lines[table_lines[-1] + 1 :]).strip("\n")
+        before, after = text[:start], text[end:]
     new = [[r[c] for c in cols] for r in rows]
     keys = {tuple(r[1:6]) for r in new}
     kept = [r for r in old_rows if tuple(r[1:6]) not in keys]
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
         "| " + " | ".join(r) + " |" for r in kept + new
     ]
-    section = f"{SECTION}\n\n{header}\n\n" + "\n".join(table) + "\n"
-    path.write_text(text.rstrip("\n") + "\n\n" + section)
+    section = f"{SECTION}\n\n{header}\n\n" + "\n".join(table) + "\n" + (f"\n{notes}\n" if notes else "")
+    path.write_text(before + section + (f"\n{after}" if after else ""))
 
 
 def main(argv=None):
@@ -286,7 +294,8 @@ def main(argv=None):
 
     def row(engine, part, tps, secs):
         la = os.getloadavg()
-        cpu_label = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+        threads = torch.get_num_threads()
+        cpu_label = f"CPU ({os.cpu_count()} cores, {threads} thread{'s' if threads > 1 else ''})"
         rows.append(
             {
                 "date": date,
@@ -340,11 +349,11 @@ def main(argv=None):
         header = (
             "`python benchmarks/rollout_throughput.py [--device cuda] --write`: random weights with the named model's "
             "shapes, LoRA r=16 on all linear layers, rows run to the full length (EOS masked). Rollout = generated "
-            "tokens/s (loraforge.sampling.generation, or vLLM with the adapter as a LoRARequest); update = response tokens/s "
-            "of one forward+backward of the trainer's log-probs in micro-batches of 8 rows. Mean over the repeats "
-            "after a warm-up. Load average: 1-minute, at the end of the part; above the core count it means other "
-            "jobs shared the CPU, and the CPU figures are then lower bounds. Update tokens/s counts response tokens; "
-            f"the prompt tokens are computed too. Machine of the latest run: {mach}."
+            "tokens/s (loraforge.sampling.generation, or vLLM with the adapter as a LoRARequest); update = response "
+            "tokens/s of one forward+backward of the trainer's log-probs in micro-batches of 8 rows. Mean over the "
+            "repeats after a warm-up. Load average: 1-minute, at the end of the part; above the core count it means "
+            "other jobs shared the CPU, and the CPU figures are then lower bounds. Update tokens/s counts response "
+            f"tokens; the prompt tokens are computed too. Machine of the latest run: {mach}."
         )
         write_results(Path(a.write), rows, header)
         print(f"recorded in {a.write}", flush=True)

@@ -397,7 +397,8 @@ def main(argv=None) -> None:
     settings = list(SETTINGS) if a.setting == "both" else [a.setting]
     impls = [a.only] if a.only else ["loraforge", "trl"]
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}; "
         f"load average at start {os.getloadavg()}",
         flush=True,
     )

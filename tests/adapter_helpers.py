@@ -1,4 +1,5 @@
-"""Helpers shared by the verify, convert, inspect and push tests: a stand-in for training, logits, tampering, card parsing."""
+"""Helpers shared by the verify, convert, inspect and push tests: a stand-in for training, logits, tampering,
+card parsing."""
 
 from __future__ import annotations
 

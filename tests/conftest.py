@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random models saved as checkpoints, and the real SmolLM2-135M-Instruct.
+"""Shared fixtures: tiny random models saved as checkpoints, the real SmolLM2-135M-Instruct, a
+word-level tokenizer builder (`word_level_tokenizer`, also behind tests/eval's and tests/rl's
+tokenizers), and `hide_package` for "optional dependency not installed" tests.
 
 Tiny models are built from configs (seeded), saved with save_pretrained, and cached per session;
 each architecture stresses something: Llama (GQA, bf16 checkpoint), Qwen2 (q/k/v biases, sharded
@@ -8,6 +10,7 @@ are handled too), and a Llama with tied embeddings.
 
 from __future__ import annotations
 
+import builtins
 import os
 from pathlib import Path
 
@@ -62,16 +65,35 @@ SAVE = {
 }
 
 
-def make_tokenizer(vocab_size: int = 128):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def word_level_tokenizer(words, split: str = "whitespace"):
+    """A fast tokenizer whose ids are <pad> 0, <eos> 1, <unk> 2, then WORDS in order. split:
+    "whitespace" (text is split at spaces; a vocabulary entry may still hold a space and decode to it)
+    or "chars" (one token per character, decoded without spaces between them)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for i in range(vocab_size - 3):
-        vocab[f"t{i}"] = i + 3
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if split == "chars":
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def make_tokenizer(vocab_size: int = 128):
+    """The tiny models' tokenizer: words t0, t1, ... up to VOCAB_SIZE ids."""
+    return word_level_tokenizer([f"t{i}" for i in range(vocab_size - 3)])
+
+
+def invoke(*args):
+    """Run `loraforge ARGS...` through click's CliRunner (exceptions propagate, so a bug is a traceback)."""
+    from click.testing import CliRunner
+
+    from loraforge.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def build_tiny(arch: str, seed: int = 0):
@@ -118,3 +140,22 @@ def smollm2(tmp_path_factory) -> Path:
     cache = os.environ.get("LORAFORGE_SMOLLM2_DIR")
     dest = Path(cache) if cache else tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
     return materialize_smollm2(dest)
+
+
+@pytest.fixture
+def hide_package(monkeypatch):
+    """hide_package("matplotlib"): from then on in the test, importing that package or any of its
+    modules raises ImportError, as when it is not installed (also when it is already imported)."""
+    real_import = builtins.__import__
+    hidden: set[str] = set()
+
+    def fake_import(name, *args, **kwargs):
+        if any(name == p or name.startswith(p + ".") for p in hidden):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    def hide(package: str) -> None:
+        hidden.add(package)
+        monkeypatch.setattr(builtins, "__import__", fake_import)
+
+    return hide

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from adapter_helpers import fake_train, logits, one_torch_thread, rel_err  # noqa: F401 (autouse fixture)
-from click.testing import CliRunner
+from conftest import invoke
 
 from loraforge import InitConfig, LoraforgeError, init_adapter
-from loraforge.cli import main
 from loraforge.ship.analysis import concat_factors
 from loraforge.ship.convert import convert_adapter, converted_alpha
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_concatenated_factors_give_exactly_the_update():
@@ -102,7 +98,8 @@ def test_bf16_residual_base_differs_only_by_its_rounding(tiny_models, tmp_path):
 @pytest.mark.parametrize("method", ["rlpo", "lora"])
 def test_b0_zero_methods_need_no_conversion(tiny_models, tmp_path, method):
     init = init_adapter(str(tiny_models["llama"]), tmp_path / "init", InitConfig(method=method, r=4)).out
-    res = invoke("convert", tmp_path / "any-trained-adapter", "--init", init, "-o", tmp_path / "conv")
+    trained = fake_train(init, tiny_models["llama"], tmp_path / "trained")
+    res = invoke("convert", trained, "--init", init, "-o", tmp_path / "conv")
     assert res.exit_code == 0
     assert "already is a plain rank-4 LoRA" in res.output and "Nothing written" in res.output
     assert not (tmp_path / "conv").exists()
@@ -164,3 +161,92 @@ def test_bad_paths_are_clear_errors(tiny_models, pissa_pair, tmp_path):
     res = invoke("convert", trained, "--init", init, "-o", trained, "--overwrite")
     assert res.exit_code == 1 and "is (or contains) the TRAINED_ADAPTER directory" in res.output
     assert (trained / "adapter_model.safetensors").exists()
+
+
+# --- lineage: convert refuses an --init the adapter was not trained from ---------------------------
+
+
+def write_lineage(trained, init, method):
+    from loraforge.models.checkpoint import sha256_file
+
+    record = {
+        "format": "loraforge-lineage/1",
+        "init": {
+            "path": str(init),
+            "method": method,
+            "files": {
+                "adapter_model.safetensors": sha256_file(init / "adapter_model.safetensors"),
+                "loraforge.json": sha256_file(init / "loraforge.json"),
+            },
+        },
+    }
+    (trained / "loraforge-lineage.json").write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def trained_by_method(tiny_models, tmp_path_factory):
+    """pissa, milora, olora and rlpo inits of the tiny llama (r=4), and an adapter fake-trained from each."""
+    root = tmp_path_factory.mktemp("lineage")
+    out = {}
+    for m in ("pissa", "milora", "olora", "rlpo"):
+        init = init_adapter(str(tiny_models["llama"]), root / f"init-{m}", InitConfig(method=m, r=4)).out
+        base = init / "base" if (init / "base").exists() else tiny_models["llama"]
+        out[m] = (init, fake_train(init, base, root / f"trained-{m}"))
+    return out
+
+
+def test_lineage_accepts_the_recorded_init(trained_by_method, tmp_path):
+    init, trained = trained_by_method["pissa"]
+    t = tmp_path / "t"
+    shutil.copytree(trained, t)
+    write_lineage(t, init, "pissa")
+    assert convert_adapter(t, init, tmp_path / "c").needed
+
+
+@pytest.mark.parametrize("other", ["milora", "olora", "rlpo"])
+def test_lineage_refuses_another_init_naming_the_right_one(trained_by_method, tmp_path, other):
+    init, trained = trained_by_method["pissa"]
+    t = tmp_path / "t"
+    shutil.copytree(trained, t)
+    write_lineage(t, init, "pissa")
+    res = invoke("convert", t, "--init", trained_by_method[other][0], "-o", tmp_path / "c")
+    assert res.exit_code == 1 and f"Pass --init {init}" in res.output and "(pissa" in res.output, res.output
+    assert f"({other}" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_damaged_lineage_is_a_clear_error(trained_by_method, tmp_path):
+    init, trained = trained_by_method["pissa"]
+    t = tmp_path / "t"
+    shutil.copytree(trained, t)
+    (t / "loraforge-lineage.json").write_text("{not json")
+    with pytest.raises(LoraforgeError, match="loraforge-lineage.json is not valid JSON"):
+        convert_adapter(t, init, tmp_path / "c")
+
+
+# Median relative distance of the trained factors from an init's (convert.init_distance), tiny llama
+# r=4, adapters fake-trained from their own init (eps 0.05): matched pairs measure 0.040-0.133
+# (milora highest: fake_train's floor moves its small rows the most), every mismatched pair of these
+# four methods >= 0.54 (pissa-trained vs olora init: same directions, other scale). MAX_INIT_DISTANCE
+# sits between. Before: each mismatched pair converted with exit 0 (or, for the rlpo init, "nothing to
+# convert").
+@pytest.mark.parametrize("trained_from", ["pissa", "milora", "olora", "rlpo"])
+@pytest.mark.parametrize("init_of", ["pissa", "milora", "olora", "rlpo"])
+def test_without_lineage_the_distance_tells_the_init_apart(trained_by_method, trained_from, init_of):
+    from loraforge.adapters.directory import load_adapter
+    from loraforge.ship.convert import MAX_INIT_DISTANCE, init_distance
+
+    trained = load_adapter(trained_by_method[trained_from][1])
+    d = init_distance(trained, load_adapter(trained_by_method[init_of][0]))
+    if trained_from == init_of:
+        assert d < MAX_INIT_DISTANCE / 2, d
+    else:
+        assert d > 1.5 * MAX_INIT_DISTANCE, d
+
+
+@pytest.mark.parametrize("trained_from, init_of", [("pissa", "milora"), ("olora", "rlpo"), ("milora", "olora")])
+def test_without_lineage_a_wrong_init_is_refused(trained_by_method, tmp_path, trained_from, init_of):
+    trained = trained_by_method[trained_from][1]
+    res = invoke("convert", trained, "--init", trained_by_method[init_of][0], "-o", tmp_path / "c")
+    assert res.exit_code == 1 and "not trained from this init" in res.output, res.output
+    assert "Nothing written" not in res.output and not (tmp_path / "c").exists()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import pytest
 import torch
 from adapter_helpers import fake_train, one_torch_thread  # noqa: F401 (autouse fixture)
-from click.testing import CliRunner
+from conftest import invoke
 
 from loraforge import InitConfig, LoraforgeError, init_adapter
-from loraforge.cli import main
 from loraforge.ship.analysis import (
     aligned_update,
     cumulative_energy,
@@ -22,10 +20,6 @@ from loraforge.ship.analysis import (
     update_distribution,
 )
 from loraforge.ship.inspect import InspectConfig, diagnose_module, inspect_adapter, module_kind
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def known_matrix(m=12, n=9, seed=0, sigma=None):
@@ -230,15 +224,8 @@ def test_plots_are_written_as_pngs(inits, tmp_path):
     assert sorted(p.name for p in (tmp_path / "figs2").iterdir()) == ["similarity.png", "spectrum.png"]
 
 
-def test_plots_without_matplotlib_say_how_to_install(inits, tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_plots_without_matplotlib_say_how_to_install(inits, tmp_path, hide_package):
+    hide_package("matplotlib")
     res = invoke("inspect", inits["rlpo"], "--plots", tmp_path / "figs")
     assert res.exit_code == 1 and "pip install 'loraforge[plots]'" in res.output
     assert not (tmp_path / "figs").exists()

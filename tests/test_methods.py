@@ -78,7 +78,7 @@ def test_update_and_residual_match_reference(method, shape, backend):
     A, B = run(method, W, r, scaling)
     update = scaling * B @ A
     # Bottom-r is a float64 eigh (float64-exact); top-r starts from a float32 eigh refined in float64,
-    # which the issue's bar ("float32 tolerance") allows; we hold it to 1e-8 of ||W||.
+    # which the exactness bar ("float32 tolerance") allows; we hold it to 1e-8 of ||W||.
     atol = 1e-10 if METHODS[method].spectrum != "top" else 1e-8 * np.linalg.norm(W)
     np.testing.assert_allclose(update, expected_update(method, W, r, scaling), atol=atol)
     np.testing.assert_allclose(W - update, W - expected_update(method, W, r, scaling), atol=atol)
@@ -97,7 +97,7 @@ def test_A0_spans_the_chosen_right_singular_subspace(method):
 
 def test_top_r_captured_energy_matches_float64_svd_on_a_flat_spectrum(backend):
     # A slowly decaying spectrum (ratio 0.97 per index) makes the top-r subspace hard to separate:
-    # captured energy ||W V_r||_F^2 must still match a float64 SVD within 1e-6 relative (issue 3).
+    # captured energy ||W V_r||_F^2 must still match a float64 SVD within 1e-6 relative (the exactness bar).
     rng = np.random.default_rng(4)
     U, _ = np.linalg.qr(rng.standard_normal((300, 120)))
     V, _ = np.linalg.qr(rng.standard_normal((120, 120)))
@@ -106,6 +106,41 @@ def test_top_r_captured_energy_matches_float64_svd_on_a_flat_spectrum(backend):
     _, _, Vr = reference(W, 16, "top")
     energy, ref = np.linalg.norm(W @ A.T) ** 2, np.linalg.norm(W @ Vr) ** 2
     assert abs(energy - ref) / ref < 1e-6
+
+
+# What each method is, written out from its source rather than read from the registry (the tests
+# above choose their cases by the registry's flags, so a wrong flag would silently skip a check):
+# the singular subspace A0's rows span (None: data-independent), B0 = 0, A0's rows orthonormal.
+DEFINITIONS = {
+    "lora": (None, True, False),  # Gaussian A0 (Hu et al.)
+    "rlpo": ("top", True, True),  # A0 = V_r^T (the paper, section 5.2)
+    "rlmo": ("bottom", True, True),  # A0 = V_-r^T
+    "pissa": ("top", False, False),  # A0 = (S_r/s)^1/2 V_r^T, B0 = U_r (S_r/s)^1/2
+    "milora": ("bottom", False, False),  # the same on the minor triplets
+    "olora": ("top", False, True),  # A0 = V_r^T, B0 = U_r
+    "olora-tail": ("bottom", False, True),  # A0 = V_-r^T, B0 = U_-r
+    "dct": (None, True, True),  # first r rows of the orthonormal DCT-II
+    "wavelet": (None, True, True),  # orthonormalised Haar transform of a seeded Gaussian
+}
+
+
+def test_every_registered_method_has_a_definition_here():
+    assert set(DEFINITIONS) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_registry_flags_describe_what_the_method_returns(method):
+    subspace, b0_zero, a0_orthonormal = DEFINITIONS[method]
+    W = make_matrix(24, 16, seed=2)
+    A, B = run(method, W, 4, scaling=1.0)
+    assert (not B.any()) == b0_zero
+    assert np.allclose(A @ A.T, np.eye(4), atol=1e-10) == a0_orthonormal
+    Q, _ = np.linalg.qr(A.T)
+    for which in ("top", "bottom"):
+        _, _, V = reference(W, 4, which)
+        assert np.allclose(Q @ Q.T, V @ V.T, atol=1e-8) == (subspace == which), which
+    spec = METHODS[method]
+    assert (spec.spectrum, spec.residual, spec.orthonormal) == (subspace, not b0_zero, b0_zero and a0_orthonormal)
 
 
 @pytest.mark.parametrize("method", [m for m, s in METHODS.items() if s.orthonormal])

@@ -16,15 +16,10 @@ from unittest import mock
 
 import pytest
 from adapter_helpers import fake_train, front_matter, one_torch_thread  # noqa: F401 (autouse fixture)
-from click.testing import CliRunner
+from conftest import invoke
 
 from loraforge import InitConfig, LoraforgeError, init_adapter
-from loraforge.cli import main
 from loraforge.ship.hub import PushConfig, plan_push, push
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def test_exact_top_r_matches_a_float64_svd_on_real_weights(smollm2):
     # Pretrained spectra are flat near r (s_32 / s_49 is 1.04-1.6 on SmolLM2), the hard case for the
     # float32 Gram + float64 Rayleigh-Ritz path: its rank-r part must stay within TOP_RANK_R_RTOL
     # (float32's rtol, 1.3e-6, Frobenius-relative; ~6e-7 measured) of np.linalg.svd's, and its captured
-    # energy within 1e-6 (issue 3's bars).
+    # energy within 1e-6 (the exactness bars).
     import numpy as np
     from safetensors import safe_open
 
@@ -89,7 +89,7 @@ def test_exact_top_r_matches_a_float64_svd_on_real_weights(smollm2):
 @pytest.mark.parametrize("svd", ["exact", "fast"])
 def test_pissa_verifies_with_another_thread_count(smollm2, tmp_path, svd):
     # Another machine, or the same one with another thread count, rounds differently: an adapter made
-    # with one thread must verify with two, and the other way round (verify's tolerances, issue 3).
+    # with one thread must verify with two, and the other way round (verify's tolerances).
     # On SmolLM2 the recomputed rank-r parts differ by up to ~1e-6 (exact) and ~3e-5 (fast).
     import os
     import subprocess

@@ -6,20 +6,15 @@ import json
 import shutil
 
 import pytest
+import torch
 from adapter_helpers import one_torch_thread, rewrite_factor  # noqa: F401 (autouse fixture)
-from click.testing import CliRunner
-from conftest import build_tiny, make_tokenizer
+from conftest import build_tiny, invoke, make_tokenizer
 
 from loraforge import InitConfig, LoraforgeError, init_adapter
-from loraforge.cli import main
 from loraforge.inits.methods import METHODS
 from loraforge.ship.verify import verify_adapter
 
 Q = "model.layers.0.self_attn.q_proj"
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +191,53 @@ def test_source_moved_away_asks_for_base(tiny_models, tmp_path):
     with pytest.raises(LoraforgeError, match="Pass the original model with --base"):
         verify_adapter(out)
     assert verify_adapter(out, base=str(tiny_models["llama"])).ok
+
+
+@pytest.mark.parametrize("method, which", [("rlpo", "A"), ("lora", "A"), ("pissa", "AB"), ("olora", "AB")])
+def test_all_zero_factors_fail_the_nonzero_check(inits, tmp_path, method, which):
+    # What an underflowed init looks like (e.g. pissa at --alpha 1e300): with hashes re-recorded, only the
+    # math can notice, and a zero A0 (or B0 of a residual init) is a direction that never trains.
+    out = copy(inits[method], tmp_path)
+    for w in which:
+        rewrite_factor(out, Q, w, lambda t: torch.zeros_like(t))
+    report = verify_adapter(out)
+    nonzero = next(c for c in report.checks if c.name == "nonzero")
+    assert list(nonzero.failures) == [Q] and "never train" in nonzero.failures[Q]
+    assert not report.ok
+
+
+def test_one_zero_row_of_a0_fails(inits, tmp_path):
+    out = copy(inits["rlpo"], tmp_path)
+    rewrite_factor(out, Q, "A", lambda a: torch.cat([a[:-1], torch.zeros_like(a[-1:])]))
+    nonzero = next(c for c in verify_adapter(out).checks if c.name == "nonzero")
+    assert "1 all-zero rows of A0" in nonzero.failures[Q]
+
+
+@pytest.mark.parametrize("rel", ["base/config.json", "base/tokenizer.json", "base/generation_config.json"])
+def test_a_changed_base_config_or_tokenizer_fails_the_hash_check(inits, tmp_path, rel):
+    out = copy(inits["pissa"], tmp_path)
+    with open(out / rel, "a") as f:
+        f.write(" ")
+    hashes = next(c for c in verify_adapter(out).checks if c.name == "hashes")
+    assert rel in hashes.failures and "changed after init" in hashes.failures[rel]
+
+
+def test_every_file_of_out_is_hashed_and_an_added_file_fails(inits, tmp_path):
+    out = copy(inits["pissa"], tmp_path)
+    manifest = json.loads((out / "loraforge.json").read_text())
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted([*manifest["files"], *manifest["files_unhashed"]]) == on_disk
+    (out / "base" / "special_tokens_map.json").write_text("{}")  # a file init did not write
+    hashes = next(c for c in verify_adapter(out).checks if c.name == "hashes")
+    assert "added after init" in hashes.failures["base/special_tokens_map.json"]
+
+
+def test_an_older_manifest_names_the_files_it_does_not_cover(inits, tmp_path):
+    out = copy(inits["pissa"], tmp_path)
+    manifest = json.loads((out / "loraforge.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if k.endswith(".safetensors")}
+    del manifest["files_unhashed"]  # as init wrote it before every file was hashed
+    (out / "loraforge.json").write_text(json.dumps(manifest))
+    report = verify_adapter(out)
+    hashes = next(c for c in report.checks if c.name == "hashes")
+    assert report.ok and "NOT covered" in hashes.detail and "base/config.json" in hashes.detail

@@ -30,9 +30,11 @@ from loraforge.core.errors import LoraforgeError
 from loraforge.inits.compute import compute_inits
 from loraforge.inits.config import DTYPES, InitConfig
 from loraforge.inits.plan import drop_small
+from loraforge.inits.sanity import check_inits
 from loraforge.models.experts import ExpertKeys, expert_keys
 from loraforge.models.source import companion_files, resolve_source
 from loraforge.models.targets import (
+    HeaderSkeleton,
     Target,
     build_skeleton,
     checkpoint_keys,
@@ -43,6 +45,7 @@ from loraforge.models.targets import (
     peft_target_modules,
     peft_target_parameters,
 )
+from loraforge.models.validate import FLOAT_DTYPES, check_blocks, check_target_tensors
 
 
 @dataclass
@@ -87,8 +90,12 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
             )
     devices = decomposition_devices(config.device)
     stacks = FactorSet(targets, config)
-    for batch in compute_inits(targets, lambda u: _tensor(model, u), config, devices, progress):
-        for m in batch:
+    inits = [
+        m for batch in compute_inits(targets, lambda u: _tensor(model, u), config, devices, progress) for m in batch
+    ]
+    check_inits(inits, config)  # before the model is touched
+    with torch.no_grad():
+        for m in inits:
             stacks.add(m)
             if m.base is not None:
                 weight = _tensor(model, m.target)
@@ -161,6 +168,7 @@ def init_adapter(
     writers.check_destination(out, overwrite, protect=source.path)
     devices = decomposition_devices(config.device)
     plan = _plan(source, config, device_map, trust_remote_code)
+    _validate_plan(plan, config)
 
     with writers.staged_dir(out, overwrite) as tmp:
         t0 = time.perf_counter()
@@ -168,6 +176,7 @@ def init_adapter(
         decompose_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         files, base_dtype = _write_outputs(plan, config, out, tmp, stacks.factors, residuals, trust_remote_code)
+        files.update(writers.hash_remaining(tmp, files))  # config, tokenizer...: verify covers every file
         timings = {
             "decompose_s": round(decompose_s, 3),
             "write_s": round(time.perf_counter() - t1, 3),
@@ -204,6 +213,7 @@ class _Plan:
     loaded: Optional[torch.nn.Module]  # the model in memory (device_map or legacy checkpoints), else None
     keys: Optional[dict[str, str]]  # streaming: linear target name -> checkpoint key
     experts: Optional[dict[str, ExpertKeys]] = None  # streaming: fused expert target name -> where its experts are
+    skeleton: Optional[torch.nn.Module] = None  # what the targets were found on
 
     def read(self, t: Target) -> torch.Tensor:
         if self.loaded is not None:
@@ -250,7 +260,7 @@ def _plan(source, config: InitConfig, device_map: Optional[str], trust_remote_co
         # names in the checkpoint differ from the model's (legacy layout), or not streamable: load it
         loaded = _load_model(source, config, device_map, trust_remote_code)
         keys = experts = None
-    return _Plan(source, targets, skipped, form, fan_in_fan_out, loaded, keys, experts)
+    return _Plan(source, targets, skipped, form, fan_in_fan_out, loaded, keys, experts, skeleton)
 
 
 def _header_plan(source, config: InitConfig):
@@ -268,6 +278,28 @@ def _header_plan(source, config: InitConfig):
     return header, targets, skipped, PeftForm(peft_target_modules(header, targets), [])
 
 
+def _validate_plan(plan: _Plan, config: InitConfig) -> None:
+    """Before any work: each streamed target weight is a float tensor of the shape the config implies,
+    and a model read off its header has every block the config declares. (Headers and the index were
+    checked when the source was resolved; --layers and -r against the targets where they are found.)"""
+    if plan.keys is None:  # loaded through transformers, which checks shapes against the config itself
+        return
+    from_header = isinstance(plan.skeleton, HeaderSkeleton)
+    check_target_tensors(plan.source, [t for t in plan.targets if not t.experts], plan.keys, from_header)
+    if from_header:
+        check_blocks(plan.source, find_targets(plan.skeleton, config.target_modules, None))
+    for name, where in (plan.experts or {}).items():  # shapes were matched when the expert keys were found
+        for key in {k for e in range(plan.targets_by_name[name].experts) for k in where.keys(e)}:
+            shard = plan.source.weight_map[key]
+            dtype = plan.source.open_shard(shard).tensors[key].dtype
+            if dtype not in FLOAT_DTYPES:
+                raise LoraforgeError(
+                    f"{plan.source.path / shard}: tensor {key} has dtype {dtype}; a weight loraforge decomposes must "
+                    f"be one of {', '.join(FLOAT_DTYPES)}. Use an unquantised checkpoint (or re-save it in "
+                    "bf16/fp16/fp32)."
+                )
+
+
 def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bool):
     """Compute every init; residuals go into the loaded model, or are kept for the base writer:
     in memory up to config.residual_mib, parked in tmp/.residuals beyond that."""
@@ -275,6 +307,7 @@ def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bo
     residual_files: dict[str, Path | torch.Tensor] = {}  # checkpoint key -> residual, or the file holding it
     held = 0  # bytes of residuals kept in memory
     for batch_no, batch in enumerate(compute_inits(plan.targets, plan.read, config, devices, progress)):
+        check_inits(batch, config)  # before anything of the batch is kept: a bad init stops the run
         residuals = {}
         for m in batch:
             stacks.add(m)
@@ -299,11 +332,9 @@ def _run_inits(plan: _Plan, config: InitConfig, devices, tmp: Path, progress: bo
             held += size
             residual_files.update(residuals)
             continue
-        from safetensors.torch import save_file
-
         spill = tmp / ".residuals" / f"batch{batch_no:05d}.safetensors"
         spill.parent.mkdir(exist_ok=True)
-        save_file(residuals, str(spill))
+        writers.write_tensors(spill, residuals)
         residual_files.update({k: spill for k in residuals})
     return stacks, residual_files
 
@@ -316,7 +347,7 @@ def _write_outputs(
     source = plan.source
     view = plan.form.view  # empty for header layouts: plain LoRA layers, saved under writers.adapter_key
     keys = {t.name: (view[(t.module, t.param)].key_A, view[(t.module, t.param)].key_B) for t in plan.targets if view}
-    writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors, keys)
+    adapter_sha = writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors, keys)
     shutil.rmtree(tmp / ".factors", ignore_errors=True)
     # For residualised methods the adapter belongs on OUT/base, not on the source model, so that
     # is what PEFT's AutoPeftModel must load (`loraforge push` rewrites it to the base's Hub repo).
@@ -325,7 +356,7 @@ def _write_outputs(
         tmp,
         adapter_config(config, plan.form.target_modules, base_model, plan.fan_in_fan_out, plan.form.target_parameters),
     )
-    files = {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)}
+    files = {writers.ADAPTER_WEIGHTS: adapter_sha}
     if not method.residual:
         return files, None
     cast_to = None if config.base_dtype == "auto" else DTYPES[config.base_dtype]
@@ -358,7 +389,8 @@ def _load_model(source, config: InitConfig, device_map: Optional[str], trust_rem
 def _save_loaded_base(model, source, base_dir: Path, cast_to, trust_remote_code: bool) -> None:
     if cast_to is not None:
         model.to(cast_to)
-    model.save_pretrained(str(base_dir), safe_serialization=True)
+    with writers.os_errors(base_dir):
+        model.save_pretrained(str(base_dir), safe_serialization=True)
     for f in companion_files(source, trust_remote_code):
         if not (base_dir / f.name).exists():
             shutil.copy2(f, base_dir / f.name)

@@ -168,9 +168,10 @@ def render_model_card(manifest: dict, refs: Optional[CardRefs] = None) -> str:
                 else "."
             ),
             "",
-            f"**Load this adapter on the residual base `{refs.base}`, not on `{refs.original}`.** On the original model "
-            "it would add the rank-r part a second time. To serve or merge a *trained* adapter on the original model, "
-            "convert it first: `loraforge convert TRAINED --init DIR -o CONVERTED` writes the equivalent rank-2r LoRA.",
+            f"**Load this adapter on the residual base `{refs.base}`, not on `{refs.original}`.** "
+            "On the original model it would add the rank-r part a second time. "
+            "To serve or merge a *trained* adapter on the original model, convert it first: "
+            "`loraforge convert TRAINED --init DIR -o CONVERTED` writes the equivalent rank-2r LoRA.",
             "",
         ]
     else:
@@ -191,9 +192,10 @@ def render_model_card(manifest: dict, refs: Optional[CardRefs] = None) -> str:
     lines += [
         "## Check it",
         "",
-        f"{get}`loraforge verify DIR` recomputes every module from the original weights: base + s B0 A0 = W0, B0 = 0 "
-        "or orthonormal rows where the method promises them, the factors the method gives, and the sha256 of every file "
-        "listed in `loraforge.json`. `loraforge inspect DIR` shows the spectra, init norms and subspace similarities.",
+        f"{get}`loraforge verify DIR` recomputes every module from the original weights: "
+        "base + s B0 A0 = W0, B0 = 0 or orthonormal rows where the method promises them, the factors the method gives, "
+        "and the sha256 of every file listed in `loraforge.json`. "
+        "`loraforge inspect DIR` shows the spectra, init norms and subspace similarities.",
         "",
         f"Method reference: {PAPER}.",
         "",
@@ -241,14 +243,14 @@ def render_converted_card(converted: dict, refs: Optional[CardRefs] = None) -> s
     lines += [
         f"# {converted['paper_name']}-trained adapter converted for {refs.original} (r={converted['r']})",
         "",
-        f"An adapter trained from a `{init['method']}` init (r = {init['r']}, which trains on a residual base), rewritten "
-        f"by `loraforge convert` as a plain LoRA for the original model:",
+        f"An adapter trained from a `{init['method']}` init (r = {init['r']}, which trains on a residual base), "
+        f"rewritten by `loraforge convert` as a plain LoRA for the original model:",
         "",
         f"`{converted['formula']}`",
         "",
         f"r = {converted['r']} (2 x {init['r']}), alpha = {converted['alpha']:g}, scaling s = {converted['scaling']:g} "
-        f"(unchanged{', rsLoRA' if converted['rslora'] else ''}). **Load it on the original model `{refs.original}`**; it "
-        "merges like any LoRA.",
+        f"(unchanged{', rsLoRA' if converted['rslora'] else ''}). "
+        f"**Load it on the original model `{refs.original}`**; it merges like any LoRA.",
         "",
     ]
     lines += _load_sections(refs, converted["r"], converted["alpha"], converted["rslora"], "as in adapter_config.json")
@@ -262,7 +264,8 @@ def render_plain_card(config: dict, refs: CardRefs) -> str:
         f"# LoRA adapter (r={config['r']}) for {refs.base}",
         "",
         f"A PEFT LoRA adapter (r = {config['r']}, alpha = {config['lora_alpha']:g}"
-        f"{', rsLoRA' if config.get('use_rslora') else ''}) uploaded with [loraforge](https://pypi.org/project/loraforge/). "
+        f"{', rsLoRA' if config.get('use_rslora') else ''}) "
+        "uploaded with [loraforge](https://pypi.org/project/loraforge/). "
         f"Load it on `{refs.base}`.",
         "",
     ]

@@ -21,6 +21,7 @@ from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.methods import METHODS, Method
 from loraforge.models.checkpoint import SafetensorsFile
+from loraforge.models.source import read_json_object
 
 LEGACY_WEIGHTS = "adapter_model.bin"
 # PEFT saves factors as base_model.model.<module>.lora_A.weight (the adapter name stripped); a
@@ -152,10 +153,7 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
             f"{role} {path} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG} (found {found}).{hint} "
             "Pass the directory `loraforge init -o` or PEFT's save_pretrained wrote."
         )
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoraforgeError(f"{cfg_path} is not valid JSON ({e}); the adapter is damaged. Re-create it.") from None
+    config = read_json_object(cfg_path, "the adapter config")  # damaged JSON, non-UTF-8, not an object: one line
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config or "lora_alpha" not in config:
         raise LoraforgeError(
             f"{cfg_path} does not describe a LoRA adapter (peft_type={config.get('peft_type')!r}, "
@@ -163,12 +161,7 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         )
     manifest = None
     if (path / MANIFEST).exists():
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except json.JSONDecodeError as e:
-            raise LoraforgeError(
-                f"{path / MANIFEST} is not valid JSON ({e}); the manifest is damaged. Re-run loraforge init."
-            ) from None
+        manifest = read_json_object(path / MANIFEST, "the manifest")
 
     if (path / ADAPTER_WEIGHTS).exists():
         weights_file = path / ADAPTER_WEIGHTS
@@ -181,7 +174,7 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         keys = reader.keys()
     elif (path / LEGACY_WEIGHTS).exists():
         weights_file = path / LEGACY_WEIGHTS
-        # Legacy pickles are read with weights_only=True: tensors only, no code runs (DESIGN.md, safety).
+        # Legacy pickles are read with weights_only=True: tensors only, so a downloaded adapter cannot run code.
         try:
             reader = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a damaged or non-tensor pickle
@@ -192,7 +185,8 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         keys = list(reader)
     else:
         raise LoraforgeError(
-            f"{role} {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}); the adapter is incomplete."
+            f"{role} {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}); "
+            "the adapter is incomplete."
         )
 
     pairs: dict[str, dict[str, str]] = {}
@@ -206,7 +200,8 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
     incomplete = [mod for mod, p in pairs.items() if set(p) != {"A", "B"}]
     if incomplete:
         raise LoraforgeError(
-            f"{weights_file}: module {incomplete[0]} has only lora_{next(iter(pairs[incomplete[0]]))}; the adapter is damaged."
+            f"{weights_file}: module {incomplete[0]} has only lora_{next(iter(pairs[incomplete[0]]))}; "
+            "the adapter is damaged."
         )
     if not pairs:
         raise LoraforgeError(f"{weights_file} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight tensors).")

@@ -63,11 +63,11 @@ class FactorSet:
         if self._spill is None or self._held + size <= self._budget:
             self._held += size
             return
-        from safetensors.torch import save_file
+        from loraforge.adapters.writers import write_tensors
 
         self._spill.mkdir(exist_ok=True)
         path = self._spill / f"factors{len(list(self._spill.iterdir())):05d}.safetensors"
-        save_file({"A": A, "B": B}, str(path))
+        write_tensors(path, {"A": A, "B": B})
         self.factors[name] = path
 
 

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from loraforge.adapters.writers import UNHASHED
 from loraforge.inits.config import InitConfig
 
 INIT_FORMAT = "loraforge-manifest/1"
@@ -74,6 +75,7 @@ def build_manifest(
         "versions": versions(),
         "timings": timings,
         "files": files,
+        "files_unhashed": list(UNHASHED),  # every other file of OUT is in `files`
         "summary": summarize(stats),
         "modules": stats,
     }

@@ -8,6 +8,7 @@ complete, so an interrupted run leaves either nothing or the previous complete r
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from loraforge.core import atomic
 from loraforge.core.errors import LoraforgeError
 from loraforge.models.checkpoint import DTYPES, PlannedTensor, SafetensorsFile, sha256_file, write_streaming
 from loraforge.models.source import INDEX_NAMES, Source, companion_files
@@ -29,40 +31,94 @@ BASE_DIR = "base"
 
 
 def check_destination(out: Path, overwrite: bool, protect: Optional[Path] = None) -> None:
-    """Refuse an existing OUT without --overwrite, and an OUT that would delete the source model."""
-    out = Path(out)
+    """Refuse an existing OUT without --overwrite, an OUT that would delete the source model, and an
+    OUT that is (or holds) the current directory."""
+    out = Path(os.path.abspath(out))
     if protect is not None:
         o, p = out.resolve(), Path(protect).resolve()
         if o == p or o in p.parents:
             raise LoraforgeError(
                 f"-o {out} is (or contains) the source model directory; choose another output directory."
             )
-    if out.exists() and not overwrite:
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise LoraforgeError(
+            f"-o {out} is (or contains) the current directory, which loraforge would have to replace while you are "
+            "in it; pass a new directory name, e.g. -o ./adapter."
+        )
+    if os.path.lexists(out) and not overwrite:
         raise LoraforgeError(f"{out} already exists. Pass --overwrite to replace it, or choose another -o.")
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise LoraforgeError(f"{out} exists and is not a directory; choose another -o.")
 
 
 @contextlib.contextmanager
 def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside OUT; on success it replaces OUT, on any failure it is removed."""
-    out = Path(out)
-    check_destination(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    """Yield a temporary directory beside OUT; on success it replaces OUT, on any failure it is removed.
+
+    While it runs, `.OUT.lock` keeps other loraforge writers of OUT out. At the end the staging
+    directory is claimed atomically (loraforge.core.atomic.claim): only if OUT is still absent, or
+    still the directory --overwrite was given for; otherwise the result is discarded with a message
+    and OUT is left as it is. Staging directories of killed runs (`.OUT.partial-*` whose owner pid is
+    gone) are removed first, with one line on stderr.
+    """
+    out = Path(os.path.abspath(out))
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _normalise_permissions(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in [out.parent, *out.parent.parents] if p.exists() and not p.is_dir())
+        raise LoraforgeError(f"-o {out}: {blocker} is a file, not a directory; choose another -o.") from None
+    with atomic.DirLock(out):
+        clean_stale(out)  # first: it may put back an OUT that a killed run had moved aside
+        check_destination(out, overwrite)
+        was = atomic.Snapshot.of(out, hold=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            atomic.write_owner(tmp)
+            yield tmp
+            (tmp / atomic.OWNER_FILE).unlink()
+            _normalise_permissions(tmp)
+            atomic.claim(tmp, out, was)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.filename is None:  # a write() on a full disk names no file: name what was being written
+                raise OSError(e.errno, e.strerror, str(out)) from None
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            was.close()
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove what killed runs left beside OUT; return (and print) one line per item.
+
+    `.OUT.partial-*`: staging directories whose owner process is gone (or never recorded itself).
+    `.OUT.old-PID`: an old OUT moved aside by the non-atomic fallback of a run killed before it put
+    the new one in place: put back at OUT if OUT is absent, else removed.
+    Called under the OUT lock, so no live loraforge writer of OUT owns any of them.
+    """
+    import sys
+
+    lines = []
+    for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):
+        pid = atomic.owner_alive(stale)
+        if pid is not None:
+            lines.append(f"loraforge: left {stale} alone: its owner (pid {pid}) is still running.")
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+        lines.append(f"loraforge: removed {stale}, left by an interrupted run.")
+    for trash in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
+        if not os.path.lexists(out):
+            os.rename(trash, out)
+            lines.append(f"loraforge: restored {out} from {trash.name}, moved aside by an interrupted run.")
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
+            lines.append(f"loraforge: removed {trash}, the old copy of {out.name} an interrupted run replaced.")
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
 
 
 def _normalise_permissions(root: Path) -> None:
@@ -83,11 +139,15 @@ def write_adapter_weights(
     path: Path,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor] | Path],
     keys: Optional[dict[str, tuple[str, str]]] = None,
-) -> None:
-    """Write {module name: (A0, B0)} as PEFT's adapter_model.safetensors, in module order, one tensor at a time.
+    extra: Optional[dict[str, torch.Tensor]] = None,
+) -> str:
+    """Write {module name: (A0, B0)} (then EXTRA tensors) as PEFT's adapter_model.safetensors, in module order,
+    one tensor at a time; return its sha256.
 
-    A value may be the file a pair waits in (tensors "A" and "B", see adapters.build._Stacks). KEYS gives the
-    saved names where they are not `adapter_key`'s (fused experts: PEFT nests ParamWrappers, see peft_view)."""
+    A value may be the file a pair waits in (tensors "A" and "B", see adapters.factors.FactorSet). KEYS gives the
+    saved names where they are not `adapter_key`'s (fused experts: PEFT nests ParamWrappers, see peft_view).
+    Written by our own streaming writer, not safetensors' save_file: a full disk or a read-only directory is then
+    an OSError with the path (save_file raises its own error type without one)."""
     planned = []
     for name, value in factors.items():
         key_a, key_b = (keys or {}).get(name) or (adapter_key(name, "A"), adapter_key(name, "B"))
@@ -99,7 +159,31 @@ def write_adapter_weights(
             else:
                 t = value[0] if which == "A" else value[1]
                 planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t: t))
-    write_streaming(path, planned, metadata={"format": "pt"})
+    planned += [PlannedTensor(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in (extra or {}).items()]
+    return write_streaming(path, planned, metadata={"format": "pt"})
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """A safetensors file of TENSORS (in this order) with PEFT's metadata; returns its sha256."""
+    planned = [PlannedTensor(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()]
+    return write_streaming(path, planned, metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def os_errors(path: Path) -> Iterator[None]:
+    """Turn a library's wrapped OS error (safetensors: "... (os error 28)") into an OSError on PATH,
+    so the CLI reports it like any other (disk full, read-only...)."""
+    try:
+        yield
+    except Exception as e:
+        import errno as errno_mod
+        import re
+
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if isinstance(e, OSError) or m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code) if code in errno_mod.errorcode else str(e), str(path)) from None
 
 
 def write_adapter_config(out_dir: Path, config: dict) -> None:
@@ -205,6 +289,21 @@ def _residual(value, key: str, reader_for) -> torch.Tensor:
 
 def _residual_dtype(value, key: str, reader_for) -> torch.dtype:
     return value.dtype if isinstance(value, torch.Tensor) else DTYPES[reader_for(value).tensors[key].dtype]
+
+
+# Files of OUT the manifest cannot hash: itself, and the model card rendered from it.
+UNHASHED = (MANIFEST, "README.md")
+
+
+def hash_remaining(root: Path, known: dict[str, str]) -> dict[str, str]:
+    """sha256 of every file under ROOT not in KNOWN (nor UNHASHED, nor the staging owner file), keyed
+    by path relative to ROOT: config and tokenizer files of base/ too, so verify covers all of OUT."""
+    skip = set(known) | set(UNHASHED) | {atomic.OWNER_FILE}
+    return {
+        rel: sha256_file(root / rel)
+        for rel in sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        if rel not in skip
+    }
 
 
 def hash_tree(root: Path, sub: str) -> dict[str, str]:

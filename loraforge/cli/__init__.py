@@ -66,8 +66,8 @@ def main():
 
 def _skip_gc_at_exit() -> None:
     """At interpreter shutdown CPython runs its cyclic garbage collector over every object still
-    alive, which after `import torch` are several hundred thousand: ~0.45 s of every command's wall
-    time on a 2-core machine, longer than the init of a small model's adapter takes to write.
+    alive, which after `import torch` are several hundred thousand: a measurable part of every
+    command's wall time (benchmarks/RESULTS.md), longer than a small model's adapter takes to write.
     gc.freeze() (run by atexit, i.e. after the command has returned and closed its files) moves them
     out of the collector's sight; the memory goes back to the OS with the process as always.
     Unregistering first keeps one registration however often the group runs (CliRunner tests)."""

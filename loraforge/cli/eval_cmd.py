@@ -4,32 +4,34 @@ import click
 
 from loraforge.cli._common import user_errors
 
-O = click.option
+option = click.option
 BENCH_HELP = "gsm8k, math500, aime22, aime23, aime24 or a .jsonl/.json/.parquet file; comma-separated."
 
 
 @click.command("eval")
-@O("--model", required=True, help="Base model: Hub id or local directory.")
-@O("--adapter", default=None, help="PEFT adapter directory to load on the base.")
-@O("--revision", default=None, help="Hub revision of the base model.")
-@O("--bench", required=True, help=BENCH_HELP)
-@O("--samples", type=int, default=None, help="Samples per problem (default: the paper's per benchmark).")
-@O("--k", default=None, help="k of pass@k, comma-separated, each <= samples (default: 1 and n).")
-@O("--temperature", type=float, default=None, help="Sampling temperature; 0 = greedy (default: paper's).")
-@O("--top-p", type=float, default=None, help="Nucleus mass in (0, 1] (default: paper's).")
-@O("--max-new-tokens", type=int, default=None, help="Response budget (default: paper's, 4096-16384).")
-@O("--max-prompt-tokens", type=int, default=1024, show_default=True, help="Longer prompts are an error.")
-@O("--scorer", type=click.Choice(["math-verify", "dapo", "dapo-boxed"]), default="math-verify", show_default=True)
-@O("--prompt-template", default="dapo", show_default=True, help="dapo, boxed, raw, or a string with {problem}.")
-@O("--chat-template/--no-chat-template", default=None, help="Wrap prompts in the chat template (default: if any).")
-@O("--limit", type=int, default=None, help="Only the first N problems of each benchmark.")
-@O("--batch-size", type=int, default=8, show_default=True, help="Sequences (prompt x sample) decoded at once.")
-@O("--seed", default="0", show_default=True, help="Sampling seed(s), comma-separated; several give a per-seed spread.")
-@O("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the spread (0: none).")
-@O("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
-@O("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@O("-o", "--output", required=True, help="Report JSON path; per-sample jsonl goes to REPORT.samples.jsonl.")
-@O("--samples-out", "samples_path", default=None, help="Per-sample jsonl path (default: beside the report).")
+@option("--model", required=True, help="Base model: Hub id or local directory.")
+@option("--adapter", default=None, help="PEFT adapter directory to load on the base.")
+@option("--revision", default=None, help="Hub revision of the base model.")
+@option("--bench", required=True, help=BENCH_HELP)
+@option("--samples", type=int, default=None, help="Samples per problem (default: the paper's per benchmark).")
+@option("--k", default=None, help="k of pass@k, comma-separated, each <= samples (default: 1 and n).")
+@option("--temperature", type=float, default=None, help="Sampling temperature; 0 = greedy (default: paper's).")
+@option("--top-p", type=float, default=None, help="Nucleus mass in (0, 1] (default: paper's).")
+@option("--max-new-tokens", type=int, default=None, help="Response budget (default: paper's, 4096-16384).")
+@option("--max-prompt-tokens", type=int, default=1024, show_default=True, help="Longer prompts are an error.")
+@option("--scorer", type=click.Choice(["math-verify", "dapo", "dapo-boxed"]), default="math-verify", show_default=True)
+@option("--prompt-template", default="dapo", show_default=True, help="dapo, boxed, raw, or a string with {problem}.")
+@option("--chat-template/--no-chat-template", default=None, help="Wrap prompts in the chat template (default: if any).")
+@option("--limit", type=int, default=None, help="Only the first N problems of each benchmark.")
+@option("--batch-size", type=int, default=8, show_default=True, help="Sequences (prompt x sample) decoded at once.")
+@option(
+    "--seed", default="0", show_default=True, help="Sampling seed(s), comma-separated; several give a per-seed spread."
+)
+@option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the spread (0: none).")
+@option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@option("-o", "--output", required=True, help="Report JSON path; per-sample jsonl goes to REPORT.samples.jsonl.")
+@option("--samples-out", "samples_path", default=None, help="Per-sample jsonl path (default: beside the report).")
 def eval_command(**flags):
     """Evaluate a model (+ adapter) on the paper's math benchmarks: pass@k and mean@k."""
     from loraforge.eval import format_table, run_eval

@@ -1,4 +1,5 @@
-"""`loraforge init`: a thin shell over loraforge.adapters.build.init_adapter."""
+"""`loraforge init`: a thin shell over loraforge.adapters.build.init_adapter. The help of each option
+that sets an InitConfig field is that field's metadata help (inits/config.py)."""
 
 from __future__ import annotations
 
@@ -7,37 +8,38 @@ import sys
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.core.settings import help_texts
+from loraforge.inits.config import InitConfig
 from loraforge.inits.methods import METHODS
+
+HELP = help_texts(InitConfig)
 
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("model")
-@click.option(
-    "--method", required=True, type=click.Choice(list(METHODS)), help="Initialisation method (see README table)."
-)
-@click.option("-r", "--rank", "r", required=True, type=click.IntRange(min=1), help="Adapter rank r.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2 * r, the paper's setting].")
-@click.option("--rslora", is_flag=True, help="Scale by alpha / sqrt(r) instead of alpha / r.")
+@click.option("--method", required=True, type=click.Choice(list(METHODS)), help=HELP["method"])
+@click.option("-r", "--rank", "r", required=True, type=click.IntRange(min=1), help=HELP["r"])
+@click.option("--alpha", type=float, default=None, help=HELP["alpha"])
+@click.option("--rslora", is_flag=True, help=HELP["rslora"])
 @click.option(
     "--target-modules",
     default="all-linear",
     show_default=True,
-    help="all-linear (every Linear/Conv1D but the output head and MoE routers, plus fused MoE experts) or names "
-    "like q_proj,v_proj,experts.",
+    help=HELP["target_modules"],
 )
-@click.option("--layers", default=None, help="Only these transformer blocks, e.g. 0-3,7 [default: all].")
+@click.option("--layers", default=None, help=HELP["layers"])
 @click.option(
     "--seed",
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="Seed of the random methods (lora, wavelet).",
+    help=HELP["seed"],
 )
 @click.option(
     "--device",
     default="auto",
     show_default=True,
-    help="Where decompositions run: auto (the GPUs if any, else cpu), cpu, cuda (every visible GPU), cuda:N (that one).",
+    help=HELP["device"],
 )
 @click.option(
     "--device-map",
@@ -46,36 +48,39 @@ from loraforge.inits.methods import METHODS
     "initialise it in memory, instead of streaming the checkpoint.",
 )
 @click.option(
-    "--adapter-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+    "--adapter-dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help=HELP["adapter_dtype"],
 )
 @click.option(
     "--base-dtype",
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
     default="auto",
     show_default=True,
-    help="Residual base dtype (pissa, milora, olora, olora-tail); auto keeps the checkpoint's.",
+    help=HELP["base_dtype"],
 )
 @click.option(
     "--svd",
     type=click.Choice(["exact", "fast"]),
     default="exact",
     show_default=True,
-    help="fast: randomised SVD, principal methods only (rlpo, pissa, olora).",
+    help=HELP["svd"],
 )
 @click.option(
     "--batch-mib",
     type=click.IntRange(min=1),
     default=512,
     show_default=True,
-    help="Memory budget of one batch of matrices decomposed together (an MoE expert stack is cut into batches of "
-    "experts), in MiB of float64.",
+    help=HELP["batch_mib"],
 )
 @click.option(
     "--residual-mib",
     type=click.IntRange(min=0),
     default=512,
     show_default=True,
-    help="Residuals (and, separately, adapter factors) kept in memory until written, in MiB; the rest wait on disk.",
+    help=HELP["residual_mib"],
 )
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the model repository's own code.")
@@ -83,7 +88,7 @@ from loraforge.inits.methods import METHODS
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def init(model, out, revision, device_map, overwrite, trust_remote_code, layers, **settings):
     """Write a ready-to-train PEFT adapter for MODEL (a Hub id or a local directory) to OUT."""
-    from loraforge.adapters.build import InitConfig, init_adapter
+    from loraforge.adapters.build import init_adapter
     from loraforge.models.targets import parse_layers
 
     with user_errors():

@@ -24,7 +24,8 @@ from loraforge.cli.train_options import config_options, run_train
     type=click.Choice(["local", "verl"]),
     default="local",
     show_default=True,
-    help="local: the bundled loop (also under accelerate launch); verl: write RUN_DIR/verl/run_verl.sh, the same run as a verl DAPO job.",
+    help="local: the bundled loop (also under accelerate launch); "
+    "verl: write RUN_DIR/verl/run_verl.sh, the same run as a verl DAPO job.",
 )
 @click.option("--run", "run_verl", is_flag=True, help="With --backend verl: launch the job now (needs verl installed).")
 @click.option(

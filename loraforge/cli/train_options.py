@@ -1,5 +1,5 @@
 """What `loraforge train` needs beyond the library: click options generated from TrainConfig (one per
-field, help = the field's comment), and the merge of defaults < YAML (--config) < flags.
+field, help = the field's metadata help), and the merge of defaults < YAML (--config) < flags.
 
 Generating the options keeps the flags, the YAML keys, the dataclass and docs/train.md in step: a
 field added to TrainConfig is a flag and a key at once.
@@ -14,7 +14,8 @@ from typing import Any
 import click
 
 from loraforge.core.errors import LoraforgeError
-from loraforge.rl.config import ALGO_PRESETS, TrainConfig, field_docs, load_yaml
+from loraforge.core.settings import help_texts
+from loraforge.rl.config import ALGO_PRESETS, TrainConfig, load_yaml
 
 # fields with a short alias or a different flag name
 FLAG_NAMES = {"output_dir": ("-o", "--output"), "model": ("--model",), "adapter": ("--adapter",)}
@@ -39,11 +40,11 @@ def _default_text(f: dataclasses.Field) -> str:
 
 def config_options(func):
     """Decorate a click command with one option per TrainConfig field, every default None (= not given)."""
-    docs = field_docs()
+    docs = help_texts(TrainConfig)
     hints = typing.get_type_hints(TrainConfig)
     for f in reversed(dataclasses.fields(TrainConfig)):
         kind = _base_type(hints[f.name])
-        help_text = docs.get(f.name, "")
+        help_text = docs[f.name]
         extra = _default_text(f)
         if extra:
             help_text = f"{help_text} [{extra}]"

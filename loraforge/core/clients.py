@@ -1,16 +1,19 @@
 """Facts about the clients that load what loraforge writes (vLLM, verl), kept in one place.
 
-vLLM serves a LoRA adapter only when the engine's `--max-lora-rank` is at least the adapter's rank,
-and it accepts only a fixed set of values for that flag (`LoRAConfig`'s `max_lora_rank` is a
-`Literal` of these in vLLM's `vllm/config/lora.py`); anything else is refused at start-up.
+vLLM serves a LoRA adapter only when the engine's `--max-lora-rank` is at least the adapter's rank
+(`PEFTHelper.validate_legal`; from vLLM 0.32 the largest rank of a `rank_pattern` counts too), and it
+accepts only a fixed set of values for that flag (`LoRAConfig.max_lora_rank`): 8, 16, 32, 64, 128,
+256, 320, 512 up to vLLM 0.11.0, and 1 as well from 0.11.1. The default is 16, which refuses every
+adapter of rank above 16.
 """
 
 from __future__ import annotations
 
 from loraforge.core.errors import LoraforgeError
 
-# vLLM's accepted --max-lora-rank values, ascending.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The --max-lora-rank values every vLLM release accepts, ascending. Rank 1 rounds up to 8, which
+# serves it on every release (1 itself is refused before vLLM 0.11.1).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_max_lora_rank(rank: int) -> int:

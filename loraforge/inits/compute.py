@@ -35,7 +35,7 @@ class Workspace:
     """Reusable buffers for a batch's big temporaries (the float64 and float32 copies of W).
 
     Why: a fresh CPU tensor of a few hundred MB is paid for again in page faults on first touch
-    (~0.1 s per 200 MB here, a fifth of SmolLM2's whole init); one buffer per role, grown to the
+    (a measurable share of a small model's whole init: benchmarks/RESULTS.md); one buffer per role, grown to the
     largest batch, is touched once. Nothing that outlives the batch may point into it. On a GPU
     torch's caching allocator already reuses memory, so this hands out plain tensors there.
     """
@@ -69,6 +69,7 @@ def _init_batch(
     A, B = method.init(MethodInput(W=W, r=config.r, scaling=config.scaling, spectrum=spectrum, seeds=seeds))
     adapter_dtype = DTYPES[config.adapter_dtype]
     A_s, B_s = A.to(adapter_dtype), B.to(adapter_dtype)
+    rounding = torch.maximum(factor_rounding(A, A_s, dim=2), factor_rounding(B, B_s, dim=1)).cpu()
     update_norm = _residualise(W, A_s, B_s, config) if method.residual else torch.zeros(len(batch), dtype=torch.float64)
     results = []
     for i, t in enumerate(batch):
@@ -76,6 +77,7 @@ def _init_batch(
             "shape": [t.out_features, t.in_features],
             "init_norm": float(update_norm[i]) / config.scaling,  # ||B0 A0||_F (the paper's Table 4)
             "update_norm": float(update_norm[i]),  # ||s B0 A0||_F: what the adapter adds at step 0
+            "factor_rounding": float(rounding[i]),  # worst row of A0 / column of B0 lost to the adapter dtype
         }
         if spectrum is not None:
             if method.spectrum == "bottom":  # bottom-r counts every zero direction: the rank is exact
@@ -170,6 +172,18 @@ def _store_residual(R: torch.Tensor, base_dtype, w_norm, transposed: bool, stats
     stats["recon_max_abs"] = float(torch.maximum(-lo, hi))
     stats["recon_rel"] = float(torch.linalg.vector_norm(err) / w_norm) if w_norm > 0 else 0.0
     return (residual.T if transposed else residual).contiguous().cpu()
+
+
+def factor_rounding(exact: torch.Tensor, stored: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per module, the largest relative change that storing made to a row (DIM=2: A's rows) or column
+    (DIM=1: B's columns): ||stored - exact|| / ||exact||. About the dtype's epsilon normally; near 1
+    where a factor underflowed to zero, inf or NaN where it overflowed. A row that is exactly zero
+    counts as 0 (B0 = 0 methods)."""
+    num = torch.linalg.vector_norm(stored.to(exact.dtype) - exact, dim=dim)
+    den = torch.linalg.vector_norm(exact, dim=dim)
+    rel = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num * math.inf)
+    rel = torch.where(num == 0, torch.zeros_like(rel), rel)  # 0 * inf would be NaN
+    return rel.amax(dim=1).double()
 
 
 def compute_inits(

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.settings import setting
 from loraforge.inits.methods import get_method
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -17,22 +18,37 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class InitConfig:
-    """How to initialise. Every field has a --flag of the same name in `loraforge init`."""
+    """How to initialise. Every field but batch_mib and residual_mib has a --flag of the same name in
+    `loraforge init`, whose --help line is the field's metadata help."""
 
-    method: str  # one of METHODS: lora, rlpo, rlmo, pissa, milora, olora, olora-tail, dct, wavelet
-    r: int  # adapter rank, >= 1 and <= min(out, in) of every target module
-    alpha: Optional[float] = None  # LoRA alpha; None means 2 * r (the paper's setting)
-    rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
-    target_modules: str | list[str] = "all-linear"  # "all-linear" (no output head) or module names
-    layers: Optional[list[int]] = None  # only these transformer blocks; None = all
-    seed: int = 0  # seed of the random methods (lora, wavelet); per module it is mixed with the name
-    device: str = "auto"  # where decompositions run: auto (cuda if present), cpu, cuda, cuda:N
-    adapter_dtype: str = "float32"  # dtype of the stored A0, B0: float32, bfloat16, float16
-    base_dtype: str = "auto"  # residual base dtype: auto (as the checkpoint), float32, bfloat16, float16
-    svd: str = "exact"  # exact, or fast (randomised; principal methods only)
-    batch_mib: int = 512  # memory budget for one batch of float64 matrices, in MiB
-    residual_mib: int = (
-        512  # residuals (and, separately, factors) held in memory until written, in MiB; the rest wait on disk
+    method: str = setting(help="Initialisation method (see the README's method table).")
+    r: int = setting(help="Adapter rank r, at most min(out, in) of every target module.")
+    alpha: Optional[float] = setting(None, "LoRA alpha [default: 2 * r, the paper's setting].")
+    rslora: bool = setting(False, "Scale by alpha / sqrt(r) instead of alpha / r.")
+    target_modules: str | list[str] = setting(
+        "all-linear",
+        "all-linear (every Linear/Conv1D but the output head and MoE routers, plus fused MoE experts) or names like "
+        "q_proj,v_proj,experts.",
+    )
+    layers: Optional[list[int]] = setting(None, "Only these transformer blocks, e.g. 0-3,7 [default: all].")
+    # per module the seed is mixed with the module's name, so modules of one shape differ
+    seed: int = setting(0, "Seed of the random methods (lora, wavelet).")
+    device: str = setting(
+        "auto",
+        "Where decompositions run: auto (the GPUs if any, else cpu), cpu, cuda (every visible GPU), cuda:N (that one).",
+    )
+    adapter_dtype: str = setting("float32", "dtype of the stored A0 and B0.")
+    base_dtype: str = setting(
+        "auto", "Residual base dtype (pissa, milora, olora, olora-tail); auto keeps the checkpoint's."
+    )
+    svd: str = setting("exact", "exact, or fast: randomised SVD, principal methods only (rlpo, pissa, olora).")
+    batch_mib: int = setting(
+        512,
+        "Memory budget of one batch of matrices decomposed together (an MoE expert stack is cut into batches of "
+        "experts), in MiB of float64.",
+    )
+    residual_mib: int = setting(
+        512, "Residuals (and, separately, adapter factors) kept in memory until written, in MiB; the rest wait on disk."
     )
 
     def __post_init__(self):

@@ -182,10 +182,10 @@ def _top_spectrum(W: torch.Tensor, r: int, W32: torch.Tensor | None = None) -> S
     q-dimensional subspace exactly; what the float32 Gram leaked outside it is
     ~eps32 * s_1^2 / (s_r^2 - s_q+1^2), which the oversampling keeps small. A float64 subspace
     iteration before it would damp that leak only by (s_q+1 / s_r)^2, 0.4-0.9 on pretrained weights'
-    flat spectra, for two more passes over W: measured on SmolLM2-135M's 210 matrices, it took the
-    rank-r part's worst relative error from 1.1e-6 to 7.7e-7, both within TOP_RANK_R_RTOL, for 0.6 s
-    more (pissa's init took 4.8 s with it, 4.2 s without), so it is not done. Captured energy is
-    within 1e-13 of a float64 SVD either way. Numerical rank is only resolved up to q (rank = q
+    flat spectra, for two more passes over W: on SmolLM2-135M it kept the rank-r part's worst relative
+    error within TOP_RANK_R_RTOL either way and cost a seventh of pissa's init time
+    (benchmarks/RESULTS.md, "Figures behind choices in the code"), so it is not done. Captured energy
+    is within 1e-13 of a float64 SVD either way. Numerical rank is only resolved up to q (rank = q
     means "at least q").
     """
     X, transposed = _tall(W)

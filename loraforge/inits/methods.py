@@ -1,6 +1,6 @@
 """The initialisation methods: one pure tensor function per method, registered once in METHODS.
 
-Conventions (DESIGN.md): `W: (out_features, in_features)` as nn.Linear stores it (GPT-2's Conv1D is
+Conventions (PEFT's; docs/design.md): `W: (out_features, in_features)` as nn.Linear stores it (GPT-2's Conv1D is
 transposed before it gets here), thin SVD `W = U S V^T` with singular values descending, scaling
 `s = alpha / r` (rsLoRA: `alpha / sqrt(r)`), and PEFT computes `y = W x + s * B A x`.
 

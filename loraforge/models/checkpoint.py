@@ -54,48 +54,42 @@ class TensorInfo:
     end: int
 
 
+# The safetensors format caps the header at 100 MB; a larger length field is a damaged file, and
+# reading it would allocate that much memory before failing.
+MAX_HEADER_BYTES = 100_000_000
+# Dtypes whose tensors loraforge can decompose (a target weight must be one of them).
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def damaged(path: Path, what: str) -> LoraforgeError:
+    return LoraforgeError(f"{path}: {what}; the file is damaged or not a safetensors file. Re-download or re-save it.")
+
+
 class SafetensorsFile:
-    """Lazy reader of one .safetensors file: the header at open, tensor bytes on demand."""
+    """Lazy reader of one .safetensors file: the header at open, tensor bytes on demand.
+
+    The header is checked against the file before anything is read from it (`parse_header`): tensors
+    tile the data area exactly (contiguous, in range, nothing left over), every dtype is one loraforge
+    knows, and every shape needs exactly its byte range."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError(f"{self.path} is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            header = json.loads(f.read(n))
-        self.metadata: dict = header.pop("__metadata__", None) or {}
-        start = 8 + n
-        self.tensors: dict[str, TensorInfo] = {
-            k: TensorInfo(v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0], start + v["data_offsets"][1])
-            for k, v in header.items()
-        }
+        self.metadata, self.tensors = parse_header(self.path)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
     def read(self, key: str) -> torch.Tensor:
         info = self.tensors[key]
-        if info.dtype not in DTYPES:
-            raise LoraforgeError(
-                f"{self.path}: tensor {key} has dtype {info.dtype}, which loraforge cannot read "
-                f"(it reads {', '.join(DTYPES)}). Re-save the checkpoint in one of those."
-            )
         out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
         nbytes = info.end - info.begin
-        if out.numel() * out.element_size() != nbytes:
-            raise LoraforgeError(
-                f"{self.path}: tensor {key} is {nbytes} bytes in the header, but {info.dtype}{list(info.shape)} "
-                "needs a different size; the file is damaged. Re-download or re-save it."
-            )
         if nbytes:
             # Straight into the tensor's memory: one copy from the page cache (f.read + bytearray
             # made two, and touching fresh pages costs as much as the copy itself).
             with open(self.path, "rb") as f:
                 f.seek(info.begin)
                 got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
-            if got != nbytes:
+            if got != nbytes:  # the file shrank after its header was checked
                 raise LoraforgeError(
                     f"{self.path} is truncated: tensor {key} needs bytes {info.begin}..{info.end}, "
                     f"but the file ends at {info.begin + got}. Re-download or re-save it."
@@ -118,6 +112,73 @@ class SafetensorsFile:
             if got != nbytes:
                 return self.read(key)[index]  # truncated: the full read names it
         return out
+
+
+def parse_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """(metadata, {name: TensorInfo}) of the safetensors file PATH, after checking the header against
+    the file; a LoraforgeError naming the file and the fault otherwise."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise damaged(path, f"{size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise damaged(path, f"the header claims {n} bytes, but the file has {size - 8} after the length field")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(path, f"the header is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise damaged(path, f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise damaged(path, "__metadata__ is not an object")
+    start = 8 + n
+    tensors = {k: _tensor_info(path, k, v, start) for k, v in header.items()}
+    _check_tiling(path, tensors, start, size)
+    return metadata, tensors
+
+
+def _tensor_info(path: Path, key: str, v, start: int) -> TensorInfo:
+    """One header entry, checked: known dtype, non-negative integer shape, byte range that fits it."""
+    ok = isinstance(v, dict) and isinstance(v.get("dtype"), str)
+    shape, offsets = (v.get("shape"), v.get("data_offsets")) if ok else (None, None)
+    ints = lambda xs, n=None: (  # noqa: E731
+        isinstance(xs, list) and (n is None or len(xs) == n) and all(type(x) is int and x >= 0 for x in xs)
+    )
+    if not (ok and ints(shape) and ints(offsets, 2) and offsets[0] <= offsets[1]):
+        raise damaged(path, f"tensor {key}'s header entry is malformed ({json.dumps(v)[:120]})")
+    if v["dtype"] not in DTYPES:
+        raise LoraforgeError(
+            f"{path}: tensor {key} has dtype {v['dtype']}, which loraforge cannot read "
+            f"(it reads {', '.join(DTYPES)}). Re-save the checkpoint in one of those."
+        )
+    nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[v["dtype"]]).element_size()
+    if nbytes != offsets[1] - offsets[0]:
+        raise damaged(
+            path,
+            f"tensor {key} is {offsets[1] - offsets[0]} bytes in the header, but {v['dtype']}{shape} needs {nbytes}",
+        )
+    return TensorInfo(v["dtype"], tuple(shape), start + offsets[0], start + offsets[1])
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorInfo], start: int, size: int) -> None:
+    """Tensors must cover the data area exactly once: sorted by offset, each begins where the last
+    ended, and the last ends at the end of the file (the rule the safetensors library enforces)."""
+    pos = start
+    for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin != pos:
+            what = "overlaps the tensor before it" if info.begin < pos else f"leaves a gap of {info.begin - pos} bytes"
+            raise damaged(path, f"tensor {key} starts at byte {info.begin - start} of the data and {what}")
+        pos = info.end
+    if pos > size:
+        raise LoraforgeError(
+            f"{path} is truncated: its tensors need {pos} bytes, but the file has {size}. Re-download or re-save it."
+        )
+    if pos < size:
+        raise damaged(path, f"{size - pos} bytes after the last tensor belong to none (inconsistent header offsets)")
 
 
 @dataclass
@@ -163,7 +224,8 @@ def write_streaming(path: str | os.PathLike, tensors: Iterable[PlannedTensor], m
             value = t.produce()
             if value.dtype != t.dtype or tuple(value.shape) != tuple(t.shape):
                 raise RuntimeError(
-                    f"internal error: {t.name} planned as {t.dtype}{list(t.shape)}, produced {value.dtype}{list(value.shape)}"
+                    f"internal error: {t.name} planned as {t.dtype}{list(t.shape)}, "
+                    f"produced {value.dtype}{list(value.shape)}"
                 )
             data = memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             f.write(data)

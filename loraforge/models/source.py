@@ -68,7 +68,8 @@ def resolve_source(
         return _read_dir(model, local, None, True)
     if _looks_like_path(model):
         raise LoraforgeError(
-            f"No such directory: {model}. Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+            f"No such directory: {model}. "
+            "Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
         )
     path, sha = _download(model, revision, token, trust_remote_code)
     return _read_dir(model, path, sha, False)
@@ -123,23 +124,40 @@ def is_network_error(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """PATH parsed as a JSON object, or a LoraforgeError naming the file (WHAT says what it should be)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraforgeError(
+            f"{path} is not valid JSON ({type(e).__name__}: {e}); {what} is damaged. Re-download or re-save it."
+        ) from None
+    if not isinstance(data, dict):
+        raise LoraforgeError(f"{path} holds a JSON {type(data).__name__}, not an object; {what} is damaged.")
+    return data
+
+
 def _read_dir(model_id: str, path: Path, revision: Optional[str], is_local: bool) -> Source:
     config_path = path / "config.json"
     if not config_path.exists():
         raise LoraforgeError(
             f"{model_id} has no config.json; expected a transformers model directory (config.json + weights)."
         )
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, "the model config")
     for index_name, fmt in zip(INDEX_NAMES, ("safetensors", "bin")):
         if (path / index_name).exists():
-            weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            weight_map = _read_index(path / index_name)
             shards = list(dict.fromkeys(weight_map.values()))
-            missing = [s for s in shards if not (path / s).exists()]
+            missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise LoraforgeError(
-                    f"{model_id}: {index_name} names {missing[0]}, which is not in the directory. Re-download the model."
+                    f"{model_id}: {index_name} names {missing[0]}, which is not in the directory. "
+                    "Re-download the model."
                 )
-            return Source(model_id, path, revision, is_local, config, fmt, shards, weight_map)
+            source = Source(model_id, path, revision, is_local, config, fmt, shards, weight_map)
+            if fmt == "safetensors":
+                check_index(source, index_name)
+            return source
     if (path / "model.safetensors").exists():
         keys = SafetensorsFile(path / "model.safetensors").keys()
         return Source(
@@ -159,6 +177,33 @@ def _read_dir(model_id: str, path: Path, revision: Optional[str], is_local: bool
         f"{model_id} has no weights: expected model.safetensors, a sharded model.safetensors.index.json or "
         f"pytorch_model.bin; found {found}. Point at the directory that save_pretrained wrote."
     )
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    index = read_json_object(index_path, "the checkpoint index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+        for k, v in weight_map.items()
+    ):
+        raise LoraforgeError(
+            f"{index_path} has no valid weight_map ({{tensor name: shard file name}}); the index is damaged. "
+            "Re-download the model."
+        )
+    return weight_map
+
+
+def check_index(source: Source, index_name: str) -> None:
+    """Every key of the index is in the shard it names (reads the shards' headers, which checks them too)."""
+    held: dict[str, set[str]] = {s: set(source.open_shard(s).tensors) for s in source.shards}
+    for key, shard in source.weight_map.items():
+        if key not in held[shard]:
+            where = [s for s, keys in held.items() if key in keys]
+            also = f" (it is in {where[0]})" if where else " (no shard holds it)"
+            raise LoraforgeError(
+                f"{source.path / index_name} maps {key} to {shard}, which does not hold it{also}; the index and "
+                "the shards disagree. Re-download the model."
+            )
 
 
 def companion_files(source: Source, trust_remote_code: bool = False) -> list[Path]:

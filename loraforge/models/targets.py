@@ -2,11 +2,12 @@
 
 Targets are found on a model skeleton (built on the meta device, no weights in memory) or on a
 loaded model. For the common decoder architectures in HEADER_LAYOUTS the skeleton is read from the
-checkpoint's header instead, which spares `loraforge init` importing transformers. The default set
-("all-linear") is every nn.Linear and GPT-2 Conv1D except the output head and MoE routers/gates, plus
-every fused expert parameter (transformers 5's 3-D expert stacks, adapted expert by expert). A name in
---target-modules matches a module or expert parameter whose path equals it or ends with `.name`
-(PEFT's rule). Departures from PEFT's own all-linear are explained in docs/design.md.
+checkpoint's header instead, which spares `loraforge init` importing transformers (seconds of
+start-up: benchmarks/RESULTS.md). The default set ("all-linear") is every nn.Linear and GPT-2 Conv1D
+except the output head and MoE routers/gates, plus every fused expert parameter (transformers 5's 3-D
+expert stacks, adapted expert by expert). A name in --target-modules matches a module or expert
+parameter whose path equals it or ends with `.name` (PEFT's rule). Departures from PEFT's own
+all-linear are explained in docs/design.md.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def layer_index(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+MAX_LAYER = 100_000  # far beyond any model's block count; bounds what one --layers flag can allocate
+
+
 def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
     """'0-3,7' -> [0, 1, 2, 3, 7]; None or '' -> None (all layers)."""
     if not spec:
@@ -80,6 +84,10 @@ def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
         if not m:
             raise LoraforgeError(f"--layers: cannot read {part!r}; expected numbers and ranges like 0-3,7.")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi > MAX_LAYER:  # checked before the range is expanded: 0-10**12 would fill memory
+            raise LoraforgeError(
+                f"--layers: {part!r} reaches block {hi}; no model has that many. Pass block numbers of this model."
+            )
         if hi < lo:
             raise LoraforgeError(f"--layers: range {part!r} runs backwards; write it as {hi}-{lo}.")
         layers.update(range(lo, hi + 1))
@@ -229,11 +237,16 @@ def find_targets(
             )
     if layers is not None:
         present = sorted({t.layer for t in chosen if t.layer is not None})
+        absent = sorted(set(layers) - set(present))
+        if absent:  # every block asked for must exist: a typo must not silently shrink the adapter
+            span = f"{present[0]}-{present[-1]}" if present else "none"
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise LoraforgeError(
+                f"--layers names block {absent[0]}{more}, which has no target module; the model's layers are {span}. "
+                "Pass --layers within that range."
+            )
         chosen = [t for t in chosen if t.layer in set(layers)]
         notes = {n: why for n, why in notes.items() if layer_index(n) in set(layers)}
-        if not chosen:
-            span = f"{present[0]}-{present[-1]}" if present else "none"
-            raise LoraforgeError(f"--layers {layers} selects no target module; the model's layers are {span}.")
     if skipped is not None:
         skipped.update(notes)
     return chosen
@@ -323,7 +336,7 @@ _HEADER_KEY = re.compile(r"model\.embed_tokens|lm_head|model\.layers\.(\d+)\.(?:
 
 class _MetaLinear(torch.nn.Linear):
     def reset_parameters(self) -> None:  # nothing to initialise on the meta device (and torch's
-        pass  # meta init path imports torch._dynamo: ~1 s of start-up)
+        pass  # meta init path imports torch._dynamo, a second of start-up: benchmarks/RESULTS.md)
 
 
 class _MetaEmbedding(torch.nn.Embedding):

@@ -1,7 +1,7 @@
 """The settings of one `loraforge train` run: a dataclass whose fields are the CLI flags and YAML keys.
 
 Defaults are the paper's 1.5B DAPO run (appendix C, Table 2), scaled down where one machine must:
-the paper's value is named in each field's comment when it differs. Fields left at None take the
+the paper's value is named in each field's help when it differs. Fields left at None take the
 preset of the chosen algorithm (`ALGO_PRESETS`): `--algo dapo` is the paper's 1.5B recipe,
 `--algo grpo` its 7B one (KL against the initial policy, no dynamic sampling, no overlong shaping,
 symmetric clip). Every range check names the flag it is about.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.settings import setting
 
 ALGO_PRESETS: dict[str, dict[str, Any]] = {
     # the paper's 1.5B run: clip 0.2/0.28, dynamic sampling, overlong shaping, no KL
@@ -27,71 +28,97 @@ ALGO_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
+    """One training run. Each field is a flag (`--field-name`) and a YAML key; its help text (field
+    metadata, see core/settings.py) is the flag's `--help` line."""
+
     # --- what to train -------------------------------------------------------------------------
-    model: str | None = (
-        None  # base model: a local dir or Hub id (default: ADAPTER/base if present, else the adapter's base_model_name_or_path)
+    model: str | None = setting(
+        None,
+        "base model: a local dir or Hub id "
+        "(default: ADAPTER/base if present, else the adapter's base_model_name_or_path)",
     )
-    adapter: str = ""  # PEFT adapter dir to train (from `loraforge init` or any PEFT save_pretrained)
-    data: str = ""  # training prompts: .jsonl/.json/.parquet file, Hub dataset id, or synthetic[:k=v,...]
-    output_dir: str = ""  # RUN_DIR: metrics.jsonl, checkpoints/, the final adapter/
-    algo: str = "dapo"  # dapo (the paper's 1.5B recipe) or grpo (its 7B recipe); sets the defaults marked dapo/grpo
-    gguf_file: str | None = None  # load the base from this GGUF file inside --model (dequantised)
-    tokenizer: str | None = None  # tokenizer dir or id (default: the base model's)
-    data_split: str = "train"  # split of a Hub dataset
-    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the base model weights
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    trust_remote_code: bool = False  # allow a model repository's own code to run
+    adapter: str = setting("", "PEFT adapter dir to train (from `loraforge init` or any PEFT save_pretrained)")
+    data: str = setting("", "training prompts: .jsonl/.json/.parquet file, Hub dataset id, or synthetic[:k=v,...]")
+    output_dir: str = setting("", "RUN_DIR: metrics.jsonl, checkpoints/, the final adapter/")
+    algo: str = setting(
+        "dapo", "dapo (the paper's 1.5B recipe) or grpo (its 7B recipe); sets the defaults marked dapo/grpo"
+    )
+    gguf_file: str | None = setting(None, "load the base from this GGUF file inside --model (dequantised)")
+    tokenizer: str | None = setting(None, "tokenizer dir or id (default: the base model's)")
+    data_split: str = setting("train", "split of a Hub dataset")
+    dtype: str = setting("float32", "float32 | bfloat16 | float16: dtype of the base model weights")
+    device: str = setting("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    trust_remote_code: bool = setting(False, "allow a model repository's own code to run")
     # --- prompts and rewards ------------------------------------------------------------------
-    reward: str = "dapo"  # dapo (verl 0.7, +1/-1), dapo-boxed (newer verl), math-verify (1/0), or module:function
-    prompt_template: str = (
-        "dapo"  # for question rows (GSM8K, synthetic): dapo (DAPO-Math's instruction), none, or a text with {question}
+    reward: str = setting(
+        "dapo", "dapo (verl 0.7, +1/-1), dapo-boxed (newer verl), math-verify (1/0), or module:function"
     )
-    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: int = 512  # prompt tokens kept (left truncation) [paper 512]
-    max_response_length: int = 1024  # new tokens per response [paper 16384]
-    overlong_buffer: int | None = None  # DAPO length shaping buffer in tokens, 0 = off [paper 4096 of 16384; dapo 256]
-    overlong_penalty: float = 1.0  # penalty at max length (the factor alpha) [paper 1.0]
+    prompt_template: str = setting(
+        "dapo", "for question rows (GSM8K, synthetic): dapo (DAPO-Math's instruction), none, or a text with {question}"
+    )
+    chat_template: bool = setting(True, "wrap prompts in the tokenizer's chat template when it has one")
+    max_prompt_length: int = setting(512, "prompt tokens kept (left truncation) [paper 512]")
+    max_response_length: int = setting(1024, "new tokens per response [paper 16384]")
+    overlong_buffer: int | None = setting(
+        None, "DAPO length shaping buffer in tokens, 0 = off [paper 4096 of 16384; dapo 256]"
+    )
+    overlong_penalty: float = setting(1.0, "penalty at max length (the factor alpha) [paper 1.0]")
     # --- sampling ------------------------------------------------------------------------------
-    group_size: int = 8  # responses per prompt G [paper 8]
-    temperature: float = 1.0  # rollout temperature [paper 1.0]
-    top_p: float = 1.0  # rollout nucleus sampling, 1.0 = off [paper 1.0]
-    top_k: int = -1  # rollout top-k, -1 = off [paper -1]
-    dynamic_sampling: bool | None = None  # DAPO: drop groups whose accuracies are all equal, refill [dapo on, grpo off]
-    max_gen_batches: int = 10  # dynamic sampling gives up after this many generation batches per step, 0 = never
-    rollout_batch_size: int = 64  # rows (prompt x sample) decoded at once; lower it on out-of-memory
-    rollout: str = "transformers"  # rollout engine: transformers (in-process), vllm (pip install 'loraforge[vllm]', CUDA), or module:factory
-    vllm_gpu_memory: float = (
-        0.5  # fraction of each GPU's memory vLLM may take (--rollout vllm, --backend verl); the trainer uses the rest
+    group_size: int = setting(8, "responses per prompt G [paper 8]")
+    temperature: float = setting(1.0, "rollout temperature [paper 1.0]")
+    top_p: float = setting(1.0, "rollout nucleus sampling, 1.0 = off [paper 1.0]")
+    top_k: int = setting(-1, "rollout top-k, -1 = off [paper -1]")
+    dynamic_sampling: bool | None = setting(
+        None, "DAPO: drop groups whose accuracies are all equal, refill [dapo on, grpo off]"
     )
-    logprob_check_rows: int = (
-        4  # separate samplers (vllm): responses whose sampler and trainer log-probs are compared each step, 0 = off
+    max_gen_batches: int = setting(
+        10, "dynamic sampling gives up after this many generation batches per step, 0 = never"
     )
-    logprob_check_tol: float = 0.1  # stop when their mean |logp difference| per token exceeds this (nats): the sampler is not running the current adapter
+    rollout_batch_size: int = setting(64, "rows (prompt x sample) decoded at once; lower it on out-of-memory")
+    rollout: str = setting(
+        "transformers",
+        "rollout engine: transformers (in-process), vllm (pip install 'loraforge[vllm]', CUDA), or module:factory",
+    )
+    vllm_gpu_memory: float = setting(
+        0.5, "fraction of each GPU's memory vLLM may take (--rollout vllm, --backend verl); the trainer uses the rest"
+    )
+    logprob_check_rows: int = setting(
+        4, "separate samplers (vllm): responses whose sampler and trainer log-probs are compared each step, 0 = off"
+    )
+    logprob_check_tol: float = setting(
+        0.1,
+        "stop when their mean |logp difference| per token exceeds this (nats): "
+        "the sampler is not running the current adapter",
+    )
     # --- optimisation --------------------------------------------------------------------------
-    steps: int = 500  # training steps (one rollout batch each) [paper 500]
-    prompt_batch: int = 16  # prompts per step [paper 128]
-    mini_batch: int = 4  # prompts per optimizer step; prompt_batch / mini_batch updates per step [paper 32: 4 updates]
-    micro_batch: int = 8  # rows per forward/backward (gradient accumulation); lower it on out-of-memory
-    epochs: int = 1  # passes over each rollout batch (PPO epochs) [paper 1]
-    lr: float = 1e-5  # AdamW learning rate [paper 1e-5]
-    lr_schedule: str = "constant"  # constant | cosine [paper: both]
-    warmup_steps: int = 0  # linear warmup steps [paper 0]
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (verl's default 0)
-    weight_decay: float = 0.1  # AdamW decoupled weight decay [paper 0.1]
-    grad_clip: float = 1.0  # max total grad norm; steps with a non-finite norm are skipped [paper 1.0]
-    eps_low: float = 0.2  # lower clip ratio [paper 0.2]
-    eps_high: float | None = None  # upper clip ratio ("clip-higher") [dapo 0.28 as the paper; grpo 0.2]
-    clip_c: float = 10.0  # dual-clip bound for negative advantages, > 1 [paper 10]
-    loss_agg: str = "token-mean"  # token-mean (DAPO) | seq-mean-token-mean (original GRPO) [paper token-mean]
-    kl_beta: float | None = None  # k3 KL penalty weight against the INITIAL adapter [dapo 0 as the paper; grpo 0.001]
+    steps: int = setting(500, "training steps (one rollout batch each) [paper 500]")
+    prompt_batch: int = setting(16, "prompts per step [paper 128]")
+    mini_batch: int = setting(
+        4, "prompts per optimizer step; prompt_batch / mini_batch updates per step [paper 32: 4 updates]"
+    )
+    micro_batch: int = setting(8, "rows per forward/backward (gradient accumulation); lower it on out-of-memory")
+    epochs: int = setting(1, "passes over each rollout batch (PPO epochs) [paper 1]")
+    lr: float = setting(1e-5, "AdamW learning rate [paper 1e-5]")
+    lr_schedule: str = setting("constant", "constant | cosine [paper: both]")
+    warmup_steps: int = setting(0, "linear warmup steps [paper 0]")
+    min_lr_ratio: float = setting(0.0, "cosine decays to lr * min_lr_ratio (verl's default 0)")
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay [paper 0.1]")
+    grad_clip: float = setting(1.0, "max total grad norm; steps with a non-finite norm are skipped [paper 1.0]")
+    eps_low: float = setting(0.2, "lower clip ratio [paper 0.2]")
+    eps_high: float | None = setting(None, 'upper clip ratio ("clip-higher") [dapo 0.28 as the paper; grpo 0.2]')
+    clip_c: float = setting(10.0, "dual-clip bound for negative advantages, > 1 [paper 10]")
+    loss_agg: str = setting("token-mean", "token-mean (DAPO) | seq-mean-token-mean (original GRPO) [paper token-mean]")
+    kl_beta: float | None = setting(
+        None, "k3 KL penalty weight against the INITIAL adapter [dapo 0 as the paper; grpo 0.001]"
+    )
     # --- bookkeeping ---------------------------------------------------------------------------
-    seed: int = 0  # seeds data order, sampling and torch
-    save_every: int = 50  # checkpoint every N steps (and at the end), 0 = only at the end
-    keep_checkpoints: int = 2  # keep the newest N step checkpoints, 0 = keep all
-    eval_data: str | None = None  # held-out prompts scored greedily every eval_every steps
-    eval_every: int = 0  # evaluation interval in steps, 0 = off
-    eval_max_prompts: int = 64  # evaluate on at most this many held-out prompts
-    tensorboard: bool = True  # also log to RUN_DIR/tb when tensorboard is installed
+    seed: int = setting(0, "seeds data order, sampling and torch")
+    save_every: int = setting(50, "checkpoint every N steps (and at the end), 0 = only at the end")
+    keep_checkpoints: int = setting(2, "keep the newest N step checkpoints, 0 = keep all")
+    eval_data: str | None = setting(None, "held-out prompts scored greedily every eval_every steps")
+    eval_every: int = setting(0, "evaluation interval in steps, 0 = off")
+    eval_max_prompts: int = setting(64, "evaluate on at most this many held-out prompts")
+    tensorboard: bool = setting(True, "also log to RUN_DIR/tb when tensorboard is installed")
 
     # ------------------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
@@ -191,19 +218,6 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
         return cls.from_dict(json.loads(path.read_text()), str(path))
-
-
-def field_docs() -> dict[str, str]:
-    """Field name -> its one-line comment (what `--help` and docs/train.md show)."""
-    import inspect
-    import re
-
-    docs: dict[str, str] = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+= .*?  # (.*)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2)
-    return docs
 
 
 def load_yaml(path: str) -> dict[str, Any]:

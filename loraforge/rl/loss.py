@@ -1,8 +1,8 @@
 """The DAPO/GRPO policy loss (clip-higher + dual clip), its aggregation, and the k3 KL penalty.
 
 Pure functions on tensors of shape (rows, response_tokens); `mask` is 1 on response tokens.
-The formulas are those of shared/reference/rlvr.md, which verl's `compute_policy_loss` (vanilla)
-and `kl_penalty(..., "low_var_kl")` implement; tests/rl/test_loss.py pins them by hand.
+The formulas are those of the RLVR reference in docs/design.md, which verl's `compute_policy_loss`
+(vanilla) and `kl_penalty(..., "low_var_kl")` implement; tests/rl/test_loss.py pins them by hand.
 
 One departure from verl, on purpose: when a mini-batch is split into micro-batches for memory,
 verl averages the per-micro-batch token means (weighting micro-batches equally); here the caller
@@ -91,7 +91,7 @@ def policy_loss(
 def kl_new_old_terms(delta: torch.Tensor) -> torch.Tensor:
     """Per-token estimate of KL(pi_new || pi_old) from samples of pi_old, delta = logp_new - logp_old.
 
-    rlvr.md's importance-weighted estimate is ratio * log ratio (E_old[r log r] = KL(new || old));
+    The RLVR reference's importance-weighted estimate is ratio * log ratio (E_old[r log r] = KL(new || old));
     we add the control variate -(r - 1), whose expectation under pi_old is 0, so every term
     r log r - r + 1 is >= 0 and the estimate is never negative, with lower variance.
     """

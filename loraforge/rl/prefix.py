@@ -28,9 +28,9 @@ import torch
 from loraforge.sampling.generation import _cache_of, model_forward_kwargs, position_ids_from_mask
 
 # the fixed cost of one more pass, in (row x token) positions: Python and kernel-launch overhead plus
-# the poorer efficiency of small matrix products. Measured on CPU (SmolLM2-135M, 4 groups of 8 real
-# responses of up to 128 tokens, forward + backward): one pass per micro-batch 35-37 s; buckets with
-# overhead 64: 21-22 s, 16: 21-22 s, 4: 22-23 s (too many small passes). 32 sits in the flat middle.
+# the poorer efficiency of small matrix products. Chosen by timing SmolLM2-135M's forward + backward
+# on CPU with overheads 4 to 64 (benchmarks/RESULTS.md): any of 16-64 takes about 40% less time than
+# one pass per micro-batch, 4 makes too many small passes; 32 sits in the flat middle.
 PASS_OVERHEAD = 32
 
 

@@ -353,8 +353,8 @@ def write_parquet(examples, path: Path, template: str) -> None:
     pq.write_table(pa.Table.from_pylist(rows), str(path))
 
 
-REWARD_TEMPLATE = '''"""Written by `loraforge train --backend verl`: verl's custom_reward_function calling loraforge's scorer
-({reward!r}), so the verl run scores exactly as `loraforge train` does. verl's DAPO reward manager adds the
+REWARD_TEMPLATE = '''"""Written by `loraforge train --backend verl`: verl's custom_reward_function calling loraforge's
+scorer ({reward!r}), so the verl run scores exactly as `loraforge train` does. verl's DAPO reward manager adds the
 overlong penalty; "acc" feeds dynamic sampling (algorithm.filter_groups.metric=acc)."""
 
 from loraforge.rl.rewards import get_scorer

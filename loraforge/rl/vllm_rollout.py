@@ -2,7 +2,8 @@
 
 A thin layer: everything that can be checked without a GPU lives in pure functions (rollout.py:
 `generation_from_tokens`, `logprob_gap`, `sampler_verdict`; core/clients.py: `vllm_max_lora_rank`;
-adapters/directory.py: `resolve_base`; verl_launch.py: `read_lora_settings`), tested on CPU. What only runs on a CUDA machine is here:
+adapters/directory.py: `resolve_base`; verl_launch.py: `read_lora_settings`), tested on CPU. What only runs on a
+CUDA machine is here:
 
   - one vLLM engine per process (`LLM(..., enable_lora=True)`), on the process's GPU; under
     accelerate/torchrun vLLM's "external_launcher" executor (the colocated layout TRL uses), each engine

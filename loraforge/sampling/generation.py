@@ -167,8 +167,8 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     The cumulative sum is taken in float64, so every token keeps its float32 probability mass to
     within 1e-16 (a zero-probability token, e.g. one removed by top-p, is never drawn). Unlike
-    torch.multinomial, which draws one exponential per vocabulary entry (64 rows x 49k tokens: ~0.1 s
-    a step on one CPU core), it needs one random number per row.
+    torch.multinomial, which draws one exponential per vocabulary entry (a noticeable share of a CPU
+    decoding step at 49k tokens: benchmarks/RESULTS.md), it needs one random number per row.
     """
     cdf = probs.cumsum(-1, dtype=torch.float64)
     target = (u.to(torch.float64) * cdf[:, -1]).unsqueeze(-1)

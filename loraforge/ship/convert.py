@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 from loraforge.adapters.directory import Adapter, load_adapter
+from loraforge.adapters.writers import ADAPTER_WEIGHTS
 from loraforge.core.errors import LoraforgeError
+from loraforge.models.checkpoint import sha256_file
 from loraforge.ship.analysis import concat_factors
 
 CONVERTED_FORMAT = "loraforge-converted/1"
@@ -68,11 +70,13 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
     manifest = init_ad.manifest
     if manifest is None or manifest.get("method") not in METHODS:
         raise LoraforgeError(
-            f"--init {init} has no loraforge.json naming a method: pass the directory `loraforge init` wrote, the one the "
-            "adapter was trained from."
+            f"--init {init} has no loraforge.json naming a method: pass the directory `loraforge init` wrote, "
+            "the one the adapter was trained from."
         )
     method = METHODS[manifest["method"]]
     original = manifest["source"]["model_id"]
+    trained_ad = load_adapter(trained, "TRAINED_ADAPTER")
+    check_lineage(trained_ad, init_ad)  # first: a wrong --init must not even say "nothing to convert"
     if not method.residual:
         return ConvertResult(
             needed=False,
@@ -82,7 +86,6 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
             ),
         )
 
-    trained_ad = load_adapter(trained, "TRAINED_ADAPTER")
     for ad, role in ((trained_ad, "TRAINED_ADAPTER"), (init_ad, "--init")):
         ad.check_plain_lora(f"convert ({role})")
     _check_matches(trained_ad, init_ad)
@@ -104,9 +107,10 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
                 f"-o {out} is (or contains) the {role} directory, which convert reads; choose another -o."
             )
     with writers.staged_dir(out, overwrite) as tmp:
-        writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors)
-        if trained_ad.other_keys:
-            _append_other_tensors(tmp / writers.ADAPTER_WEIGHTS, trained_ad)
+        # Tensors that are not LoRA factors (e.g. modules_to_save copies) do not depend on the base:
+        # carried over unchanged.
+        other = {k: trained_ad.read(k).contiguous() for k in trained_ad.other_keys}
+        adapter_sha = writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors, other)
         config = dict(trained_ad.config)
         config.update(
             r=r2,
@@ -133,7 +137,7 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
                 "alpha": trained_ad.alpha,
                 "adapter_sha256": writers.sha256_file(trained_ad.weights_file),
             },
-            "files": {writers.ADAPTER_WEIGHTS: writers.sha256_file(tmp / writers.ADAPTER_WEIGHTS)},
+            "files": {writers.ADAPTER_WEIGHTS: adapter_sha},
             "modules": len(factors),
         }
         writers.write_json(tmp / writers.MANIFEST, converted)
@@ -147,10 +151,95 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
         alpha=alpha2,
         modules=len(factors),
         message=(
-            f"{method.name}: {len(factors)} modules, rank {trained_ad.r} -> {r2}, alpha {trained_ad.alpha:g} -> {alpha2:g} "
+            f"{method.name}: {len(factors)} modules, rank {trained_ad.r} -> {r2}, "
+            f"alpha {trained_ad.alpha:g} -> {alpha2:g} "
             f"(scaling {trained_ad.scaling:g} kept) -> {out}. Load it on the original base {original}."
         ),
     )
+
+
+LINEAGE_FILE = "loraforge-lineage.json"
+LINEAGE_FORMAT = "loraforge-lineage/1"
+# Without a lineage file: the largest median relative distance ||X - X0|| / ||X0|| (X = A, and B where
+# B0 != 0) between a trained adapter's factors and its init's that is still taken as "trained from this
+# init". Measured (tests/test_convert.py, benchmarks/RESULTS.md): adapters fake-trained from their own
+# init sit at ~0.04; another method's init of the same model (pissa / milora / olora / olora-tail)
+# at >= 0.5 on the tiny models and >= 0.9 on SmolLM2-135M.
+MAX_INIT_DISTANCE = 0.3
+
+
+def check_lineage(trained: Adapter, init: Adapter) -> None:
+    """Refuse an --init that TRAINED was not trained from.
+
+    With TRAINED/loraforge-lineage.json (written by `loraforge train`) the init's adapter sha256 must
+    be the recorded one. Without it (an adapter trained elsewhere) the trained factors must still be
+    near the init's: training moves A and B a little, another init is a different point altogether."""
+    lineage = _read_lineage(trained)
+    if lineage is not None:
+        recorded = lineage["init"]
+        want = (recorded.get("files") or {}).get(ADAPTER_WEIGHTS)
+        got = sha256_file(init.weights_file)
+        if want != got:
+            raise LoraforgeError(
+                f"TRAINED_ADAPTER {trained.path} was trained from the init at {recorded.get('path')} "
+                f"({recorded.get('method')}, adapter sha256 {str(want)[:12]}...), but --init {init.path} is a "
+                f"different init ({(init.manifest or {}).get('method')}, sha256 {got[:12]}...). "
+                f"Pass --init {recorded.get('path')}."
+            )
+        return
+    distance = init_distance(trained, init)
+    if distance is not None and not distance <= MAX_INIT_DISTANCE:
+        raise LoraforgeError(
+            f"TRAINED_ADAPTER {trained.path} is far from --init {init.path}: its factors differ from the init's by "
+            f"{distance:.2f} of their norm (median over modules; an adapter trained from an init stays within "
+            f"{MAX_INIT_DISTANCE}). It was not trained from this init (another method or model?). Pass the init "
+            "directory the adapter was trained from."
+        )
+
+
+def _read_lineage(trained: Adapter) -> Optional[dict]:
+    path = trained.path / LINEAGE_FILE
+    if not path.exists():
+        return None
+    try:
+        lineage = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraforgeError(f"{path} is not valid JSON ({e}); the training run's record is damaged.") from None
+    if (
+        not isinstance(lineage, dict)
+        or lineage.get("format") != LINEAGE_FORMAT
+        or not isinstance(lineage.get("init"), dict)
+    ):
+        raise LoraforgeError(
+            f"{path} is not a {LINEAGE_FORMAT} record "
+            f"(format {lineage.get('format') if isinstance(lineage, dict) else None!r}); "
+            "it may come from a newer loraforge. Upgrade loraforge."
+        )
+    return lineage
+
+
+def init_distance(trained: Adapter, init: Adapter) -> Optional[float]:
+    """Median over shared modules of how far TRAINED's factors are from INIT's, relative to the init's
+    size: max(||A - A0|| / ||A0||, ||B - B0|| / ||B0||), and where B0 = 0, ||B|| / ||A0|| (B grows from
+    zero; an adapter trained from OLoRA carries B ~ U_r, as large as A0, while rlpo's A0 = V_r^T is the
+    same as OLoRA's). None when no module can be compared (shapes differ: _check_matches says so)."""
+    import torch
+
+    distances = []
+    for name in init.modules:
+        if name not in trained.factor_keys:
+            continue
+        (A, B), (A0, B0) = trained.factors(name), init.factors(name)
+        if A.shape != A0.shape or B.shape != B0.shape:
+            return None
+        A, B, A0, B0 = (t.double() for t in (A, B, A0, B0))
+        a0 = float(A0.norm())
+        if a0 == 0:
+            continue
+        b0 = float(B0.norm())
+        d_b = float((B - B0).norm()) / b0 if b0 > 0 else float(B.norm()) / a0
+        distances.append(max(float((A - A0).norm()) / a0, d_b))
+    return float(torch.tensor(distances).median()) if distances else None
 
 
 def _check_matches(trained: Adapter, init: Adapter) -> None:
@@ -158,38 +247,31 @@ def _check_matches(trained: Adapter, init: Adapter) -> None:
     if trained.r != init.r:
         hint = " It looks converted already." if trained.r == 2 * init.r else ""
         raise LoraforgeError(
-            f"TRAINED_ADAPTER has r = {trained.r} but --init has r = {init.r}: it was not trained from this init.{hint} "
+            f"TRAINED_ADAPTER has r = {trained.r} but --init has r = {init.r}: "
+            f"it was not trained from this init.{hint} "
             "Pass the init directory the adapter was trained from."
         )
     if not math.isclose(trained.scaling, init.scaling, rel_tol=1e-12):
         raise LoraforgeError(
-            f"TRAINED_ADAPTER's scaling is {trained.scaling:g} (alpha {trained.alpha:g}, rsLoRA {trained.rslora}) but the "
-            f"init's is {init.scaling:g} (alpha {init.alpha:g}, rsLoRA {init.rslora}). The residual base subtracted "
-            "s B0 A0 with the init's scaling; train with the init's adapter_config.json unchanged."
+            f"TRAINED_ADAPTER's scaling is {trained.scaling:g} (alpha {trained.alpha:g}, rsLoRA {trained.rslora}) "
+            f"but the init's is {init.scaling:g} (alpha {init.alpha:g}, rsLoRA {init.rslora}). "
+            "The residual base subtracted s B0 A0 with the init's scaling; "
+            "train with the init's adapter_config.json unchanged."
         )
     missing = [m for m in init.modules if m not in trained.factor_keys]
     extra = [m for m in trained.modules if m not in init.factor_keys]
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the init does not"
         raise LoraforgeError(
-            f"TRAINED_ADAPTER {what} ({len(missing)} missing, {len(extra)} extra modules): it was not trained from this "
-            "init. Pass the init directory the adapter was trained from."
+            f"TRAINED_ADAPTER {what} ({len(missing)} missing, {len(extra)} extra modules): "
+            "it was not trained from this init. Pass the init directory the adapter was trained from."
         )
     for name in init.modules:
         A, B = trained.factors(name)
         A0, B0 = init.factors(name)
         if A.shape != A0.shape or B.shape != B0.shape:
             raise LoraforgeError(
-                f"Module {name}: TRAINED_ADAPTER has A {list(A.shape)}, B {list(B.shape)}; the init has A {list(A0.shape)}, "
+                f"Module {name}: TRAINED_ADAPTER has A {list(A.shape)}, B {list(B.shape)}; "
+                f"the init has A {list(A0.shape)}, "
                 f"B {list(B0.shape)}. Pass the init directory the adapter was trained from."
             )
-
-
-def _append_other_tensors(path: Path, trained: Adapter) -> None:
-    # Tensors that are not LoRA factors (e.g. modules_to_save copies) do not depend on the base:
-    # carry them over unchanged.
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(path))
-    tensors.update({k: trained.read(k).contiguous() for k in trained.other_keys})
-    save_file(tensors, str(path), metadata={"format": "pt"})

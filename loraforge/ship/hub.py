@@ -123,12 +123,11 @@ class PushPlan:
     def describe(self) -> str:
         """The --dry-run listing: every file, its size, where it comes from and where it goes."""
         branch = self.revision or "main"
+        visibility = "private" if self.private else "public unless the owner defaults to private"
         lines = []
         for repo in self.repos:
             role = "residual base" if repo == self.base_repo else "adapter"
-            lines.append(
-                f"{repo} ({role}; branch {branch}; {'private' if self.private else 'public unless the owner defaults to private'}):"
-            )
+            lines.append(f"{repo} ({role}; branch {branch}; {visibility}):")
             for u in self.uploads_for(repo):
                 origin = f"<- {u.local}" if u.local is not None else f"({u.note})"
                 lines.append(f"  {u.path_in_repo:<40} {_human(u.size):>10}  {origin}")
@@ -178,7 +177,8 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
     residual = kind == INIT_FORMAT and manifest.get("base") is not None
     if config.base_repo is not None and not residual:
         raise LoraforgeError(
-            f"--base-repo was given, but {out} has no residual base (its method keeps the original weights): drop --base-repo."
+            f"--base-repo was given, but {out} has no residual base (its method keeps the original weights): "
+            "drop --base-repo."
         )
     base_repo = (config.base_repo or config.repo_id + BASE_REPO_SUFFIX) if residual else None
     if residual:
@@ -226,6 +226,7 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
         else:
             pushed["source"] = dict(pushed["source"], model_id=original)
         pushed["hub"] = {"repo_id": repo, "base_repo": base_repo, "revision": config.revision}
+        _rehash_rewritten(pushed, _json_bytes(cfg), residual)
         uploads.append(
             Upload(
                 repo,
@@ -275,11 +276,23 @@ def _original_model(adapter: Adapter, config: PushConfig) -> tuple[str, Optional
     if local or not model_id:
         where = f"the local directory {model_id}" if model_id else "an unnamed model"
         raise LoraforgeError(
-            f"{adapter.path} was made from {where}, and a local path must not be pushed. Pass --base-model with the "
-            "Hub id of that model (e.g. --base-model Qwen/Qwen2.5-1.5B-Instruct): the card and adapter_config.json will "
-            "name it."
+            f"{adapter.path} was made from {where}, and a local path must not be pushed. "
+            "Pass --base-model with the Hub id of that model (e.g. --base-model Qwen/Qwen2.5-1.5B-Instruct): "
+            "the card and adapter_config.json will name it."
         )
     return model_id, revision
+
+
+def _rehash_rewritten(pushed: dict, config_bytes: bytes, residual: bool) -> None:
+    """The pushed manifest records what is pushed: the rewritten adapter_config.json's sha256, and the
+    residual base's generated model card among the files it does not hash (verify of a download passes)."""
+    import hashlib
+
+    files = pushed.get("files") or {}
+    if ADAPTER_CONFIG in files:
+        files[ADAPTER_CONFIG] = hashlib.sha256(config_bytes).hexdigest()
+    if residual and "files_unhashed" in pushed:
+        pushed["files_unhashed"] = list(dict.fromkeys([*pushed["files_unhashed"], "base/README.md"]))
 
 
 def _json_bytes(data: dict, sort_keys: bool = True) -> bytes:
@@ -434,8 +447,8 @@ def _hub_call(fn, what: str, repo: str, done: str, endpoint: str, **kwargs):
         server = (getattr(e, "server_message", None) or str(e)).strip().splitlines()[0][:300]
         if status == 401:
             msg = (
-                "the Hub rejected the token (401: invalid or expired). Log in again with `hf auth login` or set HF_TOKEN "
-                "to a valid token with write access"
+                "the Hub rejected the token (401: invalid or expired). "
+                "Log in again with `hf auth login` or set HF_TOKEN to a valid token with write access"
             )
         elif status == 403:
             msg = (
@@ -443,7 +456,10 @@ def _hub_call(fn, what: str, repo: str, done: str, endpoint: str, **kwargs):
                 "read-only. Push to a namespace you own (YOUR_NAME/...) or use a token with write access"
             )
         elif isinstance(e, RepositoryNotFoundError) or status == 404:
-            msg = f"the Hub cannot find {repo} for this token (404). Check the id and that the token can see the repository"
+            msg = (
+                f"the Hub cannot find {repo} for this token (404). "
+                "Check the id and that the token can see the repository"
+            )
         else:
             msg = f"the Hub answered {status} ({server}). Retry later"
         raise LoraforgeError(

@@ -337,8 +337,8 @@ def _find_init(ad: Adapter, init: Optional[str | Path], notes: list[str]) -> Opt
     method = manifest.get("method")
     if manifest.get("base"):
         raise LoraforgeError(
-            f"{ad.path}'s adapter_model.safetensors differs from the one its manifest records, so it was trained from a "
-            f"{method} init whose B0 A0 is needed: pass that init directory with --init."
+            f"{ad.path}'s adapter_model.safetensors differs from the one its manifest records, "
+            f"so it was trained from a {method} init whose B0 A0 is needed: pass that init directory with --init."
         )
     notes.append(
         f"{ad.path} changed since init (sha256 differs from its manifest): inspected as trained from a {method} "

@@ -182,7 +182,8 @@ def _update(plt, report, kinds, path, label) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     fig.suptitle(
-        rf"Where training moved the weights along $W_0$'s singular directions: $c_i = |u_i^\top \Delta W v_i|$ ({label})"
+        rf"Where training moved the weights along $W_0$'s singular directions: "
+        rf"$c_i = |u_i^\top \Delta W v_i|$ ({label})"
     )
     return _save(plt, fig, path)
 

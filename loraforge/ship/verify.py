@@ -1,10 +1,14 @@
 """`loraforge verify`: check an initialised adapter directory against its manifest and its base.
 
 Checks, each reported with the modules or files that fail it:
-- hashes:         every file in the manifest's `files` has the recorded sha256 (nothing changed since init);
+- hashes:         every file in the manifest's `files` has the recorded sha256 (nothing changed since init),
+                  and every file in OUT is listed (base/ config and tokenizer included; a manifest from
+                  before they were hashed gets a note naming what it does not cover);
 - config:         adapter_config.json says what the manifest says (r, alpha, rsLoRA, init_lora_weights: true);
 - factors:        adapter_model.safetensors holds A (r, in) and B (out, r) for exactly the manifest's modules,
                   and the base model has those modules with those shapes;
+- nonzero:        factors are finite, with no all-zero row of A0 (nor column of B0 where B0 != 0): such
+                  a direction gets no gradient and never trains;
 - reconstruction: residualised methods: residual base + s B0 A0 equals the original weight up to the
                   rounding of the base dtype (max and relative error reported);
 - B0 = 0:         the other methods: B0 is exactly zero, so the adapter starts as a no-op;
@@ -26,7 +30,7 @@ from typing import Optional
 import torch
 
 from loraforge.adapters.directory import Adapter, expert_units_of, load_adapter
-from loraforge.adapters.writers import ADAPTER_CONFIG
+from loraforge.adapters.writers import ADAPTER_CONFIG, MANIFEST
 from loraforge.core.clients import vllm_serve_command
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum, fast_spectrum
@@ -113,148 +117,251 @@ def serve_line(adapter_dir: Path, method: Method, original: str, r: int) -> str:
     )
 
 
+@dataclass
+class _Checks:
+    """The checks of one verify run, and the worst value each measured so far."""
+
+    hashes: Check
+    config: Check
+    factors: Check
+    nonzero: Check
+    recon: Check
+    zero_b: Check
+    ortho: Check
+    formula: Check
+    worst: dict = field(default_factory=lambda: {"recon_rel": 0.0, "recon_max_abs": 0.0, "ortho": 0.0, "formula": 0.0})
+
+    @classmethod
+    def for_method(cls, method: Method) -> "_Checks":
+        ortho = method.name in ORTHONORMAL_A
+        return cls(
+            hashes=Check("hashes"),
+            config=Check("config"),
+            factors=Check("factors"),
+            nonzero=Check("nonzero"),
+            recon=Check(
+                "reconstruction",
+                applies=method.residual,
+                detail="" if method.residual else "the base is the original model",
+            ),
+            zero_b=Check("B0 = 0", applies=not method.residual, detail=f"{method.name} starts from B0 = {method.B0}"),
+            ortho=Check(
+                "orthonormal",
+                applies=ortho,
+                detail="" if ortho else f"{method.name} does not promise orthonormal rows",
+            ),
+            formula=Check("formula"),
+        )
+
+    @property
+    def all(self) -> list[Check]:
+        return [
+            self.hashes,
+            self.config,
+            self.factors,
+            self.nonzero,
+            self.recon,
+            self.zero_b,
+            self.ortho,
+            self.formula,
+        ]
+
+
 def verify_adapter(
     out: str | Path, base: Optional[str] = None, device: str = "auto", batch_mib: int = 512
 ) -> VerifyReport:
     """Check the loraforge init directory OUT; BASE overrides the original model the manifest names."""
     from loraforge.core.devices import resolve_device
-    from loraforge.inits.plan import module_seed, plan_batches
-    from loraforge.models.weights import open_model_weights
+    from loraforge.inits.plan import plan_batches
 
     out = Path(out)
     adapter = load_adapter(out, "OUT")
     manifest = _init_manifest(adapter)
     method = METHODS[manifest["method"]]
     original = base or manifest["source"]["model_id"]
-    dev = resolve_device(device)
-    r, s = manifest["r"], manifest["scaling"]
-
-    hashes, config, factors = Check("hashes"), Check("config"), Check("factors")
-    _check_hashes(adapter, manifest, hashes)
-    _check_config(adapter, manifest, config)
-    recon = Check(
-        "reconstruction", applies=method.residual, detail="" if method.residual else "the base is the original model"
-    )
-    zero_b = Check("B0 = 0", applies=not method.residual, detail=f"{method.name} starts from B0 = {method.B0}")
-    ortho = Check(
-        "orthonormal",
-        applies=method.name in ORTHONORMAL_A,
-        detail="" if method.name in ORTHONORMAL_A else f"{method.name} does not promise orthonormal rows",
-    )
-    formula = Check("formula")
-    checks = [hashes, config, factors, recon, zero_b, ortho, formula]
-    report = VerifyReport(out, method.name, r, original, checks, serve_line(out, method, original, r))
-
-    if base is None and manifest["source"].get("local") and not Path(original).exists():
-        raise LoraforgeError(
-            f"The manifest's source model {original} (a local directory at init time) is not there any more. "
-            "Pass the original model with --base."
-        )
-    # Which modules can be compared at all: present in the manifest and the file, with the right shapes.
-    # Fused expert stacks are compared expert by expert, as they were computed.
-    expected = expert_units_of(manifest["modules"])
-    if len(expected) != len(manifest["modules"]):
+    if any(m.get("experts") for m in manifest["modules"].values()):
+        # Fused expert stacks are compared expert by expert, as they were computed.
+        _check_source_exists(manifest, base, original)
         _name_expert_factors(adapter, original)
+        manifest = {**manifest, "modules": expert_units_of(manifest["modules"])}
+    checks = _Checks.for_method(method)
+    report = VerifyReport(
+        out, method.name, manifest["r"], original, checks.all, serve_line(out, method, original, manifest["r"])
+    )
+    _check_hashes(adapter, manifest, checks.hashes)
+    _check_config(adapter, manifest, checks.config)
+    names = _check_module_sets(adapter, manifest, checks.factors)
+    weights, residual = _open_weights(adapter, manifest, method, base, original, names, checks.recon)
+    names = _check_shapes(adapter, manifest, weights, original, names, checks.factors)
+
+    dev = resolve_device(device)
+    targets = [weights.targets[n] for n in names]
+    for batch in plan_batches(targets, batch_mib * 2**20):
+        _check_batch(adapter, manifest, method, batch, weights, residual, dev, checks, report.modules)
+    _finish_details(method, checks)
+    return report
+
+
+def _check_module_sets(adapter: Adapter, manifest: dict, check: Check) -> list[str]:
+    """The modules that are both in the manifest and in adapter_model.safetensors; the rest fail."""
+    expected = manifest["modules"]
     for name in expected:
         if name not in adapter.factor_keys:
-            factors.fail(name, "in the manifest but not in adapter_model.safetensors")
+            check.fail(name, "in the manifest but not in adapter_model.safetensors")
     for name in adapter.factor_keys:
         if name not in expected:
-            factors.fail(name, "in adapter_model.safetensors but not in the manifest")
-    names = [n for n in expected if n in adapter.factor_keys]
+            check.fail(name, "in adapter_model.safetensors but not in the manifest")
+    return [n for n in expected if n in adapter.factor_keys]
+
+
+def _open_weights(adapter: Adapter, manifest: dict, method: Method, base, original: str, names, recon: Check):
+    """The original weights of NAMES, and the residual base's (None for B0 = 0 methods, or when missing)."""
+    from loraforge.models.weights import open_model_weights
+
+    _check_source_exists(manifest, base, original)
     weights = open_model_weights(original, names, role="--base" if base else "the manifest's source model")
     residual = None
     if method.residual and not adapter.base_dir.is_dir():
         recon.fail(manifest["base"] + "/", "the residual base directory is missing; re-run loraforge init")
     elif method.residual:
         residual = open_model_weights(str(adapter.base_dir), names, role="the residual base")
+    return weights, residual
 
-    for name in list(names):
+
+def _check_shapes(adapter: Adapter, manifest: dict, weights, original: str, names, check: Check) -> list[str]:
+    """A (r, in) and B (out, r) for each module, and the base's weight of the manifest's shape; returns
+    the modules that can be compared."""
+    r = manifest["r"]
+    ok = []
+    for name in names:
         A, B = adapter.factors(name)
         m, n = weights.targets[name].shape
-        want = tuple(expected[name]["shape"])
+        want = tuple(manifest["modules"][name]["shape"])
         if (m, n) != want:
-            factors.fail(
+            check.fail(
                 name,
                 f"is {m} x {n} in {original} but {want[0]} x {want[1]} in the manifest: a different base "
                 "model. Pass the model the adapter was initialised from with --base.",
             )
         elif tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
-            factors.fail(name, f"A is {list(A.shape)} and B is {list(B.shape)}; expected A [{r}, {n}] and B [{m}, {r}]")
-        if name in factors.failures:
-            names.remove(name)
-    factors.checked = len(names)
-    if factors.ok:
-        factors.detail = (
-            f"A [{r}, in] and B [out, {r}] for the manifest's {len(names)} modules; the base has the same shapes"
+            check.fail(name, f"A is {list(A.shape)} and B is {list(B.shape)}; expected A [{r}, {n}] and B [{m}, {r}]")
+        else:
+            ok.append(name)
+    check.checked = len(ok)
+    if check.ok:
+        check.detail = (
+            f"A [{r}, in] and B [out, {r}] for the manifest's {len(ok)} modules; the base has the same shapes"
         )
+    return ok
 
-    stats: dict[str, dict] = {}
-    worst = {"recon_rel": 0.0, "recon_max_abs": 0.0, "ortho": 0.0, "formula": 0.0}
-    targets = [weights.targets[n] for n in names]
-    for batch in plan_batches(targets, batch_mib * 2**20):
-        W = torch.stack([weights.matrix(t.name) for t in batch]).to(dev)
-        pairs = [adapter.factors(t.name) for t in batch]
-        adapter_dtype = pairs[0][0].dtype
-        A = torch.stack([a for a, _ in pairs]).to(dev, torch.float64)
-        B = torch.stack([b for _, b in pairs]).to(dev, torch.float64)
-        for i, t in enumerate(batch):
-            stats[t.name] = {}
-            if not (torch.isfinite(A[i]).all() and torch.isfinite(B[i]).all()):
-                formula.fail(t.name, "A0 or B0 holds NaN or inf")
 
-        if residual is not None:
-            base_dtype = residual.dtype(batch[0].name)
-            R = torch.stack([residual.matrix(t.name) for t in batch]).to(dev)
-            max_abs, rel = reconstruction_error(W, R, A, B, s)
-            tol = _eps(base_dtype)
-            recon.checked += len(batch)
-            for i, t in enumerate(batch):
-                stats[t.name].update(recon_max_abs=float(max_abs[i]), recon_rel=float(rel[i]))
-                worst["recon_rel"] = max(worst["recon_rel"], float(rel[i]))
-                worst["recon_max_abs"] = max(worst["recon_max_abs"], float(max_abs[i]))
-                if not float(rel[i]) <= tol:
-                    recon.fail(
-                        t.name,
-                        f"relative error {float(rel[i]):.3e} > {tol:.1e} (max abs {float(max_abs[i]):.3e}): "
-                        "residual base + s B0 A0 is not the original weight",
-                    )
-            recon.detail = (
-                f"max rel {worst['recon_rel']:.2e}, max abs {worst['recon_max_abs']:.2e} "
-                f"(tolerance rel {tol:.1e}, {str(base_dtype).removeprefix('torch.')} base)"
+def _check_batch(adapter, manifest, method, batch, weights, residual, dev, checks: _Checks, stats) -> None:
+    """Every math check on one batch of same-shaped modules."""
+    from loraforge.inits.plan import module_seed
+
+    W = torch.stack([weights.matrix(t.name) for t in batch]).to(dev)
+    pairs = [adapter.factors(t.name) for t in batch]
+    adapter_dtype = pairs[0][0].dtype
+    A = torch.stack([a for a, _ in pairs]).to(dev, torch.float64)
+    B = torch.stack([b for _, b in pairs]).to(dev, torch.float64)
+    for t in batch:
+        stats[t.name] = {}
+    _check_nonzero(method, batch, A, B, checks.nonzero)
+    if residual is not None:
+        R = torch.stack([residual.matrix(t.name) for t in batch]).to(dev)
+        _check_reconstruction(batch, W, R, A, B, manifest["scaling"], residual.dtype(batch[0].name), checks, stats)
+    elif not method.residual:
+        _check_zero_b(method, batch, B, checks.zero_b)
+    if checks.ortho.applies:
+        _check_orthonormal(method, batch, A, B, adapter_dtype, checks, stats)
+    _check_formula(method, manifest, batch, W, A, B, adapter_dtype, checks.formula, stats, checks.worst, module_seed)
+
+
+def _check_nonzero(method: Method, batch, A, B, check: Check) -> None:
+    """Finite factors, no all-zero row of A0 and (where B0 != 0) no all-zero column of B0: such a
+    direction gets no gradient and never trains (an underflowed init looks like this)."""
+    check.checked += len(batch)
+    for i, t in enumerate(batch):
+        if not (torch.isfinite(A[i]).all() and torch.isfinite(B[i]).all()):
+            check.fail(t.name, "A0 or B0 holds NaN or inf")
+            continue
+        zero_rows = int((A[i].abs().amax(dim=1) == 0).sum())
+        zero_cols = int((B[i].abs().amax(dim=0) == 0).sum()) if method.residual else 0
+        if zero_rows or zero_cols:
+            check.fail(
+                t.name,
+                f"{zero_rows} all-zero rows of A0 and {zero_cols} all-zero columns of B0 of r = {A.shape[1]}: "
+                "those directions never train (underflowed or zeroed factors). Re-run loraforge init",
             )
-        elif not method.residual:
-            nonzero = B.flatten(1).abs().amax(dim=1)
-            zero_b.checked += len(batch)
-            for i, t in enumerate(batch):
-                if float(nonzero[i]) != 0.0:
-                    zero_b.fail(t.name, f"max |B0| = {float(nonzero[i]):.3e}; {method.name} starts from B0 = 0 exactly")
-            zero_b.detail = "B0 is exactly zero in every module" if zero_b.ok else ""
+    if check.ok:
+        which = "rows of A0 and columns of B0" if method.residual else "rows of A0"
+        check.detail = f"finite, and no all-zero {which}"
 
-        if ortho.applies:
-            tol = 4 * _eps(adapter_dtype)
-            errs = [orthonormality_error(A)] + (
-                [orthonormality_error(B.transpose(1, 2))] if method.name in ORTHONORMAL_B else []
+
+def _check_reconstruction(batch, W, R, A, B, s: float, base_dtype, checks: _Checks, stats) -> None:
+    """Residual base + s B0 A0 = W to the rounding of the base dtype."""
+    max_abs, rel = reconstruction_error(W, R, A, B, s)
+    tol = _eps(base_dtype)
+    check, worst = checks.recon, checks.worst
+    check.checked += len(batch)
+    for i, t in enumerate(batch):
+        stats[t.name].update(recon_max_abs=float(max_abs[i]), recon_rel=float(rel[i]))
+        worst["recon_rel"] = max(worst["recon_rel"], float(rel[i]))
+        worst["recon_max_abs"] = max(worst["recon_max_abs"], float(max_abs[i]))
+        if not float(rel[i]) <= tol:
+            check.fail(
+                t.name,
+                f"relative error {float(rel[i]):.3e} > {tol:.1e} (max abs {float(max_abs[i]):.3e}): "
+                "residual base + s B0 A0 is not the original weight",
             )
-            err = torch.stack(errs).amax(dim=0)
-            ortho.checked += len(batch)
-            for i, t in enumerate(batch):
-                stats[t.name]["orthonormality_error"] = float(err[i])
-                worst["ortho"] = max(worst["ortho"], float(err[i]))
-                if not float(err[i]) <= tol:
-                    what = "A0 A0^T" + (" or B0^T B0" if method.name in ORTHONORMAL_B else "")
-                    ortho.fail(t.name, f"max |{what} - I| = {float(err[i]):.3e} > {tol:.1e}: rows are not orthonormal")
-            ortho.detail = f"max |A0 A0^T - I| {worst['ortho']:.1e} (tolerance {tol:.1e}, {str(adapter_dtype).removeprefix('torch.')} adapter)"
+    check.detail = (
+        f"max rel {worst['recon_rel']:.2e}, max abs {worst['recon_max_abs']:.2e} "
+        f"(tolerance rel {tol:.1e}, {str(base_dtype).removeprefix('torch.')} base)"
+    )
 
-        _check_formula(method, manifest, batch, W, A, B, adapter_dtype, formula, stats, worst, module_seed)
 
-    if formula.ok and formula.checked:
-        formula.detail = _formula_detail(method, worst["formula"])
-    for c in (recon, zero_b, ortho, formula):
+def _check_zero_b(method: Method, batch, B, check: Check) -> None:
+    nonzero = B.flatten(1).abs().amax(dim=1)
+    check.checked += len(batch)
+    for i, t in enumerate(batch):
+        if float(nonzero[i]) != 0.0:
+            check.fail(t.name, f"max |B0| = {float(nonzero[i]):.3e}; {method.name} starts from B0 = 0 exactly")
+    check.detail = "B0 is exactly zero in every module" if check.ok else ""
+
+
+def _check_orthonormal(method: Method, batch, A, B, adapter_dtype, checks: _Checks, stats) -> None:
+    """Orthonormal rows of A0 (and columns of B0 for OLoRA) to a few epsilons of the adapter dtype."""
+    tol = 4 * _eps(adapter_dtype)
+    errs = [orthonormality_error(A)] + (
+        [orthonormality_error(B.transpose(1, 2))] if method.name in ORTHONORMAL_B else []
+    )
+    err = torch.stack(errs).amax(dim=0)
+    check, worst = checks.ortho, checks.worst
+    check.checked += len(batch)
+    for i, t in enumerate(batch):
+        stats[t.name]["orthonormality_error"] = float(err[i])
+        worst["ortho"] = max(worst["ortho"], float(err[i]))
+        if not float(err[i]) <= tol:
+            what = "A0 A0^T" + (" or B0^T B0" if method.name in ORTHONORMAL_B else "")
+            check.fail(t.name, f"max |{what} - I| = {float(err[i]):.3e} > {tol:.1e}: rows are not orthonormal")
+    dtype = str(adapter_dtype).removeprefix("torch.")
+    check.detail = f"max |A0 A0^T - I| {worst['ortho']:.1e} (tolerance {tol:.1e}, {dtype} adapter)"
+
+
+def _finish_details(method: Method, checks: _Checks) -> None:
+    if checks.formula.ok and checks.formula.checked:
+        checks.formula.detail = _formula_detail(method, checks.worst["formula"])
+    for c in (checks.nonzero, checks.recon, checks.zero_b, checks.ortho, checks.formula):
         if c.applies and not c.checked and not c.failures:
             c.detail = "no module could be compared (see factors)"
-    report.modules = stats
-    return report
+
+
+def _check_source_exists(manifest: dict, base, original: str) -> None:
+    if base is None and manifest["source"].get("local") and not Path(original).exists():
+        raise LoraforgeError(
+            f"The manifest's source model {original} (a local directory at init time) is not there any more. "
+            "Pass the original model with --base."
+        )
 
 
 def _name_expert_factors(adapter: Adapter, original: str) -> None:
@@ -275,13 +382,13 @@ def _init_manifest(adapter: Adapter) -> dict:
     manifest = adapter.manifest
     if manifest is None:
         raise LoraforgeError(
-            f"{adapter.path} has no loraforge.json, so there is nothing to verify it against: verify checks a directory "
-            "written by `loraforge init`. For a trained or converted adapter use `loraforge inspect`."
+            f"{adapter.path} has no loraforge.json, so there is nothing to verify it against: verify checks a "
+            "directory written by `loraforge init`. For a trained or converted adapter use `loraforge inspect`."
         )
     if manifest.get("format") != INIT_FORMAT:
         raise LoraforgeError(
-            f"{adapter.path}/loraforge.json has format {manifest.get('format')!r}, expected {INIT_FORMAT!r}: verify checks "
-            "directories written by `loraforge init` (not converted adapters)."
+            f"{adapter.path}/loraforge.json has format {manifest.get('format')!r}, expected {INIT_FORMAT!r}: verify "
+            "checks directories written by `loraforge init` (not converted adapters)."
         )
     if manifest.get("method") not in METHODS:
         raise LoraforgeError(
@@ -292,6 +399,8 @@ def _init_manifest(adapter: Adapter) -> dict:
 
 
 def _check_hashes(adapter: Adapter, manifest: dict, check: Check) -> None:
+    """Every file the manifest lists has its sha256, and every file in OUT is listed (older manifests,
+    which hashed only the weights, get a note naming the files they do not cover)."""
     files = manifest.get("files") or {}
     check.checked = len(files)
     for rel, digest in files.items():
@@ -303,7 +412,20 @@ def _check_hashes(adapter: Adapter, manifest: dict, check: Check) -> None:
                 rel,
                 f"sha256 {actual[:12]}... differs from the manifest's {digest[:12]}...: the file changed after init",
             )
-    check.detail = f"{len(files)} files match their sha256" if check.ok else ""
+    unhashed = manifest.get("files_unhashed")
+    present = sorted(
+        p.relative_to(adapter.path).as_posix() for p in adapter.path.rglob("*") if p.is_file() or p.is_symlink()
+    )
+    uncovered = [f for f in present if f not in files and f not in (unhashed or (MANIFEST, "README.md"))]
+    if unhashed is not None:  # this manifest hashed every file init wrote: anything else came later
+        for rel in uncovered:
+            check.fail(rel, "is not among the files init wrote (added after init); remove it or re-run init")
+        uncovered = []
+    if check.ok:
+        check.detail = f"{len(files)} files match their sha256"
+        if uncovered:
+            shown = ", ".join(uncovered[:6]) + (f" and {len(uncovered) - 6} more" if len(uncovered) > 6 else "")
+            check.detail += f"; NOT covered (this older manifest hashed only the weights): {shown}"
 
 
 def _check_config(adapter: Adapter, manifest: dict, check: Check) -> None:

@@ -50,12 +50,11 @@ NEXT = {
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import word_level_tokenizer  # tests/conftest.py
 
-    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = word_level_tokenizer(WORDS)
+    assert tok.get_vocab() == VOCAB  # the bigram table below indexes by VOCAB
+    return tok
 
 
 def make_bigram_model(hidden: int = 32):

@@ -118,17 +118,8 @@ def test_prompt_templates():
         resolve_template("{problem} {other}")
 
 
-def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_pyarrow(name, *a, **kw):
-        if name.startswith("pyarrow"):
-            raise ImportError("No module named 'pyarrow'")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, hide_package):
+    hide_package("pyarrow")
     p = tmp_path / "b.parquet"
     p.write_bytes(b"PAR1")
     with pytest.raises(LoraforgeError, match="needs pyarrow: `pip install pyarrow`"):

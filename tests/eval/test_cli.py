@@ -92,8 +92,3 @@ def test_eval_command_errors(model_dir, greedy_file, tmp_path, write_jsonl, args
     r = run("--model", str(model_dir), *args, "-o", str(tmp_path / "r.json"))
     assert r.exit_code == 1, r.output
     assert words in r.output and "Traceback" not in r.output
-
-
-def test_eval_listed_in_help():
-    r = CliRunner().invoke(main, ["--help"])
-    assert r.exit_code == 0 and "eval" in r.output

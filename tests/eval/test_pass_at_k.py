@@ -31,10 +31,19 @@ def test_pass_at_k_hand_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
 
-def test_pass_at_k_is_not_the_with_replacement_formula():
-    # 1 - (1 - c/n)^k treats samples as drawn with replacement: 1 - (3/4)^2 = 0.4375, not 0.5.
-    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
-    assert 1 - (1 - 1 / 4) ** 2 == pytest.approx(0.4375)
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_correct_sample():
+    # The unbiased estimator draws k of the n samples WITHOUT replacement: count, over every k-subset
+    # of n samples of which the first c are correct, those that hold at least one correct sample.
+    # (Drawing with replacement, 1 - (1 - c/n)^k, would give 1 - (3/4)^2 = 0.4375 for n=4, c=1, k=2
+    # where the subsets give 3/6 = 0.5.)
+    from itertools import combinations
+
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(combinations(range(n), k))
+                hit = sum(any(i < c for i in s) for s in subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(hit / len(subsets), abs=1e-12), (n, c, k)
 
 
 def test_pass_at_k_large_n_matches_exact_fraction_without_overflow():

@@ -13,16 +13,11 @@ CHARS = list("0123456789+-*=: ")
 
 
 def make_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """One token per character of CHARS after <pad> 0, <eos> 1, <unk> 2."""
+    from conftest import word_level_tokenizer  # tests/conftest.py; imported here, not at the top, so a
+    # training subprocess that imports this module for its scorer does not need tests/ on its path
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    tok.decoder = decoders.Fuse()  # decode without spaces between characters
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return word_level_tokenizer(CHARS, split="chars")
 
 
 def make_model(seed: int = 0, hidden: int = 32, layers: int = 2, init_range: float = 0.3):

@@ -80,6 +80,29 @@ def test_help_lists_the_commands_and_every_flag():
         assert flag in r.output, flag
 
 
+def test_every_train_setting_has_help():
+    import dataclasses
+
+    from loraforge.rl.config import TrainConfig
+
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("help")]
+    assert not missing, f"TrainConfig fields without metadata help: {missing}"
+
+
+def test_train_help_shows_each_settings_metadata_help():
+    import dataclasses
+
+    from loraforge.rl.config import TrainConfig
+
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0
+    shown = " ".join(r.output.split())  # click wraps the help column
+    for f in dataclasses.fields(TrainConfig):
+        assert " ".join(f.metadata["help"].split()) in shown, f.name
+    # spot check one by its text, so the test does not pass if both sides went empty
+    assert "responses per prompt G [paper 8] [default: 8]" in shown
+
+
 def test_train_resume_and_plot(model_dir, adapter_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"
@@ -130,20 +153,11 @@ def test_missing_field_in_data_file(model_dir, adapter_dir, tmp_path):
     assert "row 1 has no field answer" in r.output and "solution" in r.output
 
 
-def test_plot_without_runs_or_matplotlib(tmp_path, monkeypatch):
+def test_plot_without_runs_or_matplotlib(tmp_path, hide_package):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(main, ["plot", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "no metrics.jsonl" in r.output
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_mpl(name, *a, **k):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    hide_package("matplotlib")
     r = CliRunner().invoke(main, ["plot", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "pip install 'loraforge[plots]'" in r.output
 

@@ -1,4 +1,4 @@
-"""Several processes (issue 7): `accelerate launch -m loraforge train` with 2 CPU processes (gloo) trains
+"""Several processes: `accelerate launch -m loraforge train` with 2 CPU processes (gloo) trains
 exactly like 1 process on the same data, writes metrics and checkpoints once, and keeps both processes'
 adapters identical. Plus the pure sharding helpers and the world-size error."""
 

@@ -1,4 +1,4 @@
-"""The DAPO scorer against every vector of shared/reference/rlvr.md, plus the other scorers and the
+"""The DAPO scorer against every test vector of the RLVR reference (docs/design.md), plus the other scorers and the
 overlong penalty with hand-computed numbers."""
 
 import pytest
@@ -7,7 +7,7 @@ from loraforge.core.errors import LoraforgeError
 from loraforge.grading.dapo import dapo_result, dapo_score, normalize_final_answer
 from loraforge.rl.rewards import get_scorer, math_verify_score, overlong_penalty
 
-# (response, ground truth, score): rlvr.md's table, verbatim
+# (response, ground truth, score): the RLVR reference's table, verbatim
 RLVR_VECTORS = [
     ("Answer: 5", "5", 1.0),
     ("Answer: \\boxed{5}", "5", 1.0),

@@ -1,7 +1,5 @@
-"""Rollout backends (issue 7): the sampler-vs-trainer log-prob check as pure functions and wired into the
+"""Rollout backends: the sampler-vs-trainer log-prob check as pure functions and wired into the
 loop with separate CPU samplers (synced, stale, adapter missing), and --rollout vllm without vLLM."""
-
-import builtins
 
 import pytest
 import torch
@@ -63,7 +61,7 @@ def test_generation_from_tokens():
 
 
 def test_vllm_max_lora_rank_and_batch_division():
-    assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 16, 17, 64, 300)] == [1, 8, 8, 16, 32, 64, 320]
+    assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 16, 17, 64, 300)] == [8, 8, 8, 16, 32, 64, 320]
     check_world_divides(8, 4, "GPUs")
     check_world_divides(7, 1)  # one process takes everything
     with pytest.raises(
@@ -121,15 +119,8 @@ def test_sampler_without_the_adapter_fails_at_step_1(model_dir, tmp_path):
         train(cfg, scorer=answer_scorer, echo=lambda s: None)
 
 
-def test_rollout_vllm_without_vllm_says_what_to_install(model_dir, adapter_dir, tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_vllm(name, *a, **k):
-        if name == "vllm" or name.startswith("vllm."):
-            raise ImportError("No module named 'vllm'")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_vllm)
+def test_rollout_vllm_without_vllm_says_what_to_install(model_dir, adapter_dir, tmp_path, hide_package):
+    hide_package("vllm")
     r = CliRunner().invoke(
         main,
         [
@@ -155,3 +146,13 @@ def test_bad_rollout_names_the_flag(model_dir, adapter_dir, tmp_path):
         train(tiny_cfg(model_dir, adapter_dir, tmp_path / "run", rollout="sglang"))
     with pytest.raises(LoraforgeError, match="--rollout rl_helpers:nope: cannot import nope"):
         train(tiny_cfg(model_dir, adapter_dir, tmp_path / "run2", rollout="rl_helpers:nope"))
+
+
+def test_vllm_rank_rule_refuses_ranks_vllm_cannot_serve():
+    from loraforge.core.clients import vllm_serve_command
+
+    # 513 is above vLLM's largest --max-lora-rank (512): one line saying so, never an invalid flag value
+    with pytest.raises(LoraforgeError, match="above vLLM's largest --max-lora-rank"):
+        vllm_max_lora_rank(513)
+    assert "cannot serve" in vllm_serve_command("base", "out", 600)
+    assert vllm_serve_command("b", "o", 32) == "vllm serve b --enable-lora --max-lora-rank 32 --lora-modules adapter=o"

@@ -1,4 +1,4 @@
-"""`loraforge train --backend verl` (issue 7): the generated verl command read back as data, key by key."""
+"""`loraforge train --backend verl`: the generated verl command read back as data, key by key."""
 
 import importlib.util
 import json

@@ -1,0 +1,200 @@
+"""Checkpoints to benchmark on, made locally (no download).
+
+- `QWEN2_PRESETS`: the shapes of Qwen2.5-1.5B and -7B (random weights; only the shapes matter for
+  timing and memory), and a tiny one to check the scripts in seconds.
+- `write_random_checkpoint(...)`: a random bf16 Qwen2 checkpoint of a preset's shape, written shard
+  by shard from a meta-device skeleton (never the whole model in memory).
+- `truncate_checkpoint(...)`: a copy of a checkpoint keeping only its first N blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+# Shapes of the models the benchmarks report on (random weights; only the shapes matter for timing/memory).
+QWEN2_PRESETS = {
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+    ),
+    # Small enough to check the scripts on a laptop CPU in seconds.
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+    ),
+}
+
+
+def _tensor_plan(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor the checkpoint must hold, from a meta-device skeleton.
+    Tied parameters appear once (named_parameters drops duplicates); buffers that are not in the
+    state dict (rotary inv_freq) are left out."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state_keys = set(model.state_dict().keys())
+    plan = [(k, tuple(p.shape)) for k, p in model.named_parameters()]
+    plan += [(k, tuple(b.shape)) for k, b in model.named_buffers() if k in state_keys]
+    return plan
+
+
+def write_random_checkpoint(
+    path,
+    preset: str,
+    num_hidden_layers: int | None = None,
+    seed: int = 0,
+    shard_mib: int = 2048,
+    device: str = "cpu",
+    reuse: bool = True,
+) -> dict:
+    """Write a random bf16 Qwen2 checkpoint with PRESET's shapes (QWEN2_PRESETS) to PATH.
+
+    Tensors are generated one at a time (N(0, 0.02) weights and biases, ones for norms; each seeded
+    by SEED and its name, so the files are reproducible) and written shard by shard with
+    safetensors, plus model.safetensors.index.json and config.json. At most one shard (SHARD_MIB)
+    is in memory. The directory is built next to PATH and renamed into place; with REUSE an
+    existing directory made with the same settings is kept. Returns {"path", "reused", "seconds",
+    "bytes"}.
+    """
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config
+
+    path = Path(path)
+    spec = dict(QWEN2_PRESETS[preset])
+    if num_hidden_layers is not None:
+        spec["num_hidden_layers"] = num_hidden_layers
+    marker = {"preset": preset, "spec": spec, "seed": seed, "format": "loraforge-bench-random/1"}
+    if reuse and (path / "bench_checkpoint.json").exists():
+        if json.loads((path / "bench_checkpoint.json").read_text()) == marker:
+            size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            return {"path": str(path), "reused": True, "seconds": 0.0, "bytes": size}
+    started = time.perf_counter()
+    config = Qwen2Config(**spec, dtype="bfloat16")
+    plan = _tensor_plan(config)
+    limit = shard_mib * 2**20
+    shards, current, size = [], [], 0
+    for name, shape in plan:
+        nbytes = 2 * _numel(shape)
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    if current:
+        shards.append(current)
+
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        tensors = {}
+        for name, shape in shard:
+            tensors[name] = _random_tensor(name, shape, seed, device).cpu()
+            weight_map[name] = fname
+            total += 2 * _numel(shape)
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    config.save_pretrained(str(tmp))
+    (tmp / "bench_checkpoint.json").write_text(json.dumps(marker))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return {"path": str(path), "reused": False, "seconds": time.perf_counter() - started, "bytes": size}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _random_tensor(name: str, shape, seed: int, device: str):
+    import torch
+
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.bfloat16, device=device)
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.randn(shape, generator=g, dtype=torch.bfloat16, device=device).mul_(0.02)
+
+
+def truncate_checkpoint(src, dst, num_layers: int) -> Path:
+    """Copy the safetensors checkpoint SRC to DST keeping only blocks 0..NUM_LAYERS-1 (for quick
+    runs: both sides of a benchmark then read the same smaller checkpoint). Tokenizer and other
+    small files are copied; reused when DST already holds the same truncation."""
+    import re
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    marker = {"src": str(src.resolve()), "num_layers": num_layers}
+    if (dst / "bench_truncated.json").exists() and json.loads((dst / "bench_truncated.json").read_text()) == marker:
+        return dst
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    files = sorted(src.glob("*.safetensors"))
+    layer_re = re.compile(r"\.layers\.(\d+)\.")
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                m = layer_re.search(k)
+                if m is None or int(m.group(1)) < num_layers:
+                    tensors[k] = h.get_tensor(k)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if (
+            f.is_file()
+            and not f.name.endswith(".safetensors")
+            and f.name not in ("config.json", "model.safetensors.index.json")
+        ):
+            shutil.copy2(f, tmp / f.name)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "bench_truncated.json").write_text(json.dumps(marker))
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst

@@ -1,0 +1,166 @@
+"""The measured work, as functions that run in-process or in a fresh process:
+`python benchmarks/workers.py NAME ARGS_JSON` calls NAME(*ARGS) (or NAME(**ARGS) for a JSON object)
+and prints its JSON result after RESULT_MARKER; `command(NAME, ARGS)` is that command line and
+`parse_result(stdout)` reads the result back.
+
+- `peft_init(...)`: PEFT end to end, as a user writes it (from_pretrained + get_peft_model + save
+  adapter + save residual base).
+- `loraforge_init(...)`: loraforge end to end through its Python API.
+- `gpu_measure(name, kwargs, device)`: one of the two after its imports and a CUDA warm-up, with the
+  peak GPU memory.
+
+Each worker imports what it needs inside itself, so this module imports only the standard library
+and a worker process pays only for its own imports. It is run by path (not `-m`), so the loraforge
+it imports is the installed one (or PYTHONPATH's), as for a user.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULT_MARKER = "BENCH_RESULT_JSON "
+
+
+def command(name: str, args: list | dict) -> list[str]:
+    """The command line that runs worker NAME with ARGS in a fresh Python."""
+    if name not in WORKERS:
+        raise ValueError(f"no worker {name!r}; the workers are {sorted(WORKERS)}")
+    return [sys.executable, str(Path(__file__).resolve()), name, json.dumps(args)]
+
+
+def parse_result(stdout: str):
+    """The worker's return value from its stdout (None when it printed none: it failed)."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    return None
+
+
+def peft_init(model_dir, out, r, init, device="cpu", num_hidden_layers=None):
+    """PEFT end to end, the way its docs do PiSSA: load the checkpoint (dtype as stored), wrap it
+    with LoRA on all linear layers initialised by INIT ("pissa", "pissa_niter_16", ...), save the
+    adapter (with init_lora_weights=True so loading does not re-run the init) and the residual
+    base (the base model after init, unload()ed). Returns the phase timings in seconds."""
+    import os
+    import time
+
+    t0 = time.perf_counter()
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def sync():
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    t1 = time.perf_counter()
+    kwargs = {}
+    if num_hidden_layers is not None:  # only the first blocks (the checkpoint's other tensors are ignored)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_dir)
+        cfg.num_hidden_layers = num_hidden_layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:num_hidden_layers]
+        kwargs["config"] = cfg
+    if str(device).startswith("cuda"):
+        kwargs["device_map"] = device
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **kwargs)
+    sync()
+    t2 = time.perf_counter()
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        init_lora_weights=init,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    sync()
+    t3 = time.perf_counter()
+    modules = len(getattr(peft_model.base_model, "targeted_module_names", []))
+    peft_model.peft_config["default"].init_lora_weights = True
+    peft_model.save_pretrained(out)
+    base = peft_model.unload()
+    base.save_pretrained(os.path.join(out, "base"))
+    t4 = time.perf_counter()
+    return {
+        "import_s": t1 - t0,
+        "load_s": t2 - t1,
+        "init_s": t3 - t2,
+        "save_s": t4 - t3,
+        "total_s": t4 - t1,
+        "modules": modules,
+    }
+
+
+def loraforge_init(model_dir, out, method, r, device="cpu", svd="exact"):
+    """loraforge end to end through its Python API; returns wall time (after imports) and
+    loraforge's own phase timings from the manifest."""
+    import time
+
+    t0 = time.perf_counter()
+    from loraforge import InitConfig, init_adapter
+
+    t1 = time.perf_counter()
+    result = init_adapter(model_dir, out, InitConfig(method=method, r=r, device=device, svd=svd))
+    t2 = time.perf_counter()
+    return {
+        "import_s": t1 - t0,
+        "total_s": t2 - t1,
+        "timings": result.manifest.get("timings"),
+        "path": result.manifest.get("path"),
+        "modules": result.modules,
+    }
+
+
+def gpu_measure(func_name, kwargs, warm_device="cuda"):
+    """Run loraforge_init / peft_init (by name) after its imports and a
+    CUDA warm-up (context + cuSOLVER handles), both timed separately; report the timed part's
+    wall time and peak GPU memory (torch.cuda.max_memory_allocated / max_memory_reserved)."""
+    import time
+
+    t_imp = time.perf_counter()
+    import torch
+    import transformers  # noqa: F401  (both sides use it: loraforge for its meta skeleton)
+
+    if func_name == "loraforge_init":
+        import loraforge.adapters.build  # noqa: F401
+    else:
+        import peft  # noqa: F401
+    imports_s = time.perf_counter() - t_imp
+    t0 = time.perf_counter()
+    if str(warm_device).startswith("cuda"):
+        x = torch.randn(64, 64, device=warm_device, dtype=torch.float64)
+        torch.linalg.eigh(x @ x.T)
+        torch.linalg.svd(x.float())
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    warm_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    res = WORKERS[func_name](**kwargs)
+    if str(warm_device).startswith("cuda"):
+        torch.cuda.synchronize()
+        res["gpu_peak_alloc_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        res["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    res["wall_s"] = time.perf_counter() - t1
+    res["cuda_warmup_s"] = warm_s
+    res["imports_s"] = imports_s
+    return res
+
+
+WORKERS = {"peft_init": peft_init, "loraforge_init": loraforge_init, "gpu_measure": gpu_measure}
+
+
+def main(argv: list[str]) -> None:
+    name, args = argv[1], json.loads(argv[2])
+    result = WORKERS[name](**args) if isinstance(args, dict) else WORKERS[name](*args)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
