@@ -1,4 +1,4 @@
-"""The architecture zoo: tiny random configs of 38 transformers causal-LM model types, dense and MoE, each
+"""The architecture zoo: tiny random configs of 39 transformers causal-LM model types (23 dense, 16 MoE), each
 initialised with rlpo, rlmo and pissa and loaded back the way a user does (PeftModel.from_pretrained on the right
 base). Checks, per model type and method:
 - what PEFT builds from the adapter directory is exactly what the manifest lists, and every saved tensor is what
