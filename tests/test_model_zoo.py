@@ -67,6 +67,7 @@ def test_peft_loads_what_the_manifest_lists(model_type, method, zoo, tmp_path):
     out = tmp_path / "out"
     result = init_adapter(str(src), out, InitConfig(method=method, r=R))
     manifest = result.manifest
+    assert manifest["path"] == "streaming"  # read matrix by matrix (expert by expert) from the checkpoint, not loaded
     if manifest["base"]:
         base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
     else:
