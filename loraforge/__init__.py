@@ -18,10 +18,14 @@ def __getattr__(name):
         from loraforge.inits.config import InitConfig
 
         return InitConfig
-    if name in ("init_adapter", "init_model", "save_init"):
-        from loraforge.adapters import build
+    if name == "init_adapter":
+        from loraforge.adapters.build import init_adapter
 
-        return getattr(build, name)
+        return init_adapter
+    if name in ("init_model", "save_init"):
+        from loraforge.adapters import in_memory
+
+        return getattr(in_memory, name)
     if name == "METHODS":
         from loraforge.inits.methods import METHODS
 

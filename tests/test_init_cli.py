@@ -83,10 +83,19 @@ def test_directory_without_weights(tiny_models, tmp_path):
 
 
 def test_rank_too_large_names_the_module_and_its_shape(tiny_models, tmp_path):
-    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 40, "-o", tmp_path / "o")
-    # k_proj is 32 x 64 (2 kv heads x 16), the first module with min dimension < 40.
-    assert res.exit_code == 1
+    # k_proj is 32 x 64 (2 kv heads x 16): named explicitly at -r 40 it is an error...
+    args = ("init", tiny_models["llama"], "--method", "rlpo", "-r", 40)
+    res = invoke(*args, "--target-modules", "k_proj,q_proj", "-o", tmp_path / "o")
+    assert res.exit_code == 1 and not (tmp_path / "o").exists()
     assert "-r 40 is larger than module model.layers.0.self_attn.k_proj allows: its weight is 32 x 64" in res.output
+    # ... while the default set leaves it (and v_proj) out with a note and a manifest entry.
+    res = invoke(*args, "-o", tmp_path / "d")
+    assert res.exit_code == 0, res.output
+    note = "note: model.layers.*.self_attn.k_proj (2 modules) left out of the default targets"
+    assert f"{note} (32 x 64: smaller than r = 40)" in res.output
+    manifest = json.loads((tmp_path / "d" / "loraforge.json").read_text())
+    assert set(manifest["skipped"]) == {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("k_proj", "v_proj")}
+    assert "model.layers.0.self_attn.q_proj" in manifest["modules"]
 
 
 def test_rank_above_numerical_rank_is_refused(tmp_path):
@@ -107,10 +116,8 @@ def test_target_modules_that_match_nothing_list_the_linear_modules(tiny_models, 
         "init", tiny_models["llama"], "--method", "rlpo", "-r", 4, "--target-modules", "qkv", "-o", tmp_path / "o"
     )
     assert res.exit_code == 1
-    assert (
-        "No modules match ['qkv'] in LlamaForCausalLM. "
-        "Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in res.output
-    )
+    listed = "Linear modules and expert parameters: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+    assert f"No modules match ['qkv'] in LlamaForCausalLM. {listed}" in res.output
 
 
 def test_layers_out_of_range(tiny_models, tmp_path):

@@ -12,8 +12,8 @@ from adapter_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from conftest import make_tokenizer
 
 from loraforge import InitConfig, LoraforgeError, init_adapter, init_model, save_init
-from loraforge.adapters.build import RESIDUAL_PLACEHOLDER
 from loraforge.adapters.directory import resolve_base
+from loraforge.adapters.in_memory import RESIDUAL_PLACEHOLDER
 from loraforge.adapters.writers import UNSAVED_RESIDUAL_KEY
 from loraforge.ship.verify import verify_adapter
 
@@ -158,7 +158,7 @@ def test_save_init_refuses_a_trained_adapter_and_a_foreign_model(tiny_models, tm
 
 
 def test_save_init_is_atomic_and_does_not_replace_without_overwrite(tiny_models, tmp_path, monkeypatch):
-    from loraforge.adapters import build
+    from loraforge.adapters import in_memory as build
 
     peft_model = init_model(load(tiny_models["llama"]), InitConfig(method="milora", r=2))
     out = tmp_path / "out"

@@ -2,7 +2,9 @@
 
 A tiny DeepSeek-V3 (layer 0 a dense MLP, layer 1 MoE with a shared expert) reproduces PEFT 0.21's rewrite of
 adapter_config.json on transformers 5: `gate_proj`/`up_proj`/`down_proj` in target_modules become the fused
-experts' target_parameters, so the dense and shared MLPs silently get no LoRA.
+experts' target_parameters, so the dense and shared MLPs silently get no LoRA. `loraforge init` now writes those
+modules as target_parameters (the form PEFT leaves alone); `plain_mlp_form` rewrites such an adapter into the form
+earlier versions wrote (plain target_modules, no experts), which PEFT mis-loads.
 """
 
 from __future__ import annotations
@@ -116,8 +118,39 @@ def test_sound_adapters_pass_the_client_checks(inits, name):
         assert "bfloat16 base" in checks(report)["peft logits"].detail
 
 
-def test_peft_rewriting_deepseek_v3_mlp_targets_fails_naming_the_modules(inits):
+def plain_mlp_form(src, tmp_path):
+    """A copy of SRC (a DeepSeek-V3 init) as earlier loraforge wrote it: the dense/shared MLPs in target_modules,
+    no expert stacks, every file's hash recorded as if init had written it."""
+    from safetensors.torch import load_file, save_file
+
+    out = copy(src, tmp_path)
+    tensors = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if ".experts." not in k}
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["target_modules"] = sorted(DS3_ATTENTION + ["gate_proj", "up_proj", "down_proj"])
+    config.pop("target_parameters", None)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    manifest = json.loads((out / "loraforge.json").read_text())
+    manifest["modules"] = {k: v for k, v in manifest["modules"].items() if not v.get("experts")}
+    manifest.pop("peft", None)
+    manifest["target_modules"] = config["target_modules"]
+    (out / "loraforge.json").write_text(json.dumps(manifest, indent=2))
+    rehash(out, "adapter_config.json")
+    rehash(out, "adapter_model.safetensors")
+    return out
+
+
+def test_init_writes_deepseek_v3_mlps_in_the_form_peft_loads(inits):
+    # What `loraforge init` writes now: every client check passes, the dense/shared MLPs included.
     report = verify_adapter(inits["ds3-all"])
+    assert report.ok, {c.name: c.failures for c in report.checks}
+    config = json.loads((inits["ds3-all"] / "adapter_config.json").read_text())
+    assert {"gate_proj.weight", "up_proj.weight", "down_proj.weight"} <= set(config["target_parameters"])
+    assert checks(report)["peft logits"].status == "ok"
+
+
+def test_peft_rewriting_deepseek_v3_mlp_targets_fails_naming_the_modules(inits, tmp_path):
+    report = verify_adapter(plain_mlp_form(inits["ds3-all"], tmp_path))
     c = checks(report)
     # The files themselves are sound: only what PEFT builds from them is wrong.
     assert all(c[n].ok for n in ("hashes", "config", "factors", "reconstruction", "formula"))
@@ -141,25 +174,26 @@ def test_peft_rewriting_deepseek_v3_mlp_targets_fails_naming_the_modules(inits):
 
 
 def test_the_same_tensors_as_target_parameters_pass(inits, tmp_path):
-    # The form PEFT 0.21 leaves alone: the dense/shared Linear weights as 2-D target_parameters (ParamWrapper),
-    # with the same tensor names and shapes. Only adapter_config.json changes, and every client check passes.
-    out = copy(inits["ds3-all"], tmp_path)
+    # The form PEFT 0.21 leaves alone, given by hand to the earlier form: the dense/shared Linear weights as 2-D
+    # target_parameters (ParamWrapper), the same tensor names and shapes. Only adapter_config.json changes, and every
+    # check of what PEFT builds passes (the logits differ: the experts' top-r part is not in this adapter).
+    out = plain_mlp_form(inits["ds3-all"], tmp_path)
     config = json.loads((out / "adapter_config.json").read_text())
     config["target_modules"] = DS3_ATTENTION
     config["target_parameters"] = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
     (out / "adapter_config.json").write_text(json.dumps(config))
-    rehash(out, "adapter_config.json")  # verify hashes every file: record the edit as if init had written it
-    report = verify_adapter(out)
-    assert report.ok, {c.name: c.failures for c in report.checks}
-    assert checks(report)["peft modules"].checked == 16 and checks(report)["peft logits"].status == "ok"
+    rehash(out, "adapter_config.json")
+    c = checks(verify_adapter(out))
+    assert c["peft modules"].ok and c["peft keys"].ok and c["peft modules"].checked == 16
 
 
 def test_a_config_peft_refuses_fails_with_peft_s_message(inits, tmp_path):
     # lora_dropout != 0 with target_parameters: PEFT raises when it builds the model, so does every client.
-    out = copy(inits["ds3-all"], tmp_path)
+    out = plain_mlp_form(inits["ds3-all"], tmp_path)
     config = json.loads((out / "adapter_config.json").read_text())
     config.update(target_modules=DS3_ATTENTION, target_parameters=["gate_proj.weight"], lora_dropout=0.05)
     (out / "adapter_config.json").write_text(json.dumps(config))
+    rehash(out, "adapter_config.json")
     report = verify_adapter(out)
     why = checks(report)["peft modules"].failures["adapter_config.json"]
     assert why.startswith("PEFT 0.21") and "ParamWrapper" in why and "lora_dropout" in why
@@ -222,12 +256,14 @@ def test_logit_error_ignores_a_constant_shift_and_catches_a_change():
     assert LOGIT_TOL_EPS * torch.finfo(torch.bfloat16).eps < 0.05  # a dropped module (~0.2) is always caught
 
 
-def test_cli_prints_the_client_checks(inits):
+def test_cli_prints_the_client_checks(inits, tmp_path):
     res = CliRunner().invoke(main, ["verify", str(inits["pissa"])], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "peft modules    ok      PEFT attaches LoRA to exactly the manifest's 14 modules (llama)" in res.output
     assert "peft keys       ok" in res.output and "peft logits     ok      residual base + adapter" in res.output
-    res = CliRunner().invoke(main, ["verify", str(inits["ds3-all"]), "--logit-max-params", "0"])
+    res = CliRunner().invoke(
+        main, ["verify", str(plain_mlp_form(inits["ds3-all"], tmp_path)), "--logit-max-params", "0"]
+    )
     assert res.exit_code == 1
     assert "peft modules    FAILED  PEFT 0.21" in res.output and "peft logits     skipped" in res.output
     assert "model.layers.0.mlp.gate_proj: PEFT" in res.output

@@ -143,6 +143,11 @@ def render_model_card(manifest: dict, refs: Optional[CardRefs] = None) -> str:
         f"| source model | `{refs.original}` |",
         f"| source revision | {refs.original_revision or 'a local copy (no Hub commit recorded)'} |",
         f"| target modules | {_modules_text(manifest['target_modules'])} |",
+        *(
+            [f"| target parameters (PEFT ParamWrapper) | {_modules_text(params)} |"]
+            if (params := (manifest.get("peft") or {}).get("target_parameters"))
+            else []
+        ),
         f"| adapted modules | {s['modules']} |",
         f"| adapter / base dtype | {manifest['dtypes']['adapter']} / {manifest['dtypes']['base'] or 'unchanged'} |",
         f"| mean init norm \\|\\|B0 A0\\|\\|_F | {s['init_norm_mean']:.4g} |",

@@ -45,6 +45,9 @@ class Adapter:
     factor_keys: dict[str, tuple[str, str]]  # module name -> (key of A, key of B), in file order
     other_keys: list[str] = field(default_factory=list)  # tensors that are not LoRA factors
     _reader: object = None
+    # expert units ("<experts module>.<param>.<e>") -> (e, E): their factors are slices of the stack's tensors
+    expert_units: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _last: tuple = (None, None)  # (key, tensor): the last stack tensor read, reused by the next expert
 
     @property
     def r(self) -> int:
@@ -86,9 +89,34 @@ class Adapter:
         return self._reader[key]
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of MODULE as stored: A (r, in_features), B (out_features, r)."""
+        """(A, B) of MODULE as stored: A (r, in_features), B (out_features, r). For an expert unit of a fused stack
+        (see `use_peft_view`) that expert's slices: PEFT's ParamWrapper layout, A_e = lora_A[e*r:(e+1)*r] and
+        B_e = lora_B[:, e::E]."""
         key_a, key_b = self.factor_keys[module]
-        return self.read(key_a), self.read(key_b)
+        if module not in self.expert_units:
+            return self.read(key_a), self.read(key_b)
+        e, E = self.expert_units[module]
+        A, B = self._stack(key_a), self._stack(key_b)
+        r = A.shape[0] // E
+        return A[e * r : (e + 1) * r], B[:, e::E]
+
+    def _stack(self, key: str) -> torch.Tensor:
+        if self._last[0] != key:
+            self._last = (key, self.read(key))
+        return self._last[1]
+
+    def use_peft_view(self, view: dict) -> None:
+        """Name the factors of fused expert stacks per expert, from what PEFT builds (peft_view.adapted_by_peft):
+        the saved names of a stack (`...experts.base_layer.lora_A.weight`) do not say which parameter they belong
+        to, PEFT's nesting does."""
+        for a in view.values():
+            if a.experts <= 1:
+                continue
+            self.factor_keys.pop(a.path, None)
+            for e in range(a.experts):
+                unit = f"{a.module}.{a.param}.{e}"
+                self.factor_keys[unit] = (a.key_A, a.key_B)
+                self.expert_units[unit] = (e, a.experts)
 
     def check_plain_lora(self, what: str) -> None:
         """Refuse adapter features whose weights are not just s * B A (per-module ranks, DoRA...)."""
@@ -181,6 +209,18 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
     return Adapter(path, config, manifest, weights_file, factor_keys, other, reader)
 
 
+def expert_units_of(modules: dict[str, dict]) -> dict[str, dict]:
+    """A manifest's `modules` with each fused expert stack (an entry with `experts`) listed per expert, as
+    "<name>.<e>": {"shape": [out, in]}: the units an init computed (and seeded by these names)."""
+    out = {}
+    for name, stats in modules.items():
+        if stats.get("experts"):
+            out.update({f"{name}.{e}": {"shape": stats["shape"]} for e in range(stats["experts"])})
+        else:
+            out[name] = stats
+    return out
+
+
 def residual_base_of(model_path: Path) -> Optional[Adapter]:
     """The loraforge init whose residual base is MODEL_PATH (OUT/base), or None.
 
@@ -253,7 +293,7 @@ def resolve_base(adapter: str | Path, model: Optional[str] = None, flag: str = "
         config = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise LoraforgeError(f"{cfg_path} cannot be read ({e}); the adapter is damaged.") from None
-    # Saved by PeftModel.save_pretrained from init_model's residualised model (see build.save_init): only a
+    # Saved by PeftModel.save_pretrained from init_model's residualised model (see in_memory.save_init): only a
     # residual base that save_init wrote is right for it.
     if UNSAVED_RESIDUAL_KEY in config and (model is None or residual_base_of(Path(model)) is None):
         raise LoraforgeError(

@@ -42,6 +42,8 @@ def build_manifest(
     timings: dict,
     files: dict,
     stats: dict,
+    peft: Optional[dict] = None,
+    skipped: Optional[dict] = None,
 ) -> dict:
     """loraforge.json: everything needed to reproduce, verify and explain the adapter."""
     method = config.method_spec
@@ -59,6 +61,11 @@ def build_manifest(
         "svd": config.svd if method.spectrum else None,
         "source": {"model_id": source.model_id, "revision": source.revision, "local": source.is_local},
         "target_modules": target_modules,
+        # How adapter_config.json names the targets for PEFT (modules_as_parameters: modules written as
+        # target_parameters because PEFT remaps them, or cannot wrap them, otherwise), and what the default set left
+        # out and why.
+        "peft": peft,
+        "skipped": skipped or {},
         "layers": config.layers,
         "fan_in_fan_out": fan_in_fan_out,
         "dtypes": {"adapter": config.adapter_dtype, "base": base_dtype, "source": source_dtype(source.config)},

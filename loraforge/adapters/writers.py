@@ -137,19 +137,31 @@ def adapter_key(module_name: str, which: str) -> str:
 
 
 def write_adapter_weights(
-    path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], extra: Optional[dict[str, torch.Tensor]] = None
+    path: Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor] | Path],
+    keys: Optional[dict[str, tuple[str, str]]] = None,
+    extra: Optional[dict[str, torch.Tensor]] = None,
 ) -> str:
-    """Write {module name: (A0, B0)} (then EXTRA tensors) as PEFT's adapter_model.safetensors, in
-    module order; return its sha256.
+    """Write {module name: (A0, B0)} (then EXTRA tensors) as PEFT's adapter_model.safetensors, in module order,
+    one tensor at a time; return its sha256.
 
-    Written by our own streaming writer, not safetensors' save_file: a full disk or a read-only
-    directory is then an OSError with the path (save_file raises its own error type without one)."""
-    tensors = {}
-    for name, (A, B) in factors.items():
-        tensors[adapter_key(name, "A")] = A.contiguous()
-        tensors[adapter_key(name, "B")] = B.contiguous()
-    tensors.update(extra or {})
-    return write_tensors(path, tensors)
+    A value may be the file a pair waits in (tensors "A" and "B", see adapters.factors.FactorSet). KEYS gives the
+    saved names where they are not `adapter_key`'s (fused experts: PEFT nests ParamWrappers, see peft_view).
+    Written by our own streaming writer, not safetensors' save_file: a full disk or a read-only directory is then
+    an OSError with the path (save_file raises its own error type without one)."""
+    planned = []
+    for name, value in factors.items():
+        key_a, key_b = (keys or {}).get(name) or (adapter_key(name, "A"), adapter_key(name, "B"))
+        for key, which in ((key_a, "A"), (key_b, "B")):
+            if isinstance(value, Path):
+                parked = SafetensorsFile(value)
+                info = parked.tensors[which]
+                planned.append(PlannedTensor(key, DTYPES[info.dtype], info.shape, lambda f=parked, w=which: f.read(w)))
+            else:
+                t = value[0] if which == "A" else value[1]
+                planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t: t))
+    planned += [PlannedTensor(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in (extra or {}).items()]
+    return write_streaming(path, planned, metadata={"format": "pt"})
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
@@ -197,8 +209,12 @@ def write_residual_base(
     residual_files: dict[str, Path | torch.Tensor],
     cast_to: Optional[torch.dtype],
     trust_remote_code: bool = False,
+    stacked: Optional[dict[str, list[str]]] = None,
 ) -> dict[str, str]:
     """Write the residual base model shard by shard; return {relative file name: sha256}.
+
+    STACKED maps a checkpoint key of a fused expert stack to the residual_files entries of its experts, in
+    order: the tensor written is their stack (one stack in memory at a time).
 
     residual_files maps checkpoint keys of target weights to their residual (already in the base
     dtype), or to the temporary safetensors file that holds it. Every other tensor is copied through from the
@@ -219,7 +235,18 @@ def write_residual_base(
         src = source.open_shard(shard)
         planned = []
         for key, info in src.tensors.items():
-            if isinstance(residual_files.get(key), torch.Tensor):
+            if stacked and key in stacked:
+                parts = stacked[key]
+                dtype = _residual_dtype(residual_files[parts[0]], parts[0], reader_for)
+                planned.append(
+                    PlannedTensor(
+                        key,
+                        dtype,
+                        info.shape,
+                        lambda parts=parts: torch.stack([_residual(residual_files[p], p, reader_for) for p in parts]),
+                    )
+                )
+            elif isinstance(residual_files.get(key), torch.Tensor):
                 t = residual_files[key]
                 planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t: t))
             elif key in residual_files:
@@ -255,6 +282,14 @@ def write_residual_base(
     for f in companion_files(source, trust_remote_code):
         shutil.copy2(f, base_dir / f.name)
     return hashes
+
+
+def _residual(value, key: str, reader_for) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else reader_for(value).read(key)
+
+
+def _residual_dtype(value, key: str, reader_for) -> torch.dtype:
+    return value.dtype if isinstance(value, torch.Tensor) else DTYPES[reader_for(value).tensors[key].dtype]
 
 
 # Files of OUT the manifest cannot hash: itself, and the model card rendered from it.

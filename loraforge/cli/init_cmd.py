@@ -69,6 +69,20 @@ HELP = help_texts(InitConfig)
     show_default=True,
     help=HELP["svd"],
 )
+@click.option(
+    "--batch-mib",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help=HELP["batch_mib"],
+)
+@click.option(
+    "--residual-mib",
+    type=click.IntRange(min=0),
+    default=512,
+    show_default=True,
+    help=HELP["residual_mib"],
+)
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the model repository's own code.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output adapter directory.")
@@ -90,12 +104,34 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
             trust_remote_code=trust_remote_code,
             progress=sys.stderr.isatty(),
         )
+    for name, (why, count) in _grouped(result.manifest.get("skipped", {})).items():
+        what = name if count == 1 else f"{name} ({count} modules)"
+        click.echo(f"note: {what} left out of the default targets ({why})", err=True)
+    peft_form = result.manifest.get("peft") or {}
+    if peft_form.get("modules_as_parameters"):
+        click.echo(
+            f"note: {', '.join(peft_form['modules_as_parameters'])} written as PEFT target_parameters: PEFT would not "
+            "adapt them as planned from target_modules on this model type (see loraforge.json 'peft')",
+            err=True,
+        )
     s = result.manifest["summary"]
+    stacks = [m["experts"] for m in result.manifest["modules"].values() if m.get("experts")]
+    experts = f" ({len(stacks)} of them expert stacks, {sum(stacks)} experts)" if stacks else ""
     click.echo(
-        f"{config.method} r={config.r}: {result.modules} modules in {result.seconds:.1f} s, "
+        f"{config.method} r={config.r}: {result.modules} modules{experts} in {result.seconds:.1f} s, "
         f"max relative reconstruction error {s['recon_rel_max']:.2e} -> {result.out}"
     )
     # which base a server loads, with vLLM's flags for this rank (the same line `loraforge verify` ends with)
     from loraforge.ship.verify import serve_line
 
     click.echo(serve_line(Path(result.out), METHODS[config.method], result.manifest["source"]["model_id"], config.r))
+
+
+def _grouped(skipped: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """{name: reason} grouped over layers: model.layers.*.mlp.shared_expert_gate once, with a count."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for name in skipped:
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(name)
+    return {(n[0] if len(n) == 1 else key): (skipped[n[0]], len(n)) for key, n in groups.items()}

@@ -22,7 +22,7 @@ from loraforge.models.targets import Target
 
 @dataclass
 class ModuleInit:
-    """The initialisation of one target module, ready to write."""
+    """The initialisation of one target module (or one expert of a fused stack: target.expert), ready to write."""
 
     target: Target
     A: torch.Tensor  # (r, in_features), adapter dtype, CPU
@@ -65,7 +65,7 @@ def _init_batch(
     base_dtypes = [w.dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype] for w in stored]
     W, W32, w_norm = _load_batch(batch, stored, config, device, workspace or Workspace(), base_dtypes)
     spectrum = _spectrum(batch, W, W32, config)
-    seeds = [module_seed(config.seed, t.name) for t in batch]
+    seeds = [module_seed(config.seed, t.unit) for t in batch]
     A, B = method.init(MethodInput(W=W, r=config.r, scaling=config.scaling, spectrum=spectrum, seeds=seeds))
     adapter_dtype = DTYPES[config.adapter_dtype]
     A_s, B_s = A.to(adapter_dtype), B.to(adapter_dtype)
@@ -124,7 +124,7 @@ def _load_batch(batch, stored, config: InitConfig, device, workspace: Workspace,
     if not bool(finite.all()):
         bad = batch[int((~finite).nonzero()[0])]
         raise LoraforgeError(
-            f"Module {bad.name} has non-finite weights (NaN or inf); the checkpoint is damaged. "
+            f"Module {bad.unit} has non-finite weights (NaN or inf); the checkpoint is damaged. "
             "Re-download or re-save it."
         )
     return W, W32, w_norm
@@ -142,7 +142,7 @@ def _spectrum(batch, W, W32, config: InitConfig):
     if len(low):
         i = int(low[0])
         raise LoraforgeError(
-            f"Module {batch[i].name} ({batch[i].out_features} x {batch[i].in_features}) has numerical rank "
+            f"Module {batch[i].unit} ({batch[i].out_features} x {batch[i].in_features}) has numerical rank "
             f"{int(spectrum.rank[i])}, fewer than -r {config.r} nonzero singular values, so {method.name} has no "
             f"{config.r} singular directions to use. Lower -r to at most {int(spectrum.rank[i])}."
         )
@@ -195,6 +195,10 @@ def compute_inits(
 ) -> Iterator[list[ModuleInit]]:
     """Initialise TARGETS batch by batch, in order; READ returns a target's weight as stored in the checkpoint.
 
+    A fused expert stack is computed expert by expert (`Target.units`: READ gets a unit with `expert` set and
+    returns that expert's matrix as stored), so a stack is cut into batches of experts like any group of
+    same-shaped matrices, and no more than one batch of experts is read at a time.
+
     Reading the next batch overlaps with decomposing the current one (a background thread does the
     I/O; torch releases the GIL in both). With several DEVICES (GPUs), batch i is decomposed on
     device i mod len(DEVICES), one batch per device at a time; every batch is computed whole on one
@@ -202,11 +206,12 @@ def compute_inits(
     """
     devices = [devices] if isinstance(devices, torch.device) else list(devices)
     check_ranks(targets, config.r)
-    batches = plan_batches(targets, config.batch_mib * 2**20)
+    units = [u for t in targets for u in t.units()]
+    batches = plan_batches(units, config.batch_mib * 2**20)
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=len(targets), unit="module", desc=f"{config.method} r={config.r}", disable=not progress, file=sys.stderr
+        total=len(units), unit="matrix", desc=f"{config.method} r={config.r}", disable=not progress, file=sys.stderr
     )
     with (
         concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader,

@@ -26,7 +26,9 @@ class InitConfig:
     alpha: Optional[float] = setting(None, "LoRA alpha [default: 2 * r, the paper's setting].")
     rslora: bool = setting(False, "Scale by alpha / sqrt(r) instead of alpha / r.")
     target_modules: str | list[str] = setting(
-        "all-linear", "all-linear (every Linear/Conv1D but the output head) or names like q_proj,v_proj."
+        "all-linear",
+        "all-linear (every Linear/Conv1D but the output head and MoE routers, plus fused MoE experts) or names like "
+        "q_proj,v_proj,experts.",
     )
     layers: Optional[list[int]] = setting(None, "Only these transformer blocks, e.g. 0-3,7 [default: all].")
     # per module the seed is mixed with the module's name, so modules of one shape differ
@@ -40,9 +42,13 @@ class InitConfig:
         "auto", "Residual base dtype (pissa, milora, olora, olora-tail); auto keeps the checkpoint's."
     )
     svd: str = setting("exact", "exact, or fast: randomised SVD, principal methods only (rlpo, pissa, olora).")
-    batch_mib: int = setting(512, "Memory budget for one batch of float64 matrices, in MiB.")
+    batch_mib: int = setting(
+        512,
+        "Memory budget of one batch of matrices decomposed together (an MoE expert stack is cut into batches of "
+        "experts), in MiB of float64.",
+    )
     residual_mib: int = setting(
-        512, "Residuals held in memory until their shard is written, in MiB; the rest wait on disk."
+        512, "Residuals (and, separately, adapter factors) kept in memory until written, in MiB; the rest wait on disk."
     )
 
     def __post_init__(self):

@@ -19,6 +19,9 @@ def module_seed(seed: int, name: str) -> int:
 def plan_batches(targets: Sequence[Target], budget_bytes: int) -> list[list[Target]]:
     """Group targets by shape (first-appearance order) and cut each group to the memory budget.
 
+    The experts of a fused stack come in as one unit per expert (`Target.units`), so a stack is cut into
+    batches of experts like any other group of same-shaped matrices.
+
     One float64 matrix costs about 3x its size while decomposed (W, the other side's vectors, the
     residual), so a batch holds budget / (24 * m * n) matrices, at least one.
     """
@@ -40,3 +43,18 @@ def check_ranks(targets: Sequence[Target], r: int) -> None:
                 f"(out x in), so the rank is at most {min(t.shape)}. Lower -r or leave this module out with "
                 "--target-modules/--layers."
             )
+
+
+def drop_small(targets: Sequence[Target], r: int) -> tuple[list[Target], dict[str, str]]:
+    """The targets of the default set that can hold rank R, and {name: reason} for those that cannot.
+
+    A default-set module smaller than r (Qwen's 1 x hidden shared_expert_gate, a router of 8 experts at r = 16)
+    has no r directions to initialise from; it is left out rather than failing the whole init. Modules named
+    with --target-modules go through `check_ranks` instead, which stops with an error."""
+    kept, skipped = [], {}
+    for t in targets:
+        if r > min(t.shape):
+            skipped[t.name] = f"{t.out_features} x {t.in_features}: smaller than r = {r}"
+        else:
+            kept.append(t)
+    return kept, skipped

@@ -33,7 +33,7 @@ def check_inits(batch: Sequence, config: InitConfig) -> None:
     or whose residual base does not reproduce W to the rounding of its dtype."""
     eps = torch.finfo(DTYPES[config.adapter_dtype]).eps
     for m in batch:
-        name = m.target.name
+        name = m.target.unit
         if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all())):
             raise LoraforgeError(
                 f"{_flags(config)} makes module {name}'s factors overflow (inf or NaN). Raise --alpha (e.g. the "
@@ -59,7 +59,7 @@ def _check_reconstruction(m, config: InitConfig) -> None:
     if not rel <= tol:
         dtype = str(m.base.dtype).removeprefix("torch.")
         raise LoraforgeError(
-            f"{_flags(config)}: the residual base of module {m.target.name} cannot hold W - s B0 A0 in {dtype} "
+            f"{_flags(config)}: the residual base of module {m.target.unit} cannot hold W - s B0 A0 in {dtype} "
             f"(relative reconstruction error {rel:.2e} > {tol:.1e}). Lower --alpha (e.g. the default 2r = "
             f"{2 * config.r}) or use --base-dtype float32. Nothing was written."
         )

@@ -96,6 +96,23 @@ class SafetensorsFile:
                 )
         return out
 
+    def read_index(self, key: str, index: int) -> torch.Tensor:
+        """KEY[index] (one entry along dim 0, e.g. one expert of a fused stack), reading only its bytes."""
+        info = self.tensors[key]
+        if info.dtype not in DTYPES or not info.shape or not 0 <= index < info.shape[0]:
+            return self.read(key)[index]  # the full read raises the right error (or IndexError)
+        out = torch.empty(info.shape[1:], dtype=DTYPES[info.dtype])
+        nbytes = out.numel() * out.element_size()
+        if nbytes * info.shape[0] != info.end - info.begin:
+            return self.read(key)[index]
+        if nbytes:
+            with open(self.path, "rb") as f:
+                f.seek(info.begin + index * nbytes)
+                got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+            if got != nbytes:
+                return self.read(key)[index]  # truncated: the full read names it
+        return out
+
 
 def parse_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     """(metadata, {name: TensorInfo}) of the safetensors file PATH, after checking the header against

@@ -3,13 +3,16 @@
 Targets are found on a model skeleton (built on the meta device, no weights in memory) or on a
 loaded model. For the common decoder architectures in HEADER_LAYOUTS the skeleton is read from the
 checkpoint's header instead, which spares `loraforge init` importing transformers (seconds of
-start-up: benchmarks/RESULTS.md). Defaults
-follow PEFT's `all-linear`: every nn.Linear and GPT-2 Conv1D except the output head. A name in
---target-modules matches a module whose path equals it or ends with `.name` (PEFT's rule).
+start-up: benchmarks/RESULTS.md). The default set ("all-linear") is every nn.Linear and GPT-2 Conv1D
+except the output head and MoE routers/gates, plus every fused expert parameter (transformers 5's 3-D
+expert stacks, adapted expert by expert). A name in --target-modules matches a module or expert
+parameter whose path equals it or ends with `.name` (PEFT's rule). Departures from PEFT's own
+all-linear are explained in docs/design.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -27,16 +30,39 @@ class Target:
     name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
     out_features: int
     in_features: int
-    transposed: bool  # True for Conv1D: the stored tensor is W^T
+    transposed: bool  # True for Conv1D and (E, in, out) experts (is_transposed): the stored matrix is W^T
     layer: Optional[int]  # the first integer in the path (the transformer block), if any
+    experts: int = 0  # E for a fused expert parameter (NAME is then module.param, e.g. ...mlp.experts.down_proj)
+    expert: Optional[int] = None  # set on the per-expert units an expert stack is computed as (see `units`)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
     @property
+    def module(self) -> str:
+        """The module holding the weight (for experts: the experts module)."""
+        return self.name.rsplit(".", 1)[0] if self.experts else self.name
+
+    @property
+    def param(self) -> str:
+        """The adapted parameter of `module`: "weight", or the fused experts' parameter name."""
+        return self.name.rsplit(".", 1)[1] if self.experts else "weight"
+
+    @property
     def weight_key(self) -> str:
-        return f"{self.name}.weight"
+        return self.name if self.experts else f"{self.name}.weight"
+
+    @property
+    def unit(self) -> str:
+        """What a per-module seed and a message name: the target, or one expert of a stack ("...gate_up_proj.3")."""
+        return self.name if self.expert is None else f"{self.name}.{self.expert}"
+
+    def units(self) -> list["Target"]:
+        """The matrices an init computes: the target itself, or each expert of a fused stack."""
+        if not self.experts:
+            return [self]
+        return [dataclasses.replace(self, expert=e) for e in range(self.experts)]
 
 
 def layer_index(name: str) -> Optional[int]:
@@ -90,30 +116,124 @@ def _is_linear(module: torch.nn.Module) -> tuple[bool, bool]:
     return False, False
 
 
-def find_targets(
-    model: torch.nn.Module, target_modules: str | Sequence[str] = "all-linear", layers: Optional[Sequence[int]] = None
-) -> list[Target]:
-    """Target modules of MODEL (a skeleton or a loaded model), in module order."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear: list[Target] = []
-    for name, module in model.named_modules():
-        is_linear, transposed = _is_linear(module)
-        if not is_linear or module is head:
+def _expert_stacks(name: str, module: torch.nn.Module, notes: dict[str, str]) -> list[Target]:
+    """The fused expert parameters of MODULE (3-D, one (d1, d2) matrix per expert), as PEFT's ParamWrapper sees them.
+
+    transformers' `use_experts_implementation` marks expert classes with `is_transposed`: False means (E, out, in),
+    True (gpt-oss) means (E, in, out). A 3-D parameter without the flag (Llama4's experts are (E, in, out) unflagged)
+    would be read by PEFT as (E, out, in), its lora_A on the output side: left out, with a note in NOTES."""
+    if isinstance(module, torch.nn.modules.conv._ConvNd):  # e.g. Qwen3-Next's short convolution
+        return []
+    stacks = []
+    for pname, p in module.named_parameters(recurse=False):
+        if p.dim() != 3:
             continue
-        rows, cols = module.weight.shape
-        out_f, in_f = (cols, rows) if transposed else (rows, cols)
-        linear.append(Target(name, out_f, in_f, transposed, layer_index(name)))
-    leaf_names = list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in linear))
+        full = f"{name}.{pname}"
+        if not hasattr(module, "is_transposed"):
+            notes[full] = (
+                f"fused 3-D parameter of {type(module).__name__} without transformers' is_transposed flag: PEFT would "
+                "take its in and out sides the wrong way round; not adapted"
+            )
+            continue
+        transposed = bool(module.is_transposed)
+        E, d1, d2 = p.shape
+        out_f, in_f = (d2, d1) if transposed else (d1, d2)
+        stacks.append(Target(full, out_f, in_f, transposed, layer_index(full), experts=E))
+    return stacks
+
+
+def _expert_count(experts: torch.nn.Module) -> Optional[int]:
+    for p in experts.parameters(recurse=False):
+        if p.dim() == 3:
+            return p.shape[0]
+    return len(experts) if isinstance(experts, torch.nn.ModuleList) else None
+
+
+def _router_weight(modules: dict[str, torch.nn.Module], name: str, module: torch.nn.Module) -> list[Target]:
+    """A router of an MoE block that is not a linear layer (transformers 5's TopKRouter modules: a 2-D `weight`,
+    logits = x W^T), as a Target for --target-modules to name (PEFT adapts it through target_parameters)."""
+    parent = name.rpartition(".")[0]
+    weight = module._parameters.get("weight")
+    if weight is None or weight.dim() != 2 or f"{parent}.experts" not in modules or name.endswith(".experts"):
+        return []
+    if isinstance(module, torch.nn.Embedding) or "norm" in type(module).__name__.lower():
+        return []
+    return [Target(name, weight.shape[0], weight.shape[1], False, layer_index(name))]
+
+
+def router_targets(model: torch.nn.Module) -> dict[str, Target]:
+    """{name: Target} of MODEL's routers that are not linear layers (see `_router_weight`)."""
+    modules = dict(model.named_modules())
+    return {t.name: t for name, m in modules.items() for t in _router_weight(modules, name, m)}
+
+
+def _router_reason(modules: dict[str, torch.nn.Module], t: Target) -> Optional[str]:
+    """Why linear target T is a router or gate of an MoE block (None if it is not): a linear layer inside a block
+    that holds `experts` whose output is one score per expert or a single gate value (Qwen's shared_expert_gate), or
+    named gate/router/shared_expert_gate there."""
+    parent, _, leaf = t.name.rpartition(".")
+    grandparent = parent.rpartition(".")[0]
+    # The block holding `experts`: the router's parent, or its grandparent (GraniteMoE: block.router.layer).
+    experts = next((modules[k] for k in (f"{parent}.experts", f"{grandparent}.experts") if k in modules), None)
+    if experts is None:
+        return None
+    count = _expert_count(experts)
+    if t.out_features in (1, count) or leaf in ("gate", "router", "shared_expert_gate"):
+        return (
+            f"router/gate of an MoE block ({t.out_features} x {t.in_features}): routing stays as pretrained; "
+            "name it in --target-modules to adapt it"
+        )
+    return None
+
+
+def is_linear_module(model: torch.nn.Module, name: str) -> bool:
+    """NAME is an nn.Linear / Conv1D of MODEL (a LoRA layer for PEFT), not a parameter holder like a router."""
+    try:
+        return _is_linear(model.get_submodule(name))[0]
+    except AttributeError:
+        return False
+
+
+def find_targets(
+    model: torch.nn.Module,
+    target_modules: str | Sequence[str] = "all-linear",
+    layers: Optional[Sequence[int]] = None,
+    skipped: Optional[dict[str, str]] = None,
+) -> list[Target]:
+    """Target weights of MODEL (a skeleton or a loaded model), in module order.
+
+    The default set ("all-linear"): every nn.Linear / Conv1D except the output head and MoE routers and gates,
+    plus every fused expert parameter (each expert adapted on its own). Names pick linear modules and expert
+    parameters by PEFT's suffix rule (`q_proj`, `gate_up_proj`, `mlp.experts`). What the default set leaves out is
+    recorded in SKIPPED ({name: reason}) when given."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = dict(model.named_modules())
+    found: list[Target] = []
+    routers: list[Target] = []  # routers that are not linear layers: targets only when named
+    notes: dict[str, str] = {}
+    for name, module in modules.items():
+        is_linear, transposed = _is_linear(module)
+        if is_linear and module is not head:
+            rows, cols = module.weight.shape
+            out_f, in_f = (cols, rows) if transposed else (rows, cols)
+            found.append(Target(name, out_f, in_f, transposed, layer_index(name)))
+        elif not is_linear:
+            found.extend(_expert_stacks(name, module, notes))
+            routers.extend(_router_weight(modules, name, module))
+    leaf_names = list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in found + routers))
 
     wanted = parse_target_modules(target_modules)
     if wanted == "all-linear":
-        chosen = linear
+        gates = {t.name: why for t in found if not t.experts and (why := _router_reason(modules, t))}
+        notes.update(gates)
+        chosen = [t for t in found if t.name not in gates]
     else:
-        chosen = [t for t in linear if any(t.name == w or t.name.endswith("." + w) for w in wanted)]
+        notes = {}
+        chosen = [t for t in found + routers if any(_matches(t, w) for w in wanted)]
         if not chosen:
             raise LoraforgeError(
-                f"No modules match {wanted} in {type(model).__name__}. Linear modules: {', '.join(leaf_names)}. "
-                "Pass --target-modules with some of these, or all-linear."
+                f"No modules match {wanted} in {type(model).__name__}. Linear modules and expert parameters: "
+                f"{', '.join(leaf_names)}. Pass --target-modules with some of these, or all-linear."
             )
     if layers is not None:
         present = sorted({t.layer for t in chosen if t.layer is not None})
@@ -126,21 +246,45 @@ def find_targets(
                 "Pass --layers within that range."
             )
         chosen = [t for t in chosen if t.layer in set(layers)]
+        notes = {n: why for n, why in notes.items() if layer_index(n) in set(layers)}
+    if skipped is not None:
+        skipped.update(notes)
     return chosen
 
 
+def _matches(t: Target, wanted: str) -> bool:
+    return any(n == wanted or n.endswith("." + wanted) for n in ({t.name, t.module}))
+
+
 def peft_target_modules(model: torch.nn.Module, targets: list[Target]) -> str | list[str]:
-    """The `target_modules` value for adapter_config.json that makes PEFT wrap exactly TARGETS.
+    """The `target_modules` value for adapter_config.json that makes PEFT wrap exactly TARGETS (linear modules).
 
     Leaf names (["q_proj", ...], PEFT's usual form) when they select exactly our targets; otherwise
     (a --layers subset, or a name shared with an excluded module) a regex that PEFT full-matches.
+    An empty TARGETS gives [] (every target is then a target_parameters entry).
     """
+    if not targets:
+        return []
     names = {t.name for t in targets}
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     by_leaf = {n for n, m in model.named_modules() if _is_linear(m)[0] and n.rsplit(".", 1)[-1] in leaves}
     if by_leaf == names:
         return leaves
     return "(?:" + "|".join(re.escape(t.name) for t in targets) + ")"
+
+
+def peft_target_parameters(model: torch.nn.Module, targets: list[Target]) -> list[str]:
+    """The `target_parameters` value that makes PEFT wrap exactly TARGETS' weights with its ParamWrapper.
+
+    "<module leaf>.<param>" forms (experts.gate_up_proj, gate_proj.weight) when they select exactly these
+    parameters by PEFT's rule (a parameter path equal to the entry or ending in "." + entry); else full paths."""
+    if not targets:
+        return []
+    wanted = {f"{t.module}.{t.param}" for t in targets}
+    short = sorted({".".join(p.rsplit(".", 2)[-2:]) for p in wanted})
+    every = {f"{m}.{p}" if m else p for m, mod in model.named_modules() for p, _ in mod.named_parameters(recurse=False)}
+    selected = {k for k in every if any(k == f or k.endswith("." + f) for f in short)}
+    return short if selected == wanted else sorted(wanted)
 
 
 def build_skeleton(path, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -159,6 +303,17 @@ def build_skeleton(path, trust_remote_code: bool = False) -> torch.nn.Module:
                 f"after reviewing it. ({e})"
             ) from None
         raise LoraforgeError(f"transformers cannot build a causal LM from {path}/config.json: {e}") from None
+
+
+def meta_skeleton(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """An empty (meta-device) copy of a transformers model, built from its config; None for other models."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(type(model), "_from_config"):
+        return None
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return type(model)._from_config(config)
 
 
 # Decoder architectures whose safetensors checkpoints name every weight by its module path and whose

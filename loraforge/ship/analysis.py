@@ -110,14 +110,21 @@ def cumulative_energy(c: torch.Tensor) -> torch.Tensor:
 
 
 def concat_factors(
-    A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor
+    A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, experts: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[A ; A0] and [B | -B0]: the rank-2r factors with B' A' = B A - B0 A0 exactly.
 
     Concatenation and negation are exact in any floating-point format, so no rounding is added.
-    A, A0: (r, n); B, B0: (m, r) -> A' (2r, n), B' (m, 2r).
+    A, A0: (r, n); B, B0: (m, r) -> A' (2r, n), B' (m, 2r). With EXPERTS = E > 1 the factors are a fused
+    expert stack in PEFT's ParamWrapper layout (A: (r*E, n), expert e's rows at e*r..(e+1)*r; B: (m, r*E),
+    expert e's columns at e::E), and each expert's factors are concatenated: A'_e = [A_e ; A0_e], B'_e = [B_e | -B0_e].
     """
     dtype = torch.promote_types(torch.promote_types(A.dtype, A0.dtype), torch.promote_types(B.dtype, B0.dtype))
-    A2 = torch.cat([A.to(dtype), A0.to(dtype)], dim=0)
+    E = experts
+    if E > 1:  # rows (e, k) -> e*2r + k; columns (k, e) -> k*E + e, so B's columns concatenate as they are
+        A2 = torch.cat([A.to(dtype).reshape(E, -1, A.shape[1]), A0.to(dtype).reshape(E, -1, A0.shape[1])], dim=1)
+        A2 = A2.reshape(-1, A.shape[1])
+    else:
+        A2 = torch.cat([A.to(dtype), A0.to(dtype)], dim=0)
     B2 = torch.cat([B.to(dtype), -B0.to(dtype)], dim=1)
     return A2.contiguous(), B2.contiguous()

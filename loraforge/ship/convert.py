@@ -50,6 +50,18 @@ class ConvertResult:
     modules: int = 0
 
 
+def _expert_stacks(init_ad: Adapter) -> dict[str, int]:
+    """{saved module name: E} for the fused expert stacks of INIT_AD (PEFT's ParamWrapper layout interleaves the
+    experts, so their factors are concatenated expert by expert), from what PEFT builds on its residual base."""
+    if not any(m.get("experts") for m in init_ad.manifest["modules"].values()):
+        return {}
+    from loraforge.adapters.peft_view import adapted_by_peft
+    from loraforge.models.targets import build_skeleton
+
+    view = adapted_by_peft(build_skeleton(init_ad.base_dir), init_ad.config)
+    return {a.path: a.experts for a in view.values() if a.experts > 1}
+
+
 def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, overwrite: bool = False) -> ConvertResult:
     """Write to OUT the rank-2r LoRA for the original base equivalent to TRAINED on INIT's residual base."""
     from loraforge.adapters import writers
@@ -83,10 +95,11 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
     r2 = 2 * trained_ad.r
     alpha2 = converted_alpha(trained_ad.alpha, trained_ad.r, trained_ad.rslora)
     factors = {}
+    stacks = _expert_stacks(init_ad)
     for name in trained_ad.modules:
         A, B = trained_ad.factors(name)
         A0, B0 = init_ad.factors(name)
-        factors[name] = concat_factors(A, B, A0, B0)
+        factors[name] = concat_factors(A, B, A0, B0, stacks.get(name, 1))
 
     out = Path(out)
     for given, role in ((trained, "TRAINED_ADAPTER"), (init, "--init")):

@@ -204,9 +204,11 @@ class InspectReport:
 
 
 def module_kind(name: str) -> str:
-    """'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj' (GPT-2's attn.c_proj and mlp.c_proj stay apart)."""
+    """'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj' (GPT-2's attn.c_proj and mlp.c_proj stay apart);
+    an expert 'model.layers.3.mlp.experts.down_proj.7' -> 'mlp.experts.down_proj'."""
     m = re.search(r"(?:^|\.)\d+\.(.+)$", name)
-    return m.group(1) if m else name
+    kind = m.group(1) if m else name
+    return re.sub(r"(\.experts\.[^.]+)\.\d+$", r"\1", kind)
 
 
 def select_modules(names: list[str], config: InspectConfig) -> list[str]:
@@ -266,6 +268,7 @@ def inspect_adapter(
             "no init given: B0 A0 = 0 assumed (right for lora/rlpo/rlmo/dct/wavelet inits and converted "
             "adapters; pass --init for a pissa/milora/olora/olora-tail init)."
         )
+    _name_experts(candidate, ad, init_ad, via_residual)
     if init_ad is not None and trained:
         _check_same_modules(ad, init_ad)
 
@@ -299,6 +302,24 @@ def inspect_adapter(
         )
     method = (init_ad.manifest or {}).get("method") if init_ad else (ad.manifest or {}).get("method")
     return InspectReport(ad.path, method, r, candidate, trained, rows, notes)
+
+
+def _name_experts(candidate: str, *adapters: Optional[Adapter]) -> None:
+    """Fused expert stacks are diagnosed expert by expert: name their factors per expert from what PEFT builds
+    from each adapter's config on CANDIDATE's skeleton (the saved names do not say which parameter they hold)."""
+    adapters = tuple(a for a in adapters if a is not None and a.config.get("target_parameters"))
+    if not adapters:
+        return
+    from loraforge.adapters.peft_view import adapted_by_peft
+    from loraforge.models.source import resolve_source
+    from loraforge.models.targets import build_skeleton
+
+    skeleton = build_skeleton(resolve_source(candidate).path)
+    for a in adapters:
+        try:
+            a.use_peft_view(adapted_by_peft(skeleton, a.config))
+        except ValueError as e:
+            raise LoraforgeError(f"PEFT cannot load {a.path} on {candidate}: {e}") from None
 
 
 def _find_init(ad: Adapter, init: Optional[str | Path], notes: list[str]) -> Optional[Adapter]:

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from loraforge.adapters.directory import Adapter, load_adapter
+from loraforge.adapters.directory import Adapter, expert_units_of, load_adapter
 from loraforge.adapters.writers import ADAPTER_CONFIG, MANIFEST
 from loraforge.core.clients import vllm_serve_command
 from loraforge.core.errors import LoraforgeError
@@ -185,6 +185,12 @@ def verify_adapter(
     manifest = _init_manifest(adapter)
     method = METHODS[manifest["method"]]
     original = base or manifest["source"]["model_id"]
+    as_written = manifest  # PEFT sees expert stacks whole; the factor checks below go expert by expert
+    if any(m.get("experts") for m in manifest["modules"].values()):
+        # Fused expert stacks are compared expert by expert, as they were computed.
+        _check_source_exists(manifest, base, original)
+        _name_expert_factors(adapter, original)
+        manifest = {**manifest, "modules": expert_units_of(manifest["modules"])}
     checks = _Checks.for_method(method)
     report = VerifyReport(
         out, method.name, manifest["r"], original, checks.all, serve_line(out, method, original, manifest["r"])
@@ -200,7 +206,7 @@ def verify_adapter(
     for batch in plan_batches(targets, batch_mib * 2**20):
         _check_batch(adapter, manifest, method, batch, weights, residual, dev, checks, report.modules)
     _finish_details(method, checks)
-    report.checks.extend(client_checks(out, manifest, original, method.residual, logit_max_params))  # what PEFT builds
+    report.checks.extend(client_checks(out, as_written, original, method.residual, logit_max_params))  # what PEFT builds
     return report
 
 
@@ -220,11 +226,7 @@ def _open_weights(adapter: Adapter, manifest: dict, method: Method, base, origin
     """The original weights of NAMES, and the residual base's (None for B0 = 0 methods, or when missing)."""
     from loraforge.models.weights import open_model_weights
 
-    if base is None and manifest["source"].get("local") and not Path(original).exists():
-        raise LoraforgeError(
-            f"The manifest's source model {original} (a local directory at init time) is not there any more. "
-            "Pass the original model with --base."
-        )
+    _check_source_exists(manifest, base, original)
     weights = open_model_weights(original, names, role="--base" if base else "the manifest's source model")
     residual = None
     if method.residual and not adapter.base_dir.is_dir():
@@ -360,6 +362,28 @@ def _finish_details(method: Method, checks: _Checks) -> None:
     for c in (checks.nonzero, checks.recon, checks.zero_b, checks.ortho, checks.formula):
         if c.applies and not c.checked and not c.failures:
             c.detail = "no module could be compared (see factors)"
+
+
+def _check_source_exists(manifest: dict, base, original: str) -> None:
+    if base is None and manifest["source"].get("local") and not Path(original).exists():
+        raise LoraforgeError(
+            f"The manifest's source model {original} (a local directory at init time) is not there any more. "
+            "Pass the original model with --base."
+        )
+
+
+def _name_expert_factors(adapter: Adapter, original: str) -> None:
+    """Name the adapter's fused-expert factors per expert, from what PEFT builds from its adapter_config on a meta
+    skeleton of ORIGINAL (the saved names of a stack do not say which parameter they hold)."""
+    from loraforge.adapters.peft_view import adapted_by_peft
+    from loraforge.models.source import resolve_source
+    from loraforge.models.targets import build_skeleton
+
+    skeleton = build_skeleton(resolve_source(original).path)
+    try:
+        adapter.use_peft_view(adapted_by_peft(skeleton, adapter.config))
+    except ValueError as e:  # PEFT refuses this adapter_config on that model: the factors stay unnamed (and fail)
+        raise LoraforgeError(f"PEFT cannot load {adapter.path} on {original}: {e}") from None
 
 
 def _init_manifest(adapter: Adapter) -> dict:
