@@ -20,7 +20,7 @@ tensors are dropped, and PEFT warns only about missing keys, never about unexpec
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +28,7 @@ import torch
 
 from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR
 from loraforge.core.errors import LoraforgeError
+from loraforge.ship.checks import Check
 
 # The logit check loads two float32 copies of the base; above this many parameters it is skipped with a note.
 MAX_LOGIT_PARAMS = 200_000_000
@@ -39,33 +40,6 @@ MAX_LOGIT_PARAMS = 200_000_000
 LOGIT_TOL_EPS = 4.0
 LOGIT_TOL_FLOOR = 1e-4  # float32 bases: the float32 forward passes round differently (SmolLM2: 3.8e-6)
 PROBE_TOKENS = 16
-
-
-@dataclass
-class ClientCheck:
-    """One property of what the client builds; the same fields and statuses as verify's Check, so
-    the verify report and the CLI treat both alike."""
-
-    name: str
-    applies: bool = True
-    detail: str = ""
-    failures: dict[str, str] = field(default_factory=dict)
-    checked: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def status(self) -> str:
-        if not self.applies:
-            return "n/a"
-        if self.failures:
-            return "FAILED"
-        return "ok" if self.checked else "skipped"
-
-    def fail(self, what: str, message: str) -> None:
-        self.failures.setdefault(what, message)
 
 
 @dataclass
@@ -157,17 +131,17 @@ def _targets(config) -> dict:
 
 def client_checks(
     out: Path, manifest: dict, original: str, residual: bool, max_params: int = MAX_LOGIT_PARAMS
-) -> list[ClientCheck]:
+) -> list[Check]:
     """The checks on what PEFT builds from OUT: modules, keys and (residualised methods) logits."""
     from loraforge.models.source import resolve_source
     from loraforge.models.targets import build_skeleton
 
     out = Path(out)
-    modules, keys = ClientCheck("peft modules"), ClientCheck("peft keys")
+    modules, keys = Check("peft modules"), Check("peft keys")
     base_dir = out / (manifest.get("base") or BASE_DIR)
     # The skeleton of what the client loads: the residual base for residualised methods, else the original.
     load_on = base_dir if residual and (base_dir / "config.json").is_file() else resolve_source(original).path
-    logits = ClientCheck("peft logits", applies=residual)
+    logits = Check("peft logits", applies=residual)
     try:
         view = peft_view(out, build_skeleton(load_on))
     except LoraforgeError:
@@ -197,7 +171,7 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.0f}M" if n >= 10**7 else f"{n:,}"
 
 
-def _compare_modules(view: PeftView, expected: list[str], check: ClientCheck) -> None:
+def _compare_modules(view: PeftView, expected: list[str], check: Check) -> None:
     from peft import __version__
 
     adapted = set(view.adapted)
@@ -236,7 +210,7 @@ def _names(target_modules) -> list[str]:
     return list(target_modules or [])
 
 
-def _check_keys(view: PeftView, check: ClientCheck) -> None:
+def _check_keys(view: PeftView, check: Check) -> None:
     check.checked = 1
     if view.shape_error:
         check.fail(ADAPTER_WEIGHTS, view.shape_error)
@@ -264,7 +238,7 @@ def logit_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float((diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)).max())
 
 
-def _compare_logits(original: str, base_dir: Path, out: Path, check: ClientCheck) -> None:
+def _compare_logits(original: str, base_dir: Path, out: Path, check: Check) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

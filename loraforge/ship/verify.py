@@ -37,6 +37,7 @@ from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum, fast_spectru
 from loraforge.inits.methods import METHODS, Method, MethodInput
 from loraforge.models.checkpoint import sha256_file
 from loraforge.ship.analysis import orthonormality_error, reconstruction_error, subspace_similarity
+from loraforge.ship.checks import Check
 from loraforge.ship.client_check import MAX_LOGIT_PARAMS, client_checks
 
 INIT_FORMAT = "loraforge-manifest/1"
@@ -56,32 +57,6 @@ FAST_SVD_TOL = 1e-3
 
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
-
-
-@dataclass
-class Check:
-    """One property checked over all modules (or files)."""
-
-    name: str
-    applies: bool = True
-    detail: str = ""  # what was measured, e.g. "max rel 1.2e-03 <= 7.8e-03 (bfloat16 base)"
-    failures: dict[str, str] = field(default_factory=dict)  # module or file -> what was found
-    checked: int = 0  # how many modules (or files) were checked
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def status(self) -> str:
-        if not self.applies:
-            return "n/a"
-        if self.failures:
-            return "FAILED"
-        return "ok" if self.checked else "skipped"
-
-    def fail(self, what: str, message: str) -> None:
-        self.failures.setdefault(what, message)
 
 
 @dataclass
@@ -206,7 +181,9 @@ def verify_adapter(
     for batch in plan_batches(targets, batch_mib * 2**20):
         _check_batch(adapter, manifest, method, batch, weights, residual, dev, checks, report.modules)
     _finish_details(method, checks)
-    report.checks.extend(client_checks(out, as_written, original, method.residual, logit_max_params))  # what PEFT builds
+    report.checks.extend(
+        client_checks(out, as_written, original, method.residual, logit_max_params)
+    )  # what PEFT builds
     return report
 
 
