@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from loraforge.adapters.peft_view import adapted_in
 from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR
 from loraforge.core.errors import LoraforgeError
 from loraforge.ship.checks import Check
@@ -64,7 +65,6 @@ def peft_view(adapter_dir: str | Path, skeleton: torch.nn.Module) -> PeftView:
     """Build the PeftModel PEFT would build from ADAPTER_DIR on SKELETON (a meta-device model), and load
     the adapter's tensor headers (shapes on the meta device, no data) into it the way PEFT loads them."""
     from peft import PeftConfig, PeftModel, __version__
-    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
     from peft.utils import set_peft_model_state_dict
 
     from loraforge.models.checkpoint import DTYPES, SafetensorsFile
@@ -77,14 +77,9 @@ def peft_view(adapter_dir: str | Path, skeleton: torch.nn.Module) -> PeftView:
         model = PeftModel(skeleton, config, low_cpu_mem_usage=True)  # PEFT rewrites `config` in place here
     effective = _targets(config)
 
-    adapted = []
-    for name, module in model.base_model.model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        path = ".".join(p for p in name.split(".") if p != "base_layer")  # nested ParamWrappers
-        if isinstance(module, ParamWrapper) and module.parameter_name != "weight":
-            path = f"{path}.{module.parameter_name}"
-        adapted.append(path)
+    # One reading of PEFT's layers for init and verify alike; a ParamWrapper on a non-weight parameter (fused
+    # experts) is named "<module>.<parameter>", as the manifest names expert stacks.
+    adapted = [m if p == "weight" else f"{m}.{p}" for (m, p) in adapted_in(model)]
 
     reader = SafetensorsFile(Path(adapter_dir) / ADAPTER_WEIGHTS)
     state = {
