@@ -42,7 +42,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     trust_remote_code: bool = False  # allow a model repository's own code to run
     # --- prompts and rewards ------------------------------------------------------------------
-    reward: str = "dapo"  # dapo (verl 0.7, +1/-1), dapo-boxed (newer verl), math-verify (1/0), or module:function
+    reward: str = "dapo"  # dapo (verl 0.7, +1/-1), dapo-boxed, math-verify, number (one final number), or module:fn
     prompt_template: str = (
         "dapo"  # for question rows (GSM8K, synthetic): dapo (DAPO-Math's instruction), none, or a text with {question}
     )

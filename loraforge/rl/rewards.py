@@ -1,7 +1,7 @@
 """Verifiable rewards for training: scorers by name, user reward functions, and DAPO's overlong
 length penalty.
 
-    get_scorer(name) -> Scorer        "dapo", "dapo-boxed", "math-verify" or "module:function"
+    get_scorer(name) -> Scorer        "dapo", "dapo-boxed", "math-verify", "number" or "module:function"
     math_verify_result(response, ground_truth) -> ScoreResult   1.0 / 0.0 (Math-Verify, gold boxed as verl does)
     overlong_penalty(length, max_len, buffer, factor) -> float   <= 0, added to the score
 
@@ -19,6 +19,7 @@ from typing import Callable
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.grading.dapo import ScoreResult, dapo_result
+from loraforge.grading.number import number_result
 
 Scorer = Callable[[str, str], ScoreResult]
 
@@ -87,14 +88,17 @@ def _user_scorer(spec: str) -> Scorer:
 
 
 def get_scorer(name: str) -> Scorer:
-    """A scorer by name: "dapo" (paper, verl 0.7), "dapo-boxed" (newer verl), "math-verify", or
-    "module:function" returning a float, a bool, or a dict with "score" (and optionally "acc")."""
+    """A scorer by name: "dapo" (paper, verl 0.7), "dapo-boxed" (newer verl), "math-verify", "number" (the
+    final answer must be one number: grading/number.py), or "module:function" returning a float, a bool, or a
+    dict with "score" (and optionally "acc")."""
     if name == "dapo":
         return dapo_result
     if name == "dapo-boxed":
         return lambda r, g: dapo_result(r, g, boxed_fallback=True)
     if name == "math-verify":
         return math_verify_result
+    if name == "number":
+        return number_result
     if ":" in name:
         return _user_scorer(name)
-    raise LoraforgeError(f"unknown reward {name!r}; expected dapo, dapo-boxed, math-verify or module:function")
+    raise LoraforgeError(f"unknown reward {name!r}; expected dapo, dapo-boxed, math-verify, number or module:function")
