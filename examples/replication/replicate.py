@@ -330,7 +330,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="examples/replication/results", help="figures, table and per-run results")
     p.add_argument("--model", help="base model directory [default: SmolLM2-135M-Instruct written under --work]")
     p.add_argument("--methods", default=",".join(METHODS), help="init methods, comma-separated")
-    p.add_argument("--grid", action="append", help="LR:SEEDS, repeatable [default: 1e-5:0 and 1e-4:0]")
+    p.add_argument(
+        "--grid", action="append", help="LR:SEEDS, repeatable, run in this order [default: 1e-4:0 then 1e-5:0]"
+    )
     p.add_argument("--device", default="cpu", help="passed to init, train and inspect: cpu, cuda, auto")
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per run")
     p.add_argument("--parallel", type=int, default=2, help="runs side by side")
@@ -345,7 +347,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-batch", type=int, default=2)
     p.add_argument("--mini-batch", type=int, default=1, help="prompt-batch / mini-batch optimizer steps per rollout")
     p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--max-gen-batches", type=int, default=10, help="dynamic sampling refills per step, 0 = no limit")
     p.add_argument("--train-args", default="", help="further `loraforge train` flags, as one string")
@@ -360,7 +362,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; known {list(METHODS)}")
-    args.grid = args.grid or ["1e-5:0", "1e-4:0"]
+    args.grid = args.grid or ["1e-4:0", "1e-5:0"]
     return args
 
 
