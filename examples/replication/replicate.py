@@ -351,7 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--max-gen-batches", type=int, default=10, help="dynamic sampling refills per step, 0 = no limit")
     p.add_argument("--train-args", default="", help="further `loraforge train` flags, as one string")
-    p.add_argument("--window", type=int, default=5, help="steps averaged for first/last-window columns")
+    p.add_argument("--window", type=int, default=3, help="steps averaged for first/last-window columns")
     p.add_argument("--smooth", type=int, default=1, help="moving average of the figures (steps)")
     p.add_argument("--inspect-layers", default="0,10,20,29", help="layers `inspect` measures ('' = all)")
     p.add_argument("--no-inspect", action="store_true", help="skip the geometry (inspect) step")
