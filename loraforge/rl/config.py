@@ -52,7 +52,9 @@ class TrainConfig:
     trust_remote_code: bool = setting(False, "allow a model repository's own code to run")
     # --- prompts and rewards ------------------------------------------------------------------
     reward: str = setting(
-        "dapo", "dapo (verl 0.7, +1/-1), dapo-boxed (newer verl), math-verify (1/0), or module:function"
+        "dapo",
+        "dapo (verl 0.7, +1/-1), dapo-boxed (newer verl), math-verify (1/0), number (one final number, 1/0; "
+        "for synthetic: data), or module:function",
     )
     prompt_template: str = setting(
         "dapo", "for question rows (GSM8K, synthetic): dapo (DAPO-Math's instruction), none, or a text with {question}"

@@ -1,7 +1,7 @@
 """Verifiable rewards for training: scorers by name, user reward functions, and DAPO's overlong
 length penalty.
 
-    get_scorer(name) -> Scorer        "dapo", "dapo-boxed", "math-verify" or "module:function"
+    get_scorer(name) -> Scorer        "dapo", "dapo-boxed", "math-verify", "number" or "module:function"
     RewardGuard(scorer, name)(response, ground_truth, where) -> ScoreResult   the trainer's only call path:
                                       an exception or a non-number becomes one line naming the function and row
     math_verify_result(response, ground_truth) -> ScoreResult   1.0 / 0.0 (Math-Verify, gold boxed as verl does)
@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.grading.dapo import ScoreResult, dapo_result
+from loraforge.grading.number import number_result
 
 Scorer = Callable[[str, str], ScoreResult]
 
@@ -149,14 +150,17 @@ class RewardGuard:
 
 
 def get_scorer(name: str) -> Scorer:
-    """A scorer by name: "dapo" (paper, verl 0.7), "dapo-boxed" (newer verl), "math-verify", or
-    "module:function" returning a float, a bool, or a dict with "score" (and optionally "acc")."""
+    """A scorer by name: "dapo" (paper, verl 0.7), "dapo-boxed" (newer verl), "math-verify", "number" (the
+    final answer must be one number: grading/number.py), or "module:function" returning a float, a bool, or a
+    dict with "score" (and optionally "acc")."""
     if name == "dapo":
         return dapo_result
     if name == "dapo-boxed":
         return lambda r, g: dapo_result(r, g, boxed_fallback=True)
     if name == "math-verify":
         return math_verify_result
+    if name == "number":
+        return number_result
     if ":" in name:
         return _user_scorer(name)
-    raise LoraforgeError(f"unknown reward {name!r}; expected dapo, dapo-boxed, math-verify or module:function")
+    raise LoraforgeError(f"unknown reward {name!r}; expected dapo, dapo-boxed, math-verify, number or module:function")

@@ -475,6 +475,34 @@ class Trainer:
 
         return fill_batch(next_groups, cfg.prompt_batch, cfg.max_gen_batches, cfg.dynamic_sampling)
 
+    def _log_samples(self, step: int, groups: list[Group], per_step: int = 4) -> None:
+        """Append a few of the step's scored responses to RUN_DIR/samples.jsonl, as TRL and verl log
+        completions, so a reader can see what the reward paid for: the first response of each of the first
+        `per_step` groups, plus the step's first correct one when none of those is. Rows: step, prompt
+        (as the model saw it, special tokens dropped), response, reward, score, acc. On resume, rows of
+        steps after the checkpoint are dropped first (those steps are redone)."""
+        if not self.dist.is_main:
+            return
+        import json
+
+        path = self.run_dir / "samples.jsonl"
+        if not getattr(self, "_samples_started", False):
+            self._samples_started = True
+            if path.exists():
+                keep = self.start_step if self.resume_from is not None else 0
+                rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep]
+                path.write_text("".join(ln + "\n" for ln in rows))
+        chosen = [g.samples[0] for g in groups[:per_step] if g.samples]
+        if not any(s.acc for s in chosen):
+            chosen += [s for g in groups for s in g.samples if s.acc][:1]
+        with path.open("a") as f:
+            for s in chosen:
+                prompt, response = (
+                    self.tokenizer.decode(ids, skip_special_tokens=True) for ids in (s.prompt_ids, s.response_ids)
+                )
+                row = {"step": step, "prompt": prompt, "response": response, "reward": s.reward, "score": s.score}
+                f.write(json.dumps(row | {"acc": s.acc}) + "\n")
+
     # -- one step -----------------------------------------------------------------------------
     def _logprobs(self, samples: list[Sample], entropy=False, params=None, grad=False):
         """Batched over micro-batches; returns per-sample tensors (list) of logp (and entropy)."""
@@ -534,6 +562,7 @@ class Trainer:
         self._sync_sampler()
         kept, seen, gen_batches = self._rollout()
         t_gen = time.perf_counter() - t0
+        self._log_samples(step, seen)
         batch = self._advantages(kept)
         extra = self._check_sampler(batch.mine, step) if getattr(self.rollout, "separate", False) else {}
         # this process's rows of the first mini-batch come first in `mine`

@@ -1,12 +1,14 @@
-"""Row formats, the synthetic task, prompt formatting, the resumable stream, bad rows."""
+"""Row formats, the synthetic task and its difficulty levels, prompt formatting, the resumable stream, bad rows."""
 
 import json
+import re
 
 import pytest
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.data import (
     DAPO_TEMPLATE,
+    SYNTHETIC_LEVELS,
     PromptStream,
     format_prompt,
     load_examples,
@@ -105,3 +107,66 @@ def test_prompt_stream_resumes_exactly():
     assert [c.next_batch(3) for _ in range(2)] == first[2:]
     assert sorted(map(id, first[0] + first[1][:1]))  # sanity: batches are Example objects
     assert {e.prompt for e in first[0] + first[1] + [first[2][0]]} == {e.prompt for e in examples}
+
+
+def _value(row):
+    """The answer of a synthetic row recomputed from its prompt, independently of the generator."""
+    import re
+
+    text = row["prompt"]
+    if text.startswith("What is "):
+        return eval(text[len("What is ") : -1])  # "What is 7 * 12 - 5?": Python's precedence, as documented
+    value = int(re.match(r"\w+ has (\d+)", text).group(1))
+    for verb, x in re.findall(r"(gets|gives away|multiplied by) (\d+)", text):  # left to right
+        value = value + int(x) if verb == "gets" else value - int(x) if verb == "gives away" else value * int(x)
+    return value
+
+
+@pytest.mark.parametrize("level", sorted(SYNTHETIC_LEVELS))
+def test_synthetic_levels_are_deterministic_correct_and_as_documented(level):
+    spec = SYNTHETIC_LEVELS[level]
+    rows = synthetic_rows(n=200, level=level, seed=5)
+    assert rows == synthetic_rows(n=200, level=level, seed=5)  # deterministic in the seed
+    assert rows != synthetic_rows(n=200, level=level, seed=6)
+    for r in rows:
+        assert _value(r) == int(r["answer"]), r
+        numbers = [int(x) for x in re.findall(r"\d+", r["prompt"])]
+        if spec["style"] == "question":
+            assert len(numbers) == spec["terms"]  # terms as documented
+            assert all(spec["min"] <= x <= spec["max"] for x in numbers)
+            ops = re.findall(r" ([-+*]) ", r["prompt"])
+            assert set(ops) <= set(spec["ops"])
+        else:  # a story: a start amount and terms - 1 steps; a count never goes below 0
+            steps = re.findall(r"gets|gives away|multiplied by", r["prompt"])
+            assert len(steps) == spec["terms"] - 1 and int(r["answer"]) >= 0
+    if spec["style"] == "question":  # every allowed operation occurs
+        assert {o for r in rows for o in re.findall(r" ([-+*]) ", r["prompt"])} == set(spec["ops"])
+
+
+def test_synthetic_level_mix_and_overrides():
+    mixed = synthetic_rows(n=9, level=(1, 3), seed=0)
+    # row i comes from level 1 + i % 3: levels 1 (+), 2 (+-, two terms), 3 (*)
+    assert [r["prompt"] for r in mixed[::3]] == [r["prompt"] for r in synthetic_rows(n=3, level=1, seed=1)]
+    assert all("*" in r["prompt"] for r in mixed[2::3])
+    assert load_examples("synthetic:level=1-3,n=9") == load_examples("synthetic:level=1-3,n=9,seed=0")
+    big = synthetic_rows(n=50, level=1, max=500, min=400)  # keys next to level override it
+    assert all(int(x) >= 400 for r in big for x in re.findall(r"\d+", r["prompt"]))
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("synthetic:level=9", "level must be one of"),
+        ("synthetic:level=3-1", "level must be one of"),
+        ("synthetic:level=hard", "level must be one of"),
+        ("synthetic:n=many", "n must be an integer, got 'many'"),
+        ("synthetic:max", "expected key=value pairs"),
+        ("synthetic:style=essay", "style must be question, bare or word"),
+        ("synthetic:min=5,max=1", "0 <= min <= max"),
+        ("synthetic:ops=/", "ops must be made of"),
+    ],
+)
+def test_malformed_synthetic_spec_is_one_line(spec, message):
+    with pytest.raises(LoraforgeError, match=re.escape(message)) as err:
+        load_examples(spec)
+    assert "\n" not in str(err.value)

@@ -255,3 +255,26 @@ def test_out_of_memory_names_the_setting(model_dir, adapter_dir, tmp_path, monke
         LoraforgeError, match=r"out of memory .* lower --micro-batch \(now 8\) or --max-response-length"
     ):
         train(tiny_cfg(model_dir, adapter_dir, tmp_path / "run"), scorer=answer_scorer, echo=quiet([]))
+
+
+def test_samples_log_shows_what_was_rewarded_and_survives_resume(model_dir, adapter_dir, tmp_path):
+    over = dict(steps=3, save_every=2, max_response_length=2)
+    train(tiny_cfg(model_dir, adapter_dir, tmp_path / "straight", **over), scorer=answer_scorer, echo=quiet([]))
+    rows = [json.loads(ln) for ln in (tmp_path / "straight" / "samples.jsonl").read_text().splitlines()]
+    assert {tuple(sorted(r)) for r in rows} == {("acc", "prompt", "response", "reward", "score", "step")}
+    steps = [r["step"] for r in rows]
+    assert sorted(set(steps)) == [1, 2, 3] and all(4 <= steps.count(s) <= 5 for s in (1, 2, 3))
+    for r in rows:  # the row is the scored response: the reward recomputed from its text agrees
+        assert r["prompt"].endswith("=") and len(r["response"]) <= 2
+        assert answer_scorer(r["response"], str(eval(r["prompt"][:-1]))).acc == r["acc"]
+        assert r["reward"] == r["score"] == (1.0 if r["acc"] else -1.0)  # no overlong penalty (buffer 0)
+    # a run killed after step 3 had begun logging: resuming from step 2 drops those rows, redoes them
+    over2 = dict(over, steps=2)
+    train(tiny_cfg(model_dir, adapter_dir, tmp_path / "split", **over2), scorer=answer_scorer, echo=quiet([]))
+    with (tmp_path / "split" / "samples.jsonl").open("a") as f:
+        f.write(
+            json.dumps({"step": 3, "prompt": "stale", "response": "", "reward": 0, "score": 0, "acc": False}) + "\n"
+        )
+    resume(tmp_path / "split", steps=3, scorer=answer_scorer, echo=quiet([]))
+    split = (tmp_path / "split" / "samples.jsonl").read_text()
+    assert "stale" not in split and split == (tmp_path / "straight" / "samples.jsonl").read_text()
