@@ -138,6 +138,16 @@ def read_lora_settings(adapter: str | Path) -> LoraSettings:
     for key in ("r", "lora_alpha", "target_modules"):
         if c.get(key) in (None, "", []):
             raise LoraforgeError(f"--adapter {adapter}: adapter_config.json has no {key}")
+    if c.get("target_parameters"):
+        # MoE expert stacks (and MLPs PEFT would remap) are PEFT target_parameters: verl's LoRA settings name
+        # target_modules only, and vLLM's loading of such adapters is not verified; refuse rather than hand on an
+        # adapter whose experts the engine may silently leave out.
+        raise LoraforgeError(
+            f"--adapter {adapter}: adapter_config.json has target_parameters ({', '.join(c['target_parameters'][:3])}"
+            "...: MoE experts or MLPs PEFT remaps), which verl's LoRA settings and vLLM's adapter loading do not "
+            "express. Train it with the bundled loop (`loraforge train` without --backend verl / --rollout vllm), "
+            "or init an adapter without them (--target-modules naming attention projections only)."
+        )
     targets = c["target_modules"]
     targets = sorted(targets) if isinstance(targets, list) else str(targets)
     ranks = [int(c["r"])] + [int(v) for v in (c.get("rank_pattern") or {}).values()]

@@ -521,3 +521,20 @@ def test_ignored_verl_settings_are_refused(model_dir, adapter_dir, tmp_path):
     assert "no limit on generation batches" in (tmp_path / "ok0" / "verl" / "run_verl.sh").read_text()
     r = _invoke(model_dir, adapter_dir, tmp_path / "ok7", *base, "--max-gen-batches", "7", "--no-dynamic-sampling")
     assert r.exit_code == 0, r.output
+
+
+def test_adapters_with_target_parameters_are_not_handed_on(tmp_path):
+    # MoE expert stacks are PEFT target_parameters; verl's settings cannot name them: refused, never dropped.
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj"],
+                "target_parameters": ["experts.gate_up_proj", "experts.down_proj"],
+            }
+        )
+    )
+    with pytest.raises(LoraforgeError, match="target_parameters .*experts.gate_up_proj.*bundled loop"):
+        read_lora_settings(tmp_path)
