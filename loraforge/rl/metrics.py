@@ -76,7 +76,7 @@ class MetricsLogger:
     def _truncate_to(self, resume_step: int) -> None:
         """Drop lines of steps after the checkpoint we resume from (they will be redone) and lines that do
         not parse (a kill -9 mid-write tears the last one), saying how many; rewritten through a rename."""
-        rows, torn = _parse_lines(self.path.read_text(errors="replace"))
+        rows, torn = parse_lines(self.path.read_text(errors="replace"))
         if torn:
             self.echo(f"warning: {self.path}: dropped {torn} unreadable line(s) (a write was interrupted)")
         kept = [json.dumps(m) + "\n" for m in rows if m.get("step", 0) <= resume_step]
@@ -98,7 +98,7 @@ class MetricsLogger:
             self.tb.close()
 
 
-def _parse_lines(text: str) -> tuple[list[dict[str, Any]], int]:
+def parse_lines(text: str) -> tuple[list[dict[str, Any]], int]:
     """(the objects of the lines that parse, the number of non-empty lines that do not)."""
     rows, bad = [], 0
     for ln in text.splitlines():
@@ -121,4 +121,4 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return _parse_lines(path.read_text(errors="replace"))[0]
+    return parse_lines(path.read_text(errors="replace"))[0]

@@ -57,7 +57,7 @@ from loraforge.rl.data import PromptStream, format_prompt, load_examples
 from loraforge.rl.distributed import check_world_divides, device_for, init_distributed, plan_minibatches, split_evenly
 from loraforge.rl.distributed import context as dist_context
 from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, policy_loss
-from loraforge.rl.metrics import MetricsLogger
+from loraforge.rl.metrics import MetricsLogger, parse_lines
 from loraforge.rl.prefix import shared_prefix_logprobs, token_logprobs
 from loraforge.rl.rewards import RewardGuard, Scorer, get_scorer, overlong_penalty
 from loraforge.rl.rollout import RolloutBackend, TransformersRollout, check_sampler, logprob_gap_terms
@@ -488,10 +488,10 @@ class Trainer:
         path = self.run_dir / "samples.jsonl"
         if not getattr(self, "_samples_started", False):
             self._samples_started = True
-            if path.exists():
+            if path.exists():  # a torn last line (a kill mid-write) is dropped with the redone steps' rows
                 keep = self.start_step if self.resume_from is not None else 0
-                rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep]
-                path.write_text("".join(ln + "\n" for ln in rows))
+                rows, _ = parse_lines(path.read_text())
+                ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= keep))
         chosen = [g.samples[0] for g in groups[:per_step] if g.samples]
         if not any(s.acc for s in chosen):
             chosen += [s for g in groups for s in g.samples if s.acc][:1]

@@ -72,12 +72,13 @@ def _check_invariants(run: Path, newest_before: int) -> int:
         json.loads((run / "config.json").read_text())  # never torn
     if (run / "adapter").exists():
         load_file(str(run / "adapter" / "adapter_model.safetensors"))  # the old adapter or the new, whole
-    if (run / "metrics.jsonl").exists():  # at most the last line torn
-        lines = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        for ln in lines[:-1]:
-            json.loads(ln)
+    for log in ("metrics.jsonl", "samples.jsonl"):  # appended logs: at most the last line torn
+        if (run / log).exists():
+            lines = [ln for ln in (run / log).read_text().splitlines() if ln.strip()]
+            for ln in lines[:-1]:
+                json.loads(ln)
     # anything else there is litter the next run recognises
-    known = {"config.json", "metrics.jsonl", "adapter", "checkpoints", ckpt.LOCK_FILE}
+    known = {"config.json", "metrics.jsonl", "samples.jsonl", "adapter", "checkpoints", ckpt.LOCK_FILE}
     litter = [p.name for p in run.iterdir() if p.name not in known] if run.exists() else []
     assert all(n.startswith((ckpt.TMP, ckpt.OLD, ckpt.DEL)) for n in litter), litter
     return newest
@@ -137,11 +138,15 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), outcomes
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
+    # samples.jsonl: the rows of redone steps dropped on resume, so every step's rows once, in order
+    sample_steps = [json.loads(ln)["step"] for ln in (run / "samples.jsonl").read_text().splitlines()]
+    assert sample_steps == sorted(sample_steps) and set(sample_steps) == set(range(1, STEPS + 1))
     assert sorted(p.name for p in run.iterdir() if p.name != ckpt.LOCK_FILE) == [
         "adapter",
         "checkpoints",
         "config.json",
         "metrics.jsonl",
+        "samples.jsonl",
     ]
     print(
         f"start-up {startup:.1f} s, {per_step:.2f} s/step; (signal, exit status, newest sound checkpoint): {outcomes}"

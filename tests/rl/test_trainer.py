@@ -268,13 +268,14 @@ def test_samples_log_shows_what_was_rewarded_and_survives_resume(model_dir, adap
         assert r["prompt"].endswith("=") and len(r["response"]) <= 2
         assert answer_scorer(r["response"], str(eval(r["prompt"][:-1]))).acc == r["acc"]
         assert r["reward"] == r["score"] == (1.0 if r["acc"] else -1.0)  # no overlong penalty (buffer 0)
-    # a run killed after step 3 had begun logging: resuming from step 2 drops those rows, redoes them
+    # a run killed after step 3 had begun logging: resuming from step 2 drops those rows (a torn one too), redoes them
     over2 = dict(over, steps=2)
     train(tiny_cfg(model_dir, adapter_dir, tmp_path / "split", **over2), scorer=answer_scorer, echo=quiet([]))
     with (tmp_path / "split" / "samples.jsonl").open("a") as f:
         f.write(
             json.dumps({"step": 3, "prompt": "stale", "response": "", "reward": 0, "score": 0, "acc": False}) + "\n"
         )
+        f.write('{"step": 3, "prompt": "torn')  # the kill came mid-write: the last line is torn
     resume(tmp_path / "split", steps=3, scorer=answer_scorer, echo=quiet([]))
     split = (tmp_path / "split" / "samples.jsonl").read_text()
     assert "stale" not in split and split == (tmp_path / "straight" / "samples.jsonl").read_text()
