@@ -4,32 +4,15 @@ import pytest
 import torch
 from rl_helpers import answer_scorer
 from safetensors.torch import load_file
+from test_trainer import tiny_cfg
 
-from loraforge.rl.config import TrainConfig
 from loraforge.rl.metrics import read_metrics
 from loraforge.rl.trainer import Trainer, response_logprobs
 
 
 def cfg(model_dir, adapter_dir, out, **over):
-    values = dict(
-        model=str(model_dir),
-        adapter=str(adapter_dir),
-        output_dir=str(out),
-        data="synthetic:n=60,max=2,style=bare",
-        max_response_length=3,
-        overlong_buffer=0,
-        group_size=8,
-        prompt_batch=4,
-        mini_batch=2,
-        micro_batch=8,
-        steps=2,
-        lr=1e-2,
-        dynamic_sampling=False,
-        save_every=0,
-        tensorboard=False,
-    )
-    values.update(over)
-    return TrainConfig(**values)
+    # test_trainer's tiny run, with responses long enough that prefixes are shared and no dynamic sampling
+    return tiny_cfg(model_dir, adapter_dir, out, **{"max_response_length": 3, "dynamic_sampling": False, **over})
 
 
 def run(config, plain_old: bool, share_prefix: bool, monkeypatch):

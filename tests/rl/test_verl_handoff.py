@@ -28,6 +28,21 @@ from loraforge.rl.verl_launch import (
 ENTRY = f"python3 -m {VERL_ENTRY}"
 
 
+# a batch that verl divides evenly on one GPU: 4 prompts x 2 samples, one mini-batch, one micro-batch
+ONE_GPU = (
+    "--prompt-batch",
+    "4",
+    "--mini-batch",
+    "4",
+    "--group-size",
+    "2",
+    "--micro-batch",
+    "8",
+    "--verl-gpus-per-node",
+    "1",
+)
+
+
 def _invoke(model_dir, adapter_dir, out, *extra, model=True, version=SUPPORTED_VERL[-1]):
     args = [
         "train",
@@ -304,16 +319,7 @@ def test_residual_base_becomes_model_path(model_dir, residual_adapter, tmp_path)
         tmp_path / "run",
         "--algo",
         "grpo",
-        "--prompt-batch",
-        "4",
-        "--mini-batch",
-        "4",
-        "--group-size",
-        "2",
-        "--micro-batch",
-        "8",
-        "--verl-gpus-per-node",
-        "1",
+        *ONE_GPU,
         model=False,
     )
     assert r.exit_code == 0, r.output
@@ -330,16 +336,7 @@ def test_residual_base_becomes_model_path(model_dir, residual_adapter, tmp_path)
         residual_adapter / "base",
         residual_adapter,
         tmp_path / "run2",
-        "--prompt-batch",
-        "4",
-        "--mini-batch",
-        "4",
-        "--group-size",
-        "2",
-        "--micro-batch",
-        "8",
-        "--verl-gpus-per-node",
-        "1",
+        *ONE_GPU,
     )
     assert r.exit_code == 0, r.output
 
@@ -391,16 +388,7 @@ def test_run_without_verl_says_how_to_install(model_dir, adapter_dir, tmp_path):
         model_dir,
         adapter_dir,
         tmp_path / "run",
-        "--prompt-batch",
-        "4",
-        "--mini-batch",
-        "4",
-        "--group-size",
-        "2",
-        "--micro-batch",
-        "8",
-        "--verl-gpus-per-node",
-        "1",
+        *ONE_GPU,
         "--run",
     )
     assert r.exit_code == 1 and "--run needs verl" in r.output and "pip install 'loraforge[verl]'" in r.output
