@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "loraforge"
 # one line are siblings and import none of each other.
 LAYERS = [
     {"core"},
-    {"models", "grading", "sampling"},
+    {"models", "grading", "sampling", "tasks"},
     {"inits"},
     {"adapters"},
     {"ship"},

@@ -11,7 +11,6 @@ or `synthetic[:key=value,...]`, the built-in arithmetic task (see `synthetic_row
 
 from __future__ import annotations
 
-import builtins
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,9 @@ from typing import Any
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.rowfiles import read_row_file
+from loraforge.tasks.synthetic import SYNTHETIC_LEVELS, is_synthetic, rows_from_spec, synthetic_rows
+
+__all__ = ["SYNTHETIC_LEVELS", "synthetic_rows"]  # the task lives in loraforge.tasks; names kept for imports
 
 # The instruction DAPO-Math-17k's prompts carry; the DAPO scorer reads the "Answer:" line it asks for.
 DAPO_TEMPLATE = (
@@ -39,8 +41,8 @@ class Example:
 # reading
 def read_rows(source: str, split: str = "train") -> list[dict]:
     """Rows of a local jsonl/json/parquet file, a Hub dataset, or the synthetic task, as dicts."""
-    if source == "synthetic" or source.startswith("synthetic:"):
-        return synthetic_rows(**_parse_synthetic(source))
+    if is_synthetic(source):
+        return rows_from_spec(source)
     path = Path(source)
     if path.is_file():
         return read_row_file(path)
@@ -112,159 +114,6 @@ def load_examples(source: str, split: str = "train") -> list[Example]:
     if not rows:
         raise LoraforgeError(f"--data {source}: no rows found")
     return [to_example(r, i, source) for i, r in enumerate(rows)]
-
-
-# ------------------------------------------------------------------------------------------------
-# the synthetic task
-# Difficulty levels: each sets terms, ops, min, max and style; keys given next to level= override them.
-# Chosen for SmolLM2-135M-Instruct (see examples/replication): level 1 is mastered in a few steps, the
-# higher ones leave room to learn over a run.
-SYNTHETIC_LEVELS: dict[int, dict[str, Any]] = {
-    1: {"terms": 2, "ops": "+", "min": 0, "max": 20, "style": "question"},  # 7 + 12
-    2: {"terms": 2, "ops": "+-", "min": 0, "max": 50, "style": "question"},  # 31 - 48
-    3: {"terms": 2, "ops": "*", "min": 1, "max": 12, "style": "question"},  # 7 * 12
-    4: {"terms": 3, "ops": "+-", "min": 0, "max": 50, "style": "question"},  # 31 - 8 + 44
-    5: {"terms": 3, "ops": "+-*", "min": 1, "max": 20, "style": "question"},  # 7 * 12 - 5
-    6: {"terms": 4, "ops": "+-*", "min": 1, "max": 50, "style": "question"},  # 9 + 23 * 4 - 17
-    7: {"terms": 3, "ops": "+-*", "min": 2, "max": 20, "style": "word"},  # a two-step story, left to right
-    8: {"terms": 4, "ops": "+-*", "min": 2, "max": 50, "style": "word"},  # a three-step story, left to right
-}
-_SYNTHETIC_INT_KEYS = ("n", "max", "min", "terms", "seed")
-_SYNTHETIC_KEYS = {*_SYNTHETIC_INT_KEYS, "ops", "style", "level"}
-
-
-def _parse_synthetic(spec: str) -> dict[str, Any]:
-    """`synthetic:level=3,n=500` -> keyword arguments of synthetic_rows; a malformed spec raises one line."""
-    out: dict[str, Any] = {}
-    if spec != "synthetic" and not spec.startswith("synthetic:"):
-        raise LoraforgeError(f"--data {spec}: expected synthetic or synthetic:key=value,...")
-    if ":" in spec:
-        for part in spec.split(":", 1)[1].split(","):
-            if not part.strip():
-                continue
-            key, sep, value = part.partition("=")
-            if not sep:
-                raise LoraforgeError(f"--data {spec}: expected key=value pairs after synthetic:, got {part!r}")
-            out[key.strip()] = value.strip()
-    bad = sorted(set(out) - _SYNTHETIC_KEYS)
-    if bad:
-        raise LoraforgeError(f"--data {spec}: unknown synthetic option(s) {bad}; known: {sorted(_SYNTHETIC_KEYS)}")
-    for key in _SYNTHETIC_INT_KEYS:
-        if key in out:
-            try:
-                out[key] = int(out[key])
-            except ValueError:
-                raise LoraforgeError(f"--data {spec}: {key} must be an integer, got {out[key]!r}") from None
-    if "level" in out:
-        out["level"] = _parse_levels(out["level"], spec)
-    return out
-
-
-def _parse_levels(text: str, spec: str) -> int | tuple[int, int]:
-    """`3` -> 3, `1-3` -> (1, 3); anything else raises naming the known levels."""
-    lo, sep, hi = text.partition("-")
-    try:
-        levels = (int(lo), int(hi)) if sep else int(lo)
-    except ValueError:
-        levels = None
-    known = sorted(SYNTHETIC_LEVELS)
-    flat = levels if isinstance(levels, tuple) else (levels, levels)
-    if levels is None or flat[0] not in known or flat[1] not in known or flat[0] > flat[1]:
-        raise LoraforgeError(f"--data {spec}: level must be one of {known} or a range like 1-3, got {text!r}")
-    return levels
-
-
-def synthetic_rows(
-    n: int = 2000,
-    max: int | None = None,
-    min: int | None = None,
-    ops: str | None = None,
-    terms: int | None = None,
-    seed: int = 0,
-    style: str | None = None,
-    level: int | tuple[int, int] | None = None,
-) -> list[dict]:
-    """Arithmetic problems with exact integer answers, deterministic in `seed`.
-
-    `synthetic:n=2000,max=20,ops=+-,terms=2,style=question` makes rows like
-    {"prompt": "What is 7 + 12?", "answer": "19"} (a question the prompt template wraps; the usual
-    precedence: * before + and -); style=bare makes {"prompt": "7+12=", "answer": "19"}, used as is (for
-    tiny test models); style=word makes a story whose steps apply left to right ("Mia has 12 apples. She
-    gets 5 more. Then the number of apples is multiplied by 3. How many apples does Mia have now?", 51),
-    where a subtraction never takes more than there is. `level=1..8` picks a row of SYNTHETIC_LEVELS; keys
-    given with it override the level's; `level=1-3` mixes levels 1 to 3 in turn (row i from level 1 + i % 3).
-    Without level, the defaults are level 1's.
-    """
-    if isinstance(level, tuple):  # a mix: row i from level lo + i % k, each level its own seeded stream
-        lo, hi = level
-        k = hi - lo + 1
-        parts = [
-            synthetic_rows(-(-n // k), max, min, ops, terms, seed * 1_000 + lv, style, lv) for lv in range(lo, hi + 1)
-        ]
-        return [parts[i % k][i // k] for i in range(n)]
-    if level is not None and level not in SYNTHETIC_LEVELS:
-        raise LoraforgeError(f"synthetic level must be one of {sorted(SYNTHETIC_LEVELS)}, got {level}")
-    base = SYNTHETIC_LEVELS[level or 1]
-    max = base["max"] if max is None else max
-    min = base["min"] if min is None else min
-    ops = base["ops"] if ops is None else ops
-    terms = base["terms"] if terms is None else terms
-    style = base["style"] if style is None else style
-    if style not in ("question", "bare", "word"):
-        raise LoraforgeError(f"synthetic style must be question, bare or word, got {style!r}")
-    if not ops or any(o not in "+-*" for o in ops):
-        raise LoraforgeError(f"synthetic ops must be made of + - *, got {ops!r}")
-    if terms < 2 or n < 1 or max < min or min < 0:
-        raise LoraforgeError(
-            f"synthetic needs terms >= 2, n >= 1 and 0 <= min <= max; got terms={terms}, n={n}, min={min}, max={max}"
-        )
-    rng = random.Random(seed)
-    if style == "word":
-        return [_word_problem(rng, terms, ops, min, max) for _ in range(n)]
-    rows = []
-    for _ in range(n):
-        nums = [rng.randint(min, max) for _ in range(terms)]
-        chosen = [rng.choice(ops) for _ in range(terms - 1)]
-        expr = str(nums[0])
-        for op, x in zip(chosen, nums[1:]):
-            expr += f" {op} {x}"
-        answer = eval(expr, {"__builtins__": {}})  # digits and + - * only, built above
-        if style == "bare":
-            rows.append({"prompt": expr.replace(" ", "") + "=", "answer": str(answer)})
-        else:
-            rows.append({"prompt": f"What is {expr}?", "answer": str(answer), "_question": True})
-    return rows
-
-
-_NAMES = {"Mia": "She", "Leo": "He", "Ava": "She", "Sam": "He", "Noah": "He", "Zoe": "She", "Omar": "He", "Lena": "She"}
-_THINGS = ("apples", "marbles", "stickers", "coins", "books", "shells", "pencils", "cards")
-
-
-def _word_problem(rng: random.Random, terms: int, ops: str, lo: int, hi: int) -> dict:
-    """One story: a start amount, then terms - 1 steps applied in order (see synthetic_rows)."""
-    name, thing = rng.choice(sorted(_NAMES)), rng.choice(_THINGS)
-    pronoun = _NAMES[name]
-    value = rng.randint(lo, hi)
-    sentences = [f"{name} has {value} {thing}."]
-    for _ in range(terms - 1):
-        op = rng.choice(ops)
-        if op == "-" and value < 1:
-            op = "+"  # nothing left to take away
-        if op == "+":
-            x = rng.randint(lo, hi)
-            value += x
-            sentences.append(f"{pronoun} gets {x} more.")
-        elif op == "-":
-            low = builtins.max(1, lo)
-            x = rng.randint(1, value) if value <= low else rng.randint(low, builtins.min(value, hi))
-            value -= x
-            sentences.append(f"{pronoun} gives away {x}.")
-        else:
-            x = rng.randint(2, 5)  # small factors: the story stays readable
-            value *= x
-            sentences.append(f"Then the number of {thing} is multiplied by {x}.")
-    sentences.append(f"How many {thing} does {name} have now?")
-    return {"prompt": " ".join(sentences), "answer": str(value), "_question": True}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -170,3 +170,50 @@ def test_malformed_synthetic_spec_is_one_line(spec, message):
     with pytest.raises(LoraforgeError, match=re.escape(message)) as err:
         load_examples(spec)
     assert "\n" not in str(err.value)
+
+
+def _problem_key(prompt: str) -> tuple:
+    """An independent reading of a synthetic question: (op, operands), operands of + and * in order."""
+    m = re.fullmatch(r"What is (\d+) ([+*-]) (\d+)\?", prompt)
+    a, op, b = int(m[1]), m[2], int(m[3])
+    return (op, *sorted((a, b))) if op in "+*" else (op, a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_synthetic_heldout_split_is_disjoint_from_training(seed):
+    train = load_examples(f"synthetic:level=1-3,n=4000,seed={seed},split=train")
+    held = synthetic_rows(n=256, level=(1, 3), split="heldout", seed=seed)
+    train_keys = {_problem_key(e.prompt) for e in train}
+    held_keys = [_problem_key(r["prompt"]) for r in held]
+    assert len(set(held_keys)) == 256  # distinct problems (7 + 12 and 12 + 7 are one)
+    assert not train_keys & set(held_keys)  # no held-out problem is ever trained on, in either order
+    # the training stream still covers most of the remaining space of the small levels
+    assert len({k for k in train_keys if k[0] == "*"}) > 50
+    for r in held:  # every answer right
+        a, op, b = re.fullmatch(r"What is (\d+) ([+*-]) (\d+)\?", r["prompt"]).groups()
+        assert int(r["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+def test_synthetic_heldout_part_is_the_same_for_every_seed_and_n():
+    def keys(**kw):
+        return {_problem_key(r["prompt"]) for r in synthetic_rows(level=3, split="heldout", **kw)}
+
+    everything = keys(n=15, seed=0)  # level 3's held-out part: 15 of its 78 unordered pairs
+    assert keys(n=15, seed=5) == everything
+    assert keys(n=5, seed=2) <= everything
+    with pytest.raises(LoraforgeError, match="has 15 distinct problems, fewer than n=16"):
+        synthetic_rows(n=16, level=3, split="heldout")
+    # the split leaves the stream without split= as it always was
+    assert synthetic_rows(n=50, level=(1, 3)) == synthetic_rows(n=50, level=(1, 3), split=None)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("synthetic:split=test", "split must be train or heldout"),
+        ("synthetic:level=3,min=4,max=4,split=train", "no problem outside"),
+    ],
+)
+def test_bad_split_is_one_line(spec, message):
+    with pytest.raises(LoraforgeError, match=message):
+        load_examples(spec)

@@ -1,0 +1,1 @@
+"""Built-in tasks with verifiable answers, for training (`--data`) and evaluation (`--bench`)."""
