@@ -146,7 +146,7 @@ def train_command(args, model: Path, run: Run) -> list[str]:
     cmd += ["--mini-batch", str(args.mini_batch), "--micro-batch", str(args.micro_batch)]
     cmd += ["--lr", f"{run.lr:g}", "--steps", str(args.steps), "--seed", str(run.seed)]
     cmd += ["--save-every", str(args.save_every), "--max-gen-batches", str(args.max_gen_batches)]
-    cmd += ["--device", args.device, "--no-tensorboard"]
+    cmd += ["--device", args.device, "--no-tensorboard", "--keep-checkpoints", "0"]  # every checkpoint is evaluated
     return cmd + shlex.split(args.train_args)
 
 
@@ -338,17 +338,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=2, help="runs side by side")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
-    p.add_argument("--data", default="synthetic:level=1-3,n=4000")
+    p.add_argument("--data", default="synthetic:level=1-3,n=4000,split=train")
     p.add_argument("--reward", default="number")
     p.add_argument("--prompt-template", default=SHORT_TEMPLATE)
     p.add_argument("--max-response-length", type=int, default=32)
     p.add_argument("--overlong-buffer", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--prompt-batch", type=int, default=2)
-    p.add_argument("--mini-batch", type=int, default=1, help="prompt-batch / mini-batch optimizer steps per rollout")
+    p.add_argument("--prompt-batch", type=int, default=4)
+    p.add_argument("--mini-batch", type=int, default=2, help="prompt-batch / mini-batch optimizer steps per rollout")
     p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint (and held-out evaluation) every N steps")
     p.add_argument("--max-gen-batches", type=int, default=10, help="dynamic sampling refills per step, 0 = no limit")
     p.add_argument("--train-args", default="", help="further `loraforge train` flags, as one string")
     p.add_argument("--window", type=int, default=3, help="steps averaged for first/last-window columns")
