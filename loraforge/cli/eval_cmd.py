@@ -3,9 +3,13 @@
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.eval.scoring import SCORERS
 
 option = click.option
-BENCH_HELP = "gsm8k, math500, aime22, aime23, aime24 or a .jsonl/.json/.parquet file; comma-separated."
+BENCH_HELP = (
+    "gsm8k, math500, aime22, aime23, aime24, synthetic:KEY=VALUE,... (e.g. synthetic:level=1-3,n=256,split=heldout) "
+    "or a .jsonl/.json/.parquet file; comma-separated."
+)
 
 
 @click.command("eval")
@@ -19,7 +23,13 @@ BENCH_HELP = "gsm8k, math500, aime22, aime23, aime24 or a .jsonl/.json/.parquet 
 @option("--top-p", type=float, default=None, help="Nucleus mass in (0, 1] (default: paper's).")
 @option("--max-new-tokens", type=int, default=None, help="Response budget (default: paper's, 4096-16384).")
 @option("--max-prompt-tokens", type=int, default=1024, show_default=True, help="Longer prompts are an error.")
-@option("--scorer", type=click.Choice(["math-verify", "dapo", "dapo-boxed"]), default="math-verify", show_default=True)
+@option(
+    "--scorer",
+    type=click.Choice(SCORERS),
+    default="math-verify",
+    show_default=True,
+    help="math-verify (answer equivalence), dapo / dapo-boxed (verl's DAPO scorer), number (one final number).",
+)
 @option("--prompt-template", default="dapo", show_default=True, help="dapo, boxed, raw, or a string with {problem}.")
 @option("--chat-template/--no-chat-template", default=None, help="Wrap prompts in the chat template (default: if any).")
 @option("--limit", type=int, default=None, help="Only the first N problems of each benchmark.")

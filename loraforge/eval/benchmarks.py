@@ -14,6 +14,10 @@ Top-k is off everywhere and prompts are limited to 1024 tokens. AI-MO/aimo-valid
 90 problems of AIME 2022-2024; its `url` field points at the AoPS wiki page of each problem, whose name
 starts with the year ("2022_AIME_I_Problems/Problem_1"), which is how the three years are told apart.
 
+`synthetic:KEY=VALUE,...` is the built-in arithmetic task (loraforge.tasks.synthetic), usually its held-out
+split: `synthetic:level=1-3,n=256,split=heldout` gives 256 distinct problems that `--data
+synthetic:level=1-3,split=train` never trains on. Score it with `--scorer number`, the reward it trains with.
+
 A local FILE (.jsonl, .json or .parquet) needs a question field (`problem`, `question` or `prompt`,
 first found) holding a string and an `answer` field; an optional `id` names the problem. Gold answers
 of the form "... #### 72" (GSM8K's solutions) are cut to what follows the last "####".
@@ -29,6 +33,7 @@ from pathlib import Path
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.rowfiles import read_row_file
+from loraforge.tasks.synthetic import is_synthetic, rows_from_spec
 
 QUESTION_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELD = "answer"
@@ -108,6 +113,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 
 # Defaults for a local file: one greedy sample, GSM8K's response budget.
 FILE_DEFAULTS = dict(samples=1, ks=(1,), temperature=0.0, top_p=1.0, max_new_tokens=4096)
+# The synthetic task's answers are one number: a short budget (the replication study trains with 32 tokens).
+SYNTHETIC_DEFAULTS = dict(samples=1, ks=(1,), temperature=0.0, top_p=1.0, max_new_tokens=64)
 
 # The prompt DAPO-Math-17k trains with (the paper's training prompts), so an RLVR-trained model is
 # asked in the format it learned, and the DAPO scorer (which reads only `Answer:`) can score it.
@@ -280,8 +287,20 @@ def hub_rows_to_benchmark(
     return Benchmark(spec.name, problems, source, defaults)
 
 
+def load_synthetic(spec: str, limit: int | None = None) -> Benchmark:
+    """The built-in arithmetic task from its spec (`synthetic:level=1-3,n=256,split=heldout`)."""
+    rows = rows_from_spec(spec, flag="--bench")
+    problems = [Problem(str(i), r["prompt"], r["answer"]) for i, r in enumerate(rows)]
+    if limit is not None:
+        problems = problems[:limit]
+    digest = hashlib.sha256("\n".join(f"{p.question}\t{p.answer}" for p in problems).encode()).hexdigest()
+    return Benchmark(spec, problems, {"synthetic": spec, "sha256": digest, "rows": len(rows)}, dict(SYNTHETIC_DEFAULTS))
+
+
 def load_benchmark(name_or_path: str, limit: int | None = None, revision: str | None = None) -> Benchmark:
-    """A named benchmark (gsm8k, math500, aime22, aime23, aime24) from the Hub, or a local file."""
+    """A named benchmark (gsm8k, math500, aime22, aime23, aime24) from the Hub, the synthetic task, or a file."""
+    if is_synthetic(name_or_path):
+        return load_synthetic(name_or_path, limit)
     if name_or_path in BENCHMARKS:
         spec = BENCHMARKS[name_or_path]
         rows, fingerprint = _load_hub_rows(spec, revision)
@@ -290,6 +309,6 @@ def load_benchmark(name_or_path: str, limit: int | None = None, revision: str | 
     if p.suffix.lower() in (".jsonl", ".json", ".parquet") or p.exists():
         return load_file(p, limit)
     raise LoraforgeError(
-        f"--bench {name_or_path!r} is neither a known benchmark ({known_benchmarks_text()}) nor a "
-        ".jsonl/.json/.parquet file"
+        f"--bench {name_or_path!r} is neither a known benchmark ({known_benchmarks_text()}), nor "
+        "synthetic:KEY=VALUE,..., nor a .jsonl/.json/.parquet file"
     )

@@ -22,7 +22,7 @@ class EvalConfig:
     top_p: float | None = None  # --top-p: nucleus mass in (0, 1]
     max_new_tokens: int | None = None  # --max-new-tokens: response budget in tokens
     max_prompt_tokens: int = 1024  # --max-prompt-tokens: longer prompts are an error (paper: 1024)
-    scorer: str = "math-verify"  # --scorer: math-verify, dapo or dapo-boxed
+    scorer: str = "math-verify"  # --scorer: math-verify, dapo, dapo-boxed or number
     prompt_template: str = "dapo"  # --prompt-template: dapo, boxed, raw or a string with {problem}
     chat_template: bool | None = None  # --chat-template/--no-chat-template: None = when the tokenizer has one
     limit: int | None = None  # --limit: first N problems of each benchmark, for quick looks
@@ -113,10 +113,25 @@ def parse_list(flag: str, text: str | None, kind=str) -> tuple | None:
         ) from None
 
 
+def parse_benchmarks(text: str | None) -> tuple[str, ...] | None:
+    """`gsm8k,synthetic:level=1-3,n=256,math500` -> ("gsm8k", "synthetic:level=1-3,n=256", "math500"): the
+    comma list of --bench, where the key=value parts after a `synthetic:` spec belong to it."""
+    parts = parse_list("--bench", text)
+    if parts is None:
+        return None
+    out: list[str] = []
+    for part in parts:
+        if "=" in part and out and out[-1].startswith("synthetic:"):
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return tuple(out)
+
+
 def config_from_flags(bench: str, k: str | None = None, seed: str | None = "0", **flags) -> EvalConfig:
     """EvalConfig from the CLI's raw values (comma lists parsed here), validated."""
     return EvalConfig(
-        benchmarks=parse_list("--bench", bench),
+        benchmarks=parse_benchmarks(bench),
         k=parse_list("--k", k, int),
         seeds=parse_list("--seed", seed, int) or (0,),
         **flags,

@@ -7,6 +7,9 @@
   loraforge.rl.rewards so training and evaluation agree; it reads only `Answer:` lines and compares
   normalised strings, so 0.5 vs \\frac{1}{2} is wrong there. Its newer-verl variant that falls back to
   `\\boxed{}` is `dapo-boxed`.
+- `number`: the training reward `--reward number` (loraforge.grading.number): the final answer must be one
+  number equal to the gold one; an expression (`Answer: 12*7+3`) scores 0 where Math-Verify would evaluate it.
+  Made for the synthetic arithmetic task, whose held-out split it scores as the runs were rewarded.
 
 A number in a report is only comparable with numbers from the same scorer: the report names it.
 """
@@ -20,8 +23,9 @@ from dataclasses import dataclass, field
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.grading.dapo import INVALID, dapo_result
+from loraforge.grading.number import number_result
 
-SCORERS = ("math-verify", "dapo", "dapo-boxed")
+SCORERS = ("math-verify", "dapo", "dapo-boxed", "number")
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 _ANSWER_LINE = re.compile(r"(?i)answer\s*:\s*([^\n]+)")
@@ -160,8 +164,20 @@ class DapoScorer:
         return Score(bool(r.acc), pred, {"score": r.score})
 
 
+class NumberScorer:
+    """The final-number reward `train --reward number` pays (loraforge.grading.number), as a scorer."""
+
+    name = "number"
+
+    def score(self, response: str, gold: str) -> Score:
+        r = number_result(response, gold)  # a gold answer that is not a plain number raises one line
+        return Score(bool(r.acc), r.pred, {})
+
+
 def make_scorer(name: str):
     """The scorer called `name` (one of SCORERS)."""
+    if name == "number":
+        return NumberScorer()
     if name == "math-verify":
         return MathVerifyScorer()
     if name in ("dapo", "dapo-boxed"):

@@ -124,3 +124,30 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, hide_package):
     p.write_bytes(b"PAR1")
     with pytest.raises(LoraforgeError, match="needs pyarrow: `pip install pyarrow`"):
         load_benchmark(str(p))
+
+
+def test_synthetic_heldout_benchmark_is_the_task_split():
+    from loraforge.eval.benchmarks import load_benchmark
+    from loraforge.tasks.synthetic import synthetic_rows
+
+    spec = "synthetic:level=1-3,n=40,split=heldout"
+    bench = load_benchmark(spec)
+    rows = synthetic_rows(n=40, level=(1, 3), split="heldout")
+    assert [(p.question, p.answer) for p in bench.problems] == [(r["prompt"], r["answer"]) for r in rows]
+    assert bench.name == spec and bench.source["synthetic"] == spec and len(bench.source["sha256"]) == 64
+    assert bench.defaults["temperature"] == 0.0 and bench.defaults["max_new_tokens"] == 64
+    assert len(load_benchmark(spec, limit=5).problems) == 5
+
+
+def test_bench_list_keeps_a_synthetic_specs_commas():
+    from loraforge.eval.config import parse_benchmarks
+
+    got = parse_benchmarks("gsm8k,synthetic:level=1-3,n=256,split=heldout,math500,data.jsonl")
+    assert got == ("gsm8k", "synthetic:level=1-3,n=256,split=heldout", "math500", "data.jsonl")
+
+
+def test_bad_synthetic_benchmark_is_one_line():
+    from loraforge.eval.benchmarks import load_benchmark
+
+    with pytest.raises(LoraforgeError, match="--bench synthetic:split=dev: split must be train or heldout"):
+        load_benchmark("synthetic:split=dev")

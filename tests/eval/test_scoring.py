@@ -109,5 +109,29 @@ def test_dapo_boxed_falls_back_to_the_box():
 
 
 def test_unknown_scorer():
-    with pytest.raises(LoraforgeError, match="math-verify, dapo, dapo-boxed"):
+    with pytest.raises(LoraforgeError, match="math-verify, dapo, dapo-boxed, number"):
         make_scorer("exact")
+
+
+@pytest.mark.parametrize(
+    "response, gold, correct",
+    [
+        ("Answer: 87", "87", True),
+        ("12 * 7 + 3 = 87", "87", True),  # working before the final = is allowed
+        ("Answer: 12*7+3", "87", False),  # an echoed expression: Math-Verify would evaluate it to 87
+        ("Answer: 86", "87", False),
+        ("The answer is 87.0.", "87", True),  # numerically equal
+        ("hmm", "87", False),  # no number at all
+    ],
+)
+def test_number_scorer_is_the_number_reward(response, gold, correct):
+    from loraforge.grading.number import number_result
+
+    s = make_scorer("number").score(response, gold)
+    assert s.correct is correct
+    assert bool(number_result(response, gold).acc) is correct  # the same decision as train's --reward number
+
+
+def test_number_scorer_refuses_a_gold_that_is_not_a_number():
+    with pytest.raises(LoraforgeError, match="plain numbers"):
+        make_scorer("number").score("Answer: 1/2", r"\frac{1}{2}")
