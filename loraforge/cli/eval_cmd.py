@@ -20,6 +20,11 @@ BENCH_HELP = (
 @option("--samples", type=int, default=None, help="Samples per problem (default: the paper's per benchmark).")
 @option("--k", default=None, help="k of pass@k, comma-separated, each <= samples (default: 1 and n).")
 @option("--temperature", type=float, default=None, help="Sampling temperature; 0 = greedy (default: paper's).")
+@option(
+    "--greedy",
+    is_flag=True,
+    help="Also decode one greedy response per problem in the same pass, reported as `greedy` (with sampling).",
+)
 @option("--top-p", type=float, default=None, help="Nucleus mass in (0, 1] (default: paper's).")
 @option("--max-new-tokens", type=int, default=None, help="Response budget (default: paper's, 4096-16384).")
 @option("--max-prompt-tokens", type=int, default=1024, show_default=True, help="Longer prompts are an error.")

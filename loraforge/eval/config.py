@@ -19,6 +19,7 @@ class EvalConfig:
     samples: int | None = None  # --samples: samples per problem (n of pass@k)
     k: tuple[int, ...] | None = None  # --k: the k of pass@k, each <= samples
     temperature: float | None = None  # --temperature: 0 means greedy decoding
+    greedy: bool = False  # --greedy: also one greedy response per problem, in the same pass ("greedy" metric)
     top_p: float | None = None  # --top-p: nucleus mass in (0, 1]
     max_new_tokens: int | None = None  # --max-new-tokens: response budget in tokens
     max_prompt_tokens: int = 1024  # --max-prompt-tokens: longer prompts are an error (paper: 1024)

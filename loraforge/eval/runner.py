@@ -15,6 +15,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.core.errors import LoraforgeError
@@ -24,7 +25,8 @@ from loraforge.eval.metrics import bootstrap_std, problem_scores, seed_spread
 from loraforge.eval.report import SampleWriter, samples_path_for, write_report
 from loraforge.eval.scoring import make_scorer
 
-# (prompts, settings, seed) -> for each prompt, `settings["samples"]` response texts.
+# (prompts, settings, seed) -> for each prompt, `settings["samples"]` response texts (with settings["greedy"],
+# one greedy response first, then those).
 SampleFn = Callable[[Sequence, dict, int], list[list[str]]]
 
 
@@ -41,13 +43,22 @@ def resolve_settings(config: EvalConfig, bench: Benchmark) -> dict:
             f"--k {max(s['ks'])} is larger than the {s['samples']} samples per problem of {bench.name} "
             f"({given}): pass@k needs n >= k samples; pass --samples {max(s['ks'])} or a smaller --k"
         )
+    if config.greedy and s["temperature"] == 0:
+        raise LoraforgeError(
+            f"--greedy adds one greedy response to {bench.name}'s sampled ones, but the temperature is 0, so every "
+            "response is greedy already: drop --greedy, or sample with --temperature > 0"
+        )
     if s["temperature"] == 0 and s["samples"] > 1:
         raise LoraforgeError(
             f"{bench.name} would sample {s['samples']} responses per problem with temperature 0 (greedy), "
             "which makes them all identical; pass --samples 1 for greedy decoding or --temperature > 0"
         )
     s.update(
-        top_k=-1, max_prompt_tokens=config.max_prompt_tokens, seeds=list(config.seeds), batch_size=config.batch_size
+        top_k=-1,
+        max_prompt_tokens=config.max_prompt_tokens,
+        seeds=list(config.seeds),
+        batch_size=config.batch_size,
+        greedy=config.greedy,
     )
     return s
 
@@ -89,17 +100,19 @@ def generation_sample_fn(model, tokenizer, batch_size: int) -> SampleFn:
     device = next(model.parameters()).device
 
     def sample(prompts, settings, seed):
+        greedy = int(settings.get("greedy", False))  # one prefill per prompt for the greedy and sampled rows
         params = SamplingParams(
-            n=settings["samples"],
+            n=settings["samples"] + greedy,
             max_new_tokens=settings["max_new_tokens"],
             temperature=settings["temperature"],
             top_p=settings["top_p"],
             top_k=-1,
             max_prompt_tokens=None,  # over-long prompts were rejected before sampling
+            greedy_first=greedy,
         )
         # One generator per (benchmark, seed) across all chunks: the run is reproducible.
         gen = torch.Generator(device=device).manual_seed(int(seed))
-        n = settings["samples"]
+        n = params.n
         # batch_size counts rows (prompt x sample), as generate's does; each call takes whole prompts
         # (at least one, whose n rows generate splits further when n > batch_size).
         per_call = max(1, batch_size // n)
@@ -130,6 +143,18 @@ def _model_info(model) -> dict:
     return info
 
 
+@dataclass
+class _SeedResult:
+    """What one sampling seed gave: (n, correct) per problem, greedy correctness per problem, records."""
+
+    counts: list[tuple[int, int]]
+    greedy: list[tuple[int, int]]
+    records: list[dict]
+    no_answer: int
+    gen_s: float
+    score_s: float
+
+
 def evaluate(
     model,
     tokenizer,
@@ -149,84 +174,30 @@ def evaluate(
     result carries the per-sample records under "samples". The model's train/eval mode is restored.
     """
     config = config or EvalConfig(model="(in memory)", benchmarks=("(in memory)",))
-    if isinstance(benchmark, str):
-        benchmark = load_benchmark(benchmark, limit=config.limit)
-    elif config.limit is not None:
-        benchmark = Benchmark(benchmark.name, benchmark.problems[: config.limit], benchmark.source, benchmark.defaults)
-    if not benchmark.problems:
-        raise LoraforgeError(f"benchmark {benchmark.name} has no problems to evaluate")
+    benchmark = _limited(benchmark, config)
     settings = resolve_settings(config, benchmark)
     template = resolve_template(config.prompt_template)
     scorer = scorer or make_scorer(config.scorer)
     texts, prompt_ids, used_chat = build_prompts(tokenizer, benchmark, template, config.chat_template)
-    for p, ids in zip(benchmark.problems, prompt_ids):
-        if len(ids) > config.max_prompt_tokens:
-            raise LoraforgeError(
-                f"{benchmark.name}: the prompt of problem {p.id} is {len(ids)} tokens, over "
-                f"--max-prompt-tokens {config.max_prompt_tokens}; raise the limit or drop the problem"
-            )
+    _check_prompt_lengths(benchmark, prompt_ids, config.max_prompt_tokens)
     sample_fn = sample_fn or generation_sample_fn(model, tokenizer, config.batch_size)
-    n = settings["samples"]
 
     started, t0 = _now(), time.perf_counter()
-    gen_s = score_s = 0.0
-    per_seed_counts: list[list[tuple[int, int]]] = []
-    records: list[dict] = []
-    no_answer = 0
+    runs = []
     for seed in config.seeds:
         if progress:
-            progress(f"{benchmark.name}: sampling {len(texts)} prompts x {n} (seed {seed})")
-        t = time.perf_counter()
-        responses = sample_fn(prompt_ids, settings, seed)
-        gen_s += time.perf_counter() - t
-        if len(responses) != len(texts) or any(len(r) != n for r in responses):
-            raise LoraforgeError(
-                f"the sampler returned {[len(r) for r in responses][:8]}... responses for {len(texts)} "
-                f"prompts; expected {n} per prompt"
-            )
-        t = time.perf_counter()
-        counts = []
-        for i, (problem, outs) in enumerate(zip(benchmark.problems, responses)):
-            c = 0
-            for j, response in enumerate(outs):
-                s = scorer.score(response, problem.answer)
-                c += int(s.correct)
-                no_answer += int(s.extracted is None)
-                if keep_samples:
-                    records.append(
-                        {
-                            "benchmark": benchmark.name,
-                            "problem_id": problem.id,
-                            "problem_index": i,
-                            "seed": seed,
-                            "sample": j,
-                            "prompt": texts[i],
-                            "response": response,
-                            "gold": problem.answer,
-                            "extracted": s.extracted,
-                            "correct": s.correct,
-                            "scorer": scorer.name,
-                            **({"detail": s.detail} if s.detail else {}),
-                        }
-                    )
-            counts.append((n, c))
-        score_s += time.perf_counter() - t
-        per_seed_counts.append(counts)
-
-    metrics = []
-    for kind, k in [("pass", k) for k in settings["ks"]] + [("mean", n)]:
-        per_seed = [problem_scores(counts, kind, k) for counts in per_seed_counts]
-        seed_scores = [sum(v) / len(v) for v in per_seed]
-        score = sum(seed_scores) / len(seed_scores)
-        if len(config.seeds) > 1:
-            spread = seed_spread(seed_scores, config.seeds)
-        elif config.bootstrap > 0:
-            spread = bootstrap_std(per_seed[0], config.bootstrap, seed=config.seeds[0])
-        else:
-            spread = None
-        metrics.append({"metric": f"{kind}@{k}", "k": k, "n": n, "score": score, "spread": spread})
-
-    total_samples = n * len(texts) * len(config.seeds)
+            extra = " + 1 greedy" if settings["greedy"] else ""
+            progress(f"{benchmark.name}: sampling {len(texts)} prompts x {settings['samples']}{extra} (seed {seed})")
+        runs.append(_run_seed(sample_fn, prompt_ids, texts, benchmark, settings, seed, scorer, keep_samples))
+    n = settings["samples"]
+    counts = {
+        "samples": n * len(texts) * len(config.seeds),
+        "correct": sum(c for r in runs for _, c in r.counts),
+        "no_answer": sum(r.no_answer for r in runs),
+        "correct_per_problem": [[c for _, c in r.counts] for r in runs],
+    }
+    if settings["greedy"]:
+        counts["greedy_correct_per_problem"] = [[c for _, c in r.greedy] for r in runs]
     result = {
         "benchmark": benchmark.name,
         "source": benchmark.source,
@@ -236,23 +207,106 @@ def evaluate(
         "chat_template": used_chat,
         "settings": settings,
         "model": model_info if model_info is not None else _model_info(model),
-        "metrics": metrics,
-        "counts": {
-            "samples": total_samples,
-            "correct": sum(c for counts in per_seed_counts for _, c in counts),
-            "no_answer": no_answer,
-            "correct_per_problem": [[c for _, c in counts] for counts in per_seed_counts],
-        },
+        "metrics": _metrics(settings, config, runs),
+        "counts": counts,
         "started": started,
         "time_s": {
-            "generate": round(gen_s, 3),
-            "score": round(score_s, 3),
+            "generate": round(sum(r.gen_s for r in runs), 3),
+            "score": round(sum(r.score_s for r in runs), 3),
             "total": round(time.perf_counter() - t0, 3),
         },
     }
     if keep_samples:
-        result["samples"] = records
+        result["samples"] = [rec for r in runs for rec in r.records]
     return result
+
+
+def _limited(benchmark: Benchmark | str, config: EvalConfig) -> Benchmark:
+    if isinstance(benchmark, str):
+        benchmark = load_benchmark(benchmark, limit=config.limit)
+    elif config.limit is not None:
+        benchmark = Benchmark(benchmark.name, benchmark.problems[: config.limit], benchmark.source, benchmark.defaults)
+    if not benchmark.problems:
+        raise LoraforgeError(f"benchmark {benchmark.name} has no problems to evaluate")
+    return benchmark
+
+
+def _check_prompt_lengths(benchmark: Benchmark, prompt_ids: list, limit: int) -> None:
+    for p, ids in zip(benchmark.problems, prompt_ids):
+        if len(ids) > limit:
+            raise LoraforgeError(
+                f"{benchmark.name}: the prompt of problem {p.id} is {len(ids)} tokens, over "
+                f"--max-prompt-tokens {limit}; raise the limit or drop the problem"
+            )
+
+
+def _run_seed(sample_fn, prompt_ids, texts, benchmark, settings, seed, scorer, keep_samples) -> _SeedResult:
+    """Sample every problem with one seed and score it. With settings["greedy"] the sampler returns the
+    greedy response first, then the `samples` sampled ones."""
+    n, greedy = settings["samples"], settings["greedy"]
+    t = time.perf_counter()
+    responses = sample_fn(prompt_ids, settings, seed)
+    gen_s = time.perf_counter() - t
+    per_prompt = n + int(greedy)
+    if len(responses) != len(texts) or any(len(r) != per_prompt for r in responses):
+        raise LoraforgeError(
+            f"the sampler returned {[len(r) for r in responses][:8]}... responses for {len(texts)} "
+            f"prompts; expected {per_prompt} per prompt"
+        )
+    t = time.perf_counter()
+    out = _SeedResult([], [], [], 0, gen_s, 0.0)
+    for i, (problem, outs) in enumerate(zip(benchmark.problems, responses)):
+        correct = []
+        for j, response in enumerate(outs):
+            s = scorer.score(response, problem.answer)
+            correct.append(int(s.correct))
+            out.no_answer += int(s.extracted is None and not (greedy and j == 0))
+            if keep_samples:
+                is_greedy = greedy and j == 0
+                out.records.append(
+                    {
+                        "benchmark": benchmark.name,
+                        "problem_id": problem.id,
+                        "problem_index": i,
+                        "seed": seed,
+                        "sample": None if is_greedy else j - int(greedy),
+                        "greedy": is_greedy,
+                        "prompt": texts[i],
+                        "response": response,
+                        "gold": problem.answer,
+                        "extracted": s.extracted,
+                        "correct": s.correct,
+                        "scorer": scorer.name,
+                        **({"detail": s.detail} if s.detail else {}),
+                    }
+                )
+        if greedy:
+            out.greedy.append((1, correct.pop(0)))
+        out.counts.append((n, sum(correct)))
+    out.score_s = time.perf_counter() - t
+    return out
+
+
+def _metrics(settings: dict, config: EvalConfig, runs: list[_SeedResult]) -> list[dict]:
+    """pass@k for each k, mean@n, and greedy accuracy when asked, each with its spread."""
+    n = settings["samples"]
+    wanted = [("pass", k, "counts") for k in settings["ks"]] + [("mean", n, "counts")]
+    if settings["greedy"]:
+        wanted.append(("greedy", 1, "greedy"))
+    metrics = []
+    for kind, k, field_ in wanted:
+        per_seed = [problem_scores(getattr(r, field_), "pass" if kind == "greedy" else kind, k) for r in runs]
+        seed_scores = [sum(v) / len(v) for v in per_seed]
+        score = sum(seed_scores) / len(seed_scores)
+        if len(config.seeds) > 1:
+            spread = seed_spread(seed_scores, config.seeds)
+        elif config.bootstrap > 0:
+            spread = bootstrap_std(per_seed[0], config.bootstrap, seed=config.seeds[0])
+        else:
+            spread = None
+        name = "greedy" if kind == "greedy" else f"{kind}@{k}"
+        metrics.append({"metric": name, "k": k, "n": 1 if kind == "greedy" else n, "score": score, "spread": spread})
+    return metrics
 
 
 def _resolve_dtype(name: str, device):

@@ -21,7 +21,8 @@ How it samples (the same semantics as vLLM's, which the paper's verl runs used):
   by inverse CDF with one uniform per row and step from a `torch.Generator` seeded by the caller, so a
   run is reproducible and resumable (a uniform is drawn for finished rows too, so dropping them
   changes no other row's sample); temperature 0 means greedy (argmax), the usual way evaluation
-  asks for pass@1;
+  asks for pass@1; `greedy_first=g` decodes the first g samples of each prompt greedily and samples the
+  rest in the same pass (one prefill per prompt for both: `loraforge eval --greedy`);
 - a row stops at any of the model's EOS ids (generation_config.eos_token_id may be a list, as for
   chat models whose turn ends with <|im_end|>); tokens after it are padding and masked out.
 
@@ -50,6 +51,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus sampling; 1.0 = off
     top_k: int = -1  # keep the k most probable tokens; -1 or 0 = off
     max_prompt_tokens: int | None = None  # left-truncate longer prompts to this many tokens (None: keep all)
+    greedy_first: int = 0  # the first g of each prompt's n samples are greedy (argmax), the others sampled
 
     def check(self) -> None:
         if self.n < 1:
@@ -62,6 +64,8 @@ class SamplingParams:
             raise LoraforgeError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise LoraforgeError(f"top-k must be -1 (off) or >= 0, got {self.top_k}")
+        if not 0 <= self.greedy_first <= self.n:
+            raise LoraforgeError(f"greedy samples per prompt must be in [0, n={self.n}], got {self.greedy_first}")
 
 
 @dataclass
@@ -180,15 +184,19 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-def _draw(logits, params: SamplingParams, generator, rows: int, active: torch.Tensor) -> torch.Tensor:
+def _draw(logits, params: SamplingParams, generator, rows: int, active: torch.Tensor, greedy=None) -> torch.Tensor:
     """The next token of each decoding row. `active` lists which of the `rows` rows of the whole
     batch are still being decoded: a uniform is drawn for every row, finished or not, so that
-    dropping finished rows from the batch leaves the other rows' samples unchanged."""
+    dropping finished rows from the batch leaves the other rows' samples unchanged. `greedy` (rows,)
+    marks rows decoded by argmax; their uniforms are drawn and unused, for the same reason."""
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
     u = torch.rand(rows, generator=generator, dtype=torch.float64, device=probs.device)
-    return sample_from_probs(probs, u[active])
+    tokens = sample_from_probs(probs, u[active])
+    if greedy is not None:
+        tokens = torch.where(greedy[active], logits.argmax(-1), tokens)
+    return tokens
 
 
 def _select_rows(past, index: torch.Tensor):
@@ -201,14 +209,24 @@ def _select_rows(past, index: torch.Tensor):
 
 @torch.inference_mode()
 def _sample_rows(
-    model, prompt_ids, prompt_mask, params, eos: set[int], pad: int, generator, expand=None, drop_finished: bool = True
+    model,
+    prompt_ids,
+    prompt_mask,
+    params,
+    eos: set[int],
+    pad: int,
+    generator,
+    expand=None,
+    drop_finished: bool = True,
+    greedy=None,
 ):
     """Sample one response per row; returns (ids, mask, truncated) for the rows.
 
     `prompt_ids`/`prompt_mask` hold the distinct prompts (left-padded) and `expand` maps every row to
     its prompt (None: one row per prompt). Each distinct prompt is prefilled once and its KV cache
     copied to its rows. With `drop_finished`, rows that ended (EOS) leave the decoding batch; the
-    random draws do not depend on it (see _draw), so the samples are the same either way.
+    random draws do not depend on it (see _draw), so the samples are the same either way. `greedy`
+    (rows,) bool marks the rows decoded by argmax (None: none).
     """
     device = prompt_ids.device
     rows = prompt_ids.shape[0] if expand is None else int(expand.numel())
@@ -236,7 +254,7 @@ def _sample_rows(
     active = torch.arange(rows, device=device)  # the rows in the decoding batch, in batch order
     used = 0
     for step in range(budget):
-        nxt = _draw(logits, params, generator, rows, active)
+        nxt = _draw(logits, params, generator, rows, active, greedy)
         alive = ~finished[active]
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad))
         ids[active, step] = nxt
@@ -315,9 +333,22 @@ def generate(
                 expand = torch.tensor([where[i] for i in idx], dtype=torch.long, device=device)
             p_ids, p_mask = left_pad([token_lists[i] for i in distinct], pad)
             p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+            greedy = None
+            if params.greedy_first:  # row r of the whole call is sample r % n of its prompt
+                rows = torch.arange(start, start + len(idx), device=device)
+                greedy = rows % params.n < params.greedy_first
             try:
                 r_ids, r_mask, trunc = _sample_rows(
-                    model, p_ids, p_mask, params, eos, pad, generator, expand, drop_finished=drop_finished
+                    model,
+                    p_ids,
+                    p_mask,
+                    params,
+                    eos,
+                    pad,
+                    generator,
+                    expand,
+                    drop_finished=drop_finished,
+                    greedy=greedy,
                 )
             except torch.OutOfMemoryError as e:
                 raise LoraforgeError(

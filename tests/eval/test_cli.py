@@ -111,3 +111,42 @@ def test_eval_command_on_the_synthetic_heldout_split(model_dir, tmp_path):
     samples = [json.loads(x) for x in (tmp_path / "heldout.samples.jsonl").read_text().splitlines()]
     assert [s["gold"] for s in samples] == [row["answer"] for row in synthetic_rows(n=6, level=(1, 3), split="heldout")]
     assert not any(s["correct"] for s in samples)
+
+
+def test_eval_greedy_rides_along_with_sampling(model_dir, greedy_file, tmp_path):
+    # The greedy response decoded in the sampling pass scores what a greedy run scores (3 of 5, as in
+    # test_eval_command_end_to_end); the 4 samples per problem are counted apart from it.
+    out = tmp_path / "both.json"
+    r = run(
+        "--model",
+        str(model_dir),
+        "--bench",
+        str(greedy_file),
+        "--prompt-template",
+        "raw",
+        "--max-new-tokens",
+        "4",
+        "--samples",
+        "4",
+        "--temperature",
+        "1",
+        "--greedy",
+        "-o",
+        str(out),
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["benchmarks"]["tiny"]
+    metrics = {m["metric"]: m for m in res["metrics"]}
+    assert metrics["greedy"]["score"] == pytest.approx(0.6) and metrics["greedy"]["n"] == 1
+    assert set(metrics) == {"pass@1", "pass@4", "mean@4", "greedy"}
+    assert res["counts"]["samples"] == 20 and sum(res["counts"]["greedy_correct_per_problem"][0]) == 3
+    samples = [json.loads(x) for x in (tmp_path / "both.samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 25 and sum(s["greedy"] for s in samples) == 5
+    sampled_correct = sum(s["correct"] for s in samples if not s["greedy"])
+    assert res["counts"]["correct"] == sampled_correct
+    assert metrics["mean@4"]["score"] == pytest.approx(sampled_correct / 20)
+
+
+def test_greedy_with_temperature_zero_is_refused(model_dir, greedy_file, tmp_path):
+    r = run("--model", str(model_dir), "--bench", str(greedy_file), "--greedy", "-o", str(tmp_path / "r.json"))
+    assert r.exit_code == 1 and "drop --greedy, or sample with --temperature > 0" in r.output

@@ -96,3 +96,22 @@ def test_shared_prefix_and_dropping_finished_rows_give_the_plain_samples(tiny_mo
                 assert fast.truncated.tolist() == plain.truncated.tolist()
             finished_early += sum(1 for n_tok in plain.lengths if n_tok < 12)
     assert finished_early > 0  # some rows did leave the batch early
+
+
+def test_greedy_first_rows_are_greedy_and_leave_the_sampled_rows_unchanged(tiny_model, tokenizer):
+    # n=3, greedy_first=1: row 0 of each prompt is the argmax decode, rows 1-2 are the samples a plain
+    # n=3 call draws for rows 1-2 (a uniform is drawn for the greedy row too, so the others' draws line up).
+    # drop_finished=False keeps every decoding batch the same size, so the sampled rows match bit for bit.
+    prompts = ["1+2=", "12+34+5="]
+    mixed = SamplingParams(n=3, max_new_tokens=6, temperature=1.0, greedy_first=1)
+    got = generate(tiny_model, tokenizer, prompts, mixed, seed=3, drop_finished=False, batch_size=4)
+    greedy = generate(tiny_model, tokenizer, prompts, SamplingParams(n=1, max_new_tokens=6, temperature=0.0))
+    plain = generate(
+        tiny_model, tokenizer, prompts, SamplingParams(n=3, max_new_tokens=6), seed=3, drop_finished=False, batch_size=4
+    )
+    for p in range(2):
+        assert got.texts[3 * p] == greedy.texts[p]
+        assert got.texts[3 * p + 1 : 3 * p + 3] == plain.texts[3 * p + 1 : 3 * p + 3]
+    # the default path (finished rows leave the batch) decodes the same greedy rows
+    fast = generate(tiny_model, tokenizer, prompts, mixed, seed=3)
+    assert [fast.texts[0], fast.texts[3]] == greedy.texts
