@@ -2,71 +2,82 @@
 
     python examples/replication/replicate.py --work runs/replication --out examples/replication/results
 
-For every (learning rate, seed) of the grid and every init method: `loraforge init` makes the adapter,
-`loraforge train` runs DAPO on it, `loraforge inspect` measures where the trained adapter moved, and
-`loraforge plot` draws the paper's Figure 2 panels per learning rate. The script only orchestrates the
-command line (each step is a subprocess, as a user would type it) and then reads the runs'
-metrics.jsonl to write the table. It is resumable: a finished run is skipped, an interrupted one is
-continued with `loraforge train --resume`, so running it again finishes the grid.
+For every (learning rate, seed, method) of the grid: `loraforge init` makes the adapter, `loraforge train` runs
+DAPO on it (keeping a checkpoint every --save-every steps), `loraforge eval` scores the init and every checkpoint
+on held-out problems of the same task that training never draws (greedy accuracy and mean@4 in one pass),
+`loraforge inspect` measures where the trained adapter moved, and `loraforge plot` draws the training panels.
+Every step is a subprocess, as a user would type it; the script schedules them --parallel at a time (held-out
+evaluations first, as their checkpoints appear) and then reads the files the runs wrote to make the tables,
+the intervals and the figure (study_analysis.py, study_stats.py).
 
-Outputs under --out: fig_lr<LR>.png (per learning rate, seed 0: reward, grad norm, KL per method),
-table.md and summary.json (per method and lr: KL, grad norm, final-window reward and accuracy, entropy,
-response length, geometry, with spread over seeds), runs/<name>/ (each run's metrics.jsonl,
-samples.jsonl, config.json, inspect.json) and status.json (which runs finished, failed, and why).
+It is resumable: a finished run or evaluation is skipped, an interrupted run is continued with
+`loraforge train --resume`, a run another process is training (its run lock is held) is waited for. Running it
+again finishes the grid; raising --steps continues every run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import shutil
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-METHODS = ("lora", "rlpo", "rlmo", "pissa", "milora")
-RESIDUAL = ("pissa", "milora")  # methods whose init moves B0 A0 out of the base (a residual base/)
-# A short instruction instead of DAPO-Math's: responses of ~20 tokens instead of ~45 at the same starting
-# accuracy for SmolLM2-135M (measured), which halves the cost of a CPU step.
-SHORT_TEMPLATE = "{question} Give only the final answer, as: Answer: N"
-LABELS = {"lora": "LoRA", "rlpo": "LoRA-RLPO", "rlmo": "LoRA-RLMO", "pissa": "PiSSA", "milora": "MiLoRA"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_analysis, study_stats beside this file
+
+from study_analysis import analyse  # noqa: E402
+from study_layout import (  # noqa: E402
+    METHODS,
+    RESIDUAL,
+    SHORT_TEMPLATE,
+    Run,
+    adapter_dir,
+    adapter_key,
+    base_for,
+    eval_steps,
+    heldout_report,
+    in_flight,
+    is_done,
+    report_done,
+    run_dir,
+)
 
 
-@dataclass(frozen=True)
-class Run:
-    method: str
-    lr: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}_lr{self.lr:g}_s{self.seed}"
+@dataclass
+class Job:
+    key: str  # "train:NAME", "eval:NAME:STEP" or "eval:init:ADAPTER"
+    cmd: list[str]
+    log: Path
 
 
-def parse_grid(items: list[str]) -> list[tuple[float, list[int]]]:
-    """["1e-5:0,1", "1e-4:0"] -> [(1e-5, [0, 1]), (1e-4, [0])]."""
+def parse_grid(items: list[str], methods: list[str]) -> list[tuple[float, list[int], list[str]]]:
+    """["1e-4:0,1", "5e-4:0:pissa,rlpo"] -> [(1e-4, [0, 1], methods), (5e-4, [0], ["pissa", "rlpo"])]."""
     grid = []
     for item in items:
-        lr, sep, seeds = item.partition(":")
+        lr, _, rest = item.partition(":")
+        seeds, _, names = rest.partition(":")
         try:
-            grid.append((float(lr), [int(s) for s in seeds.split(",")] if sep else [0]))
+            entry = (float(lr), [int(s) for s in seeds.split(",")] if seeds else [0])
         except ValueError:
-            sys.exit(f"--grid {item!r}: expected LR:SEED[,SEED...], e.g. 1e-5:0,1")
+            sys.exit(f"--grid {item!r}: expected LR:SEED[,SEED...][:METHOD,...], e.g. 1e-5:0,1 or 5e-4:0:pissa,rlpo")
+        chosen = [m for m in names.split(",") if m] if names else list(methods)
+        bad = [m for m in chosen if m not in METHODS]
+        if bad:
+            sys.exit(f"--grid {item!r}: unknown method(s) {bad}; known {list(METHODS)}")
+        grid.append((*entry, chosen))
     return grid
 
 
-def plan_runs(methods: list[str], grid: list[tuple[float, list[int]]]) -> list[Run]:
-    """Seed 0 of every lr first, then the further seeds: a grid cut short still compares every method."""
-    runs = [Run(m, lr, s) for lr, seeds in grid for s in seeds for m in methods]
-    return sorted(runs, key=lambda r: (min(1, r.seed), [g[0] for g in grid].index(r.lr), r.seed))
+def plan_runs(grid: list[tuple[float, list[int], list[str]]]) -> list[Run]:
+    """Grid entries in order; within one, seed by seed with every method of a seed together, so that a grid
+    cut short still compares every method of its first entry on as many seeds as it got to."""
+    return [Run(m, lr, s, i) for i, (lr, seeds, methods) in enumerate(grid) for s in seeds for m in methods]
 
 
-def cli(args: argparse.Namespace) -> list[str]:
+def cli() -> list[str]:
     """The loraforge console script next to this Python (the venv's), else `python -m loraforge`."""
     script = Path(sys.executable).with_name("loraforge")
     return [str(script)] if script.exists() else [sys.executable, "-m", "loraforge"]
@@ -82,8 +93,13 @@ def sh(cmd: list[str], log: Path | None = None, env: dict | None = None) -> int:
         return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
+def thread_env(args) -> dict:
+    n = str(args.threads)
+    return dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TOKENIZERS_PARALLELISM="false")
+
+
 # ------------------------------------------------------------------------------------------------
-# steps
+# where things are
 def ensure_model(args) -> Path:
     model = Path(args.model) if args.model else Path(args.work) / "SmolLM2-135M-Instruct"
     if not (model / "config.json").exists():
@@ -94,17 +110,13 @@ def ensure_model(args) -> Path:
     return model
 
 
-def adapter_dir(args, run: Run) -> Path:
-    """One adapter per method; LoRA's random A0 depends on the seed, so one per seed for it."""
-    key = f"{run.method}_s{run.seed}" if run.method == "lora" else run.method
-    return Path(args.work) / "adapters" / key
-
-
+# ------------------------------------------------------------------------------------------------
+# commands
 def ensure_adapter(args, model: Path, run: Run) -> Path:
     out = adapter_dir(args, run)
     if (out / "adapter_config.json").exists():
         return out
-    cmd = cli(args) + ["init", str(model), "--method", run.method, "-r", str(args.rank), "--alpha", str(args.alpha)]
+    cmd = cli() + ["init", str(model), "--method", run.method, "-r", str(args.rank), "--alpha", str(args.alpha)]
     cmd += ["--seed", str(run.seed), "--device", args.device, "-o", str(out)]
     if run.method in RESIDUAL:
         cmd += ["--base-dtype", "float32"]  # the residual base exactly W0 - s B0 A0, not rounded to bf16
@@ -113,31 +125,13 @@ def ensure_adapter(args, model: Path, run: Run) -> Path:
     return out
 
 
-def thread_env(args) -> dict:
-    n = str(args.threads)
-    return dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TOKENIZERS_PARALLELISM="false")
-
-
-def run_dir(args, run: Run) -> Path:
-    return Path(args.work) / "runs" / run.name
-
-
-def is_done(args, run: Run) -> bool:
-    d = run_dir(args, run)
-    if not (d / "adapter" / "adapter_config.json").exists():
-        return False
-    steps = [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return bool(steps) and max(steps) >= args.steps
-
-
 def train_command(args, model: Path, run: Run) -> list[str]:
     d = run_dir(args, run)
     if (d / "config.json").exists() and any((d / "checkpoints").glob("step_*")):
-        return cli(args) + ["train", "--resume", str(d), "--steps", str(args.steps)]
+        return cli() + ["train", "--resume", str(d), "--steps", str(args.steps)]
     if d.exists():  # started but died before its first checkpoint: keep it aside, start again
         d.rename(d.with_name(f"{d.name}.failed-{int(time.time())}"))
-    adapter = adapter_dir(args, run)
-    cmd = cli(args) + ["train", "--algo", "dapo", "--adapter", str(adapter), "-o", str(d)]
+    cmd = cli() + ["train", "--algo", "dapo", "--adapter", str(adapter_dir(args, run)), "-o", str(d)]
     if run.method not in RESIDUAL:
         cmd += ["--model", str(model)]  # residual methods train on their own base/ (found from the adapter)
     cmd += ["--data", args.data, "--reward", args.reward, "--prompt-template", args.prompt_template]
@@ -150,175 +144,84 @@ def train_command(args, model: Path, run: Run) -> list[str]:
     return cmd + shlex.split(args.train_args)
 
 
-def run_grid(args, model: Path, runs: list[Run]) -> dict[str, str]:
-    """Train every run not yet done, --parallel at a time; returns name -> done / failed (exit N)."""
-    status = {r.name: "done" for r in runs if is_done(args, r)}
-    todo = [r for r in runs if r.name not in status]
-    for r in runs:
-        if r.name in status:
-            print(f"skip {r.name}: done", flush=True)
-    logs = Path(args.work) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    active: list[tuple[Run, subprocess.Popen, float]] = []
-    while todo or active:
-        while todo and len(active) < args.parallel:
-            r = todo.pop(0)
-            ensure_adapter(args, model, r)
-            cmd = train_command(args, model, r)
-            log = (logs / f"{r.name}.log").open("a")
-            log.write(f"+ {shlex.join(cmd)}\n")
-            log.flush()
-            print(f"start {r.name}: {shlex.join(cmd)}", flush=True)
-            active.append(
-                (r, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(args)), time.time())
-            )
-        time.sleep(args.poll)
-        for item in list(active):
-            r, proc, t0 = item
-            if proc.poll() is None:
-                continue
-            active.remove(item)
-            ok = proc.returncode == 0 and is_done(args, r)
-            status[r.name] = "done" if ok else f"failed (exit {proc.returncode}, see {logs / (r.name + '.log')})"
-            print(f"{'done' if ok else 'FAILED'} {r.name} in {time.time() - t0:.0f} s", flush=True)
-    return status
+def eval_command(args, model: Path, run: Run, step: int) -> list[str]:
+    """`loraforge eval` of the init (step 0) or a checkpoint on the held-out problems: greedy accuracy and
+    mean@4 (4 samples at T = 1) in one pass, scored with the reward the runs train with."""
+    adapter = (
+        adapter_dir(args, run) if step == 0 else run_dir(args, run) / "checkpoints" / f"step_{step:06d}" / "adapter"
+    )
+    # train's templates (dapo, none, or text with {question}) in eval's terms (dapo, raw, or text with {problem})
+    template = {"none": "raw"}.get(args.prompt_template, args.prompt_template.replace("{question}", "{problem}"))
+    cmd = cli() + ["eval", "--model", str(base_for(args, model, run)), "--adapter", str(adapter)]
+    cmd += ["--bench", args.heldout, "--scorer", args.eval_scorer, "--prompt-template", template]
+    cmd += ["--greedy", "--samples", str(args.eval_samples), "--temperature", "1", "--k", f"1,{args.eval_samples}"]
+    cmd += ["--max-new-tokens", str(args.max_response_length), "--batch-size", str(args.eval_batch)]
+    cmd += ["--dtype", "float32", "--device", args.device, "--seed", "0", "--bootstrap", "0"]
+    return cmd + ["-o", str(heldout_report(args, run, step))] + shlex.split(args.eval_args)
 
 
 # ------------------------------------------------------------------------------------------------
-# analysis
-def read_metrics(d: Path) -> list[dict]:
-    path = d / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-
-
-def inspect_run(args, model: Path, run: Run, out: Path) -> dict | None:
-    """`loraforge inspect` of the trained adapter against its init (geometry: where it moved)."""
-    target = out / "inspect.json"
-    trained = run_dir(args, run) / "adapter" / "adapter_model.safetensors"
-    if not target.exists() or target.stat().st_mtime < trained.stat().st_mtime:  # none yet, or the run went on
-        cmd = cli(args) + ["inspect", str(run_dir(args, run) / "adapter"), "--init", str(adapter_dir(args, run))]
-        cmd += ["--base", str(model), "--json", str(target), "--device", args.device]
-        if args.inspect_layers:
-            cmd += ["--layers", args.inspect_layers]
-        if sh(cmd, log=Path(args.work) / "logs" / f"{run.name}.inspect.log", env=thread_env(args)) != 0:
-            return None
-    return json.loads(target.read_text())["mean"]
-
-
-def window_mean(values: list[float], window: int) -> float:
-    tail = [v for v in values[-window:] if v == v]
-    return sum(tail) / len(tail) if tail else float("nan")
-
-
-def run_summary(metrics: list[dict], window: int) -> dict:
-    def col(key):
-        return [float(m[key]) for m in metrics if key in m]
-
-    kl, grad = col("kl"), [g for g in col("grad_norm") if g == g]
-    return {
-        "steps": len(metrics),
-        "kl_mean": statistics.fmean(kl),
-        "kl_max": max(kl),
-        "kl_step1": kl[0],
-        "grad_mean": statistics.fmean(grad) if grad else float("nan"),
-        "grad_max": max(grad) if grad else float("nan"),
-        "reward_first": window_mean(col("reward")[:window], window),
-        "reward_final": window_mean(col("reward"), window),
-        "acc_first": window_mean(col("acc")[:window], window),
-        "acc_final": window_mean(col("acc"), window),
-        "entropy_final": window_mean(col("entropy"), window),
-        "len_final": window_mean(col("response_len"), window),
-        "s_per_step": statistics.fmean(col("time_s")),
-        "gen_batches_mean": statistics.fmean(col("gen_batches")),
-    }
-
-
-def spread(values: list[float]) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "–"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return fmt(mean)
-    return f"{fmt(mean)} ± {fmt(statistics.stdev(values))}"
-
-
-def fmt(x: float) -> str:
-    if x != x:
-        return "nan"
-    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e3):
-        return f"{x:.1e}"
-    return f"{x:.2f}"
-
-
-TABLE_COLUMNS = [
-    ("kl_mean", "mean KL"),
-    ("kl_max", "max KL"),
-    ("kl_step1", "KL step 1"),
-    ("grad_mean", "mean grad norm"),
-    ("reward_first", "reward first {w}"),
-    ("reward_final", "reward last {w}"),
-    ("acc_first", "acc first {w}"),
-    ("acc_final", "acc last {w}"),
-    ("entropy_final", "entropy last {w}"),
-    ("len_final", "length last {w}"),
-    ("sim_top", "A in top-r"),
-    ("sim_bottom", "A in bottom-r"),
-    ("p_top", "ΔW on top-r"),
-    ("update_norm", "‖ΔW‖"),
-]
-
-
-def write_table(args, runs: list[Run], summaries: dict[str, dict], out: Path) -> str:
-    w = args.window
-    header = ["lr", "method", "seeds"] + [label.format(w=w) for _, label in TABLE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for lr in dict.fromkeys(r.lr for r in runs):
-        for method in args.methods:
-            rows = [summaries[r.name] for r in runs if r.lr == lr and r.method == method and r.name in summaries]
-            if not rows:
-                continue
-            cells = [f"{lr:g}", LABELS[method], str(len(rows))]
-            cells += [spread([row.get(key, float("nan")) for row in rows]) for key, _ in TABLE_COLUMNS]
-            lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
-    return text
-
-
-def analyse(args, model: Path, runs: list[Run], status: dict[str, str]) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summaries: dict[str, dict] = {}
+# the schedule
+def pending_jobs(args, model: Path, runs: list[Run], busy: set[str], failed: set[str]) -> list[Job]:
+    """What can start now: held-out evaluations of inits and finished checkpoints first, then trainings."""
+    logs = Path(args.work) / "logs"
+    jobs, seen_inits = [], set()
+    for r in runs if not args.no_eval else []:
+        if adapter_key(r) not in seen_inits and (adapter_dir(args, r) / "adapter_config.json").exists():
+            seen_inits.add(adapter_key(r))
+            jobs.append(Job(f"eval:init:{adapter_key(r)}", eval_command(args, model, r, 0), logs / "eval_init.log"))
+        for step in eval_steps(args):
+            ckpt = run_dir(args, r) / "checkpoints" / f"step_{step:06d}" / "state.json"
+            if ckpt.exists():
+                jobs.append(
+                    Job(f"eval:{r.name}:{step}", eval_command(args, model, r, step), logs / f"{r.name}.eval.log")
+                )
+    jobs = [j for j in jobs if not report_done(Path(j.cmd[j.cmd.index("-o") + 1]))]
     for r in runs:
-        if status.get(r.name) != "done":
-            continue
-        dest = out / "runs" / r.name
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in ("metrics.jsonl", "samples.jsonl", "config.json"):
-            if (run_dir(args, r) / f).exists():
-                shutil.copyfile(run_dir(args, r) / f, dest / f)
-        summary = run_summary(read_metrics(run_dir(args, r)), args.window)
-        geometry = inspect_run(args, model, r, dest) if not args.no_inspect else None
-        summary.update(
-            {k: geometry.get(k, float("nan")) for k in ("sim_top", "sim_bottom", "p_top", "update_norm")}
-            if geometry
-            else {}
-        )
-        summaries[r.name] = summary
-    for lr in dict.fromkeys(r.lr for r in runs):
-        shown = [r for r in runs if r.lr == lr and r.seed == min(x.seed for x in runs) and r.name in summaries]
-        if shown:
-            cmd = cli(args) + ["plot"] + [str(run_dir(args, r)) for r in shown] + ["-o", str(out / f"fig_lr{lr:g}.png")]
-            cmd += ["--smooth", str(args.smooth)] + [x for r in shown for x in ("--label", LABELS[r.method])]
-            sh(cmd)
-    table = write_table(args, runs, summaries, out)
-    settings = {k: v for k, v in vars(args).items() if k not in ("work", "out")}
-    (out / "summary.json").write_text(
-        json.dumps({"settings": settings, "status": status, "runs": summaries}, indent=2) + "\n"
-    )
-    (out / "status.json").write_text(json.dumps(status, indent=2) + "\n")
-    print(table)
+        if not is_done(args, r) and not in_flight(args, r):
+            jobs.append(Job(f"train:{r.name}", [], logs / f"{r.name}.log"))  # command built when started
+    return [j for j in jobs if j.key not in busy and j.key not in failed]
+
+
+def start(args, model: Path, runs: list[Run], job: Job) -> subprocess.Popen:
+    if job.key.startswith("train:"):
+        run = next(r for r in runs if f"train:{r.name}" == job.key)
+        ensure_adapter(args, model, run)
+        job.cmd = train_command(args, model, run)
+    else:  # an evaluation: its report's folder
+        Path(job.cmd[job.cmd.index("-o") + 1]).parent.mkdir(parents=True, exist_ok=True)
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    log = job.log.open("a")
+    log.write(f"+ {shlex.join(job.cmd)}\n")
+    log.flush()
+    print(f"start {job.key}: {shlex.join(job.cmd)}", flush=True)
+    return subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(args))
+
+
+def run_jobs(args, model: Path, runs: list[Run]) -> dict[str, str]:
+    """Run every pending job, --parallel at a time (counting trainings other processes hold); returns
+    job key -> "done" / "failed (exit N)" for the jobs started here."""
+    for r in runs:  # every init first: the step-0 evaluations need them, and an init failing stops early
+        ensure_adapter(args, model, r)
+        if is_done(args, r):
+            print(f"skip {r.name}: done", flush=True)
+    status: dict[str, str] = {}
+    active: dict[str, tuple[subprocess.Popen, float]] = {}
+    while True:
+        foreign = [r.name for r in runs if f"train:{r.name}" not in active and in_flight(args, r)]
+        failed = {k for k, v in status.items() if v != "done"}
+        todo = pending_jobs(args, model, runs, set(active), failed)
+        for job in todo[: max(0, args.parallel - len(active) - len(foreign))]:
+            active[job.key] = (start(args, model, runs, job), time.time())
+        if not active and not foreign and not todo:
+            return status
+        time.sleep(args.poll)
+        for key, (proc, t0) in list(active.items()):
+            if proc.poll() is None:
+                continue
+            del active[key]
+            status[key] = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            print(f"{status[key]} {key} in {time.time() - t0:.0f} s", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,18 +230,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--work", default="runs/replication", help="where the model, adapters, runs and logs go")
-    p.add_argument("--out", default="examples/replication/results", help="figures, table and per-run results")
+    p.add_argument("--out", default="examples/replication/results", help="figures, tables and per-run results")
     p.add_argument("--model", help="base model directory [default: SmolLM2-135M-Instruct written under --work]")
     p.add_argument("--methods", default=",".join(METHODS), help="init methods, comma-separated")
     p.add_argument(
-        "--grid", action="append", help="LR:SEEDS, repeatable, run in this order [default: 1e-4:0 then 1e-5:0]"
+        "--grid",
+        action="append",
+        help="LR:SEEDS[:METHODS], repeatable, run in this order [default: 1e-4:0,1,2 then 5e-4:0,1:pissa,milora,rlpo]",
     )
-    p.add_argument("--device", default="cpu", help="passed to init, train and inspect: cpu, cuda, auto")
-    p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per run")
-    p.add_argument("--parallel", type=int, default=2, help="runs side by side")
+    p.add_argument("--device", default="cpu", help="passed to init, train, eval and inspect: cpu, cuda, auto")
+    p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per job")
+    p.add_argument("--parallel", type=int, default=2, help="jobs side by side")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--data", default="synthetic:level=1-3,n=4000,split=train")
+    p.add_argument("--heldout", default="synthetic:level=1-3,n=256,split=heldout", help="the held-out --bench")
+    p.add_argument("--eval-scorer", default="number", help="held-out scorer: the one the reward pays for")
+    p.add_argument("--eval-samples", type=int, default=4, help="sampled responses per held-out problem (mean@k)")
+    p.add_argument("--eval-batch", type=int, default=256, help="rows decoded together by eval")
+    p.add_argument("--eval-args", default="", help="further `loraforge eval` flags, as one string")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluations")
     p.add_argument("--reward", default="number")
     p.add_argument("--prompt-template", default=SHORT_TEMPLATE)
     p.add_argument("--max-response-length", type=int, default=32)
@@ -351,33 +262,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=10, help="checkpoint (and held-out evaluation) every N steps")
     p.add_argument("--max-gen-batches", type=int, default=10, help="dynamic sampling refills per step, 0 = no limit")
     p.add_argument("--train-args", default="", help="further `loraforge train` flags, as one string")
-    p.add_argument("--window", type=int, default=3, help="steps averaged for first/last-window columns")
-    p.add_argument("--smooth", type=int, default=1, help="moving average of the figures (steps)")
+    p.add_argument("--window", type=int, default=5, help="steps averaged for first/last-window columns")
+    p.add_argument("--smooth", type=int, default=1, help="moving average of the training figures (steps)")
     p.add_argument("--inspect-layers", default="0,10,20,29", help="layers `inspect` measures ('' = all)")
     p.add_argument("--no-inspect", action="store_true", help="skip the geometry (inspect) step")
-    p.add_argument("--analyse-only", action="store_true", help="train nothing: figures and table of finished runs")
-    p.add_argument("--poll", type=float, default=10.0, help="seconds between checks on running trainings")
+    p.add_argument("--analyse-only", action="store_true", help="run nothing: tables and figures of what is there")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between checks on running jobs")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; known {list(METHODS)}")
-    args.grid = args.grid or ["1e-4:0", "1e-5:0"]
+    args.grid = args.grid or ["1e-4:0,1,2", "5e-4:0,1:pissa,milora,rlpo"]
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runs = plan_runs(args.methods, parse_grid(args.grid))
+    runs = plan_runs(parse_grid(args.grid, args.methods))
     model = ensure_model(args)
-    if args.analyse_only:
-        status = {r.name: ("done" if is_done(args, r) else "not run") for r in runs}
-    else:
-        status = run_grid(args, model, runs)
+    status = {} if args.analyse_only else run_jobs(args, model, runs)
     analyse(args, model, runs, status)
-    failed = [n for n, s in status.items() if s != "done"]
-    if failed:
-        sys.exit(f"{len(failed)} of {len(runs)} runs did not finish: {', '.join(failed)} (see status.json)")
+    unfinished = [r.name for r in runs if not is_done(args, r)]
+    if unfinished:
+        sys.exit(f"{len(unfinished)} of {len(runs)} runs did not finish: {', '.join(unfinished)} (see status.json)")
 
 
 if __name__ == "__main__":

@@ -20,20 +20,22 @@ def _script():
     return module
 
 
-def test_grid_runs_seed_0_of_every_lr_first():
+def test_grid_runs_entry_by_entry_and_seed_by_seed():
     rep = _script()
-    runs = rep.plan_runs(["rlpo", "pissa"], rep.parse_grid(["1e-5:0,1", "1e-4:0"]))
-    # seed 0 at both lrs before any second seed: a grid cut short still compares every method
+    runs = rep.plan_runs(rep.parse_grid(["1e-4:0,1", "5e-4:0:pissa"], ["rlpo", "pissa"]))
+    # the first entry whole, seed by seed with every method of a seed together; then the stress entry's methods
     assert [r.name for r in runs] == [
-        "rlpo_lr1e-05_s0",
-        "pissa_lr1e-05_s0",
         "rlpo_lr0.0001_s0",
         "pissa_lr0.0001_s0",
-        "rlpo_lr1e-05_s1",
-        "pissa_lr1e-05_s1",
+        "rlpo_lr0.0001_s1",
+        "pissa_lr0.0001_s1",
+        "pissa_lr0.0005_s0",
     ]
+    assert [r.grid for r in runs] == [0, 0, 0, 0, 1]
     with pytest.raises(SystemExit, match="LR:SEED"):
-        rep.parse_grid(["fast:0"])
+        rep.parse_grid(["fast:0"], ["rlpo"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        rep.parse_grid(["1e-4:0:dora"], ["rlpo"])
 
 
 def test_study_runs_the_cli_skips_done_runs_and_continues_raised_steps(model_dir, tmp_path, monkeypatch, capsys):
@@ -48,6 +50,8 @@ def test_study_runs_the_cli_skips_done_runs_and_continues_raised_steps(model_dir
         "--prompt-template", "none", "--max-response-length", "1", "--overlong-buffer", "0", "--group-size", "4",
         "--prompt-batch", "2", "--mini-batch", "1", "--micro-batch", "8", "--window", "1", "--poll", "0.2",
         "--inspect-layers", "0", "--rank", "2", "--alpha", "4", "--train-args=--no-chat-template",
+        "--heldout", "synthetic:n=5,max=9,style=bare,split=heldout", "--eval-args=--no-chat-template",
+        "--eval-samples", "2", "--save-every", "1",
     ]  # fmt: skip
     rep.main(argv + ["--steps", "1"])
     run = work / "runs" / "rlpo_lr0.01_s0"
@@ -56,6 +60,14 @@ def test_study_runs_the_cli_skips_done_runs_and_continues_raised_steps(model_dir
     assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == {"rlpo_lr0.01_s0": "done"}
+    # held-out evaluation of the init (step 0) and of the step-1 checkpoint, on its own base, copied beside the run
+    for step in (0, 1):
+        report = json.loads((out / "runs" / "rlpo_lr0.01_s0" / "heldout" / f"step_{step:06d}.json").read_text())
+        bench = report["benchmarks"]["synthetic:n=5,max=9,style=bare,split=heldout"]
+        assert bench["problems"] == 5 and {m["metric"] for m in bench["metrics"]} >= {"greedy", "mean@2"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert set(stats["heldout"]["0.01"]["heldout"]["mean"]) == {"0", "1"}
+    assert "Held-out mean@2" in (out / "table.md").read_text() and (out / "fig_heldout_lr0.01.png").is_file()
     row = summary["runs"]["rlpo_lr0.01_s0"]
     metrics = json.loads((run / "metrics.jsonl").read_text())
     assert row["kl_step1"] == metrics["kl"] and row["grad_mean"] == metrics["grad_norm"]
@@ -64,10 +76,59 @@ def test_study_runs_the_cli_skips_done_runs_and_continues_raised_steps(model_dir
     assert (out / "runs" / "rlpo_lr0.01_s0" / "samples.jsonl").is_file()
     # a finished run is skipped: nothing is trained again
     before = (run / "metrics.jsonl").stat().st_mtime_ns
-    rep.main(argv + ["--steps", "1"])
+    rep.main(argv + ["--steps", "1", "--no-eval"])
     assert "skip rlpo_lr0.01_s0: done" in capsys.readouterr().out
     assert (run / "metrics.jsonl").stat().st_mtime_ns == before
     # more steps: the run is continued from its checkpoint, not restarted
-    rep.main(argv + ["--steps", "2", "--no-inspect"])
+    rep.main(argv + ["--steps", "2", "--no-inspect", "--no-eval"])
     assert "train --resume" in capsys.readouterr().out
     assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def _stats():
+    sys.path.insert(0, str(ROOT / "examples" / "replication"))
+    import study_stats
+
+    return study_stats
+
+
+def test_collapse_criterion_is_a_drop_of_ten_points_below_an_earlier_peak():
+    st = _stats()
+    # peak 0.50 at step 10; 0.45 at step 20 is within 10 points; 0.39 at step 30 is 11 points below it
+    assert st.collapse({0: 0.20, 10: 0.50, 20: 0.45, 30: 0.39}) == {
+        "step": 30,
+        "value": 0.39,
+        "peak_step": 10,
+        "peak": 0.5,
+    }
+    assert st.collapse({0: 0.20, 10: 0.50, 20: 0.41, 30: 0.60}) is None  # 0.41 > 0.50 - 0.10
+    assert st.collapse({0: 0.30, 10: 0.10}) == {"step": 10, "value": 0.10, "peak_step": 0, "peak": 0.30}
+
+
+def test_t_interval_over_seeds():
+    st = _stats()
+    # mean 0.2, sd 0.1, t(0.975, 2 df) = 4.303: half-width 4.303 * 0.1 / sqrt(3) = 0.24843
+    iv = st.t_interval([0.1, 0.2, 0.3])
+    assert iv.mean == pytest.approx(0.2) and iv.low == pytest.approx(0.2 - 0.24843, abs=1e-5)
+    assert iv.high == pytest.approx(0.2 + 0.24843, abs=1e-5)
+
+
+def test_bootstrap_pairs_problems_across_methods():
+    import numpy as np
+
+    st = _stats()
+    rng = np.random.default_rng(1)
+    hard = rng.random(256) < 0.3  # problems every run gets right
+    base = [hard.astype(float) for _ in range(3)]
+    better = [np.where(np.arange(256) < 26, 1.0, b) for b in base]  # the same, plus problems 0-25 right
+    runs = {"a": better, "b": base}
+    boot = st.hier_bootstrap(runs, draws=2000, seed=0)
+    d = st.difference("a", "b", runs, boot)
+    # seeds agree, so all the spread is the problems': a - b is the share of resampled problems among 0-25
+    # that b gets wrong (26 of 256 minus those in `hard`), never 0 -> significant
+    expected = float(np.mean(better[0]) - np.mean(base[0]))
+    assert d["diff"] == pytest.approx(expected) and d["significant"] and d["p_boot"] == 0.0
+    assert d["low"] < expected < d["high"] and d["low"] > 0
+    # identical methods: the paired difference is exactly 0 in every draw
+    same = st.difference("b", "b", runs, boot)
+    assert same["low"] == same["high"] == 0.0 and not same["significant"]
