@@ -140,7 +140,13 @@ def test_out_cannot_be_the_model_directory(tiny_models, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_models["llama"], model)
     res = invoke("init", model, "--method", "rlpo", "-r", 4, "-o", model, "--overwrite")
-    assert res.exit_code == 1 and "source model directory" in res.output
+    assert res.exit_code == 1 and f"is the same path as MODEL {model}, which this command reads" in res.output
+    assert (model / "config.json").exists()
+    # the library refuses it too, for callers that do not come through the CLI's guard
+    from loraforge import InitConfig, LoraforgeError, init_adapter
+
+    with pytest.raises(LoraforgeError, match="is the same path as .* \\(the source model\\)"):
+        init_adapter(str(model), model, InitConfig(method="rlpo", r=4), overwrite=True)
     assert (model / "config.json").exists()
 
 

@@ -29,20 +29,21 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 MANIFEST = "loraforge.json"
 BASE_DIR = "base"
+# written by `loraforge train` beside a trained adapter: the init it was trained from (rl/checkpoint.py)
+LINEAGE_FILE = "loraforge-lineage.json"
 
 
 def check_destination(out: Path, overwrite: bool, protect: Optional[Path] = None) -> None:
     """Refuse an existing OUT without --overwrite, an OUT that would delete the source model, and an
     OUT that is (or holds) the current directory."""
+    from loraforge.core.paths import check_paths, name_path
+
     out = Path(os.path.abspath(out))
+    real = name_path("-o", out)  # a symlink loop or a file on the way: one line
     if protect is not None:
-        o, p = out.resolve(), Path(protect).resolve()
-        if o == p or o in p.parents:
-            raise LoraforgeError(
-                f"-o {out} is (or contains) the source model directory; choose another output directory."
-            )
+        check_paths([name_path("the source model", protect)], [real])
     cwd = Path.cwd().resolve()
-    if out.resolve() == cwd or out.resolve() in cwd.parents:
+    if real.path == cwd or real.path in cwd.parents:
         raise LoraforgeError(
             f"-o {out} is (or contains) the current directory, which loraforge would have to replace while you are "
             "in it; pass a new directory name, e.g. -o ./adapter."

@@ -45,7 +45,12 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+        command = getattr(importlib.import_module(module), attr)
+        # Every command declares the paths it reads and writes (cli/_paths.py), so that none can skip the
+        # guard that keeps outputs away from inputs: a command without the declaration does not run.
+        if getattr(command, "loraforge_paths", None) is None:
+            raise RuntimeError(f"loraforge {name} declares no paths: decorate it with loraforge.cli._paths.paths")
+        return command
 
     def format_commands(self, ctx, formatter):
         # Show one-line summaries without importing every command module.

@@ -3,6 +3,7 @@
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.cli._paths import paths
 from loraforge.eval.scoring import SCORERS
 
 option = click.option
@@ -12,6 +13,10 @@ BENCH_HELP = (
 )
 
 
+@paths(
+    reads={"model": "model", "adapter": "adapter", "bench": "benchmarks"},
+    writes={"output": "report", "samples_path": "file"},
+)
 @click.command("eval")
 @option("--model", required=True, help="Base model: Hub id or local directory.")
 @option("--adapter", default=None, help="PEFT adapter directory to load on the base.")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.cli._paths import paths
 from loraforge.core.settings import help_texts
 from loraforge.inits.config import InitConfig
 from loraforge.inits.methods import METHODS
@@ -16,6 +17,7 @@ from loraforge.inits.methods import METHODS
 HELP = help_texts(InitConfig)
 
 
+@paths(reads={"model": "model"}, writes={"out": "dir"})
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("model")
 @click.option("--method", required=True, type=click.Choice(list(METHODS)), help=HELP["method"])
@@ -85,7 +87,7 @@ HELP = help_texts(InitConfig)
 )
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the model repository's own code.")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output adapter directory.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output adapter directory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def init(model, out, revision, device_map, overwrite, trust_remote_code, layers, **settings):
     """Write a ready-to-train PEFT adapter for MODEL (a Hub id or a local directory) to OUT."""

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.cli._paths import paths
+from loraforge.core.atomic import write_file_atomic
 
 
 def _names(spec):
     return [s.strip() for s in spec.split(",") if s.strip()] if spec else None
 
 
+@paths(
+    reads={"adapter": "adapter", "init": "adapter", "base": "model"}, writes={"plots_dir": "dir", "json_file": "file"}
+)
 @click.command("inspect", context_settings={"max_content_width": 100})
-@click.argument("adapter", type=click.Path(file_okay=False))
+@click.argument("adapter", type=click.Path())
 @click.option(
     "--init",
     "init",
@@ -33,15 +37,13 @@ def _names(spec):
     "--plots",
     "plots_dir",
     default=None,
-    type=click.Path(file_okay=False),
+    type=click.Path(),
     help="Write PNG figures here (needs matplotlib).",
 )
 @click.option(
     "--plot-modules", default=None, help="Module kinds for the spectrum/update figures [default: all inspected]."
 )
-@click.option(
-    "--json", "json_file", default=None, type=click.Path(dir_okay=False), help="Write every number to this JSON file."
-)
+@click.option("--json", "json_file", default=None, type=click.Path(), help="Write every number to this JSON file.")
 @click.option("--device", default="auto", show_default=True, help="Where the SVDs run: auto, cpu, cuda, cuda:N.")
 def inspect_(adapter, init, base, modules, layers, plots_dir, plot_modules, json_file, device):
     """Spectra, init norm, subspace similarity and (trained) update distribution of ADAPTER."""
@@ -63,10 +65,8 @@ def inspect_(adapter, init, base, modules, layers, plots_dir, plot_modules, json
         click.echo(f"note: {note}")
     click.echo(format_table(report) + "\n" + LEGEND)
     if json_file:
-        with user_errors():  # a read-only or full disk: one line, not a traceback
-            Path(json_file).parent.mkdir(parents=True, exist_ok=True)
-            with open(json_file, "w") as f:
-                json.dump(report.to_json(), f, indent=1)
+        with user_errors():  # a read-only or full disk: one line, not a traceback; the old file kept
+            write_file_atomic(json_file, json.dumps(report.to_json(), indent=1))
         click.echo(f"numbers -> {json_file}")
     for path in figures:
         click.echo(f"figure -> {path}")

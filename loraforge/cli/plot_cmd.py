@@ -3,10 +3,12 @@
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.cli._paths import paths
 
 
+@paths(reads={"run_dirs": "run"}, writes={"output": "file"})
 @click.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", default="training.png", show_default=True, help="PNG file to write.")
 @click.option(
     "--smooth", default=1, show_default=True, type=click.IntRange(min=1), help="Moving-average window (steps)."

@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.cli._paths import paths
 
 
+@paths(reads={"out": "adapter"})  # writes nothing here: the files go to the Hub
 @click.command(context_settings={"max_content_width": 100})
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create new repositories as private.")
 @click.option("--revision", default=None, help="Branch to commit to (created if missing) [default: main].")

@@ -5,22 +5,35 @@ import signal
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.cli._paths import paths
 from loraforge.cli.train_options import config_options, run_train
 
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143
 
 
+@paths(
+    reads={
+        "model": "model",
+        "adapter": "adapter",
+        "tokenizer": "model",
+        "data": "data",
+        "eval_data": "data",
+        "config_file": "file",
+    },
+    writes={"output_dir": "run", "resume_dir": "run"},  # --resume writes into the run it continues
+    settings="config_file",
+)
 @click.command(context_settings={"max_content_width": 120})
 @click.option(
     "--config",
     "config_file",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     help="YAML file of settings (keys = flag names); flags override it.",
 )
 @click.option(
     "--resume",
     "resume_dir",
-    type=click.Path(file_okay=False),
+    type=click.Path(),
     help="Continue the run in RUN_DIR from its newest sound checkpoint (step 0 if it saved none); "
     "only --steps, --max-gen-batches, --dynamic-sampling/--no-dynamic-sampling may be given with it.",
 )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from loraforge.cli._common import user_errors
+from loraforge.cli._paths import paths
 
 
+@paths(reads={"out": "adapter", "base": "model"})
 @click.command(context_settings={"max_content_width": 100})
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
 @click.option("--base", default=None, help="The ORIGINAL model (Hub id or directory) [default: the manifest's source].")
 @click.option("--device", default="auto", show_default=True, help="Where the checks compute: auto, cpu, cuda, cuda:N.")
 @click.option(
