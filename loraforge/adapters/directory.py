@@ -17,7 +17,14 @@ from typing import Optional
 
 import torch
 
-from loraforge.adapters.writers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, MANIFEST, UNSAVED_RESIDUAL_KEY
+from loraforge.adapters.writers import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BASE_DIR,
+    LINEAGE_FILE,
+    MANIFEST,
+    UNSAVED_RESIDUAL_KEY,
+)
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.methods import METHODS, Method
 from loraforge.models.checkpoint import SafetensorsFile
@@ -265,13 +272,92 @@ def _residual_dir(adapter: Path) -> Optional[Path]:
     return adapter / BASE_DIR if (adapter / BASE_DIR / "config.json").is_file() else None
 
 
+def _json_or_none(path: Path) -> Optional[dict]:
+    """PATH as a JSON object, or None when it is missing, unreadable, damaged or implausibly large: callers
+    that only look for related paths leave reporting a damaged file to the command's own reader."""
+    try:
+        if not path.is_file() or path.stat().st_size > 16 * 2**20:
+            return None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def init_of_residual_base(model: str | Path) -> Optional[Path]:
+    """The loraforge init whose residual base MODEL is (MODEL = INIT/base, and INIT's manifest names it),
+    or None. Reads the manifest only."""
+    model = Path(model)
+    if model.name != BASE_DIR or not (model / "config.json").is_file():
+        return None
+    manifest = _json_or_none(model.parent / MANIFEST)
+    return model.parent if manifest is not None and manifest.get("base") == BASE_DIR else None
+
+
+def _lineage_init(adapter: Path) -> Optional[Path]:
+    """The init directory ADAPTER's lineage record (written by `loraforge train`) names, when it is one here."""
+    init = (_json_or_none(adapter / LINEAGE_FILE) or {}).get("init")
+    path = init.get("path") if isinstance(init, dict) else None
+    if not isinstance(path, str) or not path or not Path(path).expanduser().is_dir():
+        return None
+    return Path(path).expanduser()
+
+
+def _named_residual(adapter: Path, config: dict) -> Optional[Path]:
+    """The residual base a trained adapter belongs on, from what it names: its adapter_config's
+    base_model_name_or_path when that is a loraforge residual base (PEFT's save_pretrained in `loraforge
+    train` or TRL names the base the adapter was trained on), else the residual base of the init its lineage
+    record names."""
+    named = config.get("base_model_name_or_path")
+    if isinstance(named, str) and named and init_of_residual_base(named) is not None:
+        return Path(named)
+    init = _lineage_init(adapter)
+    if init is None or init.resolve() == adapter.resolve():
+        return None
+    try:
+        return _residual_dir(init)
+    except LoraforgeError:  # a damaged init: the lineage check of the command that needs it reports it
+        return None
+
+
+def related_paths(adapter: str | Path, _seen: Optional[set] = None) -> list[tuple[str, Path]]:
+    """[(what, path)] of the local paths a command that uses ADAPTER reads besides the directory itself: the
+    residual base it belongs on, the model its manifest was made from, its base_model_name_or_path, and the
+    init its lineage record names (with that init's own related paths). Only paths that exist; a damaged or
+    missing file names nothing here (the command's own reader reports it). For the path guard (core/paths)."""
+    adapter = Path(adapter)
+    seen = _seen if _seen is not None else set()
+    seen.add(adapter.resolve())
+    found: list[tuple[str, Path]] = []
+
+    def add(what: str, value) -> None:
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            found.append((what, Path(value).expanduser()))
+
+    config = _json_or_none(adapter / ADAPTER_CONFIG) or {}
+    manifest = _json_or_none(adapter / MANIFEST) or {}
+    add(f"the base model {adapter} names", config.get("base_model_name_or_path"))
+    source = manifest.get("source")
+    if isinstance(source, dict):
+        add(f"the model {adapter} was made from", source.get("model_id"))
+    if isinstance(manifest.get("base"), str):
+        add(f"the residual base of {adapter}", str(adapter / manifest["base"]))
+    init = _lineage_init(adapter)
+    if init is not None and init.resolve() not in seen:
+        add(f"the init {adapter} was trained from", str(init))
+        found += related_paths(init, seen)
+    return found
+
+
 def resolve_base(adapter: str | Path, model: Optional[str] = None, flag: str = "--model") -> BaseModel:
-    """The base ADAPTER must be loaded on: its residual base when it has one, else MODEL, else the
-    adapter's base_model_name_or_path. The one place that decides it (train, the verl hand-off and
-    the vLLM rollout all ask here).
+    """The base ADAPTER must be loaded on: its residual base when it has one (an init's base/, or the
+    residual base a trained adapter names or was trained against), else MODEL, else the adapter's
+    base_model_name_or_path. The one place that decides it (train, eval, the verl hand-off and the vLLM
+    rollout all ask here).
 
     A MODEL other than the residual base is refused: PiSSA/MiLoRA/OLoRA subtracted the adapter from
-    that base, so on the original weights the policy would not be the one the adapter starts from.
+    that base, so on the original weights the policy would not be the one the adapter starts from. So is
+    a residual base under an adapter loraforge wrote for the original model (a B0 = 0 init, a converted one).
     """
     adapter = Path(adapter)
     cfg_path = adapter / ADAPTER_CONFIG
@@ -280,25 +366,29 @@ def resolve_base(adapter: str | Path, model: Optional[str] = None, flag: str = "
             f"--adapter {adapter}: no {ADAPTER_CONFIG} there; expected a PEFT adapter directory "
             "(made by `loraforge init` or PeftModel.save_pretrained)"
         )
-    residual = _residual_dir(adapter)
+    config = read_json_object(cfg_path, "the adapter config")
+    residual = _residual_dir(adapter) or _named_residual(adapter, config)
     if residual is not None:
         if model is not None and Path(model).resolve() != residual.resolve():
             raise LoraforgeError(
-                f"{flag} {model} does not match the adapter: {adapter} was initialised against its residual base "
+                f"{flag} {model} does not match the adapter: {adapter} belongs on the residual base "
                 f"{residual} (PiSSA/MiLoRA/OLoRA subtract the adapter from the base), so the base to load is "
                 f"{residual.resolve()}; drop {flag} or pass that directory"
             )
         return BaseModel(str(residual.resolve()), True)
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise LoraforgeError(f"{cfg_path} cannot be read ({e}); the adapter is damaged.") from None
     # Saved by PeftModel.save_pretrained from init_model's residualised model (see in_memory.save_init): only a
     # residual base that save_init wrote is right for it.
     if UNSAVED_RESIDUAL_KEY in config and (model is None or residual_base_of(Path(model)) is None):
         raise LoraforgeError(
             f"--adapter {adapter}: {config[UNSAVED_RESIDUAL_KEY]} Pass that base with {flag} OUT/base."
         )
+    if model is not None and (adapter / MANIFEST).is_file():
+        owner = init_of_residual_base(model)
+        if owner is not None:
+            raise LoraforgeError(
+                f"{flag} {model} is the residual base of the init {owner} (its adapter was subtracted from the "
+                f"weights), but {adapter} was made for the original model; pass the original model with {flag}"
+            )
     if model is None:
         model = config.get("base_model_name_or_path")
         if not model:

@@ -67,6 +67,8 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
     from loraforge.adapters import writers
     from loraforge.inits.methods import METHODS
 
+    out = Path(out)
+    check_output(out, {"TRAINED_ADAPTER": trained, "--init": init})  # before any work
     init_ad = load_adapter(init, "--init")
     manifest = init_ad.manifest
     if manifest is None or manifest.get("method") not in METHODS:
@@ -101,13 +103,6 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
         A0, B0 = init_ad.factors(name)
         factors[name] = concat_factors(A, B, A0, B0, stacks.get(name, 1))
 
-    out = Path(out)
-    for given, role in ((trained, "TRAINED_ADAPTER"), (init, "--init")):
-        o, p = out.resolve(), Path(given).resolve()
-        if o == p or o in p.parents:
-            raise LoraforgeError(
-                f"-o {out} is (or contains) the {role} directory, which convert reads; choose another -o."
-            )
     with writers.staged_dir(out, overwrite) as tmp:
         # Tensors that are not LoRA factors (e.g. modules_to_save copies) do not depend on the base:
         # carried over unchanged.
@@ -159,6 +154,19 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
             f"{vllm_serve_command(original, str(out), r2)}"
         ),
     )
+
+
+def check_output(out: Path, adapters: dict[str, str | Path]) -> None:
+    """The path rule (core/paths) for a library caller of convert: -o must not be, contain or lie inside
+    the adapters it reads, the init's residual base, or the original model their manifests name."""
+    from loraforge.adapters.directory import related_paths
+    from loraforge.core.paths import check_paths, name_path
+
+    inputs = []
+    for flag, given in adapters.items():
+        inputs.append(name_path(flag, given))
+        inputs += [name_path(what, path) for what, path in related_paths(given)]
+    check_paths(inputs, [name_path("-o", out)])
 
 
 LINEAGE_FILE = "loraforge-lineage.json"
