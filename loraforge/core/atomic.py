@@ -226,3 +226,127 @@ def owner_alive(staging: Path) -> Optional[int]:
     except PermissionError:
         return pid
     return pid
+
+
+# --- single files --------------------------------------------------------------------------------
+# A file output (eval's report and samples, inspect --json, plot's images) is written to a staging
+# file beside it, `.NAME.partial-PID-XXXX`, and renamed over NAME only when complete: a failure or a
+# kill leaves the previous NAME as it was. os.replace is atomic within a directory; a symlink at NAME
+# is replaced, never followed (its target is left alone).
+
+
+def staging_file(path: Path) -> Path:
+    """A new, empty staging file beside PATH, named after it and this process (for `clean_stale_files`)."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)  # mkstemp makes 0600; the result gets what an ordinary open() would give it
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return Path(name)
+
+
+def clean_stale_files(path: Path) -> list[str]:
+    """Remove staging files of PATH left by killed processes; return one line per file removed."""
+    import glob as _glob
+
+    lines = []
+    for stale in sorted(path.parent.glob(f".{_glob.escape(path.name)}.partial-*")):
+        try:
+            pid = int(stale.name[len(path.name) + 10 :].split("-")[0])
+        except ValueError:
+            pid = None
+        if pid is not None and (pid == os.getpid() or _alive(pid)):
+            continue  # a live writer's (or this process's own) staging file
+        try:
+            stale.unlink()
+        except OSError:
+            continue
+        lines.append(f"loraforge: removed {stale}, left by an interrupted run.")
+    return lines
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FileStaging:
+    """Stage new contents for several files and put them in place together at the end.
+
+        with FileStaging() as stage:
+            tmp = stage.add(report_path)   # write tmp as you like
+        # on success every staged file replaced its destination, in the order added; on any error none did,
+        # and the staging files are gone
+
+    The replaces at the end are a few renames apart, so a kill there can leave some files new and the
+    later ones old; each file alone is always whole."""
+
+    def __init__(self, echo=None):
+        import sys
+
+        self.staged: list[tuple[Path, Path]] = []
+        self.echo = echo or (lambda line: print(line, file=sys.stderr))
+
+    def add(self, path: str | os.PathLike) -> Path:
+        path = Path(os.path.abspath(path))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            blocker = next(p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir())
+            raise LoraforgeError(f"{path}: {blocker} is a file, not a directory; choose another path.") from None
+        for line in clean_stale_files(path):
+            self.echo(line)
+        tmp = staging_file(path)
+        self.staged.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, path in self.staged:
+            os.replace(tmp, path)
+        self.staged = []
+
+    def discard(self) -> None:
+        for tmp, _ in self.staged:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        self.staged = []
+
+    def __enter__(self) -> "FileStaging":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        first = self.staged[0][1] if self.staged else None
+        if kind is None:
+            try:
+                self.commit()
+                return
+            except OSError as e:
+                value = e
+            finally:
+                self.discard()  # nothing left after a commit; after a failed one, the rest
+        else:
+            self.discard()
+        if isinstance(value, OSError) and value.filename is None and value.errno is not None and first is not None:
+            raise OSError(value.errno, value.strerror, str(first)) from None  # a full disk's write() names no file
+        if kind is None:
+            raise value
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write DATA to PATH through a staging file and one rename: PATH is the old file or the new one, never half."""
+    with FileStaging() as stage:
+        tmp = stage.add(path)
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(os.path.abspath(path))

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from loraforge.core.atomic import write_file_atomic
 from loraforge.core.errors import LoraforgeError
 
 
@@ -16,7 +17,8 @@ def samples_path_for(report_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".samples.jsonl")
 
 
-def _writable(path: Path, what: str) -> None:
+def check_writable(path: Path, what: str) -> None:
+    """Refuse a directory where the file PATH is to go, and create its folder (before any work)."""
     if path.exists() and path.is_dir():
         raise LoraforgeError(f"the {what} path {path} is a directory; give a file name, e.g. {path}/report.json")
     try:
@@ -26,20 +28,23 @@ def _writable(path: Path, what: str) -> None:
 
 
 def write_report(report: dict, path: str | os.PathLike) -> Path:
+    """Write REPORT as JSON to PATH through a staging file and one rename: never half a report."""
     p = Path(path)
-    _writable(p, "report")
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, p)  # a crash never leaves half a report
-    return p
+    check_writable(p, "report")
+    return write_file_atomic(p, report_json(report))
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
 
 
 class SampleWriter:
-    """Appends per-sample records (one JSON object per line) to a jsonl file."""
+    """Appends per-sample records (one JSON object per line) to a jsonl file (run_eval gives it a staging file,
+    renamed over REPORT.samples.jsonl when the whole evaluation is done)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        _writable(self.path, "per-sample jsonl")
+        check_writable(self.path, "per-sample jsonl")
         self._f = open(self.path, "w", encoding="utf-8")
 
     def write(self, records) -> None:

@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge.core.atomic import FileStaging
 from loraforge.core.errors import LoraforgeError
 from loraforge.eval.benchmarks import Benchmark, load_benchmark, resolve_template
 from loraforge.eval.config import EvalConfig
 from loraforge.eval.metrics import bootstrap_std, problem_scores, seed_spread
-from loraforge.eval.report import SampleWriter, samples_path_for, write_report
+from loraforge.eval.report import SampleWriter, check_writable, report_json, samples_path_for
 from loraforge.eval.scoring import make_scorer
 
 # (prompts, settings, seed) -> for each prompt, `settings["samples"]` response texts (with settings["greedy"],
@@ -329,6 +330,19 @@ def _file_digest(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def _base_for(config: EvalConfig) -> str:
+    """The model to load: --model, checked against a local --adapter by the one resolver of bases
+    (adapters/directory.resolve_base): a pissa/milora/olora init, or an adapter trained from one, is refused
+    on any model but its residual base, and an adapter made for the original model on a residual base.
+    An adapter given as a Hub id is not checked here (PEFT downloads it when loading)."""
+    if not config.adapter or not Path(config.adapter).is_dir():
+        return config.model
+    from loraforge.adapters.directory import resolve_base
+
+    base = resolve_base(config.adapter, config.model, flag="--model")
+    return base.path if base.residual else config.model
+
+
 def load_model(config: EvalConfig):
     """The base model (at --revision) with the --adapter on top, its tokenizer, and what to record."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -337,9 +351,10 @@ def load_model(config: EvalConfig):
 
     device = resolve_device(config.device)
     dtype = _resolve_dtype(config.dtype, device)
+    base = _base_for(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision)
-        model = AutoModelForCausalLM.from_pretrained(config.model, revision=config.revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(base, revision=config.revision)
+        model = AutoModelForCausalLM.from_pretrained(base, revision=config.revision, dtype=dtype)
     except OSError as e:
         raise LoraforgeError(
             f"could not load the model {config.model!r}: {e}. Give a local model directory or a Hub id "
@@ -403,6 +418,14 @@ def run_eval(
         benches.append(bench)
     resolve_template(config.prompt_template)
     scorer = make_scorer(config.scorer)
+    samples_path = (
+        Path(config.samples_path)
+        if config.samples_path
+        else (samples_path_for(config.output) if config.output else None)
+    )
+    for path, what in ((config.output, "report"), (samples_path, "per-sample jsonl")):
+        if path:
+            check_writable(Path(path), what)  # before the model loads: a directory there fails in a second
     if model is None:
         echo(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""))
         model, tokenizer, info = load_model(config)
@@ -410,35 +433,39 @@ def run_eval(
         info = {"name_or_path": config.model, "revision": config.revision, "adapter": config.adapter}
 
     report = {"created": _now(), "model": info, "scorer": scorer.name, "config": config.to_dict(), "benchmarks": {}}
-    samples_path = (
-        Path(config.samples_path)
-        if config.samples_path
-        else (samples_path_for(config.output) if config.output else None)
-    )
     if samples_path:
         report["samples_file"] = str(samples_path)
-    writer = SampleWriter(samples_path) if samples_path else None
-    try:
-        for bench in benches:
-            res = evaluate(
-                model,
-                tokenizer,
-                bench,
-                config,
-                sample_fn=sample_fn,
-                scorer=scorer,
-                keep_samples=writer is not None,
-                model_info=info,
-                progress=echo,
-            )
+    # The previous report and samples file stay as they are until this run is complete: both are written to
+    # staging files beside them and renamed into place at the end, the samples first (their sha256 is in the
+    # report, so a report always says which samples file it belongs to).
+    with FileStaging(echo) as stage:
+        writer = SampleWriter(stage.add(samples_path)) if samples_path else None
+        report_tmp = stage.add(config.output) if config.output else None
+        try:
+            _run_benchmarks(benches, model, tokenizer, config, sample_fn, scorer, info, echo, writer, report)
+        finally:
             if writer is not None:
-                writer.write(res.pop("samples"))
-            report["benchmarks"][bench.name] = res
-            if config.output:  # rewritten after each benchmark: a long run keeps what it finished
-                write_report(report, config.output)
-    finally:
+                writer.close()
         if writer is not None:
-            writer.close()
-    if config.output:
-        write_report(report, config.output)
+            report["samples_sha256"] = _file_digest(writer.path)
+        if report_tmp is not None:
+            report_tmp.write_text(report_json(report), encoding="utf-8")
     return report
+
+
+def _run_benchmarks(benches, model, tokenizer, config, sample_fn, scorer, info, echo, writer, report) -> None:
+    for bench in benches:
+        res = evaluate(
+            model,
+            tokenizer,
+            bench,
+            config,
+            sample_fn=sample_fn,
+            scorer=scorer,
+            keep_samples=writer is not None,
+            model_info=info,
+            progress=echo,
+        )
+        if writer is not None:
+            writer.write(res.pop("samples"))
+        report["benchmarks"][bench.name] = res

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraforge.core.atomic import FileStaging
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.metrics import read_metrics
 
@@ -30,6 +31,7 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] 
         raise LoraforgeError(
             "plotting needs matplotlib: pip install 'loraforge[plots]' (or pip install matplotlib)"
         ) from e
+    fmt = image_format(out, "-o")
     if labels and len(labels) != len(run_dirs):
         raise LoraforgeError(f"--label given {len(labels)} times for {len(run_dirs)} runs; give one per run or none")
     runs = []
@@ -52,7 +54,24 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] 
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
+    with FileStaging() as stage:  # the previous image stays until the new one is whole
+        fig.savefig(stage.add(out_path), dpi=120, format=fmt)
     plt.close(fig)
     return out_path
+
+
+def image_format(path: str | Path, flag: str) -> str:
+    """The image format matplotlib writes PATH in, from its suffix (none: PNG); an unknown suffix is refused
+    before anything is read (matplotlib itself would raise ValueError after drawing)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in known:
+        raise LoraforgeError(
+            f"{flag} {path}: matplotlib cannot write .{suffix} images; use one of "
+            f"{', '.join('.' + k for k in sorted(known))} (e.g. {Path(path).with_suffix('.png')})."
+        )
+    return suffix

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from loraforge.core.atomic import FileStaging
 from loraforge.core.errors import LoraforgeError
 from loraforge.ship.inspect import InspectReport
 
@@ -38,18 +39,22 @@ def write_plots(report: InspectReport, out_dir: str | Path, kinds: Optional[list
     """
     plt = require_matplotlib()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     chosen = _choose_kinds(report, kinds)
     plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 8})
     label = f"{report.method or 'adapter'} r={report.r}"
-    written = [_spectrum(plt, report, chosen, out_dir / "spectrum.png", label)]
+    figures = [("spectrum.png", lambda path: _spectrum(plt, report, chosen, path, label))]
     if any(m.init_norm for m in report.modules):
-        written.append(_init_norm(plt, report, out_dir / "init_norm.png", label))
+        figures.append(("init_norm.png", lambda path: _init_norm(plt, report, path, label)))
     if any(m.init_sim_top is not None or m.sim_top is not None for m in report.modules):
-        written.append(_similarity(plt, report, out_dir / "similarity.png", label))
+        figures.append(("similarity.png", lambda path: _similarity(plt, report, path, label)))
     if report.trained:
-        written.append(_update(plt, report, chosen, out_dir / "update.png", label))
-    return written
+        figures.append(("update.png", lambda path: _update(plt, report, chosen, path, label)))
+    # Every figure is drawn into a staging file first and the set renamed into place at the end: a failure
+    # or a kill while drawing leaves the previous figures as they were.
+    with FileStaging() as stage:
+        for name, draw in figures:
+            draw(stage.add(out_dir / name))
+    return [out_dir / name for name, _ in figures]
 
 
 def _choose_kinds(report: InspectReport, kinds: Optional[list[str]]) -> list[str]:
@@ -196,6 +201,6 @@ def _integer_x(ax) -> None:
 
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
