@@ -57,15 +57,16 @@ class ModelWeights:
 
 
 def open_model_weights(
-    model: str,
+    model: str | Source,
     module_names: Sequence[str],
     role: str = "--base",
     revision: Optional[str] = None,
     token: Optional[str] = None,
 ) -> ModelWeights:
-    """Find MODULE_NAMES in MODEL; ROLE names the model in error messages."""
-
-    source = resolve_source(model, revision, token)
+    """Find MODULE_NAMES in MODEL (an id or directory, or a Source a command resolved once at its start);
+    ROLE names the model in error messages."""
+    source = model if isinstance(model, Source) else resolve_source(model, revision, token)
+    model = source.model_id
     skeleton = build_skeleton(source.path)
     modules = dict(skeleton.named_modules())
     targets, experts, routers = {}, {}, None

@@ -124,18 +124,16 @@ def _targets(config) -> dict:
     }
 
 
-def client_checks(
-    out: Path, manifest: dict, original: str, residual: bool, max_params: int = MAX_LOGIT_PARAMS
-) -> list[Check]:
-    """The checks on what PEFT builds from OUT: modules, keys and (residualised methods) logits."""
-    from loraforge.models.source import resolve_source
+def client_checks(out: Path, manifest: dict, source, residual: bool, max_params: int = MAX_LOGIT_PARAMS) -> list[Check]:
+    """The checks on what PEFT builds from OUT: modules, keys and (residualised methods) logits. SOURCE: the
+    original model, as verify resolved it (models/source.Source)."""
     from loraforge.models.targets import build_skeleton
 
     out = Path(out)
     modules, keys = Check("peft modules"), Check("peft keys")
     base_dir = out / (manifest.get("base") or BASE_DIR)
     # The skeleton of what the client loads: the residual base for residualised methods, else the original.
-    load_on = base_dir if residual and (base_dir / "config.json").is_file() else resolve_source(original).path
+    load_on = base_dir if residual and (base_dir / "config.json").is_file() else source.path
     logits = Check("peft logits", applies=residual)
     try:
         view = peft_view(out, build_skeleton(load_on))
@@ -158,7 +156,7 @@ def client_checks(
     elif view.shape_error:
         logits.detail = "skipped: PEFT cannot load the adapter (see peft keys)"
     else:
-        _compare_logits(original, base_dir, out, logits)
+        _compare_logits(source.path, base_dir, out, logits)
     return [modules, keys, logits]
 
 
@@ -233,11 +231,9 @@ def logit_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float((diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)).max())
 
 
-def _compare_logits(original: str, base_dir: Path, out: Path, check: Check) -> None:
+def _compare_logits(original: Path, base_dir: Path, out: Path, check: Check) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from loraforge.models.source import resolve_source
 
     def load(path):
         try:
@@ -245,7 +241,7 @@ def _compare_logits(original: str, base_dir: Path, out: Path, check: Check) -> N
         except (OSError, ValueError) as e:
             raise LoraforgeError(f"transformers could not load {path} for the logit check: {e}") from None
 
-    reference = load(resolve_source(original).path)
+    reference = load(original)
     tokens = probe_tokens(reference.config.get_text_config().vocab_size)
     with torch.no_grad():
         want = reference(tokens).logits

@@ -31,6 +31,7 @@ from loraforge.adapters.directory import Adapter, load_adapter, residual_base_of
 from loraforge.adapters.writers import ADAPTER_WEIGHTS
 from loraforge.core.errors import LoraforgeError
 from loraforge.models.checkpoint import sha256_file
+from loraforge.models.source import resolve_source
 from loraforge.ship.analysis import (
     aligned_update,
     cumulative_energy,
@@ -268,12 +269,13 @@ def inspect_adapter(
             "no init given: B0 A0 = 0 assumed (right for lora/rlpo/rlmo/dct/wavelet inits and converted "
             "adapters; pass --init for a pissa/milora/olora/olora-tail init)."
         )
-    _name_experts(candidate, ad, init_ad, via_residual)
+    source = resolve_source(candidate)  # once: the skeleton and W0 below come from this one
+    _name_experts(source, ad, init_ad, via_residual)
     if init_ad is not None and trained:
         _check_same_modules(ad, init_ad)
 
     names = select_modules(ad.modules, config)
-    weights = open_model_weights(candidate, names, role="--base" if base else "the base model")
+    weights = open_model_weights(source, names, role="--base" if base else "the base model")
     device = resolve_device(config.device)
     r = ad.r
     rows = []
@@ -304,22 +306,21 @@ def inspect_adapter(
     return InspectReport(ad.path, method, r, candidate, trained, rows, notes)
 
 
-def _name_experts(candidate: str, *adapters: Optional[Adapter]) -> None:
+def _name_experts(source, *adapters: Optional[Adapter]) -> None:
     """Fused expert stacks are diagnosed expert by expert: name their factors per expert from what PEFT builds
     from each adapter's config on CANDIDATE's skeleton (the saved names do not say which parameter they hold)."""
     adapters = tuple(a for a in adapters if a is not None and a.config.get("target_parameters"))
     if not adapters:
         return
     from loraforge.adapters.peft_view import adapted_by_peft
-    from loraforge.models.source import resolve_source
     from loraforge.models.targets import build_skeleton
 
-    skeleton = build_skeleton(resolve_source(candidate).path)
+    skeleton = build_skeleton(source.path)
     for a in adapters:
         try:
             a.use_peft_view(adapted_by_peft(skeleton, a.config))
         except ValueError as e:
-            raise LoraforgeError(f"PEFT cannot load {a.path} on {candidate}: {e}") from None
+            raise LoraforgeError(f"PEFT cannot load {a.path} on {source.model_id}: {e}") from None
 
 
 def _find_init(ad: Adapter, init: Optional[str | Path], notes: list[str]) -> Optional[Adapter]:

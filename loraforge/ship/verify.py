@@ -36,6 +36,7 @@ from loraforge.core.errors import LoraforgeError
 from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum, fast_spectrum
 from loraforge.inits.methods import METHODS, Method, MethodInput
 from loraforge.models.checkpoint import sha256_file
+from loraforge.models.source import resolve_source
 from loraforge.ship.analysis import orthonormality_error, reconstruction_error, subspace_similarity
 from loraforge.ship.checks import Check
 from loraforge.ship.client_check import MAX_LOGIT_PARAMS, client_checks
@@ -160,11 +161,12 @@ def verify_adapter(
     manifest = _init_manifest(adapter)
     method = METHODS[manifest["method"]]
     original = base or manifest["source"]["model_id"]
+    _check_source_exists(manifest, base, original)
+    source = resolve_source(original)  # once: every check below reads this one
     as_written = manifest  # PEFT sees expert stacks whole; the factor checks below go expert by expert
     if any(m.get("experts") for m in manifest["modules"].values()):
         # Fused expert stacks are compared expert by expert, as they were computed.
-        _check_source_exists(manifest, base, original)
-        _name_expert_factors(adapter, original)
+        _name_expert_factors(adapter, source)
         manifest = {**manifest, "modules": expert_units_of(manifest["modules"])}
     checks = _Checks.for_method(method)
     report = VerifyReport(
@@ -173,7 +175,7 @@ def verify_adapter(
     _check_hashes(adapter, manifest, checks.hashes)
     _check_config(adapter, manifest, checks.config)
     names = _check_module_sets(adapter, manifest, checks.factors)
-    weights, residual = _open_weights(adapter, manifest, method, base, original, names, checks.recon)
+    weights, residual = _open_weights(adapter, manifest, method, base, source, names, checks.recon)
     names = _check_shapes(adapter, manifest, weights, original, names, checks.factors)
 
     dev = resolve_device(device)
@@ -181,9 +183,7 @@ def verify_adapter(
     for batch in plan_batches(targets, batch_mib * 2**20):
         _check_batch(adapter, manifest, method, batch, weights, residual, dev, checks, report.modules)
     _finish_details(method, checks)
-    report.checks.extend(
-        client_checks(out, as_written, original, method.residual, logit_max_params)
-    )  # what PEFT builds
+    report.checks.extend(client_checks(out, as_written, source, method.residual, logit_max_params))  # what PEFT builds
     return report
 
 
@@ -199,12 +199,11 @@ def _check_module_sets(adapter: Adapter, manifest: dict, check: Check) -> list[s
     return [n for n in expected if n in adapter.factor_keys]
 
 
-def _open_weights(adapter: Adapter, manifest: dict, method: Method, base, original: str, names, recon: Check):
+def _open_weights(adapter: Adapter, manifest: dict, method: Method, base, source, names, recon: Check):
     """The original weights of NAMES, and the residual base's (None for B0 = 0 methods, or when missing)."""
     from loraforge.models.weights import open_model_weights
 
-    _check_source_exists(manifest, base, original)
-    weights = open_model_weights(original, names, role="--base" if base else "the manifest's source model")
+    weights = open_model_weights(source, names, role="--base" if base else "the manifest's source model")
     residual = None
     if method.residual and not adapter.base_dir.is_dir():
         recon.fail(manifest["base"] + "/", "the residual base directory is missing; re-run loraforge init")
@@ -349,18 +348,17 @@ def _check_source_exists(manifest: dict, base, original: str) -> None:
         )
 
 
-def _name_expert_factors(adapter: Adapter, original: str) -> None:
+def _name_expert_factors(adapter: Adapter, source) -> None:
     """Name the adapter's fused-expert factors per expert, from what PEFT builds from its adapter_config on a meta
     skeleton of ORIGINAL (the saved names of a stack do not say which parameter they hold)."""
     from loraforge.adapters.peft_view import adapted_by_peft
-    from loraforge.models.source import resolve_source
     from loraforge.models.targets import build_skeleton
 
-    skeleton = build_skeleton(resolve_source(original).path)
+    skeleton = build_skeleton(source.path)
     try:
         adapter.use_peft_view(adapted_by_peft(skeleton, adapter.config))
     except ValueError as e:  # PEFT refuses this adapter_config on that model: the factors stay unnamed (and fail)
-        raise LoraforgeError(f"PEFT cannot load {adapter.path} on {original}: {e}") from None
+        raise LoraforgeError(f"PEFT cannot load {adapter.path} on {source.model_id}: {e}") from None
 
 
 def _init_manifest(adapter: Adapter) -> dict:
