@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,7 +313,7 @@ def _named_residual(adapter: Path, config: dict) -> Optional[Path]:
     if isinstance(named, str) and named and init_of_residual_base(named) is not None:
         return Path(named)
     init = _lineage_init(adapter)
-    if init is None or init.resolve() == adapter.resolve():
+    if init is None or os.path.realpath(init) == os.path.realpath(adapter):
         return None
     try:
         return _residual_dir(init)
@@ -327,7 +328,7 @@ def related_paths(adapter: str | Path, _seen: Optional[set] = None) -> list[tupl
     missing file names nothing here (the command's own reader reports it). For the path guard (core/paths)."""
     adapter = Path(adapter)
     seen = _seen if _seen is not None else set()
-    seen.add(adapter.resolve())
+    seen.add(os.path.realpath(adapter))
     found: list[tuple[str, Path]] = []
 
     def add(what: str, value) -> None:
@@ -343,7 +344,7 @@ def related_paths(adapter: str | Path, _seen: Optional[set] = None) -> list[tupl
     if isinstance(manifest.get("base"), str):
         add(f"the residual base of {adapter}", str(adapter / manifest["base"]))
     init = _lineage_init(adapter)
-    if init is not None and init.resolve() not in seen:
+    if init is not None and os.path.realpath(init) not in seen:
         add(f"the init {adapter} was trained from", str(init))
         found += related_paths(init, seen)
     return found

@@ -161,7 +161,6 @@ def declared_paths(command: click.Command, params: dict) -> tuple[list[NamedPath
         flag = flag_of(command, name)
         for value in _values(params.get(name)):
             out = name_path(flag, value)
-            _check_kind(out, kind)
             outputs.append(out)
             if kind == "run":
                 inputs += [p for p in _expand_inputs(flag, value, _run) if p.path != out.path]
@@ -179,16 +178,26 @@ def _inputs(command: click.Command, declared: Declared, params: dict) -> Iterabl
 
 
 def _expand_inputs(flag: str, value: str, expand) -> Iterable[NamedPath]:
+    """VALUE resolved, then what it names (only when VALUE itself is a local path)."""
+    own = _local(flag, value)
+    if own is None:
+        return
+    yield own
     for what, path in expand(value):
-        label = what or flag
-        try:
-            named = name_path(label, path)
-        except UnresolvablePath as e:
-            if os.path.lexists(path) or e.errno not in (errno.ENOENT, errno.ENOTDIR):  # not a local path
-                raise
-            continue
-        if os.path.exists(named.path):
+        named = _local(what or flag, path) if what else None
+        if named is not None:
             yield named
+
+
+def _local(label: str, path: str) -> NamedPath | None:
+    """PATH resolved, or None when it is no local path (a Hub id, synthetic:..., a file not written yet)."""
+    try:
+        named = name_path(label, path)
+    except UnresolvablePath as e:
+        if os.path.lexists(path) or e.errno not in (errno.ENOENT, errno.ENOTDIR):  # a loop, a locked directory
+            raise
+        return None
+    return named if os.path.exists(named.path) else None
 
 
 def _check_kind(out: NamedPath, kind: str) -> None:
@@ -205,3 +214,6 @@ def guard(command: click.Command, declared: Declared, params: dict) -> None:
     """Resolve COMMAND's declared paths and apply the rule (core/paths.check_paths), before any work."""
     inputs, outputs = declared_paths(command, params)
     check_paths(inputs, outputs)
+    kinds = {flag_of(command, name): kind for name, kind in declared.writes.items()}
+    for out in outputs:
+        _check_kind(out, kinds.get(out.flag, "file"))

@@ -343,15 +343,16 @@ def _base_for(config: EvalConfig) -> str:
     return base.path if base.residual else config.model
 
 
-def load_model(config: EvalConfig):
-    """The base model (at --revision) with the --adapter on top, its tokenizer, and what to record."""
+def load_model(config: EvalConfig, base: str | None = None):
+    """The base model (at --revision) with the --adapter on top, its tokenizer, and what to record. BASE: the
+    model run_eval resolved (default: resolved here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraforge.core.devices import resolve_device
 
     device = resolve_device(config.device)
     dtype = _resolve_dtype(config.dtype, device)
-    base = _base_for(config)
+    base = base or _base_for(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, revision=config.revision)
         model = AutoModelForCausalLM.from_pretrained(base, revision=config.revision, dtype=dtype)
@@ -427,8 +428,9 @@ def run_eval(
         if path:
             check_writable(Path(path), what)  # before the model loads: a directory there fails in a second
     if model is None:
+        base = _base_for(config)  # before anything loads: an adapter on the wrong base is refused here
         echo(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""))
-        model, tokenizer, info = load_model(config)
+        model, tokenizer, info = load_model(config, base)
     else:
         info = {"name_or_path": config.model, "revision": config.revision, "adapter": config.adapter}
 
