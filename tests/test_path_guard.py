@@ -270,3 +270,55 @@ def test_plot_refuses_an_image_format_matplotlib_cannot_write(world, tmp_path):
     line = refused_in_one_line(["plot", str(world["RUN"]), "-o", str(tmp_path / "curves.txt")])
     assert "cannot write .txt images" in line and ".png" in line
     assert not list(tmp_path.iterdir())
+
+
+# --- the rule itself (core/paths.py) ---------------------------------------------------------------
+
+
+def test_resolution_failures_are_one_line(tmp_path, monkeypatch):
+    from loraforge.core.errors import LoraforgeError
+    from loraforge.core.paths import resolve_path
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(LoraforgeError, match=r"afile is a file, not a directory"):
+        resolve_path(tmp_path / "afile" / "sub" / "deeper", "-o")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(LoraforgeError, match=r"-o .*loop/x: .*loop is a symlink loop"):
+        resolve_path(tmp_path / "loop" / "x", "-o")
+    # a directory that cannot be searched (root ignores permissions, so the kernel's answer is stood in for)
+    real = os.path.realpath
+
+    def locked(path, strict=False):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked"))
+
+    monkeypatch.setattr(os.path, "realpath", locked)
+    with pytest.raises(LoraforgeError, match=r"a directory on the way to .*locked cannot be searched"):
+        resolve_path(tmp_path / "locked" / "out", "-o")
+    monkeypatch.setattr(os.path, "realpath", real)
+
+
+def test_a_dangling_symlink_is_followed_to_where_a_write_would_land(tmp_path):
+    from loraforge.core.paths import resolve_path
+
+    (tmp_path / "model").mkdir()
+    os.symlink(tmp_path / "model" / "new", tmp_path / "dangling")
+    assert resolve_path(tmp_path / "dangling", "-o") == (tmp_path / "model" / "new").resolve()
+
+
+def test_a_hard_link_to_an_input_is_the_input(tmp_path):
+    # two names of one file: the rule goes by (device, inode) too, which also sees bind mounts
+    from loraforge.core.errors import LoraforgeError
+    from loraforge.core.paths import check_paths, name_path
+
+    (tmp_path / "bench.jsonl").write_text("{}\n")
+    os.link(tmp_path / "bench.jsonl", tmp_path / "report.json")
+    with pytest.raises(LoraforgeError, match="is the same path as --bench"):
+        check_paths([name_path("--bench", tmp_path / "bench.jsonl")], [name_path("-o", tmp_path / "report.json")])
+
+
+def test_two_outputs_on_one_path_are_refused(world, tmp_path):
+    line = refused_in_one_line(
+        ["eval", "--model", str(world["M"]), "--bench", str(world["B"]), "-o", str(tmp_path / "r.json"),
+         "--samples-out", str(tmp_path / "r.json")]
+    )  # fmt: skip
+    assert "are the same path" in line

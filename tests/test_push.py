@@ -7,6 +7,7 @@ on 127.0.0.1 (or a closed port), so the real exceptions are mapped.
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import socket
@@ -38,7 +39,11 @@ def recording_api():
     api.token = "hf_secret_token_value"
     api.endpoint = "https://huggingface.co"
     api.create_commit.return_value.commit_url = "https://huggingface.co/me/x/commit/abc"
+    api.create_commit.return_value.oid = BASE_COMMIT
     return api
+
+
+BASE_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # what the recording Hub answers for every commit
 
 
 def pushed_files(api, repo):
@@ -84,7 +89,8 @@ def test_residual_init_pushes_base_repo_first_then_adapter(inits, tiny_models):
     assert set(adapter) == {"adapter_model.safetensors", "adapter_config.json", "loraforge.json", "README.md"}
     assert adapter["adapter_model.safetensors"] == (inits["pissa"] / "adapter_model.safetensors").read_bytes()
     cfg = json.loads(adapter["adapter_config.json"])
-    assert cfg["base_model_name_or_path"] == base and cfg["revision"] == "exp1" and cfg["init_lora_weights"] is True
+    # the adapter loads the residual base this push committed, not whatever the branch holds later
+    assert cfg["base_model_name_or_path"] == base and cfg["revision"] == BASE_COMMIT and cfg["init_lora_weights"]
     manifest = json.loads(adapter["loraforge.json"])
     assert manifest["source"] == {
         "model_id": "org/tiny-llama",
@@ -92,7 +98,13 @@ def test_residual_init_pushes_base_repo_first_then_adapter(inits, tiny_models):
         "local": False,
         "local_copy_at_init": True,
     }
-    assert manifest["hub"] == {"repo_id": "me/tiny-pissa", "base_repo": base, "revision": "exp1"}
+    assert manifest["hub"] == {
+        "repo_id": "me/tiny-pissa",
+        "base_repo": base,
+        "revision": "exp1",
+        "base_revision": BASE_COMMIT,
+    }
+    assert manifest["files"]["adapter_config.json"] == hashlib.sha256(adapter["adapter_config.json"]).hexdigest()
 
     base_files = pushed_files(api, base)
     local_base = inits["pissa"] / "base"

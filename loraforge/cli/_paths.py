@@ -74,9 +74,29 @@ READ_KINDS: dict[str, Callable[[str], list[tuple[str, str]]]] = {
     "benchmarks": _benchmarks,  # eval's comma-separated benchmark names and files
     "file": _itself,
 }
-# what an output of each kind writes: a directory (replaced whole, or written into), a file, or a run
-# directory (written into; its config.json names inputs too); "report": eval's report and its samples file
-WRITE_KINDS = ("dir", "file", "run", "report")
+
+
+def _samples_beside(value: str, params: dict) -> list[tuple[str, str]]:
+    """eval's report: REPORT.samples.jsonl is written beside it unless --samples-out names another file."""
+    if params.get("samples_path"):
+        return []
+    from loraforge.eval.report import samples_path_for
+
+    return [("the samples file of", str(samples_path_for(value)))]
+
+
+def _nothing_more(value: str, params: dict) -> list[tuple[str, str]]:
+    return []
+
+
+# what an output of each kind writes besides itself: a directory (replaced whole, or written into), a file, a
+# run directory (written into; what its config.json names is read: see declared_paths), eval's report
+WRITE_KINDS: dict[str, Callable[[str, dict], list[tuple[str, str]]]] = {
+    "dir": _nothing_more,
+    "file": _nothing_more,
+    "run": _nothing_more,
+    "report": _samples_beside,
+}
 
 
 @dataclass(frozen=True)
@@ -162,12 +182,9 @@ def declared_paths(command: click.Command, params: dict) -> tuple[list[NamedPath
         for value in _values(params.get(name)):
             out = name_path(flag, value)
             outputs.append(out)
-            if kind == "run":
+            outputs += [name_path(f"{what} {flag}", path) for what, path in WRITE_KINDS[kind](value, params)]
+            if kind == "run":  # --resume RUN_DIR: what the run was trained from is read again
                 inputs += [p for p in _expand_inputs(flag, value, _run) if p.path != out.path]
-            if kind == "report" and not params.get("samples_path"):
-                from loraforge.eval.report import samples_path_for
-
-                outputs.append(name_path(f"the samples file of {flag}", samples_path_for(value)))
     return inputs, outputs
 
 
@@ -216,4 +233,4 @@ def guard(command: click.Command, declared: Declared, params: dict) -> None:
     check_paths(inputs, outputs)
     kinds = {flag_of(command, name): kind for name, kind in declared.writes.items()}
     for out in outputs:
-        _check_kind(out, kinds.get(out.flag, "file"))
+        _check_kind(out, kinds.get(out.flag, "file"))  # a derived output (eval's samples file) is a file

@@ -181,8 +181,14 @@ class DirLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # a full disk: say which output could not be written, not the lock file
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            out = self.path.parent / self.path.name[1:].removesuffix(".lock")
+            raise OSError(e.errno, e.strerror, str(out)) from None
         self.fd = fd
         return self
 
@@ -267,6 +273,10 @@ def clean_stale_files(path: Path) -> list[str]:
     return lines
 
 
+def _replace(src: Path, dst: Path) -> None:
+    os.replace(src, dst)  # one name for the final rename (the fault tests fail it on purpose)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -303,13 +313,16 @@ class FileStaging:
             raise LoraforgeError(f"{path}: {blocker} is a file, not a directory; choose another path.") from None
         for line in clean_stale_files(path):
             self.echo(line)
-        tmp = staging_file(path)
+        try:
+            tmp = staging_file(path)
+        except OSError as e:  # named after the output the user gave, not the staging file's odd name
+            raise OSError(e.errno, e.strerror, str(path)) from None
         self.staged.append((tmp, path))
         return tmp
 
     def commit(self) -> None:
         for tmp, path in self.staged:
-            os.replace(tmp, path)
+            _replace(tmp, path)
         self.staged = []
 
     def discard(self) -> None:
@@ -325,6 +338,7 @@ class FileStaging:
 
     def __exit__(self, kind, value, tb) -> None:
         first = self.staged[0][1] if self.staged else None
+        names = {str(tmp): str(dest) for tmp, dest in self.staged}
         if kind is None:
             try:
                 self.commit()
@@ -335,8 +349,10 @@ class FileStaging:
                 self.discard()  # nothing left after a commit; after a failed one, the rest
         else:
             self.discard()
-        if isinstance(value, OSError) and value.filename is None and value.errno is not None and first is not None:
-            raise OSError(value.errno, value.strerror, str(first)) from None  # a full disk's write() names no file
+        if isinstance(value, OSError) and value.errno is not None and first is not None:
+            # a full disk's write() names no file, an open() names the staging file: name the output instead
+            if value.filename is None or str(value.filename) in names:
+                raise OSError(value.errno, value.strerror, names.get(str(value.filename), str(first))) from None
         if kind is None:
             raise value
 

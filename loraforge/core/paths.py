@@ -82,7 +82,8 @@ def _unresolvable(flag: str, given, e: OSError) -> str:
             "fix its permissions or choose another path."
         )
     if e.errno == errno.ENOTDIR:
-        return f"{flag} {given}: a part of {where} is a file, not a directory; check the path."
+        blocker = next((p for p in [Path(where), *Path(where).parents] if p.is_file()), where)
+        return f"{flag} {given}: {blocker} is a file, not a directory, so nothing can be below it; check the path."
     return f"{flag} {given}: {os_error_message(e)}"
 
 
@@ -90,13 +91,31 @@ def name_path(flag: str, given: str | os.PathLike) -> NamedPath:
     return NamedPath(flag, os.fspath(given), resolve_path(given, flag))
 
 
+def _ident(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def overlap(out: Path, inp: Path) -> Optional[str]:
-    """How OUT overlaps INP: "is", "lies inside" or "contains"; None when they are apart."""
+    """How OUT overlaps INP: "is", "lies inside" or "contains"; None when they are apart. By resolved path,
+    and by (device, inode) where the paths exist, which also sees a bind mount or a hard link."""
     if out == inp:
         return "is"
     if inp in out.parents:
         return "lies inside"
     if out in inp.parents:
+        return "contains"
+    inp_id, out_id = _ident(inp), _ident(out)
+    if inp_id is None:
+        return None
+    if out_id == inp_id:
+        return "is"
+    if any(_ident(p) == inp_id for p in out.parents):
+        return "lies inside"
+    if out_id is not None and any(_ident(p) == out_id for p in inp.parents):
         return "contains"
     return None
 

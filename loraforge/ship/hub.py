@@ -21,7 +21,9 @@ source are rewritten to Hub ids, and every text file is scanned before anything 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +87,18 @@ class Upload:
     local: Optional[Path] = None
     content: Optional[bytes] = None
     note: str = ""  # why the content differs from the local file, for --dry-run
+    seen: Optional[tuple] = None  # the local file's (device, inode, size, mtime) when planned
+
+    def __post_init__(self):
+        if self.local is not None:
+            self.seen = _stat_key(self.local)
+
+    def changed(self) -> bool:
+        """True when the local file is no longer the one planned (replaced, or written to since)."""
+        try:
+            return self.local is not None and _stat_key(self.local) != self.seen
+        except OSError:
+            return True
 
     @property
     def size(self) -> int:
@@ -134,6 +148,11 @@ class PushPlan:
         if self.skipped:
             lines.append(f"not pushed (not part of the adapter): {', '.join(self.skipped)}")
         return "\n".join(lines)
+
+
+def _stat_key(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _human(n: int) -> str:
@@ -202,15 +221,17 @@ def plan_push(out: str | Path, config: PushConfig) -> PushPlan:
 
     cfg = dict(adapter.config)
     cfg["base_model_name_or_path"] = base_repo or original
-    # PEFT's AutoPeftModel loads the base at config["revision"]: the branch of the residual base,
-    # or the commit of the original model the init read.
+    # PEFT's AutoPeftModel loads the base at config["revision"]: the commit of the residual base this push
+    # makes (pinned by `push` once the base repository's commit exists; the branch until then), or the
+    # commit of the original model the init read.
     cfg["revision"] = (config.revision if residual else original_rev) or None
+    pinned = "; revision: the residual base's new commit" if residual else ""
     uploads.append(
         Upload(
             repo,
             ADAPTER_CONFIG,
             content=_json_bytes(cfg),
-            note=f"rewritten: base_model_name_or_path = {cfg['base_model_name_or_path']}",
+            note=f"rewritten: base_model_name_or_path = {cfg['base_model_name_or_path']}{pinned}",
         )
     )
 
@@ -286,8 +307,6 @@ def _original_model(adapter: Adapter, config: PushConfig) -> tuple[str, Optional
 def _rehash_rewritten(pushed: dict, config_bytes: bytes, residual: bool) -> None:
     """The pushed manifest records what is pushed: the rewritten adapter_config.json's sha256, and the
     residual base's generated model card among the files it does not hash (verify of a download passes)."""
-    import hashlib
-
     files = pushed.get("files") or {}
     if ADAPTER_CONFIG in files:
         files[ADAPTER_CONFIG] = hashlib.sha256(config_bytes).hexdigest()
@@ -341,6 +360,7 @@ def push(plan: PushPlan, config: PushConfig, api=None) -> PushResult:
     message = config.commit_message or f"Upload {plan.adapter_repo} with loraforge"
     endpoint = getattr(api, "endpoint", None) or "the configured endpoint"
     commits: dict[str, str] = {}
+    base_commit = None  # the residual base's commit, pinned in the adapter's config
     with hub_timeouts(config.connect_timeout_s, config.read_timeout_s):
         for repo in plan.repos:
             done = f" Already pushed: {', '.join(commits)}." if commits else ""
@@ -367,11 +387,12 @@ def push(plan: PushPlan, config: PushConfig, api=None) -> PushResult:
                     exist_ok=True,
                     repo_type="model",
                 )
+            _refuse_changed(plan, repo, f"Nothing was committed to {repo}.{done}")
             ops = [
                 CommitOperationAdd(
                     path_in_repo=u.path_in_repo, path_or_fileobj=u.content if u.content is not None else str(u.local)
                 )
-                for u in plan.uploads_for(repo)
+                for u in _pinned(plan, repo, base_commit)
             ]
             info = _hub_call(
                 api.create_commit,
@@ -386,7 +407,46 @@ def push(plan: PushPlan, config: PushConfig, api=None) -> PushResult:
                 repo_type="model",
             )
             commits[repo] = str(getattr(info, "commit_url", None) or getattr(info, "oid", None) or info)
+            if repo == plan.base_repo and isinstance(getattr(info, "oid", None), str):
+                base_commit = info.oid
+            _refuse_changed(plan, repo, f"{repo} was committed, but may mix old and new files.")
     return PushResult(commits)
+
+
+def _refuse_changed(plan: PushPlan, repo: str, what: str) -> None:
+    """What was planned (and scanned for local paths) is what is sent: a local file replaced or written
+    since the plan (a training run still saving into OUT?) stops the push before the commit."""
+    changed = [str(u.local) for u in plan.uploads_for(repo) if u.changed()]
+    if changed:
+        raise LoraforgeError(
+            f"{changed[0]} changed while pushing ({len(changed)} file(s) of {plan.out} differ from when the push "
+            f"was planned); is something still writing {plan.out}? {what} Push again once it is finished."
+        )
+
+
+def _pinned(plan: PushPlan, repo: str, base_commit: Optional[str]) -> list[Upload]:
+    """REPO's uploads; for the adapter repository of a residual init, adapter_config.json's revision pinned to
+    the residual base's commit this push made (and the manifest's hash of it updated): the adapter loads the
+    base it was pushed with, and an adapter pushed earlier keeps loading its own base, not this new one."""
+    uploads = plan.uploads_for(repo)
+    if repo != plan.adapter_repo or base_commit is None:
+        return uploads
+    out = []
+    for u in uploads:
+        if u.path_in_repo == ADAPTER_CONFIG:
+            config = json.loads(u.content)
+            config["revision"] = base_commit
+            u = Upload(repo, ADAPTER_CONFIG, content=_json_bytes(config), note=u.note)
+            config_sha = hashlib.sha256(u.content).hexdigest()
+        out.append(u)
+    for i, u in enumerate(out):
+        if u.path_in_repo == MANIFEST:
+            manifest = json.loads(u.content)
+            if ADAPTER_CONFIG in (manifest.get("files") or {}):
+                manifest["files"][ADAPTER_CONFIG] = config_sha
+            manifest.setdefault("hub", {})["base_revision"] = base_commit
+            out[i] = Upload(repo, MANIFEST, content=_json_bytes(manifest, sort_keys=False), note=u.note)
+    return out
 
 
 def _require_token(api) -> None:
