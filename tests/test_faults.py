@@ -154,7 +154,7 @@ def tmpfs(tmp_path):
 
     yield mount
     for path in mounted:
-        subprocess.run(["umount", str(path)], capture_output=True)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)  # lazy: even with a file left open
 
 
 def fill(disk: Path) -> None:
@@ -289,6 +289,6 @@ def test_kill_9_at_random_points_loses_nothing(things, tmp_path, command):
 @pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_kill_9_many_times(things, tmp_path, command):
-    outcomes = kill_runs(things, command, tmp_path, runs=10, seed=1)
+    outcomes = kill_runs(things, command, tmp_path, runs=6, seed=1)
     print(f"kill outcomes {command}:", outcomes)  # README "Reliability" quotes these counts
-    assert outcomes["old intact"] + outcomes["new complete"] == 10
+    assert outcomes["old intact"] + outcomes["new complete"] == 6
