@@ -175,6 +175,7 @@ def test_inputs_are_expanded_to_what_they_name(world, tmp_path):
     w = {k: Path(v).resolve() for k, v in world.items()}
     assert {w["T"], w["P"], w["P"] / "base", w["M"]} <= read("convert")
     assert {w["RUN"], w["M"], w["R"], w["D"]} <= read("plot")
+    assert {w["B"], w["D"]} <= read("eval", bench=f"gsm8k,{world['B']},synthetic:level=1,n=2,{world['D']}")
     train = cmds["train"]
     yaml_only = {"config_file": str(world["Y"]), "output_dir": str(tmp_path / "run")}
     params = params_of(train, {**yaml_only, "algo": "dapo"})

@@ -62,7 +62,13 @@ def _run(value: str) -> list[tuple[str, str]]:
 
 
 def _benchmarks(value: str) -> list[tuple[str, str]]:
-    return [("", part.strip()) for part in value.split(",") if part.strip()]
+    from loraforge.eval.config import parse_benchmarks  # the --bench list as eval reads it (synthetic:k=v,...)
+
+    try:
+        names = parse_benchmarks(value) or ()
+    except LoraforgeError:  # eval itself reports a bad list
+        names = ()
+    return [("", name) for name in names]
 
 
 # what an input of each kind reads: [(what, path)]; what "" is the flag itself
@@ -195,13 +201,14 @@ def _inputs(command: click.Command, declared: Declared, params: dict) -> Iterabl
 
 
 def _expand_inputs(flag: str, value: str, expand) -> Iterable[NamedPath]:
-    """VALUE resolved, then what it names (only when VALUE itself is a local path)."""
-    own = _local(flag, value)
-    if own is None:
-        return
-    yield own
+    """The local paths VALUE stands for (itself, or each part of a --bench list) and what they name, resolved."""
     for what, path in expand(value):
-        named = _local(what or flag, path) if what else None
+        try:
+            named = _local(what or flag, path)
+        except UnresolvablePath:
+            if not what:
+                raise  # a path the user gave: one line
+            continue  # a path a file names (a manifest, a run's config) that leads nowhere: nothing is read there
         if named is not None:
             yield named
 
