@@ -134,10 +134,12 @@ def plot_training(args, runs: list, out: Path, cli: list[str]) -> None:
 # statistics per grid entry
 def heldout_stats(args, runs: list, curves: dict) -> dict:
     """Per grid entry (lr), per held-out kind and evaluated step: each method's mean with its bootstrap and
-    t intervals, and the contrasts' differences. Methods enter a step only with every one of their seeds."""
+    t intervals, and the contrasts' differences. Only finished runs count (a grid cut short still gives a
+    table), and a method enters a step only with every one of its finished seeds."""
     stats = {}
-    for entry in sorted({r.grid for r in runs}):
-        entry_runs = [r for r in runs if r.grid == entry]
+    finished = [r for r in runs if is_done(args, r)]
+    for entry in sorted({r.grid for r in finished}):
+        entry_runs = [r for r in finished if r.grid == entry]
         lr = entry_runs[0].lr
         methods = list(dict.fromkeys(r.method for r in entry_runs))
         per_kind = {}

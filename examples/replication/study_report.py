@@ -20,6 +20,7 @@ TRAIN_COLUMNS = [
     ("p_top", "ΔW on top-r"),
     ("update_norm", "‖ΔW‖"),
     ("s_per_step", "s / step"),
+    ("rollout_share", "rollout share"),
 ]
 
 
@@ -72,12 +73,13 @@ def heldout_table(entry: dict, kind: str, label: str) -> list[str]:
         f"Held-out {label}, lr {entry['lr']:g}, in percent: mean over seeds [95% bootstrap interval "
         "over seeds and problems]",
         "",
-        "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
-        "|---|" + "---|" * len(steps),
+        "| method | seeds | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
     ]
     for m in entry["methods"]:
         cells = [pct(per_step[s]["methods"][m]["boot"]) if m in per_step[s]["methods"] else "–" for s in steps]
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+        seeds = max((per_step[s]["methods"][m]["seeds"] for s in steps if m in per_step[s]["methods"]), default=0)
+        lines.append(f"| {LABELS[m]} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -38,6 +38,35 @@ def test_grid_runs_entry_by_entry_and_seed_by_seed():
         rep.parse_grid(["1e-4:0:dora"], ["rlpo"])
 
 
+def test_heldout_stats_of_a_grid_cut_short_use_the_finished_runs(tmp_path):
+    """A grid stopped midway still gives its table: the finished runs count, an unfinished seed does not
+    hold its method out of every step."""
+    rep = _script()
+    sys.path.insert(0, str(ROOT / "examples" / "replication"))
+    import numpy as np
+    from study_analysis import heldout_stats
+
+    args = rep.parse_args(["--work", str(tmp_path), "--steps", "2", "--save-every", "2"])
+    runs = rep.plan_runs(rep.parse_grid(["1e-4:0,1"], ["rlpo", "pissa"]))
+    finished = {"rlpo_lr0.0001_s0", "pissa_lr0.0001_s0", "rlpo_lr0.0001_s1"}  # pissa's seed 1 was cut short
+    for r in runs:
+        d = tmp_path / "runs" / r.name
+        (d / "adapter").mkdir(parents=True)
+        steps = 2 if r.name in finished else 1
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, steps + 1)))
+        if r.name in finished:
+            (d / "adapter" / "adapter_config.json").write_text("{}")
+    # 4 problems; rlpo solves 3 of 4 at step 2 on both seeds, pissa 1 of 4
+    solved = {"rlpo": np.array([1.0, 1, 1, 0]), "pissa": np.array([1.0, 0, 0, 0])}
+    curves = {r.name: {0: {"greedy": np.zeros(4), "mean": np.zeros(4)}} for r in runs}
+    for r in runs:
+        curves[r.name][2] = {"greedy": solved[r.method], "mean": solved[r.method]}
+    stats = heldout_stats(args, runs, curves)["0.0001"]["heldout"]["greedy"]
+    assert stats[2]["methods"]["rlpo"]["seeds"] == 2 and stats[2]["methods"]["pissa"]["seeds"] == 1
+    # rlpo - pissa = 0.75 - 0.25 = 0.5 on every resample that keeps both problems' signs apart
+    assert stats[2]["contrasts"]["rlpo-pissa"]["diff"] == pytest.approx(0.5)
+
+
 def test_study_runs_the_cli_skips_done_runs_and_continues_raised_steps(model_dir, tmp_path, monkeypatch, capsys):
     rep = _script()
     # the trainings are subprocesses: they find loraforge and the test reward through PYTHONPATH
