@@ -18,7 +18,6 @@ Every adapter train saves (in a checkpoint, the final one, the one saved on an e
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -261,76 +260,3 @@ def newest_sound_checkpoint(run_dir: Path, echo: Callable[[str], None]) -> Path 
         os.replace(path, aside)
         echo(f"warning: {problem}; moved it to {aside} and falling back to the checkpoint before it")
     return None
-
-
-# ------------------------------------------------------------------------------------------------
-# the last sound state, kept in memory during a step
-def cpu_copy(obj: Any, into: Any = None) -> Any:
-    """A deep copy with every tensor copied to the CPU (parameters, optimizer and scheduler state dicts).
-    `into`, an earlier copy of the same structure, has its tensors overwritten in place instead of new ones
-    allocated: taken every step, the copy then costs a memcpy, not an allocation of the same size."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if (
-            isinstance(into, torch.Tensor)
-            and into.shape == t.shape
-            and into.dtype == t.dtype
-            and into.device.type == "cpu"
-        ):
-            return into.copy_(t)
-        return t.to("cpu", copy=True)
-    if isinstance(obj, dict):
-        old = into if isinstance(into, dict) else {}
-        return {k: cpu_copy(v, old.get(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        old = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
-        return type(obj)(cpu_copy(v, o) for v, o in zip(obj, old))
-    return copy.deepcopy(obj)
-
-
-# ------------------------------------------------------------------------------------------------
-# one run at a time in a run directory
-LOCK_FILE = ".lock"
-
-
-class RunLock:
-    """An exclusive flock on RUN_DIR/.lock, held for the whole run: a second `train` or `--resume` on the
-    same directory is refused instead of interleaving checkpoints. The kernel drops the lock when the
-    process dies (kill -9 included), so a killed run never locks the directory out."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_FILE
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, as before
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:  # a file in the way, no permission, a read-only mount
-            raise LoraforgeError(
-                f"run directory {self.path.parent}: cannot write there ({e.strerror or e}); choose another -o directory"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # held by a live process
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise LoraforgeError(
-                f"{self.path.parent} is in use by another `loraforge train` (pid {holder}); wait for it to finish, "
-                "stop it, or choose another -o directory"
-            ) from None
-        except OSError:  # a filesystem without flock (some network mounts): run unlocked, as before
-            os.close(fd)
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock; the file stays (removing it would race a new locker)
-            self.fd = None

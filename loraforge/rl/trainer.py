@@ -19,7 +19,10 @@ Failing safe: the state at the end of the last complete step (adapter, optimizer
 data position) is kept in memory (on the CPU) during each step. A step that fails, for whatever
 reason (dynamic sampling gives up, a reward function raises, the loss turns NaN, out of memory,
 SIGTERM), rolls back to it and saves it as a checkpoint and as RUN_DIR/adapter before the error is
-reported, so `--resume` continues exactly where the uninterrupted run would have been.
+reported, so `--resume` continues exactly where the uninterrupted run would have been. That machinery
+(the sound state, roll-back, rescue save, signal handling, the run lock) is failsafe.py; the optimizer side
+of a step (log-probs, advantages, updates, metrics) is update.py; loading the policy and its log-probs is
+policy.py. This module is the loop that wires them.
 
 Departures from verl, each on purpose and named where it happens: exact token-mean under gradient
 accumulation (loss.py); by default one model for sampling and training, so there are no
@@ -34,71 +37,39 @@ no-ops. The sampler is a rollout backend (rollout.py): the in-process transforme
 
 from __future__ import annotations
 
-import importlib
-import math
 import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from loraforge.adapters.directory import resolve_base
-from loraforge.core.devices import resolve_device
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl import checkpoint as ckpt
-from loraforge.rl.advantage import GroupsExhausted, fill_batch, group_advantages
+from loraforge.rl.advantage import GroupsExhausted, fill_batch
 from loraforge.rl.config import TrainConfig
 from loraforge.rl.data import PromptStream, format_prompt, load_examples
-from loraforge.rl.distributed import check_world_divides, device_for, init_distributed, plan_minibatches, split_evenly
+from loraforge.rl.distributed import check_world_divides, device_for, init_distributed, split_evenly
 from loraforge.rl.distributed import context as dist_context
-from loraforge.rl.loss import aggregate, kl_k3, kl_new_old_terms, masked_mean, policy_loss
+from loraforge.rl.failsafe import FailSafe, Terminated, TrainingDiverged, run_lock
 from loraforge.rl.metrics import MetricsLogger, parse_lines
-from loraforge.rl.prefix import shared_prefix_logprobs, token_logprobs
+from loraforge.rl.policy import (
+    Group,
+    Sample,
+    adapter_params,
+    load_policy,
+    lr_factor,
+    make_rollout,
+    pack,
+    response_logprobs,
+)
 from loraforge.rl.rewards import RewardGuard, Scorer, get_scorer, overlong_penalty
-from loraforge.rl.rollout import RolloutBackend, TransformersRollout, check_sampler, logprob_gap_terms
-from loraforge.sampling.generation import SamplingParams, left_pad, model_forward_kwargs, position_ids_from_mask
-
-
-# ------------------------------------------------------------------------------------------------
-# small data holders
-@dataclass
-class Sample:
-    """One response in a group."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    reward: float  # score + overlong penalty
-    score: float
-    acc: bool
-    truncated: bool
-    sampler_logp: list[float] | None = None  # per response token, from a separate sampler (vLLM)
-    text: str = ""  # the decoded response
-
-
-@dataclass
-class Group:
-    """The G responses to one prompt."""
-
-    samples: list[Sample]
-    prompt: str = ""  # the formatted prompt text
-
-    @property
-    def accs(self) -> list[float]:
-        return [float(s.acc) for s in self.samples]
-
-
-class TrainingDiverged(Exception):
-    """The loss became non-finite; the trainer turns it into a LoraforgeError naming the checkpoint."""
-
-
-class _Terminated(BaseException):
-    """Raised by the SIGTERM handler inside a step: abandon the step, roll back, save (not an Exception,
-    so no `except Exception` on the way swallows it)."""
+from loraforge.rl.rollout import check_sampler, logprob_gap_terms
+from loraforge.rl.update import PolicyUpdate, mean
+from loraforge.sampling.generation import SamplingParams
 
 
 @dataclass
@@ -111,184 +82,9 @@ class TrainResult:
     stop_signal: int | None = None  # signal.SIGINT or signal.SIGTERM when interrupted
 
 
-@dataclass
-class SoundState:
-    """Everything a checkpoint holds, as it was at the end of step `step`, copied to the CPU."""
-
-    step: int
-    params: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    rng: dict[str, Any]
-    data: dict[str, int]
-    skipped: int
-
-
-@dataclass
-class StepBatch:
-    """The kept groups of one step as training rows: the global batch, its advantages, and this process's share."""
-
-    samples: list[Sample]  # every kept response, the same on every process
-    adv: torch.Tensor  # one advantage per row of `samples`
-    plan: list  # per global mini-batch: (its rows, this process's rows of it)
-    mine: list[Sample]  # this process's rows, first mini-batch first
-    at: dict[int, int]  # row of `samples` -> its index in `mine`
-
-
-# ------------------------------------------------------------------------------------------------
-# pure helpers
-def lr_factor(step: int, total: int, schedule: str, warmup: int, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base lr for scheduler step `step` (0-based), as verl's schedulers compute it.
-
-    constant: linear warmup from 0 over `warmup` steps, then 1 (transformers' constant-with-warmup).
-    cosine: warmup from min_ratio to 1, then half a cosine from 1 down to min_ratio at `total`.
-    """
-    if schedule == "constant":
-        return step / max(1, warmup) if step < warmup else 1.0
-    if step < warmup:
-        return min_ratio + (1.0 - min_ratio) * step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(min_ratio, min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def pack(samples: list[Sample], pad: int) -> dict[str, torch.Tensor]:
-    """Prompt (left-padded) and response (right-padded) tensors for a list of samples."""
-    p_ids, p_mask = left_pad([s.prompt_ids for s in samples], pad)
-    width = max(1, max(len(s.response_ids) for s in samples))
-    r_ids = torch.full((len(samples), width), pad, dtype=torch.long)
-    r_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        r_ids[i, : len(s.response_ids)] = torch.tensor(s.response_ids, dtype=torch.long)
-        r_mask[i, : len(s.response_ids)] = 1
-    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
-
-
-def response_logprobs(
-    model,
-    batch: dict[str, torch.Tensor],
-    temperature: float,
-    entropy: bool = False,
-    params: dict[str, torch.Tensor] | None = None,
-    share_prefix: bool = True,
-):
-    """log pi(response token | prefix) per response token, (rows, R); optionally the entropy too.
-
-    Logits are divided by the rollout temperature, as verl does, so the log-probs are those of the
-    distribution the rollout sampled from (top-p/top-k are ignored here, as in verl).
-    `params` overrides parameters by name (torch.func.functional_call), used for the reference adapter.
-    With `share_prefix`, rows that share a prompt (a group's G responses) run it once (rl/prefix.py).
-    """
-    if share_prefix:
-        shared = shared_prefix_logprobs(model, batch, temperature, entropy, params)
-        if shared is not None:
-            return shared
-    device = next(model.parameters()).device
-    p_ids, p_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
-    r_ids, r_mask = batch["response_ids"].to(device), batch["response_mask"].to(device)
-    ids = torch.cat([p_ids, r_ids], dim=1)
-    attn = torch.cat([p_mask, r_mask], dim=1)
-    R = r_ids.shape[1]
-    kwargs = {
-        "input_ids": ids,
-        "attention_mask": attn,
-        "position_ids": position_ids_from_mask(attn),
-        "use_cache": False,
-    }
-    if model_forward_kwargs(model)[1]:
-        kwargs["logits_to_keep"] = R + 1  # no logits for the prompt: they are the bulk of the memory
-    if params is None:
-        logits = model(**kwargs).logits
-    else:
-        logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
-    # position t predicts token t+1: the R response tokens are predicted by positions P-1 .. P+R-2
-    return token_logprobs(logits[:, -R - 1 : -1, :], r_ids, temperature, entropy)
-
-
-def _adapter_params(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-# ------------------------------------------------------------------------------------------------
-# loading
-def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print, device: str | None = None):
-    """(PeftModel with the adapter trainable, tokenizer, device) for the config (`device` overrides cfg.device)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    adapter = Path(cfg.adapter)
-    base = resolve_base(adapter, cfg.model)
-    model_src = base.path
-    if cfg.model is None:
-        echo(f"base model: {model_src} (from the adapter directory)")
-    device = resolve_device(device or cfg.device)
-    dtype = getattr(torch, cfg.dtype)
-    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.gguf_file:
-        kw["gguf_file"] = cfg.gguf_file
-    try:
-        base = AutoModelForCausalLM.from_pretrained(model_src, **kw)
-        tok_kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
-        tokenizer = AutoTokenizer.from_pretrained(
-            cfg.tokenizer or model_src, trust_remote_code=cfg.trust_remote_code, **tok_kw
-        )
-    except (OSError, ValueError) as e:
-        raise LoraforgeError(f"--model {model_src}: could not load the model or its tokenizer ({e})") from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    base.to(device)
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    except RuntimeError as e:
-        raise LoraforgeError(_shape_mismatch_message(str(e), adapter, model_src)) from e
-    model.to(device)
-    trainable = _adapter_params(model)
-    if not trainable:
-        raise LoraforgeError(f"--adapter {adapter}: the adapter has no trainable parameters after loading")
-    return model, tokenizer, device
-
-
-def _shape_mismatch_message(text: str, adapter: Path, model_src: str) -> str:
-    import re
-
-    found = re.findall(
-        r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
-        r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))",
-        text,
-    )
-    if not found:
-        return f"--adapter {adapter} does not fit --model {model_src}: {text.splitlines()[0]}"
-    name, got, want = found[0]
-    name = name.replace("base_model.model.", "", 1)
-    m = re.match(r"(.*)\.(lora_[A-Za-z_]+)(?:\.\w+)?\.weight$", name)
-    module, tensor = (m.group(1), m.group(2)) if m else (name, "weight")
-    return (
-        f"--adapter {adapter} does not match --model {model_src}: module {module} has {tensor} of shape "
-        f"{got[11:-1]} in the adapter but {want[11:-1]} in the model ({len(found)} mismatched tensors); "
-        "pass the base model the adapter was made for (for PiSSA/MiLoRA/OLoRA: the adapter's base/ directory)"
-    )
-
-
-def make_rollout(name: str, trainer) -> RolloutBackend:
-    """The backend named by --rollout, built for `trainer` (after its setup)."""
-    if name == "transformers":
-        return TransformersRollout(trainer.model, trainer.tokenizer, trainer.generator, trainer.cfg.rollout_batch_size)
-    if name == "vllm":
-        from loraforge.rl.vllm_rollout import VLLMRollout
-
-        return VLLMRollout(trainer)
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise LoraforgeError(f"--rollout {name}: cannot import {attr} from {module} ({e})") from e
-        return factory(trainer)
-    raise LoraforgeError(f"--rollout must be transformers, vllm or module:factory, got {name!r}")
-
-
 # ------------------------------------------------------------------------------------------------
 # the trainer
-class Trainer:
+class Trainer(PolicyUpdate, FailSafe):
     def __init__(
         self,
         cfg: TrainConfig,
@@ -332,7 +128,7 @@ class Trainer:
         )
         self.model, self.tokenizer, self.device = load_policy(cfg, self.echo, device_for(self.dist, cfg.device))
         self.model.eval()  # no dropout anywhere: the paper's LoRA dropout is 0, and base dropout would bias ratios
-        self.params = _adapter_params(self.model)
+        self.params = adapter_params(self.model)
         self.pad = self.tokenizer.pad_token_id
         self.stream = PromptStream(self.examples, cfg.seed)
         # each process samples with its own stream (process 0's is the single-process one)
@@ -503,58 +299,6 @@ class Trainer:
                 row = {"step": step, "prompt": prompt, "response": response, "reward": s.reward, "score": s.score}
                 f.write(json.dumps(row | {"acc": s.acc}) + "\n")
 
-    # -- one step -----------------------------------------------------------------------------
-    def _logprobs(self, samples: list[Sample], entropy=False, params=None, grad=False):
-        """Batched over micro-batches; returns per-sample tensors (list) of logp (and entropy)."""
-        out_lp, out_ent = [], []
-        mb = self.cfg.micro_batch
-        ctx = torch.enable_grad() if grad else torch.no_grad()
-        with ctx:
-            for i in range(0, len(samples), mb):
-                chunk = samples[i : i + mb]
-                batch = pack(chunk, self.pad)
-                lp, ent = self._forward(batch, entropy, params)
-                for j, s in enumerate(chunk):
-                    n = len(s.response_ids)
-                    out_lp.append(lp[j, :n].detach().cpu())
-                    out_ent.append(ent[j, :n].cpu() if ent is not None else None)
-        return out_lp, out_ent
-
-    def _forward(self, batch, entropy=False, params=None):
-        try:
-            return response_logprobs(self.model, batch, self.cfg.temperature, entropy, params)
-        except torch.OutOfMemoryError as e:
-            rows, width = batch["response_ids"].shape
-            raise LoraforgeError(
-                f"out of memory in a training forward of {rows} rows x {width} response tokens; lower --micro-batch "
-                f"(now {self.cfg.micro_batch}) or --max-response-length (now {self.cfg.max_response_length})"
-            ) from e
-
-    def _old_logprobs(self, samples: list[Sample], first: int):
-        """Old log-probs and entropy before the updates, except for the first `first` rows (the first
-        mini-batch): their old log-probs are taken from their own update forward pass (_keep_old), which
-        runs before any optimizer step and so computes the very same numbers (with one mini-batch and
-        one epoch, as on-policy GRPO, this pass disappears). Entries for those rows are None until then."""
-        old_lp, ent = self._logprobs(samples[first:], entropy=True) if first < len(samples) else ([], [])
-        return [None] * first + old_lp, [None] * first + ent
-
-    @staticmethod
-    def _keep_old(
-        rows: list[int], samples: list[Sample], logp: torch.Tensor, entropy: torch.Tensor, old_lp: list, ent: list
-    ) -> None:
-        """Store a first-mini-batch forward's log-probs (detached) and entropy as the rows' old ones."""
-        for j, i in enumerate(rows):
-            n = len(samples[i].response_ids)
-            old_lp[i] = logp[j, :n].detach().cpu()
-            ent[i] = entropy[j, :n].cpu()
-
-    @staticmethod
-    def _pad_list(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-        out = torch.zeros(len(tensors), width)
-        for i, t in enumerate(tensors):
-            out[i, : t.shape[0]] = t
-        return out
-
     def step(self, step: int) -> dict[str, Any]:
         """One training step: rollout (with scoring and dynamic sampling), advantages, old/ref log-probs,
         the updates, the metrics. Parameters change only inside `_update`."""
@@ -572,129 +316,6 @@ class Trainer:
         m = self._step_metrics(step, seen, gen_batches, batch.mine, old_lp, ent, (stats_acc, grad_norms, lr), t0, t_gen)
         m.update(extra)
         return m
-
-    def _advantages(self, kept: list[Group]) -> StepBatch:
-        """The kept groups as rows with group-normalised advantages, split into mini-batches and shares."""
-        cfg = self.cfg
-        samples = [s for g in kept for s in g.samples]  # the global batch: the same on every process
-        group_ids = [gi for gi, g in enumerate(kept) for _ in g.samples]
-        adv = group_advantages(torch.tensor([s.reward for s in samples]), group_ids)
-        # rows of each global mini-batch and this process's share of them (all of them with one process)
-        plan = plan_minibatches([len(g.samples) for g in kept], cfg.mini_batch, self.dist.world, self.dist.rank)
-        local = [i for _, rows in plan for i in rows]
-        return StepBatch(samples, adv, plan, [samples[i] for i in local], {row: k for k, row in enumerate(local)})
-
-    def _update(self, batch: StepBatch, old_lp: list, ent: list, ref_lp: list | None, step: int):
-        """--epochs passes of one optimizer step per mini-batch. Returns (per-micro-batch stats, grad norms, lr)."""
-        cfg = self.cfg
-        stats_acc: dict[str, list[float]] = {"ppo_kl": [], "clipfrac": [], "clipfrac_lower": [], "kl_ref": []}
-        grad_norms: list[float] = []
-        for _epoch in range(cfg.epochs):
-            for rows, local_rows in batch.plan:
-                bad = self._accumulate(batch, rows, local_rows, old_lp, ent, ref_lp, stats_acc)
-                # all processes stop together when any saw a non-finite loss (the flag rides the all-reduce)
-                if self.dist.sync_grads(list(self.params.values()), bad is not None):
-                    what = f"the loss is {bad}" if bad is not None else "the loss is not finite (on another process)"
-                    raise TrainingDiverged(f"{what} at step {step}")
-                norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
-                if torch.isfinite(norm):
-                    self.optimizer.step()
-                    grad_norms.append(norm.item())
-                else:  # verl skips the update when the grad norm is not finite
-                    self.skipped += 1
-                self._updates += 1
-                self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        return stats_acc, grad_norms, lr
-
-    def _accumulate(self, batch: StepBatch, rows, local_rows, old_lp, ent, ref_lp, stats_acc) -> float | None:
-        """Backward of one global mini-batch's loss over this process's micro-batches (gradients accumulate).
-        Returns the loss value when it was not finite (nothing more is accumulated then), else None."""
-        cfg, samples, at = self.cfg, batch.samples, batch.at
-        # the denominator is the whole global mini-batch's; gradients are summed over processes
-        n_tokens = sum(len(samples[i].response_ids) for i in rows)
-        denom = float(n_tokens if cfg.loss_agg == "token-mean" else len(rows))
-        for u0 in range(0, len(local_rows), cfg.micro_batch):
-            mi = local_rows[u0 : u0 + cfg.micro_batch]
-            packed = pack([samples[i] for i in mi], self.pad)
-            mask = packed["response_mask"].to(self.device)
-            width = mask.shape[1]
-            fresh = old_lp[at[mi[0]]] is None  # the first mini-batch: nothing has been updated yet
-            logp, ent_mb = self._forward(packed, entropy=fresh)
-            if fresh:
-                self._keep_old([at[i] for i in mi], batch.mine, logp, ent_mb, old_lp, ent)
-            old = self._pad_list([old_lp[at[i]] for i in mi], width).to(self.device)
-            loss, st = policy_loss(
-                logp,
-                old,
-                batch.adv[mi].to(self.device),
-                mask,
-                cfg.eps_low,
-                cfg.eps_high,
-                cfg.clip_c,
-                loss_agg=cfg.loss_agg,
-                denominator=denom,
-            )
-            for k in ("ppo_kl", "clipfrac", "clipfrac_lower"):
-                stats_acc[k].append(st[k])
-            if ref_lp is not None:
-                ref = self._pad_list([ref_lp[at[i]] for i in mi], width).to(self.device)
-                kl = kl_k3(logp, ref)
-                loss = loss + cfg.kl_beta * aggregate(kl, mask, cfg.loss_agg, denom)
-                stats_acc["kl_ref"].append(masked_mean(kl.detach(), mask).item())
-            if not torch.isfinite(loss):
-                return loss.item()
-            loss.backward()
-        return None
-
-    def _step_metrics(self, step, seen, gen_batches, mine, old_lp, ent, updates, t0, t_gen) -> dict[str, Any]:
-        """The step's metrics (metrics.py lists them); the paper's stability diagnostic KL(pi_new || pi_old)
-        is measured here, on this step's response tokens after its updates. `updates` is _update's result."""
-        stats_acc, grad_norms, lr = updates
-        new_lp, _ = self._logprobs(mine)
-        num = sum(kl_new_old_terms(n - o).sum().item() for n, o in zip(new_lp, old_lp))
-        den = sum(o.numel() for o in old_lp)
-        ent_sum = sum(e.sum().item() for e in ent)
-        stats = self._reduce_means(stats_acc)
-        if self.dist.enabled:  # token sums and counts of every process
-            num, den, ent_sum = self.dist.sum_floats([num, den, ent_sum])
-        den = max(1, den)
-        elapsed = time.perf_counter() - t0
-        all_samples = [s for g in seen for s in g.samples]
-        tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in all_samples)
-        m = {
-            "step": step,
-            "reward": _mean([s.reward for s in all_samples]),
-            "score": _mean([s.score for s in all_samples]),
-            "acc": _mean([float(s.acc) for s in all_samples]),
-            "kept_frac": len([g for g in seen if _varies(g)]) / max(1, len(seen)),
-            "gen_batches": gen_batches,
-            "ppo_kl": stats["ppo_kl"],
-            "kl": num / den,
-            "grad_norm": _mean(grad_norms) if grad_norms else float("nan"),
-            "clipfrac": stats["clipfrac"],
-            "clipfrac_lower": stats["clipfrac_lower"],
-            "entropy": ent_sum / den,
-            "response_len": _mean([len(s.response_ids) for s in all_samples]),
-            "response_clip_ratio": _mean([float(s.truncated) for s in all_samples]),
-            "lr": lr,
-            "tokens_per_s": tokens / elapsed,
-            "gen_time_s": t_gen,
-            "skipped": self.skipped,
-            "time_s": elapsed,
-        }
-        if self.cfg.kl_beta > 0:
-            m["kl_ref"] = stats["kl_ref"]
-        return m
-
-    def _reduce_means(self, lists: dict[str, list[float]]) -> dict[str, float]:
-        """Means of per-micro-batch statistics over every process's micro-batches."""
-        if not self.dist.enabled:
-            return {k: _mean(v) for k, v in lists.items()}
-        keys = list(lists)
-        sums = self.dist.sum_floats([sum(lists[k]) for k in keys] + [len(lists[k]) for k in keys])
-        return {k: (sums[i] / sums[len(keys) + i] if sums[len(keys) + i] else 0.0) for i, k in enumerate(keys)}
 
     def _check_sampler(self, samples: list[Sample], step: int) -> dict[str, float]:
         """Compare a separate sampler's log-probs with the trainer's on a few responses (rollout.py).
@@ -733,7 +354,7 @@ class Trainer:
         self._sync_sampler()
         groups = self._generate_shared(self.eval_examples, 1, greedy=True)
         samples = [g.samples[0] for g in groups]
-        return {"eval_acc": _mean([float(s.acc) for s in samples]), "eval_reward": _mean([s.score for s in samples])}
+        return {"eval_acc": mean([float(s.acc) for s in samples]), "eval_reward": mean([s.score for s in samples])}
 
     # -- the loop -----------------------------------------------------------------------------
     def save(self, step: int) -> Path:
@@ -763,84 +384,6 @@ class Trainer:
             ckpt.atomic_save_adapter(self.model, dest, self.lineage)
         self.dist.barrier()
         return dest
-
-    # -- the sound state: what a failed step rolls back to ------------------------------------
-    def _capture(self, step: int, previous: SoundState | None) -> SoundState:
-        """The state at the end of step `step` (before the next one changes anything), on the CPU; the
-        previous step's copy is overwritten in place (it is of no use once a step has completed)."""
-        return SoundState(
-            step=step,
-            params=ckpt.cpu_copy(dict(self.params), previous.params if previous else None),
-            optimizer=ckpt.cpu_copy(self.optimizer.state_dict(), previous.optimizer if previous else None),
-            scheduler=ckpt.cpu_copy(self.scheduler.state_dict()),
-            rng=ckpt.rng_state(self.generator),
-            data=self.stream.state(),
-            skipped=self.skipped,
-        )
-
-    def _roll_back(self, sound: SoundState) -> None:
-        """Put the captured state back into the live model, optimizer, scheduler, RNGs and data stream."""
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(sound.params[n])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.load_state_dict(sound.optimizer)
-        self.scheduler.load_state_dict(sound.scheduler)
-        ckpt.set_rng_state(sound.rng, self.generator)
-        self.stream.load_state(sound.data)
-        self.skipped = sound.skipped
-        self._synced = None  # the sampler may hold weights of the abandoned step
-
-    def _rescue(self, sound: SoundState, last_saved: int | None) -> tuple[int | None, str]:
-        """After a failed step: roll back to the last complete step and save it (checkpoint + RUN_DIR/adapter).
-        Returns (the step whose adapter is now RUN_DIR/adapter, or None; a sentence saying what was saved)."""
-        if sound.step == 0:
-            return None, (
-                f"no step had completed, so nothing was saved ({self.run_dir} holds no checkpoint: the same "
-                "command may be run on it again)"
-            )
-        try:
-            self._roll_back(sound)
-            if last_saved != sound.step:
-                self.save(sound.step)
-            adapter = self.save_adapter()
-        except Exception as e:  # a full disk, say: the original error stays the one reported
-            saved = f"checkpoint {ckpt.checkpoint_path(self.run_dir, last_saved)}" if last_saved else "nothing"
-            return None, f"saving the last complete step {sound.step} failed too ({e}); on disk: {saved}"
-        return sound.step, (
-            f"saved the last complete step {sound.step}: the adapter to {adapter} and a checkpoint to "
-            f"{ckpt.checkpoint_path(self.run_dir, sound.step)}"
-        )
-
-    def _failure_message(self, error: BaseException, step: int, saved: int | None, what_saved: str) -> str:
-        """One message: what went wrong at `step`, what was saved, how to go on (the flags as the CLI spells them)."""
-        run = self.run_dir
-        if isinstance(error, GroupsExhausted):
-            right, wrong = error.outcome_counts()
-            bigger = max(2 * self.cfg.max_gen_batches, self.cfg.max_gen_batches + 4)
-            what = (
-                f"step {step}: dynamic sampling kept {len(error.kept)} of the {self.cfg.prompt_batch} groups needed "
-                f"after {error.batches} generation batches (--max-gen-batches {self.cfg.max_gen_batches}): in "
-                f"{right + wrong} of the {len(error.seen)} groups drawn every response had the same outcome ({right} "
-                f"all right, {wrong} all wrong), so the task is solved (or unsolvable) for this policy at this "
-                "difficulty"
-            )
-            how = (
-                f"to go on: `loraforge train --resume {run} --max-gen-batches {bigger}` (0 = no limit), or "
-                f"`loraforge train --resume {run} --no-dynamic-sampling`, or harder/easier --data in a new run"
-            )
-            if saved is not None:
-                how += f", or stop here: the adapter is at {run / 'adapter'}"
-            return f"{what}. {what_saved[0].upper() + what_saved[1:]}. {how[0].upper() + how[1:]}"
-        if isinstance(error, TrainingDiverged):
-            what = f"{error}: training stopped"
-            how = "Lower --lr, check the reward function for NaN, or use --dtype float32"
-        else:
-            what = f"step {step} failed: {error}"
-            how = "Fix the cause"
-        # --resume always has a way on: the newest checkpoint, or step 0 of a run that saved none
-        how += f", then continue with `loraforge train --resume {run}`"
-        return f"{what}. {what_saved[0].upper() + what_saved[1:]}. {how}."
 
     def run(self) -> TrainResult:
         self.setup()
@@ -892,7 +435,7 @@ class Trainer:
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     metrics.update(self.evaluate())
                 self._abortable = False
-            except _Terminated:
+            except Terminated:
                 self._abortable = False
                 saved, what_saved = self._rescue(sound, self._last_saved)
                 self.echo(f"SIGTERM during step {step}: {what_saved}")
@@ -938,37 +481,6 @@ class Trainer:
         else:
             self.echo(line)
 
-    @contextmanager
-    def _deferred_interrupt(self):
-        """First Ctrl-C: finish the current step, save, exit (status 130). A second one aborts at once.
-        SIGTERM (what schedulers send before SIGKILL): abandon the current step at once, roll back to the
-        last complete one, save it, exit (status 143); with several processes, like Ctrl-C."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_int(signum, frame):
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested, self._stop_signal = True, signal.SIGINT
-            self.echo("\nCtrl-C: finishing this step, then saving a checkpoint (press again to abort without saving)")
-
-        def on_term(signum, frame):
-            self._stop_requested, self._stop_signal = True, signal.SIGTERM
-            if self._abortable and not self.dist.enabled:
-                self._abortable = False
-                raise _Terminated
-            self.echo("\nSIGTERM: saving a checkpoint after this step")
-
-        previous = signal.signal(signal.SIGINT, on_int), signal.signal(signal.SIGTERM, on_term)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous[0])
-            signal.signal(signal.SIGTERM, previous[1])
-
 
 class _NullLogger:
     """The metrics logger of processes other than 0: metrics are written once."""
@@ -978,17 +490,6 @@ class _NullLogger:
 
     def close(self) -> None:
         pass
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return float(sum(xs) / len(xs)) if xs else 0.0
-
-
-def _varies(group: Group) -> bool:
-    from loraforge.rl.advantage import keep_group
-
-    return keep_group(group.accs)
 
 
 def _progress(total: int, initial: int):
@@ -1014,7 +515,7 @@ def train(cfg: TrainConfig, *, scorer: Scorer | None = None, echo: Callable[[str
     cfg.resolved()  # bad settings are refused before anything is created on disk
     dist = init_distributed(cfg.device)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    with _run_lock(run_dir, dist, echo):
+    with run_lock(run_dir, dist, echo):
         exists = run_dir is not None and (run_dir / "config.json").exists()
         saved = exists and (ckpt.list_checkpoints(run_dir) or (run_dir / "adapter").exists())
         dist.barrier()  # every process has looked before process 0 writes config.json
@@ -1049,7 +550,7 @@ def resume(
     cfg.output_dir = str(run_dir)
     dist = init_distributed(cfg.device)
     _apply_overrides(cfg, {"steps": steps, **(overrides or {})}, echo)
-    with _run_lock(run_dir, dist, echo):
+    with run_lock(run_dir, dist, echo):
         had = ckpt.list_checkpoints(run_dir)
         latest = ckpt.newest_sound_checkpoint(run_dir, echo) if dist.is_main else None
         if dist.enabled:
@@ -1078,19 +579,3 @@ def _apply_overrides(cfg: TrainConfig, values: dict[str, Any], echo: Callable[[s
             given = (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
             echo(f"resuming with {given} (the run had {key} = {getattr(cfg, key)})")
             setattr(cfg, key, value)
-
-
-@contextmanager
-def _run_lock(run_dir: Path | None, dist, echo: Callable[[str], None]):
-    """Hold RUN_DIR's lock (process 0) for the whole run, after undoing what a killed run left there."""
-    lock = ckpt.RunLock(run_dir) if run_dir is not None and dist.is_main else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        if lock is not None:
-            for line in ckpt.clean_litter(run_dir):
-                echo(line)
-        yield
-    finally:
-        if lock is not None:
-            lock.release()

@@ -16,14 +16,14 @@ def cfg(model_dir, adapter_dir, out, **over):
 
 
 def run(config, plain_old: bool, share_prefix: bool, monkeypatch):
-    import loraforge.rl.trainer as trainer_mod
+    import loraforge.rl.update as update_mod
 
     with monkeypatch.context() as m:
         if plain_old:  # the straightforward way: one no-grad pass over every row before any update
             m.setattr(Trainer, "_old_logprobs", lambda self, samples, first: self._logprobs(samples, entropy=True))
         if not share_prefix:
             m.setattr(
-                trainer_mod, "response_logprobs", lambda *a, **k: response_logprobs(*a, **{**k, "share_prefix": False})
+                update_mod, "response_logprobs", lambda *a, **k: response_logprobs(*a, **{**k, "share_prefix": False})
             )
         Trainer(config, scorer=answer_scorer, echo=lambda s: None).run()
     return read_metrics(config.output_dir), load_file(f"{config.output_dir}/adapter/adapter_model.safetensors")

@@ -18,6 +18,7 @@ from loraforge.cli import main
 from loraforge.core.errors import LoraforgeError
 from loraforge.models.checkpoint import sha256_file
 from loraforge.rl import checkpoint as ckpt
+from loraforge.rl import failsafe
 from loraforge.rl.checkpoint import list_checkpoints
 from loraforge.rl.metrics import read_metrics
 from loraforge.rl.trainer import resume, train
@@ -233,7 +234,7 @@ def test_adapters_record_the_init_they_were_trained_from(model_dir, adapter_dir,
 
 def test_a_second_run_on_the_same_directory_is_refused(model_dir, adapter_dir, tmp_path):
     run = tmp_path / "run"
-    held = ckpt.RunLock(run)
+    held = failsafe.RunLock(run)
     held.acquire()
     try:
         with pytest.raises(

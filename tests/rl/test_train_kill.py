@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraforge.rl import checkpoint as ckpt
+from loraforge.rl import failsafe
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,7 @@ def _check_invariants(run: Path, newest_before: int) -> int:
             for ln in lines[:-1]:
                 json.loads(ln)
     # anything else there is litter the next run recognises
-    known = {"config.json", "metrics.jsonl", "samples.jsonl", "adapter", "checkpoints", ckpt.LOCK_FILE}
+    known = {"config.json", "metrics.jsonl", "samples.jsonl", "adapter", "checkpoints", failsafe.LOCK_FILE}
     litter = [p.name for p in run.iterdir() if p.name not in known] if run.exists() else []
     assert all(n.startswith((ckpt.TMP, ckpt.OLD, ckpt.DEL)) for n in litter), litter
     return newest
@@ -141,7 +142,7 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_
     # samples.jsonl: the rows of redone steps dropped on resume, so every step's rows once, in order
     sample_steps = [json.loads(ln)["step"] for ln in (run / "samples.jsonl").read_text().splitlines()]
     assert sample_steps == sorted(sample_steps) and set(sample_steps) == set(range(1, STEPS + 1))
-    assert sorted(p.name for p in run.iterdir() if p.name != ckpt.LOCK_FILE) == [
+    assert sorted(p.name for p in run.iterdir() if p.name != failsafe.LOCK_FILE) == [
         "adapter",
         "checkpoints",
         "config.json",

@@ -125,19 +125,19 @@ def test_grpo_kl_reference_is_the_initial_adapter(model_dir, tmp_path):
 def test_nan_loss_mid_step_rolls_back_saves_the_last_step_and_resumes_exactly(
     model_dir, adapter_dir, tmp_path, monkeypatch
 ):
-    import loraforge.rl.trainer as trainer_mod
+    import loraforge.rl.update as update_mod
 
     # prompt_batch 4 / mini_batch 2 = 2 optimizer steps per step; each mini-batch is 2 groups x 8 = 16
     # rows in micro-batches of 8, so 4 policy_loss calls per step. Call 11 = step 3, second mini-batch:
     # step 3's first update has already changed the adapter and the optimizer when the loss turns NaN.
-    real, calls = trainer_mod.policy_loss, {"n": 0}
+    real, calls = update_mod.policy_loss, {"n": 0}
 
     def nan_at_call_11(*a, **k):
         calls["n"] += 1
         loss, stats = real(*a, **k)
         return (loss * float("nan") if calls["n"] == 11 else loss), stats
 
-    monkeypatch.setattr(trainer_mod, "policy_loss", nan_at_call_11)
+    monkeypatch.setattr(update_mod, "policy_loss", nan_at_call_11)
     over = dict(steps=4, save_every=0, dynamic_sampling=False)
     with pytest.raises(LoraforgeError) as e:
         train(tiny_cfg(model_dir, adapter_dir, tmp_path / "run", **over), scorer=answer_scorer, echo=quiet([]))
@@ -245,12 +245,12 @@ def test_eval_every_logs_greedy_accuracy(model_dir, adapter_dir, tmp_path):
 
 
 def test_out_of_memory_names_the_setting(model_dir, adapter_dir, tmp_path, monkeypatch):
-    import loraforge.rl.trainer as trainer_mod
+    import loraforge.rl.update as update_mod
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(trainer_mod, "response_logprobs", oom)
+    monkeypatch.setattr(update_mod, "response_logprobs", oom)
     with pytest.raises(
         LoraforgeError, match=r"out of memory .* lower --micro-batch \(now 8\) or --max-response-length"
     ):
