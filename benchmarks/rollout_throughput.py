@@ -98,7 +98,7 @@ def _sync(device: str) -> None:
 
 
 def bench_transformers(model, prompts, G, L, micro, repeats, device):
-    from loraforge.rl.trainer import response_logprobs
+    from loraforge.rl.policy import response_logprobs
     from loraforge.sampling.generation import SamplingParams, generate
 
     tok = StubTokenizer()

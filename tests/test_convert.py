@@ -121,6 +121,22 @@ def test_cli_converts_and_refuses_an_existing_output(pissa_pair, tmp_path):
     assert invoke("convert", trained, "--init", init, "-o", tmp_path / "c", "--overwrite").exit_code == 0
 
 
+def test_tensors_that_are_not_factors_are_carried_over(pissa_pair, tmp_path):
+    # modules_to_save copies do not depend on the base: the converted adapter holds them unchanged (once dropped)
+    from safetensors.torch import load_file, save_file
+
+    init, trained = pissa_pair
+    t = tmp_path / "t"
+    shutil.copytree(trained, t)
+    weights = load_file(str(t / "adapter_model.safetensors"))
+    head = torch.randn(128, 32)
+    weights["base_model.model.lm_head.modules_to_save.default.weight"] = head
+    save_file(weights, str(t / "adapter_model.safetensors"), metadata={"format": "pt"})
+    convert_adapter(t, init, tmp_path / "c")
+    got = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))
+    assert torch.equal(got["base_model.model.lm_head.modules_to_save.default.weight"], head)
+
+
 def test_adapter_from_another_init_is_refused(tiny_models, pissa_pair, tmp_path):
     init, trained = pissa_pair
     other = init_adapter(str(tiny_models["llama"]), tmp_path / "r8", InitConfig(method="pissa", r=8)).out
@@ -220,8 +236,19 @@ def test_damaged_lineage_is_a_clear_error(trained_by_method, tmp_path):
     t = tmp_path / "t"
     shutil.copytree(trained, t)
     (t / "loraforge-lineage.json").write_text("{not json")
-    with pytest.raises(LoraforgeError, match="loraforge-lineage.json is not valid JSON"):
+    with pytest.raises(LoraforgeError, match=r"loraforge-lineage.json: line 1 column 2: not valid JSON"):
         convert_adapter(t, init, tmp_path / "c")
+    # a record whose `files` is a list (once an AttributeError), and one of a newer format
+    write_lineage(t, init, "pissa")
+    record = json.loads((t / "loraforge-lineage.json").read_text())
+    record["init"]["files"] = list(record["init"]["files"])
+    (t / "loraforge-lineage.json").write_text(json.dumps(record))
+    with pytest.raises(LoraforgeError, match=r"key init.files is a list, expected an object; the lineage record is"):
+        convert_adapter(t, init, tmp_path / "c")
+    (t / "loraforge-lineage.json").write_text(json.dumps({**record, "format": "loraforge-lineage/2"}))
+    with pytest.raises(LoraforgeError, match=r"not a loraforge-lineage/1 record .* Upgrade loraforge"):
+        convert_adapter(t, init, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 # convert.init_distance on the tiny llama (r=4), adapters fake-trained from their own init (every factor

@@ -258,6 +258,29 @@ def test_convert_concatenates_expert_factors_expert_by_expert(tmp_path):
     assert rel_err(logits(tmp_path / "src"), want) > 1e-3  # training moved the model: the check has teeth
 
 
+def test_convert_refuses_an_expert_with_nan_rows_even_with_a_lineage_record(qwen3_moe, tmp_path):
+    # Once: with the lineage record `loraforge train` leaves, convert skipped every check on the factors and wrote a
+    # non-finite experts lora_A with exit 0 (without it, the init-distance check happened to refuse it).
+    from adapter_helpers import fake_train
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.adapters.lineage import LINEAGE_FILE, LINEAGE_FORMAT, init_record
+
+    qwen3_moe.save_pretrained(tmp_path / "src")
+    init = init_adapter(str(tmp_path / "src"), tmp_path / "init", InitConfig(method="pissa", r=4)).out
+    trained = fake_train(init, init / "base", tmp_path / "trained")
+    (trained / LINEAGE_FILE).write_text(json.dumps({"format": LINEAGE_FORMAT, "init": init_record(str(init))}))
+    weights = load_file(str(trained / "adapter_model.safetensors"))
+    key = next(k for k in weights if "experts" in k and "lora_A" in k and weights[k].shape[0] == 4 * 4)
+    weights[key][4:8] = float("nan")  # expert 1 of 4 (r = 4: rows 4..7)
+    save_file(weights, str(trained / "adapter_model.safetensors"), metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["convert", str(trained), "--init", str(init), "-o", str(tmp_path / "plain")])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"Error: TRAINED_ADAPTER {trained}: {key} has ") and "non-finite value(s)" in line
+    assert "the first at row 4, column 0 (expert 1 of 4)" in line and not (tmp_path / "plain").exists()
+
+
 def test_inspect_diagnoses_each_expert(qwen3_moe, tmp_path):
     from adapter_helpers import fake_train
 

@@ -170,6 +170,7 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
     manifest = None
     if (path / MANIFEST).exists():
         manifest = read_json_object(path / MANIFEST, "the manifest")
+    _check_schemas(cfg_path, config, path / MANIFEST, manifest)
 
     if (path / ADAPTER_WEIGHTS).exists():
         weights_file = path / ADAPTER_WEIGHTS
@@ -215,6 +216,21 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
         raise LoraforgeError(f"{weights_file} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight tensors).")
     factor_keys = {mod: (p["A"], p["B"]) for mod, p in pairs.items()}
     return Adapter(path, config, manifest, weights_file, factor_keys, other, reader)
+
+
+def _check_schemas(cfg_path: Path, config: dict, manifest_path: Path, manifest: Optional[dict]) -> None:
+    """adapter_config.json and loraforge.json hold every key loraforge uses, of its kind (adapters/schemas.py)."""
+    from loraforge.adapters.schemas import ADAPTER_CONFIG as SCHEMA
+    from loraforge.adapters.schemas import manifest_problems
+    from loraforge.core.readers import problems
+
+    for path, found in ((cfg_path, problems(config, SCHEMA)), (manifest_path, manifest_problems(manifest or {}))):
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise LoraforgeError(
+                f"{path}: {found[0]}{more}; the adapter is damaged (edited by hand?). Restore it, or re-create the "
+                "adapter with the command that wrote it."
+            )
 
 
 def expert_units_of(modules: dict[str, dict]) -> dict[str, dict]:

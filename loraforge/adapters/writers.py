@@ -137,6 +137,54 @@ def adapter_key(module_name: str, which: str) -> str:
     return f"base_model.model.{module_name}.lora_{which}.weight"
 
 
+def tensor_problem(name: str, t: torch.Tensor, experts: int = 1) -> Optional[str]:
+    """The one check on every tensor loraforge writes or hands on (init, save_init, convert, each training step
+    and save): None when T is finite and, for a LoRA A factor (`lora_A` in NAME), no row is all zero; else what
+    is wrong, naming the tensor, the row and, for a fused stack of EXPERTS experts (PEFT's layout: expert e owns
+    rows e*r..(e+1)*r of lora_A, and B's columns e::E), the expert. A zero row of A gets no gradient and adds
+    nothing: no init makes one, and training never reaches one. B may be zero (B0 = 0 inits)."""
+    if not t.is_floating_point():
+        return None
+    flat = t.detach().reshape(t.shape[0], -1) if t.dim() >= 2 else t.detach().reshape(1, -1)
+    bad = ~torch.isfinite(flat)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        where = _where(row, col, t, name, experts)
+        return f"{name} has {int(bad.sum())} non-finite value(s) (NaN or inf), the first at {where}"
+    if "lora_A" in name and t.dim() == 2 and t.numel() > 0:
+        zero = ~flat.ne(0).any(dim=1)
+        if bool(zero.any()):
+            row = int(zero.nonzero()[0, 0])
+            return f"{name} has {int(zero.sum())} all-zero row(s), the first {_where(row, None, t, name, experts)}"
+    return None
+
+
+def _where(row: int, col: Optional[int], t: torch.Tensor, name: str, experts: int) -> str:
+    """`row 5`, `row 5 (expert 1 of 4)`: where in T (a stack's lora_A rows and lora_B columns are per expert)."""
+    if t.dim() < 2:
+        return f"index {col}"
+    at = f"row {row}" if col is None else f"row {row}, column {col}"
+    if experts > 1 and "lora_A" in name:
+        return f"{at} (expert {row // max(1, t.shape[0] // experts)} of {experts})"
+    if experts > 1 and "lora_B" in name and col is not None:
+        return f"{at} (expert {col % experts} of {experts})"
+    return at
+
+
+def check_tensor(name: str, t: torch.Tensor, experts: int = 1, what: str = "") -> torch.Tensor:
+    """T, after `tensor_problem` found nothing; a LoraforgeError saying what is wrong otherwise."""
+    problem = tensor_problem(name, t, experts)
+    if problem is not None:
+        raise LoraforgeError(f"{what + ': ' if what else ''}{problem}; nothing was written. {_ADVICE}")
+    return t
+
+
+_ADVICE = (
+    "An adapter with NaN or inf gives wrong outputs in every client, and a row of A that is all zero never trains: "
+    "find where it came from (a diverged training run? take an earlier checkpoint of it)."
+)
+
+
 def write_adapter_weights(
     path: Path,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor] | Path],
@@ -157,11 +205,14 @@ def write_adapter_weights(
             if isinstance(value, Path):
                 parked = SafetensorsFile(value)
                 info = parked.tensors[which]
-                planned.append(PlannedTensor(key, DTYPES[info.dtype], info.shape, lambda f=parked, w=which: f.read(w)))
+                read = lambda f=parked, w=which, k=key: check_tensor(k, f.read(w))  # noqa: E731
+                planned.append(PlannedTensor(key, DTYPES[info.dtype], info.shape, read))
             else:
                 t = value[0] if which == "A" else value[1]
-                planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t: t))
-    planned += [PlannedTensor(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in (extra or {}).items()]
+                planned.append(PlannedTensor(key, t.dtype, tuple(t.shape), lambda t=t, k=key: check_tensor(k, t)))
+    planned += [
+        PlannedTensor(k, t.dtype, tuple(t.shape), lambda t=t, k=k: check_tensor(k, t)) for k, t in (extra or {}).items()
+    ]
     return write_streaming(path, planned, metadata={"format": "pt"})
 
 

@@ -62,10 +62,12 @@ def config_options(func):
 
 def build_config(flags: dict[str, Any], config_file: str | None) -> TrainConfig:
     """TrainConfig from dataclass defaults, then the YAML file, then the flags actually given."""
-    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return TrainConfig.from_dict(values, config_file or "flags")
+    values, lines = load_yaml(config_file) if config_file else ({}, {})
+    values = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in values.items()}
+    given = {k: v for k, v in flags.items() if v is not None}
+    lines = {k: n for k, n in lines.items() if isinstance(k, str) and k.replace("-", "_") not in given}
+    values.update(given)
+    return TrainConfig.from_dict(values, f"--config {config_file}" if config_file else "flags", lines)
 
 
 def run_train(flags: dict[str, Any], config_file: str | None, resume_dir: str | None):

@@ -18,3 +18,94 @@ def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
 def help_texts(cls: type) -> dict[str, str]:
     """Field name -> help text of a settings dataclass (empty for a field not made with `setting`)."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+# ------------------------------------------------------------------------------------------------
+# typing settings, wherever they come from (flags, a YAML or JSON file, a config.json read back)
+def typed_values(cls: type, values: dict[str, Any], source: str, lines: dict[str, int] | None = None) -> dict[str, Any]:
+    """VALUES with each setting converted to its field's type, or one LoraforgeError naming SOURCE, the key and,
+    where LINES knows it, the line of the file it is on.
+
+    What converts (the rest is refused, saying what was found and what is expected):
+    - float: an int, or a string that reads as a finite number: PyYAML reads `lr: 5e-6` as the STRING
+      "5e-6" (YAML 1.1 wants `5.0e-6`), so "5e-6", "1e-5" and " 0.1 " are numbers here;
+    - int: a float or string with an integral value (`steps: 1e3`, "200");
+    - bool: true/false, and the strings true/false/yes/no/on/off/1/0 (any case), and the ints 0 and 1;
+    - str: a string only (`verl_version: 0.9` is the float 0.9 to YAML: quote it);
+    - None where the field allows it (`key: null`, `key: ~`).
+    NaN and infinity are refused for every number: no setting means anything with them."""
+    import typing
+
+    from loraforge.core.errors import LoraforgeError
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None:  # unknown keys are the caller's to report
+            out[key] = value
+            continue
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        nullable = type(None) in typing.get_args(hint)
+        if value is None and nullable:
+            out[key] = None
+            continue
+        converted = _convert(value, kinds[0])
+        if converted is _REFUSED:
+            where = f"{source} line {lines[key]}" if lines and key in lines else source
+            raise LoraforgeError(
+                f"{where}: {key} is {_found(value)}, expected {_expected(kinds[0], nullable)}; fix that value"
+            )
+        out[key] = converted
+    return out
+
+
+_REFUSED = object()
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _convert(value: Any, kind: type) -> Any:
+    import math
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        text = value.strip().lower() if isinstance(value, str) else None
+        return True if text in _TRUE else False if text in _FALSE else _REFUSED
+    if kind in (int, float):
+        if isinstance(value, bool):
+            return _REFUSED
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = int(text) if kind is int and text.lstrip("+-").isdigit() else float(text)
+            except ValueError:
+                return _REFUSED
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return _REFUSED
+        if kind is int:
+            return int(value) if float(value).is_integer() else _REFUSED
+        return float(value)
+    if kind is str:
+        return value if isinstance(value, str) else _REFUSED
+    return value
+
+
+def _found(value: Any) -> str:
+    if isinstance(value, str):
+        text = value if len(value) <= 40 else value[:37] + "..."
+        return f"the text {text!r}"
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list, tuple, set)):  # never repr'd: a YAML alias bomb is tiny shared, huge printed
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _expected(kind: type, nullable: bool) -> str:
+    what = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text (quote it)"}.get(
+        kind, kind.__name__
+    )
+    return what + (" or null" if nullable else "")

@@ -12,8 +12,13 @@ recognised by `clean_litter`, which the next run calls before it writes anything
 is missing is put back (the kill fell between the two renames of a replacement), the rest is removed.
 
 Every adapter train saves (in a checkpoint, the final one, the one saved on an error) carries
-`loraforge-lineage.json`: which init it was trained from, by path, method and file hashes, so that
-`loraforge convert --init` can refuse an init that is not the one the adapter was trained from.
+`loraforge-lineage.json` (adapters/lineage.py): which init it was trained from, by path, method and file
+hashes, and the fingerprints of the model and data, so that `loraforge convert --init` can refuse an init
+that is not the one the adapter was trained from and `--resume` inputs that are not the run's.
+
+Everything here is read back through core/readers.py: a checkpoint whose state.json, trainer_state.pt,
+lineage record or adapter weights do not read back whole, or hold values of the wrong kind, is damaged
+(`check_checkpoint`), set aside, and the one before it is used.
 """
 
 from __future__ import annotations
@@ -27,12 +32,19 @@ from typing import Any, Callable
 
 import torch
 
+from loraforge.adapters.lineage import LINEAGE_FILE, LINEAGE_FORMAT, read_lineage, write_lineage  # noqa: F401
 from loraforge.core.errors import LoraforgeError
-from loraforge.models.checkpoint import sha256_file
+from loraforge.core.readers import INT, OBJECT, Key, at_least, read_json
+from loraforge.models.checkpoint import SafetensorsFile
 
 CKPT_DIR = "checkpoints"
-LINEAGE_FILE = "loraforge-lineage.json"
-LINEAGE_FORMAT = "loraforge-lineage/1"
+STATE_FILE, TRAINER_STATE = "state.json", "trainer_state.pt"
+_COUNT = Key(INT, test=at_least(0), expect="an integer >= 0")
+STATE_SCHEMA = {
+    "step": _COUNT,
+    "data": Key(OBJECT, fields={"epoch": _COUNT, "cursor": _COUNT}),
+    "skipped": Key(INT, required=False, test=at_least(0), expect="an integer >= 0"),
+}
 # prefixes of what an interrupted write leaves; never matched by the step_* glob of list_checkpoints
 TMP, OLD, DEL, DAMAGED = ".tmp-", ".old-", ".del-", "damaged-"
 
@@ -157,15 +169,40 @@ def clean_litter(run_dir: Path) -> list[str]:
 
 
 def load_trainer_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer_state.pt contents, state.json contents) of a checkpoint."""
+    """(trainer_state.pt contents, state.json contents) of a checkpoint, checked: the step a non-negative integer
+    equal to the directory's, the data position two, the optimizer, scheduler and RNG states of the kinds
+    torch restores. A LoraforgeError saying what is wrong otherwise."""
+    state = read_json(ckpt / STATE_FILE, "the checkpoint's state", STATE_SCHEMA, "Resume from another checkpoint.")
+    if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit() and int(ckpt.name[5:]) != state["step"]:
+        raise LoraforgeError(f"checkpoint {ckpt}: {STATE_FILE} says step {state['step']}, its directory another")
     try:
         # plain tensors, dicts, numbers and python's random state (tuples): the safe loader suffices
-        blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        state = json.loads((ckpt / "state.json").read_text())
-        int(state["step"])
-    except Exception as e:  # OSError, a torn zip, a pickle error, bad JSON, a missing key: all "damaged"
+        blob = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # OSError, a torn zip, a pickle error: all "damaged"
         raise LoraforgeError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e})") from e
+    problem = _trainer_state_problem(blob)
+    if problem:
+        raise LoraforgeError(f"checkpoint {ckpt}: {TRAINER_STATE} {problem}")
     return blob, state
+
+
+def _trainer_state_problem(blob: Any) -> str | None:
+    """What is wrong with the contents of a trainer_state.pt (None: the kinds `_restore` needs)."""
+    if not isinstance(blob, dict):
+        return f"holds {type(blob).__name__}, expected a dict"
+    optimizer, rng = blob.get("optimizer"), blob.get("rng")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+        return "has no optimizer state"
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(blob.get("scheduler"), dict):
+        return "has no optimizer parameter groups or scheduler state"
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
+        return "has no torch RNG state"
+    python = rng.get("python")
+    if not (isinstance(python, tuple) and len(python) == 3 and isinstance(python[1], tuple)):
+        return "has no python RNG state"
+    if "sampler" in rng and not isinstance(rng["sampler"], torch.Tensor):
+        return "has a sampler RNG state that is not a tensor"
+    return None
 
 
 def atomic_save_adapter(model, dest: Path, lineage: dict[str, Any] | None = None) -> None:
@@ -189,61 +226,41 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# lineage: which init an adapter was trained from
-def init_lineage(adapter: str) -> dict[str, Any]:
-    """The lineage record of a run that trains the init at `adapter` (the path as the user gave it).
-
-    {"format": "loraforge-lineage/1", "init": {"path", "method" (loraforge.json's, or None for an
-    adapter not made by `loraforge init`), "files": {"adapter_model.safetensors": sha256,
-    "loraforge.json": sha256 or None}}}. An init saved as adapter_model.bin has None for the weights."""
-    root = Path(adapter)
-    weights, manifest = root / "adapter_model.safetensors", root / "loraforge.json"
-    method = None
-    if manifest.is_file():
-        try:
-            method = json.loads(manifest.read_text()).get("method")
-        except (OSError, ValueError, AttributeError):
-            method = None  # an unreadable manifest: its hash below still pins it
-    return {
-        "format": LINEAGE_FORMAT,
-        "init": {
-            "path": adapter,
-            "method": method,
-            "files": {
-                "adapter_model.safetensors": sha256_file(weights) if weights.is_file() else None,
-                "loraforge.json": sha256_file(manifest) if manifest.is_file() else None,
-            },
-        },
-    }
-
-
-def read_lineage(adapter_dir: Path) -> dict[str, Any] | None:
-    path = Path(adapter_dir) / LINEAGE_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == LINEAGE_FORMAT else None
-
-
-def write_lineage(adapter_dir: Path, lineage: dict[str, Any]) -> None:
-    (Path(adapter_dir) / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------
 # damaged checkpoints
 def check_checkpoint(path: Path) -> str | None:
-    """None if the checkpoint reads back whole (state.json, trainer_state.pt, the adapter's weights),
-    else what is wrong with it."""
+    """None if the checkpoint reads back whole (state.json, trainer_state.pt, the adapter's weights and lineage
+    record), else what is wrong with it."""
     from safetensors.torch import load_file
 
     try:
-        load_trainer_state(path)
+        blob, _ = load_trainer_state(path)
+        tensors = SafetensorsFile(path / "adapter" / "adapter_model.safetensors").tensors  # header against the file
         load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        read_lineage(path / "adapter")
+        problem = _optimizer_problem(blob["optimizer"], [tuple(t.shape) for t in tensors.values()])
+        if problem:
+            return f"checkpoint {path}: {problem}"
     except LoraforgeError as e:
         return str(e)
     except Exception as e:  # safetensors raises its own error types for a torn file
         return f"adapter/adapter_model.safetensors is unreadable ({e})"
+    return None
+
+
+def _optimizer_problem(optimizer: dict, shapes: list[tuple]) -> str | None:
+    """The optimizer state must be for the checkpoint's own adapter tensors: as many, and moments of their shapes
+    (compared as multisets: which index is which tensor is the model's order, not the file's)."""
+    ids = [i for g in optimizer["param_groups"] if isinstance(g, dict) for i in g.get("params", [])]
+    if len(ids) != len(shapes):
+        return f"its optimizer state is for {len(ids)} tensors, its adapter has {len(shapes)}"
+    moments = {}
+    for i in ids:
+        for name, t in (optimizer["state"].get(i) or {}).items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                moments.setdefault(name, []).append(tuple(t.shape))
+    for name, found in moments.items():
+        if len(found) == len(shapes) and sorted(found) != sorted(shapes):
+            return f"its optimizer's {name} tensors do not have its adapter's shapes"
     return None
 
 
@@ -255,8 +272,44 @@ def newest_sound_checkpoint(run_dir: Path, echo: Callable[[str], None]) -> Path 
         if problem is None:
             return path
         aside = path.parent / f"{DAMAGED}{path.name}"
-        if aside.exists():
+        if aside.is_dir() and not aside.is_symlink():
             shutil.rmtree(aside)
+        elif os.path.lexists(aside):
+            aside.unlink()
         os.replace(path, aside)
         echo(f"warning: {problem}; moved it to {aside} and falling back to the checkpoint before it")
     return None
+
+
+def reference_problem(path: Path, params: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with RUN_DIR/reference_adapter.safetensors (the KL reference) for the adapter tensors
+    PARAMS: missing, not a whole safetensors file, or other names or shapes (None: nothing)."""
+    if not os.path.lexists(path):
+        return f"{path} (the KL reference) is missing"
+    try:
+        tensors = SafetensorsFile(path).tensors
+    except (LoraforgeError, OSError) as e:
+        return f"{path} (the KL reference) is unreadable ({e})"
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    if {k: tuple(v.shape) for k, v in tensors.items()} != shapes:
+        return f"{path} (the KL reference) does not hold the adapter's tensors"
+    return None
+
+
+def check_optimizer_state(optimizer: dict, params: list[torch.Tensor], ckpt: Path) -> None:
+    """The optimizer state of checkpoint CKPT must be for PARAMS (one group over them, moments of their shapes):
+    torch would load another one and fail, or train wrongly, only at the next step."""
+    groups = optimizer["param_groups"]
+    ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
+    if len(groups) != 1 or len(ids) != len(params):
+        raise LoraforgeError(
+            f"checkpoint {ckpt}: its optimizer state is for {len(ids)} tensors in {len(groups)} group(s), the "
+            f"adapter has {len(params)}; it is not this run's checkpoint. Start a new run with -o."
+        )
+    for i, p in zip(ids, params):
+        for name, t in (optimizer["state"].get(i) or {}).items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != tuple(p.shape):
+                raise LoraforgeError(
+                    f"checkpoint {ckpt}: its optimizer's {name} of tensor {i} has shape {list(t.shape)}, the adapter's "
+                    f"is {list(p.shape)}; it is not this run's checkpoint. Start a new run with -o."
+                )

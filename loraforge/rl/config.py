@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.settings import setting
+from loraforge.core.readers import decode_utf8, read_bytes, read_json
+from loraforge.core.settings import setting, typed_values
 
 ALGO_PRESETS: dict[str, dict[str, Any]] = {
     # the paper's 1.5B run: clip 0.2/0.28, dynamic sampling, overlong shaping, no KL
@@ -133,7 +135,9 @@ class TrainConfig:
         """A copy with the algorithm preset filled into the None fields, checked."""
         if self.algo not in ALGO_PRESETS:
             raise LoraforgeError(f"--algo must be one of {sorted(ALGO_PRESETS)}, got {self.algo!r}")
-        cfg = dataclasses.replace(self)
+        # typed wherever the values came from (TrainConfig(lr="5e-6") from Python too): see typed_values
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        cfg = dataclasses.replace(self, **typed_values(TrainConfig, fields, "settings"))
         for key, value in ALGO_PRESETS[cfg.algo].items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
@@ -210,7 +214,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config", lines: dict | None = None) -> "TrainConfig":
+        """A config from keys (flag names, - or _) and values of any source, typed (core/settings.typed_values);
+        an unknown key, a key that is not text or a value of the wrong kind is one line naming SOURCE (and, with
+        LINES, the line of the key)."""
+        odd = [k for k in values if not isinstance(k, str)]
+        if odd:
+            raise LoraforgeError(f"{source}: the key {odd[0]!r} is not a name; the keys are the flag names")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in (k.replace("-", "_") for k in values) if k not in names)
         if unknown:
@@ -218,7 +228,9 @@ class TrainConfig:
                 f"{source}: unknown key(s) {unknown}; the keys are the flag names with _ for -, "
                 "see `loraforge train --help`"
             )
-        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        lines = {k.replace("-", "_"): n for k, n in (lines or {}).items() if isinstance(k, str)}
+        return cls(**typed_values(cls, values, source, lines))
 
     def save(self, path: Path) -> None:
         """Write through a temporary file and a rename: a kill mid-write leaves the old config.json whole."""
@@ -227,20 +239,52 @@ class TrainConfig:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(path.read_text()), str(path))
+    def load(cls, path: Path, echo: Callable[[str], None] | None = None) -> "TrainConfig":
+        """A run's config.json read back (core/readers.py), typed: a hand-edited `"lr": "5e-6"` is a number. A
+        key it lacks takes its default, as for a config.json written before the setting existed; ECHO is told."""
+        remedy = "Restore it (`loraforge train` wrote it when the run started), or start a new run with -o."
+        values = read_json(path, "the run's config", remedy=remedy)
+        missing = [
+            f.name for f in dataclasses.fields(cls) if f.name not in values and f.name.replace("_", "-") not in values
+        ]
+        if missing and echo is not None:
+            echo(f"note: {path} has no {', '.join(missing)}: the default applies (written by an older loraforge?)")
+        text = path.read_text(errors="replace")
+        lines = {m.group(1): text.count("\n", 0, m.start()) + 1 for m in re.finditer(r'^\s*"([^"]+)"\s*:', text, re.M)}
+        return cls.from_dict(values, str(path), lines)
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a --config YAML file into a dict of config keys (needs pyyaml)."""
+def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a --config YAML file into (a dict of config keys, the line of each key); needs pyyaml. Bad bytes, bad
+    YAML, or anything but a mapping at the top is one line naming the file (and the line)."""
     try:
         import yaml
     except ImportError as e:
         raise LoraforgeError("--config needs pyyaml: pip install 'loraforge[train]'") from e
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise LoraforgeError(f"--config {path}: no such file")
-    values = yaml.safe_load(p.read_text()) or {}
+    text = decode_utf8(read_bytes(p, "a --config file", 16 * 2**20), p, "the --config file")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise LoraforgeError(
+            f"--config {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the file"
+        ) from None
+    if values is None:
+        return {}, {}
     if not isinstance(values, dict):
         raise LoraforgeError(f"--config {path}: expected a mapping of keys to values, found {type(values).__name__}")
-    return values
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        name = getattr(key, "value", None)
+        if isinstance(name, str) and name in lines:  # PyYAML keeps the last silently: a slip, not a setting
+            raise LoraforgeError(
+                f"--config {path} line {key.start_mark.line + 1}: {name} is given twice (also line {lines[name]})"
+            )
+        if isinstance(name, str):
+            lines[name] = key.start_mark.line + 1
+    return values, lines

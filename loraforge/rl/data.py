@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.rowfiles import read_row_file
@@ -109,11 +109,45 @@ def _prompt(value: Any, where: str) -> str | list:
     raise LoraforgeError(f"{where}: field prompt must be a string or a list of {{role, content}} messages")
 
 
-def load_examples(source: str, split: str = "train") -> list[Example]:
+# A row whose prompt and answer together are longer than this is skipped (with a count in the log): a
+# DAPO-Math prompt is a few thousand characters, and no --max-prompt-length keeps more than a fraction of
+# this. Prompts are also cut by characters before they are tokenised (sampling.generation.prompt_ids), so
+# memory follows the settings, not the data; this bounds what the scorer is handed as a ground truth.
+MAX_ROW_CHARS = 1_000_000
+
+
+def row_chars(example: Example) -> int:
+    """The characters of an example's prompt (every message's content) and ground truth."""
+    prompt = example.prompt
+    text = len(prompt) if isinstance(prompt, str) else sum(len(str(m["content"])) for m in prompt)
+    return text + len(example.ground_truth)
+
+
+def load_examples(source: str, split: str = "train", echo: Callable[[str], None] | None = None) -> list[Example]:
+    """The rows of SOURCE as Examples; rows longer than MAX_ROW_CHARS are skipped, with one line to ECHO
+    naming how many and the first (all of them skipped is an error)."""
     rows = read_rows(source, split)
     if not rows:
         raise LoraforgeError(f"--data {source}: no rows found")
-    return [to_example(r, i, source) for i, r in enumerate(rows)]
+    examples, skipped = [], []
+    for i, r in enumerate(rows):
+        e = to_example(r, i, source)
+        size = row_chars(e)
+        if size > MAX_ROW_CHARS:
+            skipped.append((i, size))
+        else:
+            examples.append(e)
+    if skipped and not examples:
+        raise LoraforgeError(
+            f"--data {source}: every row is longer than {MAX_ROW_CHARS:,} characters (row {skipped[0][0]}: "
+            f"{skipped[0][1]:,}); expected prompts with answers, not whole documents"
+        )
+    if skipped and echo is not None:
+        echo(
+            f"warning: --data {source}: skipped {len(skipped)} row(s) longer than {MAX_ROW_CHARS:,} characters "
+            f"(row {skipped[0][0]}: {skipped[0][1]:,})"
+        )
+    return examples
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,8 +19,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from loraforge.core.readers import BOOL, INT, NUMBER, TEXT, JsonLines, Key, at_least, read_jsonl
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+# What a row must hold to be read back (core/readers.py): a row without an integer step is dropped, a value of
+# the wrong kind under a known key is left out of its row (`"reward": null` is no point on the reward curve).
+STEP = {"step": Key(INT, test=at_least(0), expect="an integer >= 0")}
+METRIC_KEYS = (
+    "reward score acc kept_frac gen_batches ppo_kl kl kl_ref grad_norm clipfrac clipfrac_lower entropy "
+    "response_len response_clip_ratio lr tokens_per_s gen_time_s skipped time_s eval_acc eval_reward "
+    "sampler_logp_diff sampler_logp_diff_base"
+).split()
+SAMPLE_KEYS = {"prompt": Key(TEXT), "response": Key(TEXT), "reward": Key(NUMBER), "score": Key(NUMBER)}
+SAMPLE_KEYS["acc"] = Key(BOOL)
 
 
 def _fmt(x: Any) -> str:
@@ -57,7 +73,7 @@ class MetricsLogger:
         tensorboard: bool = True,
         resume_step: int | None = None,
     ):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.total_steps = total_steps
         self.echo = echo
         if resume_step is not None and self.path.exists():
@@ -75,11 +91,9 @@ class MetricsLogger:
 
     def _truncate_to(self, resume_step: int) -> None:
         """Drop lines of steps after the checkpoint we resume from (they will be redone) and lines that do
-        not parse (a kill -9 mid-write tears the last one), saying how many; rewritten through a rename."""
-        rows, torn = parse_lines(self.path.read_text(errors="replace"))
-        if torn:
-            self.echo(f"warning: {self.path}: dropped {torn} unreadable line(s) (a write was interrupted)")
-        kept = [json.dumps(m) + "\n" for m in rows if m.get("step", 0) <= resume_step]
+        not read back (a kill -9 mid-write tears the last one; a bad byte, a row without an integer step),
+        naming them; rewritten through a rename."""
+        kept = [json.dumps(m) + "\n" for m in read_metrics_file(self.path, self.echo) if m["step"] <= resume_step]
         tmp = self.path.with_name(".tmp-" + self.path.name)
         tmp.write_text("".join(kept))
         os.replace(tmp, self.path)
@@ -98,27 +112,47 @@ class MetricsLogger:
             self.tb.close()
 
 
-def parse_lines(text: str) -> tuple[list[dict[str, Any]], int]:
-    """(the objects of the lines that parse, the number of non-empty lines that do not)."""
-    rows, bad = [], 0
-    for ln in text.splitlines():
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The steps of RUN_DIR/metrics.jsonl; a torn line (a run killed mid-write) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return parse_lines(path.read_text(errors="replace"))[0]
+def read_metrics_file(path: Path, echo: Callable[[str], None] = _stderr) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl that read back (core/readers.py); what was left out is one line to ECHO."""
+    read = read_jsonl(path, "a metrics log", STEP, optional_keys={k: Key(NUMBER) for k in METRIC_KEYS})
+    _report(read, echo)
+    return read.rows
+
+
+def read_metrics(run_dir: Path, echo: Callable[[str], None] = _stderr) -> list[dict[str, Any]]:
+    """The steps of RUN_DIR/metrics.jsonl; a line that does not read back (a run killed mid-write, a bad byte,
+    a row without an integer step) is skipped and a value of the wrong kind (`"reward": null`) left out, with
+    one line to ECHO saying which. A missing file is no steps."""
+    return read_metrics_file(Path(run_dir) / METRICS_FILE, echo)
+
+
+def _report(read: JsonLines, echo: Callable[[str], None]) -> None:
+    summary = read.summary()
+    if summary:
+        echo(summary)
+
+
+class SamplesLog:
+    """RUN_DIR/samples.jsonl: a few scored responses per step (rollout_side.py chooses them). When a run starts,
+    rows of steps after KEEP_STEP (redone after a resume; all of them for a run started afresh) and rows that do
+    not read back (a torn last line, a bad byte) are dropped, naming them, and the file is rewritten through a
+    rename; then rows are appended."""
+
+    def __init__(self, run_dir: Path, keep_step: int, echo: Callable[[str], None]):
+        self.path = Path(run_dir) / SAMPLES_FILE
+        if os.path.lexists(self.path):
+            read = read_jsonl(self.path, "the samples log", STEP, optional_keys=SAMPLE_KEYS)
+            _report(read, echo)
+            kept = "".join(json.dumps(r) + "\n" for r in read.rows if r["step"] <= keep_step)
+            tmp = self.path.with_name(".tmp-" + self.path.name)
+            tmp.write_text(kept)
+            os.replace(tmp, self.path)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        with self.path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from loraforge.adapters.directory import resolve_base
+from loraforge.adapters.directory import BaseModel, resolve_base
 from loraforge.core.devices import resolve_device
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.config import TrainConfig
@@ -134,13 +134,16 @@ def adapter_params(model) -> dict[str, torch.nn.Parameter]:
 
 # ------------------------------------------------------------------------------------------------
 # loading
-def load_policy(cfg: TrainConfig, echo: Callable[[str], None] = print, device: str | None = None):
-    """(PeftModel with the adapter trainable, tokenizer, device) for the config (`device` overrides cfg.device)."""
+def load_policy(
+    cfg: TrainConfig, echo: Callable[[str], None] = print, device: str | None = None, base: BaseModel | None = None
+):
+    """(PeftModel with the adapter trainable, tokenizer, device) for the config (`device` overrides cfg.device;
+    `base`, when the caller resolved it already, is the base model to load)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = Path(cfg.adapter)
-    base = resolve_base(adapter, cfg.model)
+    base = base or resolve_base(adapter, cfg.model)
     model_src = base.path
     if cfg.model is None:
         echo(f"base model: {model_src} (from the adapter directory)")

@@ -22,7 +22,8 @@ SIGTERM), rolls back to it and saves it as a checkpoint and as RUN_DIR/adapter b
 reported, so `--resume` continues exactly where the uninterrupted run would have been. That machinery
 (the sound state, roll-back, rescue save, signal handling, the run lock) is failsafe.py; the optimizer side
 of a step (log-probs, advantages, updates, metrics) is update.py; loading the policy and its log-probs is
-policy.py. This module is the loop that wires them.
+policy.py; the sampling side of a step (rollout, scoring, the samples log, evaluation) is rollout_side.py;
+what the run trains from, recorded and checked on --resume, is inputs.py. This module is the loop.
 
 Departures from verl, each on purpose and named where it happens: exact token-mean under gradient
 accumulation (loss.py); by default one model for sampling and training, so there are no
@@ -47,29 +48,22 @@ from typing import Any, Callable
 
 import torch
 
+from loraforge.adapters.directory import resolve_base
+from loraforge.adapters.writers import check_tensor
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl import checkpoint as ckpt
-from loraforge.rl.advantage import GroupsExhausted, fill_batch
+from loraforge.rl import inputs
+from loraforge.rl.advantage import GroupsExhausted
 from loraforge.rl.config import TrainConfig
-from loraforge.rl.data import PromptStream, format_prompt, load_examples
-from loraforge.rl.distributed import check_world_divides, device_for, init_distributed, split_evenly
+from loraforge.rl.data import PromptStream, load_examples
+from loraforge.rl.distributed import check_world_divides, device_for, init_distributed
 from loraforge.rl.distributed import context as dist_context
 from loraforge.rl.failsafe import FailSafe, Terminated, TrainingDiverged, run_lock
-from loraforge.rl.metrics import MetricsLogger, parse_lines
-from loraforge.rl.policy import (
-    Group,
-    Sample,
-    adapter_params,
-    load_policy,
-    lr_factor,
-    make_rollout,
-    pack,
-    response_logprobs,
-)
-from loraforge.rl.rewards import RewardGuard, Scorer, get_scorer, overlong_penalty
-from loraforge.rl.rollout import check_sampler, logprob_gap_terms
-from loraforge.rl.update import PolicyUpdate, mean
-from loraforge.sampling.generation import SamplingParams
+from loraforge.rl.metrics import MetricsLogger, SamplesLog
+from loraforge.rl.policy import adapter_params, load_policy, lr_factor, make_rollout
+from loraforge.rl.rewards import RewardGuard, Scorer, get_scorer
+from loraforge.rl.rollout_side import RolloutSide
+from loraforge.rl.update import PolicyUpdate
 
 
 @dataclass
@@ -84,7 +78,7 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------------------
 # the trainer
-class Trainer(PolicyUpdate, FailSafe):
+class Trainer(RolloutSide, PolicyUpdate, FailSafe):
     def __init__(
         self,
         cfg: TrainConfig,
@@ -104,6 +98,7 @@ class Trainer(PolicyUpdate, FailSafe):
         self._abortable = False  # True while a step runs: SIGTERM may abandon it (the sound state is kept)
         self.dist = dist_context()
         self._updates, self._synced = 0, None  # optimizer steps taken; the count the sampler last received
+        self._samples: SamplesLog | None = None  # RUN_DIR/samples.jsonl, opened when the run starts
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -121,12 +116,16 @@ class Trainer(PolicyUpdate, FailSafe):
         if not self.dist.is_main:  # one voice: process 0 prints, logs and saves
             self.echo = lambda s: None
         torch.manual_seed(cfg.seed)
-        self.examples = load_examples(cfg.data, cfg.data_split)
+        self.examples = load_examples(cfg.data, cfg.data_split, self.echo)
         self._row_of = {id(e): i for i, e in enumerate(self.examples)}  # for messages naming a data row
         self.eval_examples = (
-            load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts] if cfg.eval_data and cfg.eval_every else []
+            load_examples(cfg.eval_data, "test", self.echo)[: cfg.eval_max_prompts]
+            if cfg.eval_data and cfg.eval_every
+            else []
         )
-        self.model, self.tokenizer, self.device = load_policy(cfg, self.echo, device_for(self.dist, cfg.device))
+        base = resolve_base(cfg.adapter, cfg.model)
+        self.lineage = self._lineage(base.path)  # on --resume: refused here if the init, model or data changed
+        self.model, self.tokenizer, self.device = load_policy(cfg, self.echo, device_for(self.dist, cfg.device), base)
         self.model.eval()  # no dropout anywhere: the paper's LoRA dropout is 0, and base dropout would bias ratios
         self.params = adapter_params(self.model)
         self.pad = self.tokenizer.pad_token_id
@@ -144,14 +143,19 @@ class Trainer(PolicyUpdate, FailSafe):
         ref_path = self.run_dir / "reference_adapter.safetensors"
         self.start_step = 0
         self.skipped = 0
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
-        elif cfg.kl_beta > 0 and self.dist.is_main:
+        # a resumed run whose reference is damaged or missing writes it again: the init it was made from has
+        # just been checked unchanged (_lineage), and the parameters are still the init's until _restore
+        fresh = self.resume_from is None or ckpt.reference_problem(ref_path, self.params) is not None
+        if cfg.kl_beta > 0 and self.dist.is_main and fresh:
             from safetensors.torch import save_file
 
+            if self.resume_from is not None:
+                self.echo(f"warning: {ckpt.reference_problem(ref_path, self.params)}; written again from the init")
             tmp = ref_path.with_name(ckpt.TMP + ref_path.name)  # renamed into place: a kill never tears it
             save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(tmp))
             os.replace(tmp, ref_path)
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
         self.dist.barrier()  # the reference file is written before anyone reads it
         # the KL reference: a frozen copy of the INITIAL adapter weights (saved at the start of the run)
         self.ref_params = None
@@ -161,10 +165,16 @@ class Trainer(PolicyUpdate, FailSafe):
             self.ref_params = {n: t.to(self.device) for n, t in load_file(str(ref_path)).items()}
         if self.dist.is_main:
             cfg.save(self.run_dir / "config.json")
-            # the init this run trains, recorded in every adapter it saves (hashed once, here)
-            kept = ckpt.read_lineage(self.resume_from / "adapter") if self.resume_from is not None else None
-            self.lineage = kept or ckpt.init_lineage(cfg.adapter)
         self.rollout = make_rollout(cfg.rollout, self)
+
+    def _lineage(self, model_path: str) -> dict[str, Any] | None:
+        """What this run trains from (rl/inputs.py), recorded in every adapter it saves: hashed once, here, by
+        process 0 for a new run; on --resume the checkpoint's record, checked by every process (so that all of
+        them stop together) against the init, model and data before any of them is loaded."""
+        data = inputs.data_record(self.cfg.data, self.examples)
+        if self.resume_from is not None:
+            return inputs.check_resume(self.resume_from, self.cfg.adapter, model_path, data, self.echo)
+        return inputs.new_record(self.cfg.adapter, model_path, data) if self.dist.is_main else None
 
     def _restore(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -177,6 +187,7 @@ class Trainer(PolicyUpdate, FailSafe):
             raise LoraforgeError(
                 f"checkpoint {path} does not match the adapter: unexpected {result.unexpected_keys[:3]}"
             )
+        ckpt.check_optimizer_state(blob["optimizer"], list(self.params.values()), path)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         ckpt.set_rng_state(blob["rng"], self.generator)
@@ -192,112 +203,6 @@ class Trainer(PolicyUpdate, FailSafe):
         self.start_step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
         self.echo(f"resumed from {path} at step {self.start_step}")
-
-    # -- rollout ------------------------------------------------------------------------------
-    def _sampling(self, n: int, greedy: bool = False) -> SamplingParams:
-        cfg = self.cfg
-        return SamplingParams(
-            n=n,
-            max_new_tokens=cfg.max_response_length,
-            temperature=0.0 if greedy else cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            max_prompt_tokens=cfg.max_prompt_length,
-        )
-
-    def _generate_groups(self, examples, n: int, greedy: bool = False) -> list[Group]:
-        """Sample n responses to each example and score them: one Group per example."""
-        cfg = self.cfg
-        prompts = [format_prompt(e, self.tokenizer, cfg.prompt_template, cfg.chat_template) for e in examples]
-        try:
-            gen = self.rollout.generate(prompts, self._sampling(n, greedy))
-        except LoraforgeError as e:
-            raise LoraforgeError(f"{e} (flags: --rollout-batch-size, --max-response-length, --group-size)") from None
-        return self._score(examples, prompts, gen)
-
-    def _score(self, examples, prompts: list[str], gen) -> list[Group]:
-        """Rewards (through the guard) plus DAPO's overlong penalty for every generated row, grouped by prompt."""
-        cfg = self.cfg
-        groups: list[Group] = [Group([], p) for p in prompts]
-        sampler_lp = getattr(gen, "sampler_logprobs", None)
-        for row, pi in enumerate(gen.prompt_index):
-            length = gen.lengths[row]
-            result = self.scorer(gen.texts[row], examples[pi].ground_truth, self._where(examples[pi], pi, row))
-            penalty = (
-                overlong_penalty(length, cfg.max_response_length, cfg.overlong_buffer, cfg.overlong_penalty)
-                if cfg.overlong_buffer > 0
-                else 0.0
-            )
-            groups[pi].samples.append(
-                Sample(
-                    prompt_ids=gen.prompt_ids[row][gen.prompt_mask[row].bool()].tolist(),
-                    response_ids=gen.response_ids[row, :length].tolist(),
-                    reward=float(result.score) + penalty,
-                    score=float(result.score),
-                    acc=bool(result.acc),
-                    truncated=bool(gen.truncated[row]),
-                    sampler_logp=sampler_lp[row] if sampler_lp is not None else None,
-                    text=gen.texts[row],
-                )
-            )
-        return groups
-
-    def _where(self, example, prompt_index: int, row: int) -> str:
-        """ "prompt 2 of this batch (data row 17 of --data), response row 5": where a reward was computed."""
-        data_row = self._row_of.get(id(example))
-        source = f"data row {data_row} of --data {self.cfg.data}" if data_row is not None else "--eval-data"
-        return f"prompt {prompt_index} of this batch ({source}), response row {row}"
-
-    def _generate_shared(self, examples, n: int, greedy: bool = False) -> list[Group]:
-        """Groups for `examples`: each process generates its contiguous share, then all are gathered, so
-        every process holds the same groups in the same order (one process: just `_generate_groups`)."""
-        if not self.dist.enabled:
-            return self._generate_groups(examples, n, greedy)
-        share = split_evenly(len(examples), self.dist.world, self.dist.rank)
-        mine = self._generate_groups([examples[i] for i in share], n, greedy) if len(share) else []
-        return [g for part in self.dist.all_gather_object(mine) for g in part]
-
-    def _sync_sampler(self) -> None:
-        """Hand the current adapter to the sampler when it has changed since the last rollout."""
-        if self._synced != self._updates:
-            self.rollout.sync(self.model, self._updates)
-            self._synced = self._updates
-
-    def _rollout(self):
-        cfg = self.cfg
-
-        def next_groups():
-            return self._generate_shared(self.stream.next_batch(cfg.prompt_batch), cfg.group_size)
-
-        return fill_batch(next_groups, cfg.prompt_batch, cfg.max_gen_batches, cfg.dynamic_sampling)
-
-    def _log_samples(self, step: int, groups: list[Group], per_step: int = 4) -> None:
-        """Append a few of the step's scored responses to RUN_DIR/samples.jsonl, as TRL and verl log
-        completions, so a reader can see what the reward paid for: the first response of each of the first
-        `per_step` groups, plus the step's first correct one when none of those is. Rows: step, prompt
-        (as the model saw it, special tokens dropped), response, reward, score, acc. On resume, rows of
-        steps after the checkpoint are dropped first (those steps are redone)."""
-        if not self.dist.is_main:
-            return
-        import json
-
-        path = self.run_dir / "samples.jsonl"
-        if not getattr(self, "_samples_started", False):
-            self._samples_started = True
-            if path.exists():  # a torn last line (a kill mid-write) is dropped with the redone steps' rows
-                keep = self.start_step if self.resume_from is not None else 0
-                rows, _ = parse_lines(path.read_text())
-                ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= keep))
-        chosen = [g.samples[0] for g in groups[:per_step] if g.samples]
-        if not any(s.acc for s in chosen):
-            chosen += [s for g in groups for s in g.samples if s.acc][:1]
-        with path.open("a") as f:
-            for s in chosen:
-                prompt, response = (
-                    self.tokenizer.decode(ids, skip_special_tokens=True) for ids in (s.prompt_ids, s.response_ids)
-                )
-                row = {"step": step, "prompt": prompt, "response": response, "reward": s.reward, "score": s.score}
-                f.write(json.dumps(row | {"acc": s.acc}) + "\n")
 
     def step(self, step: int) -> dict[str, Any]:
         """One training step: rollout (with scoring and dynamic sampling), advantages, old/ref log-probs,
@@ -317,48 +222,15 @@ class Trainer(PolicyUpdate, FailSafe):
         m.update(extra)
         return m
 
-    def _check_sampler(self, samples: list[Sample], step: int) -> dict[str, float]:
-        """Compare a separate sampler's log-probs with the trainer's on a few responses (rollout.py).
-
-        Both sides are the raw model distribution (logits at temperature 1, no top-k/top-p): what vLLM V1
-        reports by default. The trainer side is measured with the current adapter and with the adapter
-        disabled, so a sampler that runs the bare base is recognised even before the adapter has moved far.
-        """
-        cfg = self.cfg
-        rows = samples[: cfg.logprob_check_rows]
-        if any(s.sampler_logp is None for s in rows):
-            raise LoraforgeError(
-                f"--rollout {cfg.rollout} is a separate sampler but reported no log-probs for its "
-                "tokens; it must return them (SampledGeneration.sampler_logprobs)"
-            )
-        d_cur = d_base = n = 0.0
-        if rows:
-            with torch.no_grad():
-                batch = pack(rows, self.pad)
-                cur = response_logprobs(self.model, batch, 1.0)[0].cpu()
-                with self.model.disable_adapter():
-                    base = response_logprobs(self.model, batch, 1.0)[0].cpu()
-            lens = [len(s.response_ids) for s in rows]
-            sampled = [s.sampler_logp for s in rows]
-            d_cur, n = logprob_gap_terms(sampled, [cur[i, :k] for i, k in enumerate(lens)])
-            d_base, _ = logprob_gap_terms(sampled, [base[i, :k] for i, k in enumerate(lens)])
-        d_cur, d_base, n = self.dist.sum_floats([d_cur, d_base, n])  # every process takes part, rows or not
-        if n == 0:
-            return {}
-        gap, gap_base = d_cur / n, d_base / n
-        check_sampler(gap, cfg.logprob_check_tol, step, gap_base, engine=f"the {cfg.rollout} sampler")
-        return {"sampler_logp_diff": gap, "sampler_logp_diff_base": gap_base}
-
-    def evaluate(self) -> dict[str, float]:
-        """Greedy decoding on the held-out prompts, scored with the run's reward."""
-        self._sync_sampler()
-        groups = self._generate_shared(self.eval_examples, 1, greedy=True)
-        samples = [g.samples[0] for g in groups]
-        return {"eval_acc": mean([float(s.acc) for s in samples]), "eval_reward": mean([s.score for s in samples])}
-
     # -- the loop -----------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        """The writers' one check on every tensor saved (adapters/writers.check_tensor)."""
+        for name, p in self.params.items():
+            check_tensor(name, p, what=f"the adapter of {self.run_dir}")
+
     def save(self, step: int) -> Path:
         """Checkpoint (written by process 0; with several processes it holds every process's sampler state)."""
+        self._check_params()
         extra = {"rng_ranks": self.dist.all_gather_object(self.generator.get_state())} if self.dist.enabled else None
         path = ckpt.checkpoint_path(self.run_dir, step)
         if self.dist.is_main:
@@ -380,6 +252,7 @@ class Trainer(PolicyUpdate, FailSafe):
     def save_adapter(self) -> Path:
         """RUN_DIR/adapter: the current adapter in PEFT format, with its lineage (process 0 writes it)."""
         dest = self.run_dir / "adapter"
+        self._check_params()
         if self.dist.is_main:
             ckpt.atomic_save_adapter(self.model, dest, self.lineage)
         self.dist.barrier()
@@ -399,6 +272,8 @@ class Trainer(PolicyUpdate, FailSafe):
             if self.dist.is_main
             else _NullLogger()
         )
+        if self.dist.is_main:  # read back (and cut to the resumed step) before the first step appends
+            self._samples = SamplesLog(self.run_dir, self.start_step if self.resume_from is not None else 0, self.echo)
         where = f" on {self.dist.world} processes" if self.dist.enabled else ""
         self.echo(
             f"training {cfg.algo} for {cfg.steps} steps{where} ({len(self.params)} adapter tensors, "
@@ -541,13 +416,17 @@ def resume(
     started from step 0 with its config; a damaged newest checkpoint is set aside, falling back to the one before."""
     echo = echo or (lambda s: print(s, flush=True))
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
+    if not os.path.lexists(run_dir / "config.json"):
         raise LoraforgeError(f"--resume {run_dir}: no config.json there; expected a directory `loraforge train` wrote")
     try:
-        cfg = TrainConfig.load(run_dir / "config.json")
+        cfg = TrainConfig.load(run_dir / "config.json", echo)
     except ValueError as e:  # bad JSON: LoraforgeError (config problems) passes through as it is
         raise LoraforgeError(f"--resume {run_dir}: config.json is unreadable ({e})") from None
     cfg.output_dir = str(run_dir)
+    try:
+        cfg.resolved()
+    except LoraforgeError as e:  # a config.json edited by hand: name the file
+        raise LoraforgeError(f"--resume {run_dir}: {run_dir / 'config.json'} holds a bad setting: {e}") from None
     dist = init_distributed(cfg.device)
     _apply_overrides(cfg, {"steps": steps, **(overrides or {})}, echo)
     with run_lock(run_dir, dist, echo):

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from loraforge.adapters.writers import tensor_problem
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.advantage import group_advantages
 from loraforge.rl.distributed import plan_minibatches
@@ -103,6 +104,12 @@ class PolicyUpdate:
                     self.skipped += 1
                 self._updates += 1
                 self.optimizer.zero_grad(set_to_none=True)
+        # the writers' one check (finite, no dead row of A), before the adapter is saved or handed to a sampler:
+        # a step that breaks it is rolled back like a NaN loss
+        for name, p in self.params.items():
+            problem = tensor_problem(name, p)
+            if problem is not None:
+                raise TrainingDiverged(f"after the updates of step {step}, {problem}")
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         return stats_acc, grad_norms, lr

@@ -27,7 +27,7 @@ from loraforge.core.clients import vllm_max_lora_rank
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.rollout import SampledGeneration, generation_from_tokens
 from loraforge.rl.verl_launch import read_lora_settings
-from loraforge.sampling.generation import SamplingParams, pad_id
+from loraforge.sampling.generation import SamplingParams, pad_id, prompt_ids
 
 VLLM_MISSING = (
     "--rollout vllm needs vLLM, which is not installed: pip install 'loraforge[vllm]' "
@@ -103,11 +103,8 @@ class VLLMRollout:
 
         params.check()
         ids = []
-        for p in prompts:
-            t = self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            if params.max_prompt_tokens is not None and len(t) > params.max_prompt_tokens:
-                t = t[-params.max_prompt_tokens :]
-            ids.append(t)
+        for p in prompts:  # cut by characters, then tokenised and left-truncated, as the transformers sampler does
+            ids.append(prompt_ids(self.tokenizer, p, params.max_prompt_tokens))
         sampling = VSampling(
             n=params.n,
             temperature=params.temperature,

@@ -34,7 +34,9 @@ lists of token ids. Rows are processed `batch_size` prompts-times-samples at a t
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -137,17 +139,60 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+# Tokens kept beyond the limit when a prompt is cut by characters: the first tokens of a cut text may merge
+# differently from the same characters in the whole text; they are the ones left truncation then drops.
+CUT_SLACK_TOKENS = 16
+_max_chars: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token of TOKENIZER stands for: its longest vocabulary entry as
+    stored (byte-level BPE stores a byte per character, SentencePiece a character per character, byte-fallback
+    tokens <0xNN> six for one byte, so no token decodes to more characters than it is long), doubled for
+    normalisers that shrink text (NFKC composes two characters into one). Computed once per tokenizer."""
+    try:
+        return _max_chars[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    bound = 2 * max((len(t) for t in vocab), default=64)
+    try:
+        _max_chars[tokenizer] = bound
+    except TypeError:  # not weak-referenceable: computed again next time
+        pass
+    return bound
+
+
+def prompt_ids(tokenizer, text: str, max_prompt_tokens: int | None) -> list[int]:
+    """The token ids of TEXT, left-truncated to MAX_PROMPT_TOKENS, as the paper's runs did.
+
+    Memory and time are bounded by the setting, not by the text: a text longer than (max_prompt_tokens + 16) x
+    `max_token_chars` characters is cut to that many trailing characters BEFORE it is tokenised (a 5 MB row
+    would otherwise be tokenised whole: 2 GB and tens of seconds, for 512 tokens kept). Those characters hold
+    at least max_prompt_tokens + 16 tokens, so the ids kept are the whole text's last max_prompt_tokens, except
+    where a tokeniser's merges reach more than 16 tokens across the cut (a BPE merge joins neighbours within
+    one pre-tokenised word; such a run needs a word of hundreds of characters at exactly the cut)."""
+    if max_prompt_tokens is not None:
+        keep = (max_prompt_tokens + CUT_SLACK_TOKENS) * max_token_chars(tokenizer)
+        if len(text) > keep:
+            text = text[-keep:]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        ids = ids[-max_prompt_tokens:]
+    return ids
+
+
 def _tokenize(tokenizer, prompts, max_prompt_tokens) -> list[list[int]]:
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
-            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(tokenizer, p, max_prompt_tokens)
         else:
             ids = [int(t) for t in p]
+            if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+                ids = ids[-max_prompt_tokens:]  # left truncation, as the paper's runs did
         if not ids:
             raise LoraforgeError(f"prompt {i} is empty after tokenisation; every prompt needs at least one token")
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            ids = ids[-max_prompt_tokens:]  # left truncation, as the paper's runs did
         out.append(ids)
     return out
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from loraforge.adapters.directory import Adapter, load_adapter
+from loraforge.adapters.lineage import read_lineage
 from loraforge.adapters.writers import ADAPTER_WEIGHTS
 from loraforge.core.clients import vllm_serve_command
 from loraforge.core.errors import LoraforgeError
@@ -62,6 +63,15 @@ def _expert_stacks(init_ad: Adapter) -> dict[str, int]:
     return {a.path: a.experts for a in view.values() if a.experts > 1}
 
 
+def _check_factors(ad: Adapter, role: str, stacks: dict[str, int]) -> None:
+    """writers.check_tensor on every factor of AD (one tensor at a time; a fused stack names the expert)."""
+    from loraforge.adapters import writers
+
+    for name in ad.modules:
+        for which, t in zip("AB", ad.factors(name)):
+            writers.check_tensor(writers.adapter_key(name, which), t, stacks.get(name, 1), role)
+
+
 def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, overwrite: bool = False) -> ConvertResult:
     """Write to OUT the rank-2r LoRA for the original base equivalent to TRAINED on INIT's residual base."""
     from loraforge.adapters import writers
@@ -79,7 +89,12 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
     method = METHODS[manifest["method"]]
     original = manifest["source"]["model_id"]
     trained_ad = load_adapter(trained, "TRAINED_ADAPTER")
-    check_lineage(trained_ad, init_ad)  # first: a wrong --init must not even say "nothing to convert"
+    stacks = _expert_stacks(init_ad)
+    # the writer's check on what is read, each expert named: a lineage record says which init the adapter was
+    # trained from, not that its factors are sound; and a B0 = 0 adapter is handed on as it is
+    for ad, role in ((trained_ad, f"TRAINED_ADAPTER {trained}"), (init_ad, f"--init {init}")):
+        _check_factors(ad, role, stacks)
+    check_lineage(trained_ad, init_ad)  # then: a wrong --init must not even say "nothing to convert"
     if not method.residual:
         return ConvertResult(
             needed=False,
@@ -97,7 +112,6 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
     r2 = 2 * trained_ad.r
     alpha2 = converted_alpha(trained_ad.alpha, trained_ad.r, trained_ad.rslora)
     factors = {}
-    stacks = _expert_stacks(init_ad)
     for name in trained_ad.modules:
         A, B = trained_ad.factors(name)
         A0, B0 = init_ad.factors(name)
@@ -107,7 +121,7 @@ def convert_adapter(trained: str | Path, init: str | Path, out: str | Path, over
         # Tensors that are not LoRA factors (e.g. modules_to_save copies) do not depend on the base:
         # carried over unchanged.
         other = {k: trained_ad.read(k).contiguous() for k in trained_ad.other_keys}
-        adapter_sha = writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors, other)
+        adapter_sha = writers.write_adapter_weights(tmp / writers.ADAPTER_WEIGHTS, factors, extra=other)
         config = dict(trained_ad.config)
         config.update(
             r=r2,
@@ -169,8 +183,7 @@ def check_output(out: Path, adapters: dict[str, str | Path]) -> None:
     check_paths(inputs, [name_path("-o", out)])
 
 
-LINEAGE_FILE = "loraforge-lineage.json"
-LINEAGE_FORMAT = "loraforge-lineage/1"
+
 # Without a lineage file, how far a trained adapter may be from an init it was trained from
 # (`init_distance`): the median over modules of how much each row of A (column of B) changed ALONG the
 # init's row, relative to it; and, for B0 = 0 inits, how large B grew relative to A0. Measured with
@@ -189,10 +202,10 @@ def check_lineage(trained: Adapter, init: Adapter) -> None:
     With TRAINED/loraforge-lineage.json (written by `loraforge train`) the init's adapter sha256 must
     be the recorded one. Without it (an adapter trained elsewhere) the trained factors must still be
     near the init's: training moves A and B a little, another init is a different point altogether."""
-    lineage = _read_lineage(trained)
+    lineage = read_lineage(trained.path)
     if lineage is not None:
-        recorded = lineage["init"]
-        want = (recorded.get("files") or {}).get(ADAPTER_WEIGHTS)
+        recorded = lineage["init"]  # checked by read_lineage: files is a map of names to sha256 or null
+        want = recorded["files"].get(ADAPTER_WEIGHTS)
         got = sha256_file(init.weights_file)
         if want != got:
             raise LoraforgeError(
@@ -220,27 +233,6 @@ def check_lineage(trained: Adapter, init: Adapter) -> None:
             "not trained from this init (from olora or olora-tail, whose A0 is the same?). Pass the init directory "
             "the adapter was trained from."
         )
-
-
-def _read_lineage(trained: Adapter) -> Optional[dict]:
-    path = trained.path / LINEAGE_FILE
-    if not path.exists():
-        return None
-    try:
-        lineage = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraforgeError(f"{path} is not valid JSON ({e}); the training run's record is damaged.") from None
-    if (
-        not isinstance(lineage, dict)
-        or lineage.get("format") != LINEAGE_FORMAT
-        or not isinstance(lineage.get("init"), dict)
-    ):
-        raise LoraforgeError(
-            f"{path} is not a {LINEAGE_FORMAT} record "
-            f"(format {lineage.get('format') if isinstance(lineage, dict) else None!r}); "
-            "it may come from a newer loraforge. Upgrade loraforge."
-        )
-    return lineage
 
 
 def init_distance(trained: Adapter, init: Adapter) -> Optional[tuple[float, float]]:

@@ -118,8 +118,8 @@ class SeparateSampler:
         import contextlib
         import dataclasses
 
+        from loraforge.rl.policy import response_logprobs
         from loraforge.rl.rollout import SampledGeneration
-        from loraforge.rl.trainer import response_logprobs
         from loraforge.sampling.generation import generate
 
         ctx = self.model.disable_adapter() if self.mode == "base" else contextlib.nullcontext()

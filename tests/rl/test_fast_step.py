@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from test_trainer import tiny_cfg
 
 from loraforge.rl.metrics import read_metrics
-from loraforge.rl.trainer import Trainer, response_logprobs
+from loraforge.rl.policy import response_logprobs
+from loraforge.rl.trainer import Trainer
 
 
 def cfg(model_dir, adapter_dir, out, **over):

@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from rl_helpers import make_model
 
+from loraforge.rl.policy import Sample, pack, response_logprobs
 from loraforge.rl.prefix import length_buckets, prompt_groups, shared_prefix_logprobs
-from loraforge.rl.trainer import Sample, pack, response_logprobs
 
 
 def lora_model():

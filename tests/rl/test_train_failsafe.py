@@ -145,7 +145,7 @@ def test_resume_drops_a_torn_metrics_line_and_falls_back_from_a_damaged_checkpoi
     lines = []
     resume(run, scorer=answer_scorer, echo=lines.append)
     assert any(ln.startswith(f"warning: checkpoint {newest} is unreadable") and "falling back" in ln for ln in lines)
-    assert any("dropped 1 unreadable line(s)" in ln for ln in lines)
+    assert any("metrics.jsonl: 1 line(s) dropped (line 4: not valid JSON" in ln for ln in lines)
     assert f"resumed from {run / 'checkpoints' / 'step_000002'} at step 2" in lines
     assert (run / "checkpoints" / "damaged-step_000003").is_dir()  # kept for inspection, never loaded again
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
@@ -203,33 +203,43 @@ def test_a_save_that_fails_too_keeps_the_first_error(model_dir, adapter_dir, tmp
     assert "Saving the last complete step 1 failed too ([Errno 28] No space left on device); on disk: nothing" in msg
 
 
-def test_adapters_record_the_init_they_were_trained_from(model_dir, adapter_dir, tmp_path):
+def test_adapters_record_the_init_model_and_data_they_were_trained_from(model_dir, adapter_dir, tmp_path):
     init = tmp_path / "init"
     shutil.copytree(adapter_dir, init)
     (init / "loraforge.json").write_text(json.dumps({"method": "rlpo", "r": 4}))
     run = tmp_path / "run"
     train(tiny_cfg(model_dir, init, run, steps=2, save_every=1), scorer=answer_scorer, echo=quiet([]))
-    want = {
-        "format": "loraforge-lineage/1",
-        "init": {
-            "path": str(init),
-            "method": "rlpo",
-            "files": {
-                "adapter_model.safetensors": sha256_file(init / "adapter_model.safetensors"),
-                "loraforge.json": sha256_file(init / "loraforge.json"),
-            },
-        },
+    want_init = {
+        "path": str(init),
+        "method": "rlpo",
+        "files": {name: sha256_file(init / name) for name in ckpt_files},
     }
-    for adapter in [run / "adapter"] + [c / "adapter" for c in list_checkpoints(run)]:
-        assert json.loads((adapter / ckpt.LINEAGE_FILE).read_text()) == want, adapter
-    # resumed later, after the init directory changed, the lineage is still the one trained from
+    records = [json.loads((a / ckpt.LINEAGE_FILE).read_text()) for a in [run / "adapter"] + saved_adapters(run)]
+    want = records[0]
+    assert want["format"] == "loraforge-lineage/1" and want["init"] == want_init
+    assert want["model"]["path"] == str(model_dir.resolve()) and len(want["model"]["fingerprint"]) == 64
+    assert want["data"]["source"] == "synthetic:n=60,max=2,style=bare" and want["data"]["rows"] == 60
+    assert all(r == want for r in records)
+    # the init changed since the run started (here its manifest): --resume refuses before loading anything
+    manifest = (init / "loraforge.json").read_bytes()
     (init / "loraforge.json").write_text(json.dumps({"method": "pissa"}))
+    with pytest.raises(LoraforgeError, match=r"the init at .*init changed since the run started: its loraforge.json"):
+        resume(run, steps=3, scorer=answer_scorer, echo=quiet([]))
+    # restored, the run goes on, and the record is still the one it started with
+    (init / "loraforge.json").write_bytes(manifest)
     resume(run, steps=3, scorer=answer_scorer, echo=quiet([]))
     assert json.loads((run / "adapter" / ckpt.LINEAGE_FILE).read_text()) == want
     # an adapter not made by `loraforge init`: method and manifest hash are null
     train(tiny_cfg(model_dir, adapter_dir, tmp_path / "plain", steps=1), scorer=answer_scorer, echo=quiet([]))
     plain = json.loads((tmp_path / "plain" / "adapter" / ckpt.LINEAGE_FILE).read_text())
     assert plain["init"]["method"] is None and plain["init"]["files"]["loraforge.json"] is None
+
+
+ckpt_files = ("adapter_model.safetensors", "loraforge.json", "adapter_config.json")
+
+
+def saved_adapters(run):
+    return [c / "adapter" for c in list_checkpoints(run)]
 
 
 def test_a_second_run_on_the_same_directory_is_refused(model_dir, adapter_dir, tmp_path):

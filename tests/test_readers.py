@@ -1,0 +1,283 @@
+"""The validated readers (core/readers.py), typed settings (core/settings.py), the one finite and non-zero check
+on written tensors (adapters/writers.tensor_problem) and prompts cut by characters before tokenisation."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.readers import INT, NUMBER, OBJECT, TEXT, Key, at_least, problems, read_json, read_jsonl
+
+SCHEMA = {
+    "step": Key(INT, test=at_least(0), expect="an integer >= 0"),
+    "name": Key(TEXT, required=False, null=True),
+    "files": Key(OBJECT, values=Key(TEXT)),
+}
+
+
+# --- JSON objects: one line naming the file, the line or the key ---------------------------------
+
+
+def test_a_good_object_reads_and_extra_keys_pass_through(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"step": 3, "files": {"w": "x"}, "newer": [1]}))
+    assert read_json(path, "a record", SCHEMA) == {"step": 3, "files": {"w": "x"}, "newer": [1]}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"step": 1,\n "files": {', r"a.json: line 2 column 12: not valid JSON"),
+        (b'{"step": 1, "files": {}}\n\xff', r"a.json: line 2 is not UTF-8 text \(byte 0xff at offset 25\)"),
+        (b'{"step": "2", "files": {}}', r'a.json: key step is a string \("2"\), expected an integer'),
+        (b'{"step": true, "files": {}}', r"key step is true, expected an integer"),
+        (b'{"step": -1, "files": {}}', r"key step is a number \(-1\), expected an integer >= 0"),
+        (b'{"step": 1, "files": ["w"]}', r"key files is a list, expected an object"),
+        (b'{"step": 1, "files": {"w": 5}}', r"key files.w is a number \(5\), expected a string"),
+        (b'{"files": {}}', r"key step is missing"),
+        (b"[1]", r"the top level is a list, expected an object"),
+        (b"", r"line 1 column 1: not valid JSON"),
+        (b"[" * 100_000, r"nested too deeply to read|not valid JSON"),
+    ],
+)
+def test_a_damaged_object_is_one_line_naming_file_and_place(tmp_path, content, message):
+    path = tmp_path / "a.json"
+    path.write_bytes(content)
+    with pytest.raises(LoraforgeError, match=message) as e:
+        read_json(path, "a record", SCHEMA)
+    assert "\n" not in str(e.value) and "a record is damaged" in str(e.value) or "not UTF-8" in str(e.value)
+
+
+def test_a_directory_a_missing_file_and_a_huge_file_are_one_line(tmp_path):
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(LoraforgeError, match=r"d.json is a directory, expected a record \(a file\)"):
+        read_json(tmp_path / "d.json", "a record")
+    with pytest.raises(LoraforgeError, match=r"no.json: no such file, expected a record"):
+        read_json(tmp_path / "no.json", "a record")
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * 2048)
+    with pytest.raises(LoraforgeError, match=r"big.json is 2,048 bytes, more than a record can be \(1,024\)"):
+        read_json(big, "a record", max_bytes=1024)
+
+
+def test_nan_and_infinity_are_numbers_as_python_writes_them():
+    assert problems({"x": math.nan}, {"x": Key(NUMBER)}) == []
+    assert problems({"x": True}, {"x": Key(NUMBER)}) == ["key x is true, expected a number"]
+
+
+# --- JSON lines: the rows that read, and the lines left out named --------------------------------
+
+
+def test_jsonl_keeps_the_rows_that_read_and_names_every_line_left_out(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [
+        b'{"step": 1, "reward": 0.5}',
+        b'{"step": 2, "reward": null}',  # the value is left out, the row kept
+        b'{"step": "3", "reward": 0.1}',  # a string step: the row is dropped
+        b'{"step": 4, "rew\xff": 1}',  # a bad byte: that line only
+        b"[4]",
+        b"",
+        b'{"step": 5, "reward": 0.25, "new_key": "kept"}',
+        b'{"step": 6, "rew',  # torn by a kill
+    ]
+    path.write_bytes(b"\n".join(lines))
+    got = read_jsonl(path, "a log", {"step": Key(INT)}, optional_keys={"reward": Key(NUMBER)})
+    assert got.rows == [{"step": 1, "reward": 0.5}, {"step": 2}, {"step": 5, "reward": 0.25, "new_key": "kept"}]
+    assert got.linenos == [1, 2, 7]
+    assert [n for n, _ in got.dropped] == [3, 4, 5, 8]
+    assert got.cleared == [(2, "key reward is null, expected a number")]
+    summary = got.summary()
+    assert summary.startswith(f"warning: {path}: 4 line(s) dropped (line 3: key step is a string")
+    assert "1 value(s) ignored (line 2: key reward is null" in summary and "\n" not in summary
+
+
+def test_jsonl_drops_an_over_long_line_without_holding_it(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "x": "' + b"a" * 5000 + b'"}\n{"step": 3}\n')
+    got = read_jsonl(path, "a log", {"step": Key(INT)}, max_line=1000)
+    assert [r["step"] for r in got.rows] == [1, 3]
+    assert got.dropped == [(2, "longer than any row loraforge writes")]
+
+
+def test_jsonl_missing_is_empty_and_a_directory_is_one_line(tmp_path):
+    assert read_jsonl(tmp_path / "none.jsonl", "a log", {}).rows == []
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(LoraforgeError, match="d.jsonl is a directory, expected a log"):
+        read_jsonl(tmp_path / "d.jsonl", "a log", {})
+
+
+# --- settings typed wherever they come from --------------------------------------------------------
+
+
+@dataclass
+class S:
+    lr: float = 1e-5
+    steps: int = 10
+    flag: bool | None = None
+    name: str = ""
+    beta: float | None = None
+
+
+@pytest.mark.parametrize(
+    "key, value, want",
+    [
+        ("lr", "5e-6", 5e-6),  # PyYAML 1.1 reads `lr: 5e-6` as this string
+        ("lr", " 1E-5 ", 1e-5),
+        ("lr", 3, 3.0),
+        ("steps", "200", 200),
+        ("steps", 1e3, 1000),
+        ("steps", "1e3", 1000),
+        ("flag", "yes", True),
+        ("flag", "OFF", False),
+        ("flag", 1, True),
+        ("flag", None, None),
+        ("beta", None, None),
+        ("name", "x", "x"),
+    ],
+)
+def test_settings_convert_what_means_one_value(key, value, want):
+    from loraforge.core.settings import typed_values
+
+    got = typed_values(S, {key: value}, "run.yaml")[key]
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lr", "fast", r"run.yaml line 4: lr is the text 'fast', expected a finite number; fix that value"),
+        ("lr", float("nan"), r"lr is float nan, expected a finite number"),
+        ("lr", "inf", r"lr is the text 'inf', expected a finite number"),
+        ("lr", True, r"lr is bool True, expected a finite number"),
+        ("steps", 2.5, r"steps is float 2.5, expected a whole number"),
+        ("steps", None, r"steps is null, expected a whole number"),
+        ("flag", "maybe", r"flag is the text 'maybe', expected true or false or null"),
+        ("name", 0.9, r"name is float 0.9, expected text \(quote it\)"),
+        ("name", [[1] * 3] * 3, r"name is a list, expected text"),
+    ],
+)
+def test_settings_refuse_the_rest_in_one_line(key, value, message):
+    from loraforge.core.settings import typed_values
+
+    with pytest.raises(LoraforgeError, match=message):
+        typed_values(S, {key: value}, "run.yaml", {"lr": 4})
+
+
+def test_train_config_is_typed_from_yaml_json_and_python(tmp_path):
+    from loraforge.cli.train_options import build_config
+    from loraforge.rl.config import TrainConfig
+
+    (tmp_path / "run.yaml").write_text("adapter: a\ndata: synthetic\noutput_dir: o\nlr: 5e-6\nsteps: '20'\n")
+    cfg = build_config({"steps": None}, str(tmp_path / "run.yaml"))
+    assert cfg.lr == 5e-6 and cfg.steps == 20
+    assert TrainConfig(adapter="a", data="d", output_dir="o", lr="5e-6").resolved().lr == 5e-6
+    cfg.save(tmp_path / "config.json")
+    edited = json.loads((tmp_path / "config.json").read_text()) | {"lr": "1e-4"}
+    (tmp_path / "config.json").write_text(json.dumps(edited, indent=2))
+    assert TrainConfig.load(tmp_path / "config.json").lr == 1e-4
+    (tmp_path / "config.json").write_text(json.dumps(edited | {"steps": "many"}, indent=2))
+    line = [i for i, ln in enumerate((tmp_path / "config.json").read_text().splitlines(), 1) if '"steps"' in ln][0]
+    with pytest.raises(LoraforgeError, match=rf"config.json line {line}: steps is the text 'many'"):
+        TrainConfig.load(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"lr: [1,\n", r"run.yaml line 2 column 1: not valid YAML"),
+        (b"lr: 0.1\nlr: 0.2\n", r"run.yaml line 2: lr is given twice \(also line 1\)"),
+        (b"1: 2\n", r"run.yaml: the key 1 is not a name"),
+        (b"lr: 1\n\xff: 2\n", r"run.yaml: line 2 is not UTF-8 text"),
+        (b"- a\n", r"expected a mapping of keys to values, found list"),
+        (b"lr: fast\n", r"--config .*run.yaml line 1: lr is the text 'fast'"),
+    ],
+)
+def test_a_bad_config_file_is_one_line(tmp_path, text, message):
+    from loraforge.cli.train_options import build_config
+
+    (tmp_path / "run.yaml").write_bytes(text)
+    with pytest.raises(LoraforgeError, match=message):
+        build_config({}, str(tmp_path / "run.yaml"))
+
+
+# --- the one finite and non-zero check on every tensor written ----------------------------------
+
+
+def test_tensor_check_names_the_tensor_row_and_expert():
+    from loraforge.adapters.writers import check_tensor, tensor_problem
+
+    A = torch.randn(4 * 3, 5)  # a stack of 3 experts, r = 4: expert e owns rows 4e..4e+3
+    B = torch.zeros(6, 4 * 3)  # B0 = 0 is allowed
+    assert tensor_problem("x.lora_A.weight", A, 3) is None and tensor_problem("x.lora_B.weight", B, 3) is None
+    A[9, 2] = float("nan")  # row 9 = expert 2
+    assert tensor_problem("x.lora_A.weight", A, 3) == (
+        "x.lora_A.weight has 1 non-finite value(s) (NaN or inf), the first at row 9, column 2 (expert 2 of 3)"
+    )
+    B[1, 7] = float("inf")  # column 7 = expert 7 % 3 = 1 (PEFT's B columns interleave the experts)
+    assert "row 1, column 7 (expert 1 of 3)" in tensor_problem("x.lora_B.weight", B, 3)
+    A = torch.randn(4, 5)
+    A[2] = 0  # a dead row of A: no gradient, no contribution, ever
+    assert tensor_problem("x.lora_A.weight", A) == "x.lora_A.weight has 1 all-zero row(s), the first row 2"
+    assert tensor_problem("x.lora_B.weight", A) is None  # only A must have no zero row
+    with pytest.raises(LoraforgeError, match=r"^init: x.lora_A.weight has 1 all-zero row.*nothing was written"):
+        check_tensor("x.lora_A.weight", A, what="init")
+
+
+def test_the_writer_refuses_a_nan_factor_and_leaves_no_file(tmp_path):
+    from loraforge.adapters.writers import write_adapter_weights
+
+    bad = torch.randn(4, 8)
+    bad[0, 0] = float("nan")
+    with pytest.raises(LoraforgeError, match=r"base_model.model.m.lora_A.weight has 1 non-finite"):
+        write_adapter_weights(tmp_path / "w.safetensors", {"m": (bad, torch.zeros(8, 4))})
+
+
+# --- memory bounded by the settings: prompts cut by characters before tokenisation ----------------
+
+
+def test_a_long_prompt_is_cut_by_characters_and_keeps_the_same_tokens():
+    from conftest import word_level_tokenizer
+
+    from loraforge.sampling.generation import CUT_SLACK_TOKENS, max_token_chars, prompt_ids
+
+    real = word_level_tokenizer(["a", "bb", "ccc"])
+    calls = []
+
+    class Spy:  # the tokenizer, counting the characters it is handed
+        def get_vocab(self):
+            return real.get_vocab()
+
+        def __call__(self, text, **kw):
+            calls.append(len(text))
+            return real(text, **kw)
+
+    tok = Spy()
+    bound = max_token_chars(tok)
+    assert bound == 2 * max(len(t) for t in real.get_vocab())
+    text = " ".join(["a", "bb", "ccc"] * 20_000)  # 120k characters
+    full = real(text, add_special_tokens=False)["input_ids"][-10:]
+    assert prompt_ids(tok, text, 10) == full
+    assert calls == [(10 + CUT_SLACK_TOKENS) * bound]  # what was tokenised: the tail, not 120k characters
+    calls.clear()
+    short = "a bb ccc"
+    assert prompt_ids(tok, short, 10) == real(short, add_special_tokens=False)["input_ids"] and calls == [8]
+
+
+def test_a_row_past_a_sane_size_is_skipped_with_a_count(tmp_path):
+    from loraforge.rl.data import MAX_ROW_CHARS, load_examples
+
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "x" * (MAX_ROW_CHARS + 1), "answer": "1"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = []
+    got = load_examples(str(path), echo=lines.append)
+    assert [e.prompt for e in got] == ["1+1="]
+    assert lines == [f"warning: --data {path}: skipped 1 row(s) longer than 1,000,000 characters (row 1: 1,000,002)"]
+    path.write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(LoraforgeError, match="every row is longer than 1,000,000 characters"):
+        load_examples(str(path))
