@@ -65,6 +65,17 @@ def test_a_directory_a_missing_file_and_a_huge_file_are_one_line(tmp_path):
         read_json(big, "a record", max_bytes=1024)
 
 
+def test_a_device_or_a_pipe_in_place_of_the_file_is_one_line_not_an_endless_read(tmp_path):
+    import os
+
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(LoraforgeError, match=r"zero.json is not a regular file \(a device or a pipe\?\)"):
+        read_json(tmp_path / "zero.json", "a record")
+    with pytest.raises(LoraforgeError, match=r"pipe.jsonl is not a regular file"):
+        read_jsonl(tmp_path / "pipe.jsonl", "a log", {})
+
+
 def test_nan_and_infinity_are_numbers_as_python_writes_them():
     assert problems({"x": math.nan}, {"x": Key(NUMBER)}) == []
     assert problems({"x": True}, {"x": Key(NUMBER)}) == ["key x is true, expected a number"]

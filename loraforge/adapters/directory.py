@@ -220,11 +220,10 @@ def load_adapter(path: str | Path, role: str = "adapter") -> Adapter:
 
 def _check_schemas(cfg_path: Path, config: dict, manifest_path: Path, manifest: Optional[dict]) -> None:
     """adapter_config.json and loraforge.json hold every key loraforge uses, of its kind (adapters/schemas.py)."""
-    from loraforge.adapters.schemas import ADAPTER_CONFIG as SCHEMA
-    from loraforge.adapters.schemas import manifest_problems
-    from loraforge.core.readers import problems
+    from loraforge.adapters.schemas import adapter_config_problems, manifest_problems
 
-    for path, found in ((cfg_path, problems(config, SCHEMA)), (manifest_path, manifest_problems(manifest or {}))):
+    checked = ((cfg_path, adapter_config_problems(config)), (manifest_path, manifest_problems(manifest or {})))
+    for path, found in checked:
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise LoraforgeError(

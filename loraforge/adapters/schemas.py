@@ -6,10 +6,10 @@ downstream with a TypeError. Keys not named here pass through (PEFT adds keys ev
 from __future__ import annotations
 
 import math
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from loraforge.core.readers import BOOL, INT, LIST, NUMBER, OBJECT, TEXT, Key, at_least, describe, problems
+from loraforge.core.readers import ANY, BOOL, INT, LIST, NUMBER, OBJECT, TEXT, Key, at_least, describe, problems
 
 INIT_FORMAT = "loraforge-manifest/1"
 CONVERTED_FORMAT = "loraforge-converted/1"
@@ -42,7 +42,36 @@ ADAPTER_CONFIG = {
     "rank_pattern": Key(OBJECT, required=False, null=True),
     "alpha_pattern": Key(OBJECT, required=False, null=True),
     "target_parameters": Key(LIST, required=False, null=True),
+    "target_modules": Key(
+        ANY, required=False, null=True, test=lambda v: isinstance(v, (str, list)), expect="a string or a list"
+    ),
 }
+
+
+def adapter_config_problems(config: dict) -> list[str]:
+    """What is wrong with an adapter_config.json: ADAPTER_CONFIG, and a target named. Without target_modules
+    and target_parameters PEFT falls back to its default targets for the model type (q_proj and v_proj for a
+    Llama) and drops the adapter's other factors with a warning: a damaged config, silently another adapter."""
+    found = problems(config, ADAPTER_CONFIG)
+    if not found and not config.get("target_modules") and not config.get("target_parameters"):
+        found.append("it names no target_modules and no target_parameters")
+    return found
+
+
+def read_adapter_config(adapter_dir: Path, role: str = "--adapter") -> dict:
+    """ADAPTER_DIR/adapter_config.json, read and checked (for commands that hand the adapter to PEFT without
+    opening it with `load_adapter`): a damaged file is one line here, not an error inside PEFT."""
+    from loraforge.core.errors import LoraforgeError
+    from loraforge.core.readers import read_json
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    remedy = f"Restore it, or pass the {role} directory `loraforge init` or PEFT's save_pretrained wrote."
+    config = read_json(path, "the adapter config", remedy=remedy)
+    found = adapter_config_problems(config)
+    if found:
+        raise LoraforgeError(f"{path}: {found[0]}; the adapter config is damaged. {remedy}")
+    return config
+
 
 _SOURCE = Key(
     OBJECT,

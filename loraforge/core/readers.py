@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -107,13 +108,23 @@ def _value_problems(value: Any, key: Key, path: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------
 # bytes and text
+def regular_file(path: Path, what: str) -> int:
+    """The size of PATH, a regular file (after symlinks); one line for a directory, a device or a pipe (reading
+    /dev/zero or a FIFO would never end)."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise LoraforgeError(f"{path} is a directory, expected {what} (a file); check the path.")
+    if not stat.S_ISREG(st.st_mode):
+        raise LoraforgeError(f"{path} is not a regular file (a device or a pipe?), expected {what}; check the path.")
+    return st.st_size
+
+
 def read_bytes(path: Path, what: str, max_bytes: int = JSON_MAX_BYTES) -> bytes:
-    """The bytes of PATH, or one line: missing, a directory, unreadable, or larger than MAX_BYTES."""
+    """The bytes of PATH, or one line: missing, a directory or not a regular file, unreadable, or larger than
+    MAX_BYTES."""
     path = Path(path)
     try:
-        if path.is_dir():
-            raise LoraforgeError(f"{path} is a directory, expected {what} (a file); check the path.")
-        size = path.stat().st_size
+        size = regular_file(path, what)
         if size > max_bytes:
             raise LoraforgeError(
                 f"{path} is {size:,} bytes, more than {what} can be ({max_bytes:,}); it is not the file "
@@ -208,9 +219,8 @@ def read_jsonl(
     out = JsonLines(path)
     if not os.path.lexists(path):
         return out
-    if path.is_dir():
-        raise LoraforgeError(f"{path} is a directory, expected {what} (a file); check the path.")
     try:
+        regular_file(path, what)
         with path.open("rb") as f:
             for lineno, line in enumerate(_lines(f, max_line), 1):
                 _read_line(line, lineno, schema, optional_keys or {}, out)

@@ -34,7 +34,7 @@ import torch
 
 from loraforge.adapters.lineage import LINEAGE_FILE, LINEAGE_FORMAT, read_lineage, write_lineage  # noqa: F401
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.readers import INT, OBJECT, Key, at_least, read_json
+from loraforge.core.readers import INT, OBJECT, Key, at_least, read_json, regular_file
 from loraforge.models.checkpoint import SafetensorsFile
 
 CKPT_DIR = "checkpoints"
@@ -176,6 +176,7 @@ def load_trainer_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit() and int(ckpt.name[5:]) != state["step"]:
         raise LoraforgeError(f"checkpoint {ckpt}: {STATE_FILE} says step {state['step']}, its directory another")
     try:
+        regular_file(ckpt / TRAINER_STATE, "the checkpoint's trainer state")
         # plain tensors, dicts, numbers and python's random state (tuples): the safe loader suffices
         blob = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # OSError, a torn zip, a pickle error: all "damaged"

@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 from loraforge.adapters.directory import resolve_base
+from loraforge.adapters.schemas import read_adapter_config
 from loraforge.adapters.writers import check_tensor
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl import checkpoint as ckpt
@@ -124,6 +125,7 @@ class Trainer(RolloutSide, PolicyUpdate, FailSafe):
             else []
         )
         base = resolve_base(cfg.adapter, cfg.model)
+        read_adapter_config(cfg.adapter)  # damaged: one line here, not an error inside PEFT
         self.lineage = self._lineage(base.path)  # on --resume: refused here if the init, model or data changed
         self.model, self.tokenizer, self.device = load_policy(cfg, self.echo, device_for(self.dist, cfg.device), base)
         self.model.eval()  # no dropout anywhere: the paper's LoRA dropout is 0, and base dropout would bias ratios

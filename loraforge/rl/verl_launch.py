@@ -517,7 +517,8 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
     base = resolve_base(cfg.adapter, cfg.model)
     lora = read_lora_settings(cfg.adapter)
     check_adapter_fits_base(cfg.adapter, base)
-    examples = load_examples(cfg.data, cfg.data_split)
+    skipped: list[str] = []  # rows past data.MAX_ROW_CHARS: said in the notes
+    examples = load_examples(cfg.data, cfg.data_split, skipped.append)
     out = Path(cfg.output_dir) / "verl"
     out.mkdir(parents=True, exist_ok=True)
     files = VerlFiles(
@@ -528,7 +529,7 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
     )
     write_parquet(examples, files.train, cfg.prompt_template)
     val = (
-        load_examples(cfg.eval_data, "test")[: cfg.eval_max_prompts]
+        load_examples(cfg.eval_data, "test", skipped.append)[: cfg.eval_max_prompts]
         if cfg.eval_data
         else examples[: cfg.eval_max_prompts]
     )
@@ -536,7 +537,7 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
     files.reward.write_text(REWARD_TEMPLATE.format(reward=cfg.reward))
     overrides = verl_overrides(cfg, base, lora, files, gpus_per_node, nodes, len(examples))
 
-    notes = list(version_notes)
+    notes = list(version_notes) + [line.removeprefix("warning: ") for line in skipped]
     if cfg.dynamic_sampling:
         notes.append(
             "dynamic sampling in verl 0.9 refills the batch until it is full, with no limit on generation "
