@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +150,7 @@ class S:
         ("flag", None, None),
         ("beta", None, None),
         ("name", "x", "x"),
+        ("name", Path("a/b"), "a/b"),  # TrainConfig(adapter=Path(...)) from Python
     ],
 )
 def test_settings_convert_what_means_one_value(key, value, want):

@@ -5,6 +5,7 @@ so a setting and the sentence that explains it are written once, side by side.""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 
@@ -89,6 +90,8 @@ def _convert(value: Any, kind: type) -> Any:
             return int(value) if float(value).is_integer() else _REFUSED
         return float(value)
     if kind is str:
+        if isinstance(value, os.PathLike):  # TrainConfig(adapter=Path(...)) from Python
+            return os.fspath(value)
         return value if isinstance(value, str) else _REFUSED
     return value
 
