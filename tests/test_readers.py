@@ -284,13 +284,14 @@ def test_a_long_prompt_is_cut_by_characters_and_keeps_the_same_tokens():
 def test_a_row_past_a_sane_size_is_skipped_with_a_count(tmp_path):
     from loraforge.rl.data import MAX_ROW_CHARS, load_examples
 
-    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "x" * (MAX_ROW_CHARS + 1), "answer": "1"}]
+    huge = {"prompt": "x" * (MAX_ROW_CHARS + 1), "answer": "1"}
+    rows = [{"prompt": "1+1=", "answer": "2"}, huge, {"prompt": "2+2=", "answer": "4"}]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = []
     got = load_examples(str(path), echo=lines.append)
-    assert [e.prompt for e in got] == ["1+1="]
+    assert [(e.prompt, e.row) for e in got] == [("1+1=", 0), ("2+2=", 2)]  # messages name the file's rows
     assert lines == [f"warning: --data {path}: skipped 1 row(s) longer than 1,000,000 characters (row 1: 1,000,002)"]
-    path.write_text(json.dumps(rows[1]) + "\n")
+    path.write_text(json.dumps(huge) + "\n")
     with pytest.raises(LoraforgeError, match="every row is longer than 1,000,000 characters"):
         load_examples(str(path))

@@ -11,8 +11,9 @@ or `synthetic[:key=value,...]`, the built-in arithmetic task (see `synthetic_row
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,7 @@ class Example:
     prompt: str | list  # text, or chat messages [{"role", "content"}]
     ground_truth: str
     is_question: bool = False  # a bare question (GSM8K, synthetic) that the prompt template wraps
+    row: int = field(default=-1, compare=False)  # its row in the source (rows past MAX_ROW_CHARS are skipped)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def load_examples(source: str, split: str = "train", echo: Callable[[str], None]
         if size > MAX_ROW_CHARS:
             skipped.append((i, size))
         else:
-            examples.append(e)
+            examples.append(dataclasses.replace(e, row=i))
     if skipped and not examples:
         raise LoraforgeError(
             f"--data {source}: every row is longer than {MAX_ROW_CHARS:,} characters (row {skipped[0][0]}: "

@@ -118,7 +118,7 @@ class Trainer(RolloutSide, PolicyUpdate, FailSafe):
             self.echo = lambda s: None
         torch.manual_seed(cfg.seed)
         self.examples = load_examples(cfg.data, cfg.data_split, self.echo)
-        self._row_of = {id(e): i for i, e in enumerate(self.examples)}  # for messages naming a data row
+        self._row_of = {id(e): e.row for e in self.examples}  # for messages naming a data row
         self.eval_examples = (
             load_examples(cfg.eval_data, "test", self.echo)[: cfg.eval_max_prompts]
             if cfg.eval_data and cfg.eval_every
