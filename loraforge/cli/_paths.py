@@ -168,7 +168,7 @@ def _settings_file(declared: Declared, params: dict) -> dict:
     try:
         from loraforge.rl.config import load_yaml
 
-        values = load_yaml(params[name])
+        values, _lines = load_yaml(params[name])
     except Exception:  # unreadable or damaged: the command's own reader reports it in one line
         return {}
     values = {str(k).replace("-", "_"): v for k, v in values.items()} if isinstance(values, dict) else {}
