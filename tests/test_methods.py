@@ -19,12 +19,15 @@ from loraforge.inits.methods import METHODS, MethodInput, dct_rows, haar
 SHAPES = [(24, 16), (16, 24), (20, 20)]  # tall, wide (Gram on the other side), square
 
 
-@pytest.fixture(params=["lapack", "torch"])
+@pytest.fixture(params=["lapack", "torch", "torch-chebyshev"])
 def backend(request, monkeypatch):
-    """Run a test with each Gram/eigensolver backend: LAPACK through SciPy (what the CPU runs) and
-    torch's full eigh (what a GPU runs), both on the CPU here."""
-    chosen = {"lapack": linalg._LapackBackend, "torch": linalg._TorchBackend}[request.param]
+    """Run a test with each Gram/eigensolver backend, all on the CPU here: LAPACK through SciPy (what the
+    CPU runs), and what a GPU runs: full eighs ("torch", the GPU path for n < 24 q) or the Chebyshev filter
+    for top-r wherever it has room (n > q; "torch-chebyshev", the GPU path for n >= 24 q)."""
+    chosen = linalg._LapackBackend if request.param == "lapack" else linalg._TorchBackend
     monkeypatch.setattr(linalg, "_backend", lambda X: chosen)
+    if request.param == "torch-chebyshev":
+        monkeypatch.setattr(linalg, "CHEBYSHEV_MIN_N_OVER_Q", 0)
     return request.param
 
 

@@ -7,21 +7,30 @@ n x n, with X = W or W^T so that n <= m) for just those eigenvectors, and get th
 vectors by one matmul.
 
 Why Gram + a partial eigensolver and not `torch.linalg.svd`: for r much smaller than n, the cost is
-one Gram product (BLAS syrk: half a GEMM) and one tridiagonal reduction (LAPACK syevr with an
-index subset computes only the r eigenvectors asked for). torch's eigh (syevd) always computes all
-n eigenvectors, twice the work for these shapes; so on the CPU we call LAPACK through SciPy, and on
-a GPU we use torch's eigh (cuSOLVER), which is fast there. Precision: bottom-r is float64 end to
-end (eigenvalue errors ~ n * eps64 * s_1^2, so singular values down to ~1e-7 * s_1 are resolved, far
-below the rank threshold below); top-r starts cheaper (float32) and is made exact by a float64
-Rayleigh-Ritz step on W (see `_top_spectrum`). Randomised SVD finds only the top subspace, so it is
-offered only as the `fast` option for principal methods.
+one Gram product (BLAS syrk: half a GEMM) and the eigenvectors asked for. On the CPU, LAPACK's syevr
+with an index subset computes only those (through SciPy: torch's eigh, syevd, always computes all n).
+On a GPU, cuSOLVER offers no subset, so top-r uses a Chebyshev-filtered subspace iteration
+(inits/chebyshev.py) where it costs fewer flops than a full eigh, and bottom-r one full eigh.
+Precision: bottom-r is float64 end to end (eigenvalue errors ~ n * eps64 * s_1^2, so singular values
+down to ~1e-7 * s_1 are resolved, far below the rank threshold below); top-r starts cheaper (a float32
+Gram) and is made exact by a float64 Rayleigh-Ritz step on W (see `_top_spectrum`). Randomised SVD
+finds only the top subspace, so it is offered only as the `fast` option for principal methods.
+
+Every float32 product here runs with TF32 (and oneDNN's bf16) off, whatever the caller set
+(`full_float32_matmul`): the promises below are float32's, and TF32's 10-bit mantissa would miss them
+by about 1e-3.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 from dataclasses import dataclass
 
 import torch
+
+from loraforge.inits import chebyshev
 
 # Numerical rank uses float32's machine epsilon: the precision the weights were trained and stored
 # in. (numpy's matrix_rank would use float64's for float64 input, which would count the ~1e-7
@@ -35,6 +44,86 @@ RANK_EPS = torch.finfo(torch.float32).eps
 # float32 Gram: 2.8e-7 / 9e-8, at twice the time). Captured energy, quadratic in the error, is
 # within 1e-13. Bottom-r is float64 throughout and far closer.
 TOP_RANK_R_RTOL = 1.3e-6
+
+
+# ------------------------------------------------------------------ float32 products at float32 precision
+# torch has two ways to ask for TF32 (and, on CPUs, oneDNN's bf16) in float32 matmuls, and refuses to
+# READ the setting once both were used: the legacy one (set_float32_matmul_precision, allow_tf32) and the
+# per-backend one (torch.backends.{cuda,mkldnn}.matmul.fp32_precision). The pin uses the caller's own
+# way, so every getter that worked for the caller before still works, and returns what it did.
+_PIN_LOCK = threading.Lock()
+_PIN_DEPTH = 0
+_PIN_SAVED: tuple | None = None
+_FULL = ("ieee", "none")  # "none": not set, float32 (torch's default)
+
+
+def _backends():
+    return torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+
+
+def _pin() -> tuple | None:
+    """Turn reduced-precision float32 matmuls off; returns how to undo it (None: nothing was changed)."""
+    cuda, mkldnn = _backends()
+    saved_new = (cuda.fp32_precision, mkldnn.fp32_precision)
+    if all(v in _FULL for v in saved_new):
+        return None
+    try:
+        legacy = torch.get_float32_matmul_precision()  # raises once the per-backend API was used
+    except RuntimeError:
+        legacy = None
+    if legacy is None:
+        cuda.fp32_precision = mkldnn.fp32_precision = "ieee"
+        return ("new", saved_new)
+    if saved_new[1] in _FULL:  # only cuBLAS's TF32, as `allow_tf32 = True` sets it
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return ("allow_tf32",)
+    torch.set_float32_matmul_precision("highest")
+    return ("legacy", legacy)
+
+
+def _unpin(saved: tuple | None) -> None:
+    if saved is None:
+        return
+    if saved[0] == "new":
+        cuda, mkldnn = _backends()
+        cuda.fp32_precision, mkldnn.fp32_precision = saved[1]
+    elif saved[0] == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        torch.set_float32_matmul_precision(saved[1])
+
+
+@contextlib.contextmanager
+def full_float32_matmul():
+    """Float32 matmuls at float32 precision inside (no TF32, no oneDNN bf16), the caller's setting back after.
+
+    Re-entrant and shared by threads (the init's per-GPU workers): the first to enter pins, the last to leave
+    restores. Other threads of the process that multiply float32 matrices meanwhile get full precision too
+    (the setting is process-wide in torch); never less."""
+    global _PIN_DEPTH, _PIN_SAVED
+    with _PIN_LOCK:
+        if _PIN_DEPTH == 0:
+            _PIN_SAVED = _pin()
+        _PIN_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _PIN_LOCK:
+            _PIN_DEPTH -= 1
+            if _PIN_DEPTH == 0:
+                _unpin(_PIN_SAVED)
+                _PIN_SAVED = None
+
+
+def at_full_float32(func):
+    """Decorator: FUNC runs inside `full_float32_matmul`."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with full_float32_matmul():
+            return func(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -69,6 +158,7 @@ def canonicalise_signs(U: torch.Tensor | None, V: torch.Tensor) -> tuple[torch.T
     return (U * sign if U is not None else None), V * sign
 
 
+@at_full_float32
 def exact_spectrum(W: torch.Tensor, r: int, which: str, left: bool = True, W32: torch.Tensor | None = None) -> Spectrum:
     """Top-r (`which="top"`) or bottom-r nonzero (`which="bottom"`) singular triplets of each matrix.
 
@@ -94,26 +184,66 @@ def _tall(W: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 # --------------------------------------------------------------------------- Gram + partial eigh
-# Two backends with one contract. `gram(X)`: X^T X. `eigh_range(G, lo, hi)`: the eigenpairs with
-# ascending indices lo..hi (inclusive) of each G. `top_eigenvalue(G)`: the largest eigenvalue, for
-# the numerical-rank threshold. The CPU one calls BLAS/LAPACK through SciPy (syrk fills one
-# triangle, syevr and symm read that triangle; syevr computes only the selected eigenvectors); the
-# torch one runs on GPUs (cuSOLVER) and is the reference the tests compare the CPU one with.
+# Two backends with one contract, per matrix of a batch (so that no matrix's result depends on the others in its
+# batch). `gram(X, full=False)`: X^T X. `top_basis(G32, q, r)`: a float64 basis (batch, n, q) of the top-q
+# eigenspace of each float32 Gram, its first r directions as exact as a float32 eigensolver's. `bottom_pairs(G, r,
+# rel_tol2)`: for each float64 Gram, the r smallest eigenvalues above rel_tol2 * l_1 (descending), their
+# eigenvectors, and how many eigenvalues are at or below that ("zeros"). The CPU one calls BLAS/LAPACK through
+# SciPy (syrk fills one triangle, syevr and symm read that triangle; syevr computes only the selected
+# eigenvectors); the torch one runs on GPUs and is the reference the tests compare the CPU one with.
+
+# The GPU path uses the Chebyshev filter (inits/chebyshev.py) for top-r when it costs fewer flops than a full eigh:
+# about 40 products of 2 n^2 q flop (80 n^2 q, measured on SmolLM2's spectra) against at least 10/3 n^3 for syevd
+# (tridiagonal reduction 4/3 n^3 and back-transformation 2 n^3), i.e. from n = 24 q on (n = 1152 at r = 32); below
+# that, and when the filter has not converged within CHEBYSHEV_MAX_PRODUCTS (at most 2.5x a full eigh's flops at
+# n = 24 q, less above), a full float64 eigh. Float64, not float32 as on the CPU: cuSOLVER's and torch's float32
+# syevd miss TOP_RANK_R_RTOL on SmolLM2 (2.5e-6, measured with torch's CPU syevd), the float64 eigh of the same
+# float32 Gram does not (3.6e-7).
+CHEBYSHEV_MIN_N_OVER_Q = 24
+CHEBYSHEV_MAX_PRODUCTS = 100
+
+
+def _eigh_top(g: torch.Tensor, q: int, r: int) -> torch.Tensor:
+    """(n, q) float64 basis of the top-q eigenspace of one float32 Gram G, on G's device (torch backend)."""
+    n = g.shape[-1]
+    g64 = g.double()
+    if n >= CHEBYSHEV_MIN_N_OVER_Q * q:
+        basis, stats = chebyshev.top_eigenvectors(g64, q, r, CHEBYSHEV_MAX_PRODUCTS)
+        if stats.converged:
+            return basis
+    return torch.linalg.eigh(g64)[1][:, n - q :]
+
+
+def _pick_bottom(evals: torch.Tensor, evecs: torch.Tensor, zeros: int, r: int):
+    """The r eigenpairs just above the ZEROS lowest of ascending EVALS (k,), EVECS (n, k): (eigenvalues (r,)
+    descending, vectors (n, r)); indices are clamped for matrices of rank < r, which the caller rejects."""
+    sel = (zeros + torch.arange(r, device=evals.device)).clamp_max(evals.shape[0] - 1).flip(-1)
+    return evals[sel], evecs[:, sel]
 
 
 class _TorchBackend:
+    """What a GPU runs: matrix by matrix with 2-D kernels (cuBLAS picks kernels by batch count too, and torch's
+    CUDA eigh switches algorithm by batch size), small eigenproblems on the CPU (`chebyshev.small_eigh`)."""
+
     @staticmethod
     def gram(X: torch.Tensor, full: bool = False) -> torch.Tensor:
-        return X.transpose(1, 2) @ X
+        return torch.stack([x.T @ x for x in X])
 
     @staticmethod
-    def eigh_range(G: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        evals, evecs = torch.linalg.eigh(G)  # all n pairs: cuSOLVER's syevd offers no subset
-        return evals[:, lo : hi + 1], evecs[:, :, lo : hi + 1]
+    def top_basis(G: torch.Tensor, q: int, r: int) -> torch.Tensor:
+        return torch.stack([_eigh_top(g, q, r) for g in G])
 
     @staticmethod
-    def top_eigenvalue(G: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.eigvalsh(G)[:, -1]
+    def bottom_pairs(G: torch.Tensor, r: int, rel_tol2: float):
+        """One full eigh per matrix: all n eigenvalues come with it, so the largest one (for the rank threshold)
+        and a look past many zero eigenvalues cost nothing more (a separate eigvalsh and a second eigh did)."""
+        lams, vecs, zeros = [], [], []
+        for g in G:
+            evals, evecs = torch.linalg.eigh(g)  # ascending; cuSOLVER's syevd offers no subset
+            z = int((evals <= rel_tol2 * evals[-1].clamp_min(0)).sum())
+            lam, vec = _pick_bottom(evals, evecs, z, r)
+            lams.append(lam), vecs.append(vec), zeros.append(z)
+        return torch.stack(lams), torch.stack(vecs), torch.tensor(zeros, device=G.device)
 
 
 class _LapackBackend:
@@ -134,11 +264,34 @@ class _LapackBackend:
 
     @staticmethod
     def eigh_range(G: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eigenpairs with ascending indices lo..hi (inclusive) of each G, from its upper triangle."""
         import numpy as np
         from scipy.linalg import eigh
 
         pairs = [eigh(g, lower=False, subset_by_index=[lo, hi], driver="evr", check_finite=False) for g in G.numpy()]
         return torch.from_numpy(np.stack([w for w, _ in pairs])), torch.from_numpy(np.stack([v for _, v in pairs]))
+
+    @staticmethod
+    def top_basis(G: torch.Tensor, q: int, r: int) -> torch.Tensor:
+        n = G.shape[-1]
+        return _LapackBackend.eigh_range(G, n - q, n - 1)[1]  # float32 syevr: within TOP_RANK_R_RTOL on SmolLM2
+
+    @staticmethod
+    def bottom_pairs(G: torch.Tensor, r: int, rel_tol2: float):
+        """The lowest k = r + 16 eigenpairs of each G (syevr's subset), more for a matrix with that many zeros."""
+        small = G.shape[-1]
+        lams, vecs, zeros = [], [], []
+        for g, top in zip(G, _LapackBackend.top_eigenvalue(G)):
+            tol2, k = rel_tol2 * max(float(top), 0.0), min(small, r + 16)
+            while True:
+                evals, evecs = (t[0] for t in _LapackBackend.eigh_range(g[None], 0, k - 1))
+                z = int((evals <= tol2).sum())  # the "zero" ones are the lowest
+                if k == small or z + r <= k:
+                    break
+                k = min(small, z + r + 16)  # a rank-deficient matrix: look further up
+            lam, vec = _pick_bottom(evals, evecs, z, r)
+            lams.append(lam), vecs.append(vec), zeros.append(z)
+        return torch.stack(lams), torch.stack(vecs), torch.tensor(zeros)
 
     @staticmethod
     def top_eigenvalue(G: torch.Tensor, steps: int = 8, block: int = 8) -> torch.Tensor:
@@ -174,8 +327,8 @@ def _finish(U: torch.Tensor | None, V: torch.Tensor, S: torch.Tensor, rank: torc
 
 
 def _top_spectrum(W: torch.Tensor, r: int, W32: torch.Tensor | None = None) -> Spectrum:
-    """Top-r triplets: float32 Gram + its top-q eigenvectors (q = r + max(16, r/2)) as a basis of
-    the top subspace, then a float64 Rayleigh-Ritz step on W itself (`_refine_top`).
+    """Top-r triplets: float32 Gram + a basis of its top-q eigenspace (q = r + max(16, r/2)), then a
+    float64 Rayleigh-Ritz step on W itself (`_refine_top`).
 
     Why: the float32 steps cost half of float64 ones, and their errors are O(eps32 * s_1^2 / gap).
     Rayleigh-Ritz in float64 (one pass over W, cost 2 m n q) resolves every mixing inside the
@@ -193,60 +346,53 @@ def _top_spectrum(W: torch.Tensor, r: int, W32: torch.Tensor | None = None) -> S
     q = min(small, r + max(16, r // 2))  # room above r: the leak outside shrinks with the gap s_r - s_q+1
     backend = _backend(X)
     X32 = _tall(W32)[0] if W32 is not None else X.float()
-    _, guess = backend.eigh_range(backend.gram(X32), small - q, small - 1)  # ascending
+    guess = backend.top_basis(backend.gram(X32), q, r)
     return _refine_top(W, X, guess.to(X.device, torch.float64), r, transposed)
 
 
 def _refine_top(W: torch.Tensor, X: torch.Tensor, Q: torch.Tensor, r: int, transposed: bool) -> Spectrum:
     """Top-r triplets of X (float64) from a basis guess Q (batch, small, q) of its top right singular
     subspace, by Rayleigh-Ritz: the eigenproblem of Q^T X^T X Q (q x q), with Q made orthonormal in
-    float64 first (float32 eigenvectors are orthonormal only to ~1e-7)."""
-    Q, _ = torch.linalg.qr(Q)
-    Y = X @ Q  # (batch, m, q): the one pass over X
-    evals, Z = torch.linalg.eigh(Y.transpose(1, 2) @ Y)
-    evals, Z = evals.flip(-1), Z.flip(-1)
-    S_q = evals.clamp_min(0).sqrt()
-    rank = (S_q > max(W.shape[1], W.shape[2]) * RANK_EPS * S_q[:, :1]).sum(dim=1)
-    Z_r, S = Z[:, :, :r], S_q[:, :r]
-    # The left vectors come with Y: u_i = X v_i / s_i = Y z_i / s_i (no further pass over X).
-    # Zero singular values occur only in rejected (rank < r) matrices; guard the division.
-    U = (Y @ Z_r) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
-    return _finish(U, Q @ Z_r, S, rank, transposed)
+    float64 first (float32 eigenvectors are orthonormal only to ~1e-7). Matrix by matrix (see _TorchBackend)."""
+    tol = max(W.shape[1], W.shape[2]) * RANK_EPS
+    tiny = torch.finfo(torch.float64).tiny
+    Us, Vs, Ss, ranks = [], [], [], []
+    for x, basis in zip(X, Q):
+        basis, _ = torch.linalg.qr(basis)
+        Y = x @ basis  # (m, q): the one pass over X
+        evals, Z = chebyshev.small_eigh(Y.T @ Y)  # descending
+        S_q = evals.clamp_min(0).sqrt()
+        ranks.append((S_q > tol * S_q[0]).sum())
+        Z_r, S = Z[:, :r], S_q[:r]
+        # The left vectors come with Y: u_i = X v_i / s_i = Y z_i / s_i (no further pass over X).
+        # Zero singular values occur only in rejected (rank < r) matrices; guard the division.
+        Us.append((Y @ Z_r) / S.clamp_min(tiny)), Vs.append(basis @ Z_r), Ss.append(S)
+    return _finish(torch.stack(Us), torch.stack(Vs), torch.stack(Ss), torch.stack(ranks), transposed)
 
 
 def _bottom_spectrum(W: torch.Tensor, r: int, left: bool = True) -> Spectrum:
-    """Bottom-r nonzero triplets: float64 Gram, its lowest k = r + 16 eigenpairs (more when the
-    matrix has that many zero singular values), and the numerical rank from the largest eigenvalue.
+    """Bottom-r nonzero triplets: float64 Gram, its lowest eigenpairs above the numerical-rank threshold
+    (`bottom_pairs`), and the numerical rank.
 
     The small singular values need float64: a float32 Gram's errors (~eps32 * s_1^2) would swamp
     eigenvalues s_i^2 with s_i / s_1 below ~1e-3.
     """
     X, transposed = _tall(W)
     m, n = W.shape[1], W.shape[2]
-    small = X.shape[2]
     backend = _backend(X)
-    G = backend.gram(X)
     # numerical_rank's rule on eigenvalues: s_i > max(m, n) * eps32 * s_1  <=>  l_i > that^2 * l_1.
-    tol2 = (max(m, n) * RANK_EPS) ** 2 * backend.top_eigenvalue(G).to(X.device).clamp_min(0)
-    k = min(small, r + 16)
-    while True:
-        evals, evecs = backend.eigh_range(G, 0, k - 1)  # ascending
-        zeros = (evals <= tol2.unsqueeze(1)).sum(dim=1)  # the "zero" ones are the lowest
-        if k == small or bool((zeros + r <= k).all()):
-            break
-        k = min(small, int(zeros.max()) + r + 16)  # a rank-deficient matrix: look further up
-    evals, evecs = evals.to(X.device), evecs.to(X.device)
-    rank = small - zeros.to(X.device)
-    # Ascending indices zeros .. zeros+r-1 (clamped for matrices of rank < r, which the caller rejects).
-    sel = (zeros.to(X.device).unsqueeze(1) + torch.arange(r, device=X.device)).clamp_max(k - 1).flip(-1)
-    S = torch.gather(evals, 1, sel).clamp_min(0).sqrt()  # descending
-    V = torch.gather(evecs, 2, sel.unsqueeze(1).expand(-1, small, -1))
+    lam, V, zeros = backend.bottom_pairs(backend.gram(X), r, float(max(m, n) * RANK_EPS) ** 2)
+    lam, V, zeros = lam.to(X.device), V.to(X.device), zeros.to(X.device)
+    rank = X.shape[2] - zeros
+    S = lam.clamp_min(0).sqrt()  # descending
     U = None
     if left or transposed:  # X's left vectors are W's right ones when X = W^T
-        U = (X @ V) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+        tiny = torch.finfo(torch.float64).tiny
+        U = torch.stack([x @ v for x, v in zip(X, V)]) / S.clamp_min(tiny).unsqueeze(1)
     return _finish(U, V, S, rank, transposed)
 
 
+@at_full_float32
 def fast_spectrum(W: torch.Tensor, r: int, niter: int = 8, seed: int = 0, W32: torch.Tensor | None = None) -> Spectrum:
     """Randomised top-r SVD (Halko et al. 2011) in float32: a seeded Gaussian sketch of q = 2r
     columns, NITER power iterations (re-orthonormalised each time) and a Rayleigh-Ritz step, all on
@@ -267,22 +413,26 @@ def fast_spectrum(W: torch.Tensor, r: int, niter: int = 8, seed: int = 0, W32: t
     X32 = _tall(W32)[0] if W32 is not None else X.float()
     G = _backend(X32).gram(X32, full=True)
     gen = torch.Generator().manual_seed(seed)
-    Q = torch.randn(small, q, generator=gen).to(X.device).expand(X.shape[0], -1, -1)
-    for _ in range(niter):
-        Q, _ = torch.linalg.qr(G @ Q)
-    evals, Z = torch.linalg.eigh(Q.transpose(1, 2) @ G @ Q)  # Rayleigh-Ritz, q x q
-    evals, Z = evals.flip(-1), Z.flip(-1)[:, :, :r]
-    S_q = evals.clamp_min(0).sqrt()
-    rank = (S_q > max(W.shape[1], W.shape[2]) * RANK_EPS * S_q[:, :1]).sum(dim=1)
-    V, S = Q @ Z, S_q[:, :r]
-    U = (X32 @ V) / S.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    # Float32 products leave U and V orthonormal only to ~1e-6, more than a float32 adapter can show
-    # (verify holds orthonormal A0 rows / B0 columns to 4 eps32): re-orthonormalise both in float64.
-    return _finish(_orthonormalise(U.double()), _orthonormalise(V.double()), S.double(), rank, transposed)
+    start = torch.randn(small, q, generator=gen).to(X.device)
+    tol, tiny = max(W.shape[1], W.shape[2]) * RANK_EPS, torch.finfo(torch.float32).tiny
+    Us, Vs, Ss, ranks = [], [], [], []
+    for x, g in zip(X32, G):  # matrix by matrix (see _TorchBackend)
+        Q = start
+        for _ in range(niter):
+            Q, _ = torch.linalg.qr(g @ Q)
+        evals, Z = chebyshev.small_eigh((Q.T @ g @ Q).double())  # Rayleigh-Ritz, q x q, descending
+        S_q = evals.clamp_min(0).sqrt()
+        ranks.append((S_q > tol * S_q[0]).sum())
+        V, S = Q @ Z[:, :r].float(), S_q[:r]
+        U = (x @ V) / S.float().clamp_min(tiny)
+        # Float32 products leave U and V orthonormal only to ~1e-6, more than a float32 adapter can show
+        # (verify holds orthonormal A0 rows / B0 columns to 4 eps32): re-orthonormalise both in float64.
+        Us.append(_orthonormalise(U.double())), Vs.append(_orthonormalise(V.double())), Ss.append(S)
+    return _finish(torch.stack(Us), torch.stack(Vs), torch.stack(Ss), torch.stack(ranks), transposed)
 
 
 def _orthonormalise(M: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning M's (batch, k, r), each as close as QR gets to M's own column:
+    """Orthonormal columns spanning M's (k, r) (or a batch of them), each as close as QR gets to M's own column:
     R's diagonal is made positive so no vector flips. For nearly orthonormal M the columns move by
     about M's own orthonormality error."""
     Q, R = torch.linalg.qr(M)
