@@ -14,7 +14,7 @@ import torch
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.config import DTYPES, InitConfig
-from loraforge.inits.linalg import exact_spectrum, fast_spectrum
+from loraforge.inits.linalg import at_full_float32, exact_spectrum, fast_spectrum
 from loraforge.inits.methods import MethodInput
 from loraforge.inits.plan import check_ranks, module_seed, plan_batches
 from loraforge.models.targets import Target
@@ -53,6 +53,7 @@ class Workspace:
         return buf[:n].view(shape)
 
 
+@at_full_float32  # the float32 Gram, power iterations and (under --svd fast) residuals: no TF32
 def _init_batch(
     batch: list[Target],
     stored: list[torch.Tensor],
@@ -98,7 +99,8 @@ def _load_batch(batch, stored, config: InitConfig, device, workspace: Workspace,
     """W (batch, m, n) in the working precision on DEVICE, a float32 copy for top-r spectra, and ||W||_F.
 
     Our own float64 copy (and a float32 one for top-r spectra), filled in one pass per matrix: copy_
-    converts as it copies, and float32 holds bf16/fp16/fp32 weights exactly. `--svd fast` works in
+    converts as it copies, and float32 holds bf16/fp16/fp32 weights exactly. On a GPU the matrix goes over
+    as stored (`upload`) and is converted there. `--svd fast` works in
     float32 alone when the residual is stored in 16 bits: float32 residual arithmetic errs by ~6e-8
     of W, 1/60000 of bf16's own rounding, and the reported reconstruction error still measures that
     rounding. A float32 base would hide float32's error behind a zero, so it keeps float64.
@@ -109,6 +111,7 @@ def _load_batch(batch, stored, config: InitConfig, device, workspace: Workspace,
     W = workspace.take("W", shape, torch.float32 if fast32 else torch.float64, device)
     W32 = workspace.take("W32", shape, torch.float32, device) if method.spectrum == "top" and not fast32 else None
     for i, w in enumerate(stored):
+        w = upload(w, device)  # as stored (bf16: a quarter of float64's bytes), cast below on the device
         W[i].copy_(w)
         if W32 is not None:
             W32[i].copy_(w)
@@ -158,8 +161,10 @@ def _residualise(W: torch.Tensor, A_s: torch.Tensor, B_s: torch.Tensor, config: 
     gram_B, gram_A = Bd.transpose(1, 2) @ Bd, Ad @ Ad.transpose(1, 2)
     update_norm = (s * (gram_B * gram_A).sum(dim=(1, 2)).clamp_min(0).sqrt()).cpu()
     # In W's precision, inside the GEMM (no m x n temporary): W becomes the residual. (Stored
-    # factors are exact in float32 as in float64.)
-    W.baddbmm_(Bd.to(W.dtype), Ad.to(W.dtype), alpha=-s)
+    # factors are exact in float32 as in float64.) Matrix by matrix: a batched GEMM's kernel may
+    # depend on the batch count on a GPU, and a matrix's residual must not depend on its batch.
+    for w, b, a in zip(W, Bd.to(W.dtype), Ad.to(W.dtype)):
+        w.addmm_(b, a, alpha=-s)
     return update_norm
 
 
@@ -172,6 +177,30 @@ def _store_residual(R: torch.Tensor, base_dtype, w_norm, transposed: bool, stats
     stats["recon_max_abs"] = float(torch.maximum(-lo, hi))
     stats["recon_rel"] = float(torch.linalg.vector_norm(err) / w_norm) if w_norm > 0 else 0.0
     return (residual.T if transposed else residual).contiguous().cpu()
+
+
+def stage(w: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """W ready to go to DEVICE: in page-locked (pinned) host memory when DEVICE is a GPU, as stored.
+
+    Runs in the reader thread, so the host copy overlaps the decompositions. Why: from pageable memory the
+    driver copies through a bounce buffer, synchronously; from pinned memory the copy is DMA and asynchronous.
+    torch's caching host allocator reuses the pinned blocks, so pinning costs one memcpy per matrix after
+    the first batches. Weights already on a GPU, and every weight for a CPU init, are returned as they are."""
+    if device.type != "cuda" or w.device.type != "cpu" or w.is_pinned():
+        return w
+    return w.pin_memory()
+
+
+def upload(w: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """W on DEVICE in its stored dtype (the caller converts it there), or W itself when it is there already.
+
+    Why not `dest.copy_(w)` straight from the host: torch converts a blocking host-to-GPU copy's dtype ON
+    THE HOST, so a bf16 weight crossed as float64, four times its bytes (about 78 GB of host memory traffic for
+    Qwen2.5-7B's float64 and float32 copies), converted on the decomposing thread. As stored, from pinned
+    memory (`stage`), the copy is asynchronous and the conversion a GPU kernel."""
+    if w.device == device:
+        return w
+    return w.to(device, non_blocking=w.is_pinned())
 
 
 def factor_rounding(exact: torch.Tensor, stored: torch.Tensor, dim: int) -> torch.Tensor:
@@ -217,13 +246,13 @@ def compute_inits(
         concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader,
         concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as workers,
     ):
-        pending = reader.submit(lambda b=batches[0]: [read(t) for t in b]) if batches else None
+        pending = reader.submit(lambda b=batches[0]: [stage(read(t), devices[0]) for t in b]) if batches else None
         running: collections.deque = collections.deque()  # batches being decomposed, oldest first
         workspaces = [Workspace() for _ in devices]
         for i, batch in enumerate(batches):
             stored = pending.result()
             if i + 1 < len(batches):
-                pending = reader.submit(lambda b=batches[i + 1]: [read(t) for t in b])
+                pending = reader.submit(lambda b=batches[i + 1]: [stage(read(t), devices[0]) for t in b])
             if len(devices) == 1:  # on this thread: no hand-over, errors surface where they happen
                 yield _init_batch(batch, stored, config, devices[0], workspaces[0])
                 bar.update(len(batch))
