@@ -175,6 +175,14 @@ class TrainConfig:
             self.rollout,
         )
         need(0 < self.vllm_gpu_memory <= 1, "--vllm-gpu-memory", "in (0, 1]", self.vllm_gpu_memory)
+        if self.rollout == "vllm" and self.dtype == "float32":
+            # vLLM's LoRA kernels take only 16-bit activations and LoRA weights (lora_shrink asserts it); the
+            # engine runs in --dtype, like the trainer. Refused rather than switched: a silent bf16 sampler next
+            # to a float32 trainer would be a different run than the one asked for.
+            raise LoraforgeError(
+                "--rollout vllm needs --dtype bfloat16 or float16, got float32 (the default): vLLM's LoRA kernels "
+                "run only in 16-bit and vLLM loads the base in --dtype, as the trainer does; add --dtype bfloat16"
+            )
         need(self.logprob_check_rows >= 0, "--logprob-check-rows", ">= 0 (0 = off)", self.logprob_check_rows)
         need(self.logprob_check_tol > 0, "--logprob-check-tol", "> 0", self.logprob_check_tol)
         need(self.steps >= 1, "--steps", ">= 1", self.steps)

@@ -47,7 +47,7 @@ def test_world_size_must_divide_the_prompt_batch(model_dir, adapter_dir, tmp_pat
     ):
         Trainer(tiny_cfg(model_dir, adapter_dir, tmp_path / "run")).run()
     with pytest.raises(LoraforgeError, match="not divisible by the 3 GPUs"):
-        Trainer(tiny_cfg(model_dir, adapter_dir, tmp_path / "run", rollout="vllm")).run()
+        Trainer(tiny_cfg(model_dir, adapter_dir, tmp_path / "run", rollout="vllm", dtype="bfloat16")).run()
 
 
 def _free_port() -> int:

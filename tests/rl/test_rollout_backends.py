@@ -135,6 +135,8 @@ def test_rollout_vllm_without_vllm_says_what_to_install(model_dir, adapter_dir, 
             "synthetic:n=8,max=2,style=bare",
             "--rollout",
             "vllm",
+            "--dtype",
+            "bfloat16",
         ],
     )
     assert r.exit_code == 1 and "pip install 'loraforge[vllm]'" in r.output, r.output
