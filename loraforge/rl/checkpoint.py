@@ -79,7 +79,13 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving process saw. A job that sees fewer GPUs restores those it has:
+        # torch.cuda.set_rng_state_all would index a missing device ("invalid device ordinal"). Nothing is lost:
+        # no GPU this process cannot see runs anything of it, and the rollouts draw from the sampler's own
+        # generator ("sampler", below), not from these default ones. A job that sees more keeps its seeded state
+        # on the others.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
     if generator is not None and "sampler" in state:
         generator.set_state(state["sampler"])
 

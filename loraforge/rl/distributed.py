@@ -151,6 +151,8 @@ def init_distributed(device_flag: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     use_cuda = torch.cuda.is_available() and not device_flag.startswith("cpu")
+    if use_cuda:
+        _refuse_one_gpu_for_all(device_flag, world)  # before anything is started
     if use_cuda and torch.cuda.device_count() <= local_rank:
         raise LoraforgeError(
             f"{world} processes were launched on this machine but only {torch.cuda.device_count()} GPU(s) are "
@@ -172,10 +174,27 @@ def context() -> DistContext:
 
 
 def device_for(ctx: DistContext, device_flag: str) -> str:
-    """The --device value this process should use: its own GPU under a multi-GPU launch."""
-    if ctx.backend == "nccl" and device_flag in ("auto", "cuda"):
-        return f"cuda:{ctx.local_rank}"
+    """The --device value this process should use: its own GPU under a multi-GPU launch.
+
+    `auto` and `cuda` become cuda:LOCAL_RANK, the device `init_distributed` made current for nccl. `cuda:N` is
+    refused there (`_refuse_one_gpu_for_all`); single-process runs and CPU processes keep the flag as given."""
+    if ctx.backend == "nccl":
+        _refuse_one_gpu_for_all(device_flag, ctx.world)
+        if device_flag in ("auto", "cuda"):
+            return f"cuda:{ctx.local_rank}"
     return device_flag
+
+
+def _refuse_one_gpu_for_all(device_flag: str, world: int) -> None:
+    """Every process of a launch gets the same flags: with `--device cuda:N` all of them would load the model onto
+    GPU N while each one's NCCL communicator sits on the GPU of its local rank (NCCL's duplicate-GPU error, or
+    out of memory on GPU N)."""
+    if world > 1 and device_flag.startswith("cuda:"):
+        raise LoraforgeError(
+            f"--device {device_flag} under a launch of {world} processes: every process would load the model onto "
+            f"that one GPU. Use --device cuda (each process takes the GPU of its local rank) and choose the GPUs "
+            f"with CUDA_VISIBLE_DEVICES, e.g. CUDA_VISIBLE_DEVICES=2,3 accelerate launch --num_processes 2 ..."
+        )
 
 
 # ------------------------------------------------------------------------------------------------
