@@ -186,3 +186,23 @@ def test_gpu_path_top_r_matches_a_float64_svd_on_real_weights(smollm2, monkeypat
         assert np.linalg.norm(got - ref) < TOP_RANK_R_RTOL * np.linalg.norm(ref), name
         energy = float((spectrum.S[0] ** 2).sum())
         assert abs(energy - (S[:r] ** 2).sum()) / (S[:r] ** 2).sum() < 1e-6, name
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu path on the cpu"])
+@pytest.mark.parametrize("method", ["rlpo", "rlmo", "pissa"])
+def test_adapter_and_base_bytes_do_not_depend_on_the_batch_plan(tiny_models, tmp_path, monkeypatch, method, backend):
+    # --batch-mib 1 puts one matrix in each batch, the default all same-shaped matrices of this tiny model in one:
+    # the files are the same bytes. (On a GPU the device script checks the same thing.)
+    from loraforge import InitConfig, init_adapter
+
+    if backend != "cpu":
+        monkeypatch.setattr(linalg, "_backend", lambda X: linalg._TorchBackend)
+        monkeypatch.setattr(linalg, "CHEBYSHEV_MIN_N_OVER_Q", 0)
+
+    def files(out):
+        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+
+    one, all_ = tmp_path / "one", tmp_path / "all"
+    init_adapter(str(tiny_models["qwen2"]), one, InitConfig(method=method, r=4, batch_mib=1))
+    init_adapter(str(tiny_models["qwen2"]), all_, InitConfig(method=method, r=4))
+    assert files(one) == files(all_)

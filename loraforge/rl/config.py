@@ -49,7 +49,9 @@ class TrainConfig:
     gguf_file: str | None = setting(None, "load the base from this GGUF file inside --model (dequantised)")
     tokenizer: str | None = setting(None, "tokenizer dir or id (default: the base model's)")
     data_split: str = setting("train", "split of a Hub dataset")
-    dtype: str = setting("float32", "float32 | bfloat16 | float16: dtype of the base model weights")
+    dtype: str = setting(
+        "float32", "float32 | bfloat16 | float16: dtype of the base model weights (16-bit with --rollout vllm)"
+    )
     device: str = setting("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     trust_remote_code: bool = setting(False, "allow a model repository's own code to run")
     # --- prompts and rewards ------------------------------------------------------------------
