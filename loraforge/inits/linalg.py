@@ -63,8 +63,15 @@ def _backends():
 
 def _pin() -> tuple | None:
     """Turn reduced-precision float32 matmuls off; returns how to undo it (None: nothing was changed)."""
-    cuda, mkldnn = _backends()
-    saved_new = (cuda.fp32_precision, mkldnn.fp32_precision)
+    try:
+        cuda, mkldnn = _backends()
+        saved_new = (cuda.fp32_precision, mkldnn.fp32_precision)
+    except AttributeError:  # torch before 2.9: the legacy API alone
+        legacy = torch.get_float32_matmul_precision()
+        if legacy == "highest":
+            return None
+        torch.set_float32_matmul_precision("highest")
+        return ("legacy", legacy)
     if all(v in _FULL for v in saved_new):
         return None
     try:
