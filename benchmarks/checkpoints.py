@@ -3,7 +3,9 @@
 - `QWEN2_PRESETS`: the shapes of Qwen2.5-1.5B and -7B (random weights; only the shapes matter for
   timing and memory), and a tiny one to check the scripts in seconds.
 - `write_random_checkpoint(...)`: a random bf16 Qwen2 checkpoint of a preset's shape, written shard
-  by shard from a meta-device skeleton (never the whole model in memory).
+  by shard from a meta-device skeleton (never the whole model in memory). `spectrum="powerlaw"` gives its
+  projections a pretrained-like top spectrum (the init's partial eigensolver is timed on those; Gaussian
+  weights crowd their top singular values at the noise edge, which no pretrained model does).
 - `truncate_checkpoint(...)`: a copy of a checkpoint keeping only its first N blocks.
 """
 
@@ -78,6 +80,7 @@ def write_random_checkpoint(
     shard_mib: int = 2048,
     device: str = "cpu",
     reuse: bool = True,
+    spectrum: str = "gaussian",
 ) -> dict:
     """Write a random bf16 Qwen2 checkpoint with PRESET's shapes (QWEN2_PRESETS) to PATH.
 
@@ -95,13 +98,16 @@ def write_random_checkpoint(
     spec = dict(QWEN2_PRESETS[preset])
     if num_hidden_layers is not None:
         spec["num_hidden_layers"] = num_hidden_layers
-    marker = {"preset": preset, "spec": spec, "seed": seed, "format": "loraforge-bench-random/1"}
+    marker = {"preset": preset, "spec": spec, "seed": seed, "format": "loraforge-bench-random/2"}  # 2: architectures
+    if spectrum != "gaussian":
+        marker["spectrum"] = spectrum
     if reuse and (path / "bench_checkpoint.json").exists():
         if json.loads((path / "bench_checkpoint.json").read_text()) == marker:
             size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
             return {"path": str(path), "reused": True, "seconds": 0.0, "bytes": size}
     started = time.perf_counter()
-    config = Qwen2Config(**spec, dtype="bfloat16")
+    # `architectures` as save_pretrained of a real model writes it (loraforge reads targets off the header then)
+    config = Qwen2Config(**spec, dtype="bfloat16", architectures=["Qwen2ForCausalLM"])
     plan = _tensor_plan(config)
     limit = shard_mib * 2**20
     shards, current, size = [], [], 0
@@ -123,7 +129,7 @@ def write_random_checkpoint(
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
         tensors = {}
         for name, shape in shard:
-            tensors[name] = _random_tensor(name, shape, seed, device).cpu()
+            tensors[name] = _random_tensor(name, shape, seed, device, spectrum).cpu()
             weight_map[name] = fname
             total += 2 * _numel(shape)
         save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
@@ -148,13 +154,31 @@ def _numel(shape) -> int:
     return n
 
 
-def _random_tensor(name: str, shape, seed: int, device: str):
+def _random_tensor(name: str, shape, seed: int, device: str, spectrum: str = "gaussian"):
     import torch
 
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=torch.bfloat16, device=device)
     g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    if spectrum == "powerlaw" and name.endswith("proj.weight"):
+        return _powerlaw(shape, g, device)
     return torch.randn(shape, generator=g, dtype=torch.bfloat16, device=device).mul_(0.02)
+
+
+def _powerlaw(shape, g, device: str):
+    """N(0, 0.02) noise plus k = 256 spikes s_i = 4 edge i^-0.18 (edge = 0.02 (sqrt m + sqrt n), the noise's top
+    singular value) on random directions: a top spectrum decaying like SmolLM2-135M's (s_32 / s_49 about 1.08, the
+    middle of its 1.04-1.6), s_1 about 4x the noise edge, the 256th spike about 1.5x."""
+    import torch
+
+    m, n = shape
+    k = min(256, min(m, n) // 2)
+    edge = 0.02 * (m**0.5 + n**0.5)
+    s = 4 * edge * torch.arange(1, k + 1, dtype=torch.float32, device=device) ** -0.18
+    U = torch.randn(m, k, generator=g, device=device) / m**0.5
+    V = torch.randn(n, k, generator=g, device=device) / n**0.5
+    W = torch.randn(m, n, generator=g, device=device).mul_(0.02).addmm_(U * s, V.T)
+    return W.to(torch.bfloat16)
 
 
 def truncate_checkpoint(src, dst, num_layers: int) -> Path:
@@ -167,11 +191,13 @@ def truncate_checkpoint(src, dst, num_layers: int) -> Path:
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
-    marker = {"src": str(src.resolve()), "num_layers": num_layers}
+    marker = {"src": str(src.resolve()), "num_layers": num_layers, "format": 2}  # 2: layer_types truncated too
     if (dst / "bench_truncated.json").exists() and json.loads((dst / "bench_truncated.json").read_text()) == marker:
         return dst
     config = json.loads((src / "config.json").read_text())
     config["num_hidden_layers"] = num_layers
+    if isinstance(config.get("layer_types"), list):  # transformers 5 checks it has one entry per block
+        config["layer_types"] = config["layer_types"][:num_layers]
     files = sorted(src.glob("*.safetensors"))
     layer_re = re.compile(r"\.layers\.(\d+)\.")
     tensors = {}
