@@ -183,7 +183,6 @@ def check_output(out: Path, adapters: dict[str, str | Path]) -> None:
     check_paths(inputs, [name_path("-o", out)])
 
 
-
 # Without a lineage file, how far a trained adapter may be from an init it was trained from
 # (`init_distance`): the median over modules of how much each row of A (column of B) changed ALONG the
 # init's row, relative to it; and, for B0 = 0 inits, how large B grew relative to A0. Measured with
