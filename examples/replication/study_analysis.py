@@ -134,12 +134,12 @@ def plot_training(args, runs: list, out: Path, cli: list[str]) -> None:
 # statistics per grid entry
 def heldout_stats(args, runs: list, curves: dict) -> dict:
     """Per grid entry (lr), per held-out kind and evaluated step: each method's mean with its bootstrap and
-    t intervals, and the contrasts' differences. Only finished runs count (a grid cut short still gives a
-    table), and a method enters a step only with every one of its finished seeds."""
+    t intervals, and the contrasts' differences. A run counts at every step it has been evaluated at, so a
+    grid cut short still gives its table; each cell records how many seeds it holds (`seeds`)."""
     stats = {}
-    finished = [r for r in runs if is_done(args, r)]
-    for entry in sorted({r.grid for r in finished}):
-        entry_runs = [r for r in finished if r.grid == entry]
+    evaluated = [r for r in runs if len(curves.get(r.name, {})) > 1]  # the init's step 0 and at least one more
+    for entry in sorted({r.grid for r in evaluated}):
+        entry_runs = [r for r in evaluated if r.grid == entry]
         lr = entry_runs[0].lr
         methods = list(dict.fromkeys(r.method for r in entry_runs))
         per_kind = {}
@@ -148,8 +148,8 @@ def heldout_stats(args, runs: list, curves: dict) -> dict:
             for step in [0, *eval_steps(args)]:
                 by_method = {}
                 for m in methods:
-                    mine = [r for r in entry_runs if r.method == m]
-                    if all(step in curves.get(r.name, {}) for r in mine):
+                    mine = [r for r in entry_runs if r.method == m and step in curves[r.name]]
+                    if mine:
                         by_method[m] = [curves[r.name][step][kind] for r in mine]
                 if by_method:
                     per_step[step] = step_stats(by_method)

@@ -71,14 +71,20 @@ def heldout_table(entry: dict, kind: str, label: str) -> list[str]:
     steps = sorted(per_step, key=int)
     lines = [
         f"Held-out {label}, lr {entry['lr']:g}, in percent: mean over seeds [95% bootstrap interval "
-        "over seeds and problems]",
+        "over seeds and problems]; (n): a step only n of the method's seeds have reached",
         "",
         "| method | seeds | " + " | ".join(f"step {s}" for s in steps) + " |",
         "|---|---|" + "---|" * len(steps),
     ]
     for m in entry["methods"]:
-        cells = [pct(per_step[s]["methods"][m]["boot"]) if m in per_step[s]["methods"] else "–" for s in steps]
-        seeds = max((per_step[s]["methods"][m]["seeds"] for s in steps if m in per_step[s]["methods"]), default=0)
+        counts = {s: per_step[s]["methods"][m]["seeds"] for s in steps if m in per_step[s]["methods"]}
+        seeds = max(counts.values(), default=0)
+        cells = [
+            "–"
+            if s not in counts
+            else pct(per_step[s]["methods"][m]["boot"]) + (f" ({counts[s]})" if counts[s] < seeds else "")
+            for s in steps
+        ]
         lines.append(f"| {LABELS[m]} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
