@@ -144,10 +144,14 @@ def write_tables(args, runs: list, summaries: dict, stats: dict, collapsed: dict
 
 
 def per_step_mean(args, runs: list, key: str) -> tuple[list[int], list[float]]:
-    """A training metric averaged over the runs (seeds) at every step all of them reached."""
+    """A training metric averaged, at every step, over the runs (seeds) that have reached it."""
     cols = [{m["step"]: float(m[key]) for m in read_metrics(run_dir(args, r)) if key in m} for r in runs]
-    steps = sorted(set.intersection(*(set(c) for c in cols))) if cols else []
-    return steps, [sum(c[s] for c in cols) / len(cols) for s in steps]
+    steps = sorted(set().union(*cols))
+    means = []
+    for s in steps:
+        values = [c[s] for c in cols if s in c]
+        means.append(sum(values) / len(values))
+    return steps, means
 
 
 def heldout_figure(args, runs: list, entry: dict, path: Path) -> None:
@@ -189,8 +193,19 @@ def heldout_figure(args, runs: list, entry: dict, path: Path) -> None:
     axes[2].set_yscale("log")
     axes[3].set_yscale("log")
     axes[0].legend()
-    seeds = len({r.seed for r in runs})
-    fig.suptitle(f"lr {entry['lr']:g}: mean over {seeds} seeds; bands: 95% bootstrap over seeds and held-out problems")
+    seeds = sorted(
+        {
+            st["seeds"]
+            for per_step in entry["heldout"].values()
+            for x in per_step.values()
+            for st in x["methods"].values()
+        }
+    )
+    shown = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    fig.suptitle(
+        f"lr {entry['lr']:g}: mean over {shown} seed(s) per method and step; bands: 95% bootstrap over seeds and "
+        "held-out problems"
+    )
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
