@@ -194,9 +194,11 @@ def analyse(args, model: Path, runs: list, status: dict) -> None:
     summaries, curves = {}, {}
     for r in runs:
         curves[r.name] = heldout_curve(args, r)
+        dest = out / "runs" / r.name
+        if len(curves[r.name]) > 1:  # evaluated beyond its init: its reports enter the statistics, so they ship
+            copy_run(args, r, dest)
         if not is_done(args, r):
             continue
-        dest = out / "runs" / r.name
         copy_run(args, r, dest)
         summary = run_summary(read_metrics(run_dir(args, r)), args.window)
         geometry = inspect_run(args, model, r, dest, cli, env) if not args.no_inspect else None
