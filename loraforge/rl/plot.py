@@ -21,6 +21,21 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _ticks(ax) -> None:
+    """Whole steps on the x-axis (matplotlib's default puts 1.25, 1.5 between steps 1 and 2), and plain numbers on
+    a log y-axis (matplotlib writes `1.28×10⁰` for the minor ticks it labels when the range is under a decade)."""
+    from matplotlib.ticker import LogFormatter, MaxNLocator
+
+    class Plain(LogFormatter):  # matplotlib's choice of which log ticks get a label, written as 0.2, 1.28, 1e-05
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:.3g}"
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_formatter(Plain(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] | None = None) -> Path:
     try:
         import matplotlib
@@ -51,6 +66,7 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] 
         ax.grid(alpha=0.3)
         if key in ("kl", "grad_norm"):
             ax.set_yscale("log")
+        _ticks(ax)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     out_path = Path(out)

@@ -173,3 +173,37 @@ def test_docs_list_every_flag():
     text = (Path(__file__).parents[2] / "docs" / "train.md").read_text()
     missing = [flag_of(f.name) for f in dataclasses.fields(TrainConfig) if f"`{flag_of(f.name)}" not in text]
     assert not missing, f"docs/train.md does not describe {missing}"
+
+
+def test_plot_ticks_whole_steps_and_plain_log_labels(tmp_path, monkeypatch):
+    """Two steps used to get x ticks 1.25, 1.5, ...; a grad norm between 1.2 and 1.4 (under a decade on a log
+    axis) got minor labels like 1.28×10⁰."""
+    figure = pytest.importorskip("matplotlib.figure")
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"step": 1, "reward": -1.0, "grad_norm": 1.2, "kl": 2e-4},
+        {"step": 2, "reward": 0.5, "grad_norm": 1.4, "kl": 5e-3},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    real_savefig = figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # the figure as written, to read its tick labels
+        fig.canvas.draw()
+        figures.append(
+            [(ax.get_xticklabels(), ax.get_yticklabels() + ax.get_yticklabels(minor=True)) for ax in fig.axes]
+        )
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(figure.Figure, "savefig", keep)
+    r = CliRunner().invoke(main, ["plot", str(run), "-o", str(tmp_path / "p.png")])
+    assert r.exit_code == 0, r.output
+    (panels,) = figures
+    for xs, _ in panels:
+        assert all(float(t.get_text().replace("−", "-")).is_integer() for t in xs if t.get_text())
+    grad_labels = [t.get_text() for t in panels[1][1] if t.get_text()]
+    assert "1.3" in grad_labels and not any("10^" in t or "times" in t for t in grad_labels), grad_labels
+    kl_labels = [t.get_text() for t in panels[2][1] if t.get_text()]
+    assert "0.001" in kl_labels and not any("mathdefault" in t for t in kl_labels), kl_labels
+
