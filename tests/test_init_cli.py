@@ -74,6 +74,27 @@ def test_missing_model_says_so(tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_relative_path_that_does_not_exist_is_no_such_directory(tiny_models, tmp_path, monkeypatch):
+    """`models/nope` beside a `models/` directory is a missing directory, not a Hub id to download; an `org/name`
+    whose `org/` is not here still goes to the Hub (offline in the tests: "not in the local cache")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    res = invoke("init", "models/nope", "--method", "rlpo", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "No such directory: models/nope (models/ is a directory here" in res.output
+    res = invoke("init", "HuggingFaceTB/nope", "--method", "rlpo", "-r", 4, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "not in the local cache" in res.output and "No such directory" not in res.output
+    (tmp_path / "models" / "tiny").symlink_to(tiny_models["llama"])  # and an existing one is read as it is
+    assert invoke("init", "models/tiny", "--method", "rlpo", "-r", 4, "-o", tmp_path / "o").exit_code == 0
+
+
+def test_rank_no_module_can_hold_says_the_largest_allowed(tiny_models, tmp_path):
+    # tiny llama: q_proj/o_proj 64 x 64, k/v 32 x 64, gate/up 96 x 64, down 64 x 96: every module has min side <= 64
+    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", 1000, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and not (tmp_path / "o").exists()
+    assert "the largest -r allowed is 64 (model.layers.0.self_attn.q_proj, 64 x 64)" in res.output
+    assert "-r 32 or less keeps every module (the smallest, model.layers.0.self_attn.k_proj, is 32 x 64)" in res.output
+
+
 def test_directory_without_weights(tiny_models, tmp_path):
     d = tmp_path / "empty"
     d.mkdir()

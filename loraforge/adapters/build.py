@@ -30,7 +30,7 @@ from loraforge.core.devices import decomposition_devices
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.compute import compute_inits
 from loraforge.inits.config import DTYPES, InitConfig
-from loraforge.inits.plan import drop_small
+from loraforge.inits.plan import drop_small, rank_limits
 from loraforge.inits.sanity import check_inits
 from loraforge.models.experts import ExpertKeys, expert_keys
 from loraforge.models.source import companion_files, resolve_source
@@ -72,11 +72,13 @@ def select_targets(model: torch.nn.Module, config: InitConfig) -> tuple[list[Tar
     skipped: dict[str, str] = {}
     targets = find_targets(model, config.target_modules, config.layers, skipped)
     if parse_target_modules(config.target_modules) == "all-linear":
+        found = targets
         targets, small = drop_small(targets, config.r)
         skipped.update(small)
         if not targets:
             raise LoraforgeError(
-                f"No module of {type(model).__name__} can hold rank -r {config.r} ({len(small)} are smaller). Lower -r."
+                f"No module of {type(model).__name__} can hold rank -r {config.r} ({len(small)} are smaller): "
+                f"{rank_limits(found)}. Lower -r."
             )
     return targets, skipped
 

@@ -45,6 +45,20 @@ def check_ranks(targets: Sequence[Target], r: int) -> None:
             )
 
 
+def rank_limits(targets: Sequence[Target]) -> str:
+    """`the largest -r allowed is 576 (model.layers.0.mlp.up_proj, 1536 x 576); -r 192 or less keeps every module
+    (the smallest, model.layers.0.self_attn.k_proj, is 192 x 576)`: what a refused -r is told (pure)."""
+    big = max(targets, key=lambda t: min(t.shape))
+    small = min(targets, key=lambda t: min(t.shape))
+    text = f"the largest -r allowed is {min(big.shape)} ({big.name}, {big.out_features} x {big.in_features})"
+    if min(small.shape) < min(big.shape):
+        text += (
+            f"; -r {min(small.shape)} or less keeps every module (the smallest, {small.name}, is "
+            f"{small.out_features} x {small.in_features})"
+        )
+    return text
+
+
 def drop_small(targets: Sequence[Target], r: int) -> tuple[list[Target], dict[str, str]]:
     """The targets of the default set that can hold rank R, and {name: reason} for those that cannot.
 
