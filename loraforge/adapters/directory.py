@@ -29,7 +29,7 @@ from loraforge.adapters.writers import (
 from loraforge.core.errors import LoraforgeError
 from loraforge.inits.methods import METHODS, Method
 from loraforge.models.checkpoint import SafetensorsFile
-from loraforge.models.source import read_json_object
+from loraforge.models.source import check_local_or_hub, read_json_object
 
 LEGACY_WEIGHTS = "adapter_model.bin"
 # PEFT saves factors as base_model.model.<module>.lora_A.weight (the adapter name stripped); a
@@ -405,8 +405,14 @@ def resolve_base(adapter: str | Path, model: Optional[str] = None, flag: str = "
                 f"{flag} {model} is the residual base of the init {owner} (its adapter was subtracted from the "
                 f"weights), but {adapter} was made for the original model; pass the original model with {flag}"
             )
+    given = f"{flag} {model}"
     if model is None:
         model = config.get("base_model_name_or_path")
         if not model:
             raise LoraforgeError(f"--adapter {adapter} names no base model (base_model_name_or_path); pass {flag}")
+        given = f"the base model {adapter} names (base_model_name_or_path; {flag} overrides it)"
+    try:
+        check_local_or_hub(model)  # `models/nope`: "no such directory", not a network error from the Hub
+    except LoraforgeError as e:
+        raise LoraforgeError(f"{given}: {e}") from None
     return BaseModel(str(Path(model).resolve()) if Path(model).exists() else model, False)

@@ -53,6 +53,30 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
+def check_local_or_hub(model: str) -> None:
+    """Refuse MODEL when it names a local directory that is not there; a Hub id passes.
+
+    `org/name` is both a Hub id and a relative path. It is taken for a path (and refused with "no such
+    directory" rather than sent to the Hub, whose failure would be a network or not-found error) when it
+    looks like one (`./x`, `/x`, `a/b/c`, `x/`) or when its first part is a directory here (`models/nope` next
+    to a `models/` directory). The one rule for every command that takes a model (init, verify, inspect, and
+    the base of `train` through adapters.directory.resolve_base)."""
+    local = Path(model).expanduser()
+    if local.exists():
+        return
+    parts = Path(model).parts
+    if _looks_like_path(model):
+        raise LoraforgeError(
+            f"No such directory: {model}. "
+            "Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+        )
+    if len(parts) > 1 and Path(parts[0]).is_dir():
+        raise LoraforgeError(
+            f"No such directory: {model} ({parts[0]}/ is a directory here, but holds no {Path(*parts[1:])}). Pass a "
+            f"model directory; a Hub id of the same form is taken for a path while a directory {parts[0]}/ is here."
+        )
+
+
 def resolve_source(
     model: str, revision: Optional[str] = None, token: Optional[str] = None, trust_remote_code: bool = False
 ) -> Source:
@@ -66,11 +90,7 @@ def resolve_source(
         if revision:
             raise LoraforgeError(f"--revision {revision} was given, but {model} is a local directory; drop --revision.")
         return _read_dir(model, local, None, True)
-    if _looks_like_path(model):
-        raise LoraforgeError(
-            f"No such directory: {model}. "
-            "Pass a model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
-        )
+    check_local_or_hub(model)
     path, sha = _download(model, revision, token, trust_remote_code)
     return _read_dir(model, path, sha, False)
 
@@ -92,7 +112,8 @@ def _download(repo_id: str, revision: Optional[str], token: Optional[str], trust
         return Path(path), info.sha
     except hf_errors.RepositoryNotFoundError:
         raise LoraforgeError(
-            f"No model {repo_id!r} on the Hugging Face Hub, or it is private or gated. Check the id; for a private "
+            f"No local directory {repo_id} and no model {repo_id!r} on the Hugging Face Hub, or it is private or "
+            "gated. Check the id; for a private "
             "model log in with `hf auth login` or set HF_TOKEN; for a local model pass its directory."
         ) from None
     except hf_errors.RevisionNotFoundError:
@@ -101,7 +122,8 @@ def _download(repo_id: str, revision: Optional[str], token: Optional[str], trust
         ) from None
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
         raise LoraforgeError(
-            f"Could not get {repo_id!r}: the Hub is unreachable or offline mode is on, and it is not in the local "
+            f"Could not get {repo_id!r}: it is not a local directory, the Hub is unreachable or offline mode is on, "
+            "and it is not in the local "
             f"cache ({type(e).__name__}). Connect to the network, or pass a local model directory."
         ) from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
@@ -114,7 +136,8 @@ def _download(repo_id: str, revision: Optional[str], token: Optional[str], trust
         if not is_network_error(e):
             raise
         raise LoraforgeError(
-            f"Could not reach the Hugging Face Hub to get {repo_id!r} ({type(e).__name__}: {e}). Check the network, "
+            f"Could not reach the Hugging Face Hub to get {repo_id!r} ({type(e).__name__}: {e}), and it is not a "
+            "local directory. Check the network, "
             "pass a local model directory, or set HF_HUB_OFFLINE=1 to use the local cache."
         ) from None
 

@@ -207,3 +207,10 @@ def test_plot_ticks_whole_steps_and_plain_log_labels(tmp_path, monkeypatch):
     kl_labels = [t.get_text() for t in panels[2][1] if t.get_text()]
     assert "0.001" in kl_labels and not any("mathdefault" in t for t in kl_labels), kl_labels
 
+
+def test_train_base_model_relative_path_that_does_not_exist(adapter_dir, tmp_path, monkeypatch):
+    """`--model models/nope` beside a models/ directory: no such directory, not a network error from the Hub."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    r = CliRunner().invoke(main, _args("models/nope", adapter_dir, tmp_path / "run"))
+    assert r.exit_code == 1 and "--model models/nope: No such directory: models/nope" in r.output, r.output
