@@ -193,6 +193,24 @@ def test_card_metadata_and_text(inits):
     assert "`A0 = V_r^T`, `B0 = 0`" in rlpo and "exact no-op" in rlpo
 
 
+def test_cards_name_the_paper_as_the_readme_does_and_link_the_repository(inits):
+    """The paper's title and arXiv id are the README's; loraforge is linked to its repository (it is installed from a
+    clone, not from the package index), on every card a push writes."""
+    from pathlib import Path
+
+    from loraforge.adapters.card import ARXIV_ID, REPOSITORY
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    title = "Geometry-Preserving Orthonormal Initialization for Low-Rank Adaptation in RLVR"
+    assert f'"{title}", arXiv {ARXIV_ID}' in " ".join(readme.split())
+    plan = plan_push(inits["pissa"], PushConfig("me/tiny-pissa", base_model="org/tiny-llama"))
+    for repo, card in plan.cards.items():
+        assert "pypi.org" not in card and f"[loraforge]({REPOSITORY})" in card, repo
+    adapter_card = plan.cards["me/tiny-pissa"]
+    assert f'"{title}" ([arXiv {ARXIV_ID}](https://arxiv.org/abs/{ARXIV_ID}))' in adapter_card
+    assert f"arxiv:{ARXIV_ID}" in front_matter(adapter_card)["tags"]  # the Hub links the paper page from this tag
+
+
 def test_local_init_card_parses_too(inits):
     meta = front_matter((inits["rlpo"] / "README.md").read_text())
     assert meta["library_name"] == "peft" and "loraforge" in meta["tags"] and "rlpo" in meta["tags"]

@@ -14,7 +14,15 @@ from typing import Optional
 
 from loraforge.core.clients import vllm_serve_command
 
-PAPER = "LoRA initialisation for RL with verifiable rewards (LoRA-RLPO / LoRA-RLMO, 2026)"
+# The paper as the README names it (tests/test_push.py checks that the two agree), and where loraforge lives: the
+# repository, since loraforge is not on the package index (installed from a clone).
+ARXIV_ID = "2606.31813"
+PAPER = (
+    '"Geometry-Preserving Orthonormal Initialization for Low-Rank Adaptation in RLVR" '
+    f"([arXiv {ARXIV_ID}](https://arxiv.org/abs/{ARXIV_ID}))"
+)
+REPOSITORY = "https://github.com/loraforge/loraforge"
+LORAFORGE = f"[loraforge]({REPOSITORY})"
 
 
 @dataclass
@@ -116,13 +124,13 @@ def render_model_card(manifest: dict, refs: Optional[CardRefs] = None) -> str:
     # residual base between the original and the adapter).
     lines = _front_matter(
         refs.base if (not residual or refs.base_is_repo) else refs.original,
-        ["loraforge", "lora", "peft", manifest["method"], "rlvr"],
+        ["loraforge", "lora", "peft", manifest["method"], "rlvr", f"arxiv:{ARXIV_ID}"],
         relation="adapter",
     )
     lines += [
         f"# {manifest['paper_name']} adapter (r={manifest['r']}) for {refs.original}",
         "",
-        f"A LoRA adapter initialised by [loraforge](https://pypi.org/project/loraforge/) with `{manifest['method']}` "
+        f"A LoRA adapter initialised by {LORAFORGE} with `{manifest['method']}` "
         f"({manifest['paper_name']}{'; ' + method.source if method else ''}), ready for RL with verifiable rewards "
         f"(GRPO, DAPO). It has not been trained: it is the starting point the method prescribes.",
         "",
@@ -215,7 +223,7 @@ def render_base_card(manifest: dict, refs: CardRefs) -> str:
         f"# Residual base for the {manifest['paper_name']} adapter {refs.adapter}",
         "",
         f"`{refs.original}` with every target weight replaced by `W0 - s * B0 A0` (s = {manifest['scaling']:g}, "
-        f"r = {manifest['r']}), written by [loraforge](https://pypi.org/project/loraforge/). Other weights, the "
+        f"r = {manifest['r']}), written by {LORAFORGE}. Other weights, the "
         "config and the tokenizer are unchanged.",
         "",
         f"**It is not a usable model on its own**: load it together with the adapter "
@@ -265,7 +273,7 @@ def render_plain_card(config: dict, refs: CardRefs) -> str:
         "",
         f"A PEFT LoRA adapter (r = {config['r']}, alpha = {config['lora_alpha']:g}"
         f"{', rsLoRA' if config.get('use_rslora') else ''}) "
-        "uploaded with [loraforge](https://pypi.org/project/loraforge/). "
+        f"uploaded with {LORAFORGE}. "
         f"Load it on `{refs.base}`.",
         "",
     ]
