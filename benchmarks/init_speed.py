@@ -49,7 +49,8 @@ import workers  # noqa: E402
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_MODEL = "/work/models/SmolLM2-135M-Instruct"
+# what examples/quickstart.sh writes (`python -m loraforge.models.smollm2 models/SmolLM2-135M-Instruct` alone)
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct")
 
 # case name -> (side, settings)
 CASES = {

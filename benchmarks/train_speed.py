@@ -52,7 +52,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "/work/models/SmolLM2-135M-Instruct"
+# what examples/quickstart.sh writes (`python -m loraforge.models.smollm2 models/SmolLM2-135M-Instruct` alone)
+DEFAULT_MODEL = str(REPO / "models" / "SmolLM2-135M-Instruct")
 SETTINGS = {"1x8x32": (1, 8, 32), "8x8x128": (8, 8, 128)}  # prompts x completions x max new tokens
 MICRO = 8  # rows per forward/backward on both sides
 
