@@ -198,7 +198,13 @@ def _shape_mismatch_message(text: str, adapter: Path, model_src: str) -> str:
 def make_rollout(name: str, trainer) -> RolloutBackend:
     """The backend named by --rollout, built for `trainer` (after its setup)."""
     if name == "transformers":
-        return TransformersRollout(trainer.model, trainer.tokenizer, trainer.generator, trainer.cfg.rollout_batch_size)
+        return TransformersRollout(
+            trainer.model,
+            trainer.tokenizer,
+            trainer.generator,
+            trainer.cfg.rollout_batch_size,
+            progress=lambda *counts: trainer.progress.rollout(*counts),
+        )
     if name == "vllm":
         from loraforge.rl.vllm_rollout import VLLMRollout
 

@@ -49,15 +49,22 @@ class TransformersRollout:
 
     separate = False
 
-    def __init__(self, model, tokenizer, generator: torch.Generator, batch_size: int | None):
+    def __init__(self, model, tokenizer, generator: torch.Generator, batch_size: int | None, progress=None):
         self.model, self.tokenizer, self.generator, self.batch_size = model, tokenizer, generator, batch_size
+        self.progress = progress  # generate's progress(rows done, rows, tokens): the run's progress display
 
     def sync(self, model, step: int) -> None:  # same module: nothing to sync
         return None
 
     def generate(self, prompts: list[str], params: SamplingParams) -> Generation:
         return generate(
-            self.model, self.tokenizer, prompts, params, generator=self.generator, batch_size=self.batch_size
+            self.model,
+            self.tokenizer,
+            prompts,
+            params,
+            generator=self.generator,
+            batch_size=self.batch_size,
+            progress=self.progress,
         )
 
 

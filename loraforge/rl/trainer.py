@@ -62,6 +62,7 @@ from loraforge.rl.distributed import context as dist_context
 from loraforge.rl.failsafe import FailSafe, Terminated, TrainingDiverged, run_lock
 from loraforge.rl.metrics import MetricsLogger, SamplesLog
 from loraforge.rl.policy import adapter_params, load_policy, lr_factor, make_rollout
+from loraforge.rl.progress import NoProgress, StepProgress, banner
 from loraforge.rl.rewards import RewardGuard, Scorer, get_scorer
 from loraforge.rl.rollout_side import RolloutSide
 from loraforge.rl.update import PolicyUpdate
@@ -100,6 +101,7 @@ class Trainer(RolloutSide, PolicyUpdate, FailSafe):
         self.dist = dist_context()
         self._updates, self._synced = 0, None  # optimizer steps taken; the count the sampler last received
         self._samples: SamplesLog | None = None  # RUN_DIR/samples.jsonl, opened when the run starts
+        self.progress = NoProgress()  # rows, tokens, updates and the ETA while a step runs (progress.py)
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -210,6 +212,7 @@ class Trainer(RolloutSide, PolicyUpdate, FailSafe):
         """One training step: rollout (with scoring and dynamic sampling), advantages, old/ref log-probs,
         the updates, the metrics. Parameters change only inside `_update`."""
         t0 = time.perf_counter()
+        self.progress.step_started(step, self.cfg.prompt_batch // self.cfg.mini_batch * self.cfg.epochs)
         self._sync_sampler()
         kept, seen, gen_batches = self._rollout()
         t_gen = time.perf_counter() - t0
@@ -276,13 +279,12 @@ class Trainer(RolloutSide, PolicyUpdate, FailSafe):
         )
         if self.dist.is_main:  # read back (and cut to the resumed step) before the first step appends
             self._samples = SamplesLog(self.run_dir, self.start_step if self.resume_from is not None else 0, self.echo)
-        where = f" on {self.dist.world} processes" if self.dist.enabled else ""
-        self.echo(
-            f"training {cfg.algo} for {cfg.steps} steps{where} ({len(self.params)} adapter tensors, "
-            f"{sum(p.numel() for p in self.params.values()):,} parameters) -> {self.run_dir}"
-        )
+        detail = f"{len(self.params)} adapter tensors, {sum(p.numel() for p in self.params.values()):,} parameters"
+        self.echo(f"{banner(cfg.algo, cfg.steps, self.start_step, detail, self.dist.world)} -> {self.run_dir}")
         self._last_saved = self.start_step if self.resume_from is not None else None
         bar = self._bar = _progress(cfg.steps, self.start_step) if self.dist.is_main else None
+        if self.dist.is_main:
+            self.progress = StepProgress(cfg.steps, self.start_step, bar)
         try:
             with self._deferred_interrupt():
                 result = self._loop(logger, bar)
@@ -331,6 +333,7 @@ class Trainer(RolloutSide, PolicyUpdate, FailSafe):
             self._last_metrics = metrics
             if bar is not None:
                 bar.update(1)
+            self.progress.step_finished()
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 self.save(step)
                 self._last_saved = step

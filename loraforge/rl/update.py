@@ -89,6 +89,7 @@ class PolicyUpdate:
         cfg = self.cfg
         stats_acc: dict[str, list[float]] = {"ppo_kl": [], "clipfrac": [], "clipfrac_lower": [], "kl_ref": []}
         grad_norms: list[float] = []
+        first = self._updates
         for _epoch in range(cfg.epochs):
             for rows, local_rows in batch.plan:
                 bad = self._accumulate(batch, rows, local_rows, old_lp, ent, ref_lp, stats_acc)
@@ -103,6 +104,7 @@ class PolicyUpdate:
                 else:  # verl skips the update when the grad norm is not finite
                     self.skipped += 1
                 self._updates += 1
+                self.progress.updated(self._updates - first)
                 self.optimizer.zero_grad(set_to_none=True)
         # the writers' one check (finite, no dead row of A), before the adapter is saved or handed to a sampler:
         # a step that breaks it is rolled back like a NaN loss

@@ -36,7 +36,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -264,8 +264,10 @@ def _sample_rows(
     expand=None,
     drop_finished: bool = True,
     greedy=None,
+    on_step: Callable[[int, int], None] | None = None,
 ):
-    """Sample one response per row; returns (ids, mask, truncated) for the rows.
+    """Sample one response per row; returns (ids, mask, truncated) for the rows. `on_step(rows finished,
+    tokens sampled)` is called after each decoding step (counts for these rows).
 
     `prompt_ids`/`prompt_mask` hold the distinct prompts (left-padded) and `expand` maps every row to
     its prompt (None: one row per prompt). Each distinct prompt is prefilled once and its KV cache
@@ -297,7 +299,7 @@ def _sample_rows(
     mask = torch.zeros((rows, budget), dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     active = torch.arange(rows, device=device)  # the rows in the decoding batch, in batch order
-    used = 0
+    used = sampled = 0
     for step in range(budget):
         nxt = _draw(logits, params, generator, rows, active, greedy)
         alive = ~finished[active]
@@ -307,6 +309,9 @@ def _sample_rows(
         used = step + 1
         if eos_t is not None:
             finished[active] = finished[active] | (alive & torch.isin(nxt, eos_t))
+        if on_step is not None:
+            sampled += int(alive.sum())
+            on_step(rows if step == budget - 1 else int(finished.sum()), sampled)
         if bool(finished.all()) or step == budget - 1:
             break
         if drop_finished:
@@ -340,6 +345,7 @@ def generate(
     batch_size: int | None = None,
     share_prefix: bool = True,
     drop_finished: bool = True,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> Generation:
     """Sample `params.n` responses for every prompt; see the module docstring for the returned fields.
 
@@ -351,6 +357,9 @@ def generate(
     that the fast paths agree with the plain one): `share_prefix` prefills each distinct prompt once
     and copies its KV cache to its samples; `drop_finished` takes rows that hit EOS out of the
     decoding batch.
+
+    `progress(rows done, rows in all, tokens sampled)`, when given, is called after each decoding step (how
+    `loraforge train` shows a rollout's progress).
     """
     params = params or SamplingParams()
     params.check()
@@ -368,6 +377,7 @@ def generate(
     was_training = model.training
     model.eval()
     chunks = []
+    sampled = [0]  # tokens sampled by the chunks already done
     try:
         for start in range(0, len(row_prompts), step):
             idx = row_prompts[start : start + step]
@@ -382,6 +392,12 @@ def generate(
             if params.greedy_first:  # row r of the whole call is sample r % n of its prompt
                 rows = torch.arange(start, start + len(idx), device=device)
                 greedy = rows % params.n < params.greedy_first
+            on_step = None
+            if progress is not None:
+
+                def on_step(done, tokens, start=start):
+                    progress(start + done, len(row_prompts), sampled[0] + tokens)
+
             try:
                 r_ids, r_mask, trunc = _sample_rows(
                     model,
@@ -394,6 +410,7 @@ def generate(
                     expand,
                     drop_finished=drop_finished,
                     greedy=greedy,
+                    on_step=on_step,
                 )
             except torch.OutOfMemoryError as e:
                 raise LoraforgeError(
@@ -401,6 +418,8 @@ def generate(
                     "lower the rollout batch size (rows decoded at once), the max response length or the group size"
                 ) from e
             chunks.append((r_ids.cpu(), r_mask.cpu(), trunc.cpu()))
+            if progress is not None:
+                sampled[0] += int(r_mask.sum())
     finally:
         model.train(was_training)
 
