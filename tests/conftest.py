@@ -142,6 +142,14 @@ def smollm2(tmp_path_factory) -> Path:
     return materialize_smollm2(dest)
 
 
+@pytest.fixture(scope="session")
+def doc_model(tmp_path_factory) -> Path:
+    """The model the docs' examples run on (tests/doc_snippets.py): a tiny Llama with a character tokenizer."""
+    from doc_snippets import build_doc_model
+
+    return build_doc_model(tmp_path_factory.mktemp("doc_model") / "SmolLM2-135M-Instruct")
+
+
 @pytest.fixture
 def hide_package(monkeypatch):
     """hide_package("matplotlib"): from then on in the test, importing that package or any of its

@@ -1,61 +1,50 @@
 """The README's TRL recipe, run as written with the pinned TRL (the `test` extra): GRPOTrainer takes a loraforge
 adapter loaded as a PeftModel (rlpo on the original base, pissa on its residual base) or the PeftModel that
-`init_model` returns, as `model` with no peft_config, and trains exactly the adapter's LoRA factors for a step.
+`init_model` returns, as `model` with no peft_config, and trains exactly the adapter's LoRA factors.
 
-The README block has three parts: imports, "your run" (base, adapter, prompts, reward, settings) and the recipe
-(load the adapter; GRPOTrainer; train). The test keeps the imports and the recipe verbatim and replaces only
-"your run" with a tiny CPU run: the tiny llama, a reward that differs between completions (GRPO's advantages
-are zero when every completion of a group scores the same, and nothing would move), one step.
+The block is README.md's (the one marked `docs-test: run by tests/rl/test_trl_recipe.py`), run as a reader runs it,
+on CPU, with the mappings tests/test_docs.py applies to every block: the Hub id is the docs' tiny model
+(tests/doc_snippets.py), `out/rlpo` the adapter this test wrote, `max_completion_length` capped. Its settings,
+its bf16 switch and its partial-credit reward are the README's; the one change is `args.max_steps = 1` before
+`trainer.train()` (the recipe trains for 3 epochs of its 64 prompts).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from doc_snippets import ROOT, capped_source, read_blocks
 from safetensors.torch import load_file
 
 from loraforge import InitConfig, init_adapter
 
 trl = pytest.importorskip("trl", reason="TRL is in the `test` extra: pip install -e '.[test]' (scripts/setup.sh)")
 
-ROOT = Path(__file__).resolve().parents[2]
-YOUR_RUN = "# your run:"
+MARK = "tests/rl/test_trl_recipe.py"  # README.md's marker names this file
 LOAD = "# the adapter as loraforge wrote it"
 TRAIN = "# train:"
 
 
 def readme_recipe() -> dict[str, str]:
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"```python\n(from datasets import Dataset\n.*?)```", text, re.S).group(1)
-    imports, rest = block.split(YOUR_RUN)
-    _, recipe = rest.split(LOAD)
-    load, train = recipe.split(TRAIN)
-    return {"imports": imports, "load": LOAD + load, "train": TRAIN + train}
+    """README.md's TRL block in three parts: up to the loading lines, the loading lines, the training lines."""
+    (block,) = [b for b in read_blocks(ROOT / "README.md") if b.marker == "run by" and MARK in b.marker_detail]
+    head, rest = block.text.split(LOAD)
+    load, train = rest.split(TRAIN)
+    return {"head": head, "load": LOAD + load, "train": TRAIN + train}
 
 
-def tiny_run(base_id: Path, adapter_dir: Path | None, out: Path) -> str:
-    return f"""
-base_id, adapter_dir = {str(base_id)!r}, {str(adapter_dir)!r}
-dataset = Dataset.from_list([{{"prompt": "12+30=", "answer": "42"}}] * 4)
+def as_written(source: str, doc_model: Path, base: Path, adapter: Path | None) -> str:
+    """The README's names for the base and the adapter pointed at this test's, then the docs' mappings."""
+    source = source.replace('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(base)))
+    if adapter is not None:
+        source = source.replace('"out/rlpo"', repr(str(adapter)))
+    return capped_source(source, doc_model)
 
 
-def reward(completions, answer, **kwargs):
-    return [float(sum(map(ord, c)) % 7) for c in completions]
-
-
-args = GRPOConfig(
-    output_dir={str(out)!r}, max_steps=1, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-    learning_rate=1e-2, beta=0.0, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
-    disable_tqdm=True, dataloader_num_workers=0, seed=0,
-)
-"""
-
-
-def run(source: str) -> dict:
-    namespace: dict = {"__name__": "readme_trl_recipe"}
+def run(source: str, namespace: dict | None = None) -> dict:
+    namespace = namespace if namespace is not None else {"__name__": "readme_trl_recipe"}
     exec(compile(source, "README.md TRL recipe", "exec"), namespace)
     return namespace
 
@@ -63,6 +52,18 @@ def run(source: str) -> dict:
 def lora_params(model) -> dict[str, torch.Tensor]:
     """The PeftModel's LoRA factors by their adapter-file name (PEFT adds the adapter name, `.default`)."""
     return {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def train_one_step(ns: dict) -> dict[str, torch.Tensor]:
+    """Run the recipe's training lines for one step; the LoRA factors before it."""
+    assert ns["args"].bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())  # off on a CPU
+    before = lora_params(ns["model"])
+    ns["args"].max_steps = 1  # the one change: one step of the recipe's 3 epochs
+    run(readme_recipe()["train"], ns)
+    logged = ns["trainer"].state.log_history[0]
+    # the partial credit at work: the group's 8 completions did not all score the same (else nothing would train)
+    assert logged["frac_reward_zero_std"] < 1 and logged["reward_std"] > 0, logged
+    return before
 
 
 def check_trained(ns: dict, before: dict[str, torch.Tensor], b0_zero: bool) -> None:
@@ -80,30 +81,40 @@ def check_trained(ns: dict, before: dict[str, torch.Tensor], b0_zero: bool) -> N
             assert not moved, f"{name} moved although B0 = 0"
 
 
+def test_partial_credit_reward_separates_wrong_answers():
+    """The recipe's reward: +1 right; a wrong number scores -1 + 1 / (1 + distance); no number -1. (With dapo_score
+    alone all three wrong ones would score -1, and a group of them would have zero advantages.)"""
+    ns = run(readme_recipe()["head"].split("# TRL turns bf16 on")[0])
+    texts = ["Answer: 42", "Answer: 41", "Answer: 32", "no idea"]
+    assert ns["reward"](texts, ["42"] * 4) == [1.0, -0.5, -1 + 1 / 11, -1.0]
+    chat = [[{"role": "assistant", "content": t}] for t in texts]  # TRL's conversational completions
+    assert ns["reward"](chat, ["42"] * 4) == [1.0, -0.5, -1 + 1 / 11, -1.0]
+
+
 @pytest.mark.parametrize("method", ["rlpo", "pissa"])
-def test_readme_recipe_trains_our_adapter(method, model_dir, tmp_path):
-    adapter = init_adapter(str(model_dir), tmp_path / method, InitConfig(method=method, r=4)).out
-    base = adapter / "base" if method == "pissa" else model_dir  # pissa trains on its residual base
+def test_readme_recipe_trains_our_adapter(method, doc_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's output_dir is relative
+    adapter = init_adapter(str(doc_model), tmp_path / method, InitConfig(method=method, r=4)).out
+    base = adapter / "base" if method == "pissa" else doc_model  # pissa trains on its residual base
     recipe = readme_recipe()
-    ns = run(recipe["imports"] + tiny_run(base, adapter, tmp_path / "run") + recipe["load"])
-    before = lora_params(ns["model"])
+    ns = run(as_written(recipe["head"] + recipe["load"], doc_model, base, adapter))
     stored = load_file(str(adapter / "adapter_model.safetensors"))
-    assert set(before) == set(stored) and all(torch.equal(before[k], stored[k].float()) for k in stored)
-    ns = run(recipe["imports"] + tiny_run(base, adapter, tmp_path / "run") + recipe["load"] + recipe["train"])
+    loaded = lora_params(ns["model"])
+    assert set(loaded) == set(stored) and all(torch.equal(loaded[k], stored[k].float()) for k in stored)
+    before = train_one_step(ns)
     check_trained(ns, before, b0_zero=method == "rlpo")
 
 
-def test_readme_recipe_trains_init_model(model_dir, tmp_path):
+def test_readme_recipe_trains_init_model(doc_model, tmp_path, monkeypatch):
     """The same recipe with the PeftModel that loraforge.init_model returns in place of the loading lines."""
-    recipe = readme_recipe()
-    load = f"""
+    monkeypatch.chdir(tmp_path)
+    load = """
 from loraforge import InitConfig, init_model
 
-model = init_model(AutoModelForCausalLM.from_pretrained({str(model_dir)!r}), InitConfig(method="rlmo", r=4))
+model = init_model(AutoModelForCausalLM.from_pretrained(base_id), InitConfig(method="rlmo", r=4))
 tokenizer = AutoTokenizer.from_pretrained(base_id)
 """
-    ns = run(recipe["imports"] + tiny_run(model_dir, None, tmp_path / "run") + load)
-    before = lora_params(ns["model"])
-    assert before and all("lora_A" in n or "lora_B" in n for n in before)
-    ns = run(recipe["imports"] + tiny_run(model_dir, None, tmp_path / "run") + load + recipe["train"])
+    ns = run(as_written(readme_recipe()["head"] + load, doc_model, doc_model, None))
+    assert lora_params(ns["model"]) and all("lora_A" in n or "lora_B" in n for n in lora_params(ns["model"]))
+    before = train_one_step(ns)
     check_trained(ns, before, b0_zero=True)
