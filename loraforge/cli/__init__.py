@@ -64,8 +64,12 @@ class LazyGroup(click.Group):
 def main():
     """loraforge: LoRA initialisations for RL with verifiable rewards (DAPO, GRPO).
 
-    Run `loraforge COMMAND --help` for the flags of each command.
+    Run `loraforge COMMAND --help` for the flags of each command. CPU threads: as many as idle cores unless
+    OMP_NUM_THREADS (or MKL_NUM_THREADS, OPENBLAS_NUM_THREADS) is set.
     """
+    from loraforge.core.threads import limit_threads
+
+    limit_threads()  # before torch and scipy start their thread pools: no oversubscription on a busy machine
     _skip_gc_at_exit()
 
 
