@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo
 export HF_HUB_OFFLINE=1
+# the install wrote no bytecode (setup.sh): the first command compiles what it imports, the others reuse it
+unset PYTHONDONTWRITEBYTECODE
 MODEL=models/SmolLM2-135M-Instruct
 OUT=adapters/smollm2-rlpo-r32
 .venv/bin/python -m loraforge.models.smollm2 "$MODEL"

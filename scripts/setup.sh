@@ -11,7 +11,8 @@ case "$MODE" in demo | test) ;; *) echo "usage: bash scripts/setup.sh [demo|test
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # --no-compile: no .pyc files written at install time. Python compiles what a program imports when it first
-# imports it (a fraction of torch and transformers), so installing is faster and the venv smaller.
+# imports it (a fraction of torch and transformers) and keeps it, so installing is faster and the venv smaller.
+# (quickstart.sh and test.sh unset PYTHONDONTWRITEBYTECODE, which would make every process compile anew.)
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 INSTALL="$PIP install --no-compile"
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build. Any torch>=2.4 works; set

@@ -66,6 +66,39 @@ SAVE = {
 }
 
 
+# Test files by CPU seconds, heaviest first, as measured on the whole suite (one process, 2-core machine under load,
+# 2026-12-02: test_smollm2 376, test_kill 131, test_verify_client 61, rl/test_verl_real 44, rl/test_replication_study
+# 41, test_model_zoo 35, rl/test_distributed 32, rl/test_train_kill 31, test_init_cli 16, rl/test_trainer 13;
+# everything else under 13). scripts/test.sh hands whole files to the workers (pytest-xdist --dist loadscope, so a
+# module's fixtures are built once) in collection order; these go first, so that no long file starts last while the
+# other workers sit idle. Only the order changes: a file missing here runs after them.
+HEAVY_FIRST = [
+    "test_smollm2.py",
+    "test_kill.py",
+    "test_verify_client.py",
+    "rl/test_verl_real.py",
+    "rl/test_replication_study.py",
+    "test_model_zoo.py",
+    "rl/test_distributed.py",
+    "rl/test_train_kill.py",
+    "test_init_cli.py",
+    "rl/test_trainer.py",
+    "test_verify.py",
+    "test_init.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = Path(__file__).parent
+
+    def rank(item) -> int:
+        path = Path(str(item.path))
+        name = path.relative_to(tests).as_posix() if path.is_relative_to(tests) else path.name
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, collection order
+
+
 def word_level_tokenizer(words, split: str = "whitespace"):
     """A fast tokenizer whose ids are <pad> 0, <eos> 1, <unk> 2, then WORDS in order. split:
     "whitespace" (text is split at spaces; a vocabulary entry may still hold a space and decode to it)

@@ -99,6 +99,9 @@ def test_pissa_verifies_with_another_thread_count(smollm2, tmp_path, svd):
     threads = "1" if torch.get_num_threads() > 1 else "2"  # whatever this process does not use
     init_adapter(str(smollm2), out, InitConfig(method="pissa", r=32, svd=svd))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    # threads that sleep while they wait: with the other test workers on the cores, spinning ones multiplied this
+    # test's CPU time (341 CPU-s for the two cases on a loaded 2-core machine); the rounding is the same
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
     res = subprocess.run(
         [sys.executable, "-m", "loraforge", "verify", str(out)], env=env, capture_output=True, text=True
     )
