@@ -3,10 +3,11 @@ with Hydra in strict mode against the configuration each release ships, and verl
 built from that composed configuration the way verl's reward loop builds it, scores the DAPO test vectors
 with loraforge's reward.py and applies the overlong penalty the run asked for.
 
-verl itself is never imported here: scripts/setup.sh installs each release's package (--no-deps; its own
+verl itself is never imported here: scripts/verl_cache.sh installs each release's package (--no-deps; its own
 requirements are GPU-scale) into .cache/verl/VERSION and the few packages its configuration and reward code
-import into .cache/verl/deps; tests/rl/verl_probe.py runs in a subprocess with them first on PYTHONPATH
-(hydra-core needs antlr4 4.9, while math-verify in the test venv needs 4.13).
+import into .cache/verl/deps, run by this test when they are missing (so the suite's set-up does not wait for them);
+tests/rl/verl_probe.py runs in a subprocess with them first on PYTHONPATH (hydra-core needs antlr4 4.9, while
+math-verify in the test venv needs 4.13).
 """
 
 from __future__ import annotations
@@ -49,13 +50,29 @@ REFUSED = [
 
 def _runtime(version: str) -> list[Path]:
     paths = [CACHE / version, CACHE / "deps"]
+    why = _fill_cache() if any(not p.is_dir() for p in paths) else ""
     missing = [p for p in paths if not p.is_dir()]
     if missing:
         pytest.skip(
-            f"{missing[0]} is missing: scripts/setup.sh installs verl {version}'s package and its config "
-            "dependencies there (bash scripts/setup.sh)"
+            f"{missing[0]} is missing and could not be installed: bash scripts/verl_cache.sh installs verl "
+            f"{version}'s package and its config dependencies there ({why})"
         )
     return paths
+
+
+def _fill_cache() -> str:
+    """scripts/verl_cache.sh, once: other test processes wait on the lock, then find the directories made. Returns
+    the end of its error output (why it failed, when it did)."""
+    import fcntl
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = dict(os.environ, PYTHON=sys.executable)
+        p = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "verl_cache.sh")], env=env, capture_output=True, text=True, timeout=900
+        )
+    return p.stderr.strip()[-500:]
 
 
 def _probe(version: str, job: dict) -> dict:
