@@ -19,6 +19,11 @@ def test_idle_cores_is_cores_less_the_load_and_at_least_one():
         12,
         1,
     ]
+    assert [idle_cores(16, 0.2, processes=4), idle_cores(16, 3.6, processes=8), idle_cores(2, 0, processes=4)] == [
+        4,
+        1,
+        1,
+    ]
 
 
 @pytest.fixture
@@ -31,6 +36,7 @@ def unset(monkeypatch):
 
 
 def test_the_cli_takes_the_idle_cores_before_any_work(unset, tmp_path):
+    unset.delenv("LOCAL_WORLD_SIZE", raising=False)
     unset.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     unset.setattr(os, "getloadavg", lambda: (2.7, 1.0, 1.0))  # 3 cores busy with other work: 1 left
     res = invoke("verify", tmp_path / "none")  # any command: the group sets threads before it runs

@@ -8,7 +8,8 @@ default threads and 82 s (15 s of CPU) with one thread; benchmarks/RESULTS.md ha
 
 The rule, for the CLI only (a Python caller keeps its own settings): when none of THREAD_VARS is set, use as many
 threads as there are idle cores, the cores this process may run on less the load average of the last minute
-(rounded), at least 1. On an idle machine that is every core, as before. A variable set by the user wins:
+(rounded), at least 1, shared out between the processes of a launch on this machine (LOCAL_WORLD_SIZE, set by
+torchrun and accelerate). On an idle machine that is every core, as before. A variable set by the user wins:
 `OMP_NUM_THREADS=4 loraforge init ...`.
 """
 
@@ -19,9 +20,9 @@ import os
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def idle_cores(cpus: int, load: float) -> int:
-    """max(1, cpus - round(load)) (pure)."""
-    return max(1, cpus - round(load))
+def idle_cores(cpus: int, load: float, processes: int = 1) -> int:
+    """max(1, (cpus - round(load)) // processes) (pure)."""
+    return max(1, (cpus - round(load)) // max(1, processes))
 
 
 def default_threads() -> int | None:
@@ -36,7 +37,11 @@ def default_threads() -> int | None:
         load = os.getloadavg()[0]
     except OSError:  # no load average (some containers): assume the cores are free
         load = 0.0
-    return idle_cores(cpus, load)
+    try:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        processes = 1
+    return idle_cores(cpus, load, processes)
 
 
 def limit_threads() -> int | None:
