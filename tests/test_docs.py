@@ -167,7 +167,8 @@ def run_python(block: Block, namespace: dict, model: Path) -> None:
 
 def check_run_by(block: Block) -> None:
     """A block another test runs: that test exists and reads this page."""
-    check_imports(block.text, block.where) if block.lang == "python" else None
+    if block.lang == "python":
+        check_imports(block.text, block.where)
     test = ROOT / block.marker_detail.split()[0]
     assert test.is_file(), f"{block.where}: the marker names {test}, which does not exist"
     assert block.page.name in test.read_text(), f"{block.where}: {test} does not read {block.page.name}"
