@@ -251,3 +251,34 @@ def test_reader_finds_markers_synopses_and_continuations(tmp_path):
         check_imports("from loraforge.rl.no_such_module import x\n", "page.md:1")
     with pytest.raises(ImportError):
         check_imports("from loraforge.rl.rewards import dapo_score\n", "page.md:1")  # moved in 0.2.0
+
+
+def test_no_block_installs_loraforge_from_the_package_index():
+    """loraforge is not on the package index: a block that says `pip install 'loraforge[train]'` fails for every
+    reader who copies it; the pages install from a clone (`pip install -e '.[train]'`)."""
+    import shlex
+
+    wrong = []
+    for page in doc_pages():
+        for block in read_blocks(page):
+            for line in block.text.splitlines():
+                try:
+                    words = shlex.split(line, comments=True)
+                except ValueError:
+                    continue
+                if words[:2] == ["pip", "install"] or words[1:3] == ["-m", "pip"]:
+                    if any(w == "loraforge" or w.startswith("loraforge[") for w in words):
+                        wrong.append(f"{block.where}: {line.strip()}")
+    assert not wrong, "install from a clone, not the index:\n" + "\n".join(wrong)
+
+
+def test_changelog_lists_each_change_once():
+    """Within one version, no bullet is repeated (0.2.0 listed verify's client checks twice)."""
+    import re
+
+    text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    for version in re.split(r"^## ", text, flags=re.M)[1:]:
+        body = "\n".join(line for line in version.splitlines()[1:] if not line.startswith("#"))
+        bullets = [" ".join(b.split()) for b in re.split(r"^- ", body, flags=re.M)[1:]]
+        repeated = {b for b in bullets if bullets.count(b) > 1}
+        assert not repeated, f"CHANGELOG {version.splitlines()[0]}: listed twice: {sorted(repeated)}"
