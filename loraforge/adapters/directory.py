@@ -27,6 +27,7 @@ from loraforge.adapters.writers import (
     UNSAVED_RESIDUAL_KEY,
 )
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.readers import loads
 from loraforge.inits.methods import METHODS, Method
 from loraforge.models.checkpoint import SafetensorsFile
 from loraforge.models.source import check_local_or_hub, read_json_object
@@ -271,11 +272,18 @@ def _residual_dir(adapter: Path) -> Optional[Path]:
     manifest_path = adapter / MANIFEST
     if manifest_path.is_file():
         try:
-            base_name = json.loads(manifest_path.read_text()).get("base")
-        except (OSError, ValueError) as e:
+            manifest = loads(manifest_path.read_text())
+        except (OSError, ValueError, RecursionError) as e:
             raise LoraforgeError(
                 f"{manifest_path} cannot be read ({e}); the adapter is damaged. Re-run loraforge init."
             ) from None
+        base_name = manifest.get("base") if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict) or not isinstance(base_name, (str, type(None))):
+            raise LoraforgeError(
+                f'{manifest_path}: expected a JSON object whose "base" is a directory name or null, found '
+                f"{type(manifest).__name__ if not isinstance(manifest, dict) else repr(base_name)[:40]}; the adapter "
+                "is damaged. Re-run loraforge init."
+            )
         if not base_name:
             return None
         residual = adapter / base_name
@@ -294,7 +302,7 @@ def _json_or_none(path: Path) -> Optional[dict]:
     try:
         if not path.is_file() or path.stat().st_size > 16 * 2**20:
             return None
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

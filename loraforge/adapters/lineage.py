@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.readers import INT, OBJECT, TEXT, Key, at_least, read_json
+from loraforge.core.readers import INT, OBJECT, TEXT, Key, at_least, loads, read_json
 from loraforge.models.checkpoint import sha256_file
 
 LINEAGE_FILE = "loraforge-lineage.json"
@@ -86,7 +86,7 @@ def init_record(adapter: str) -> dict[str, Any]:
     method = None
     if manifest.is_file():
         try:
-            found = json.loads(manifest.read_text()).get("method")
+            found = loads(manifest.read_text()).get("method")
             method = found if isinstance(found, str) else None
         except (OSError, ValueError, AttributeError):
             method = None

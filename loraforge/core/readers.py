@@ -149,11 +149,26 @@ def decode_utf8(data: bytes, path: Path, what: str) -> str:
         ) from None
 
 
+def loads(text: str | bytes) -> Any:
+    """json.loads for a file loraforge did not necessarily write. A whole number past 64 bits is read as a float
+    (inf past 1.8e308): Python's int() refuses more than 4,300 digits with a ValueError that is not a
+    JSONDecodeError, and a 400-digit step or rank would overflow wherever it went next. No file loraforge reads
+    holds such a number, and every check that wants an integer refuses the float in one line."""
+    return json.loads(text, parse_int=_parse_int)
+
+
+def _parse_int(digits: str) -> int | float:
+    if len(digits) <= 19:  # |x| < 10**18 fits int64 however it is signed
+        return int(digits)
+    value = int(digits) if len(digits) <= 4000 else None
+    return value if value is not None and -(2**63) <= value < 2**63 else float(digits)
+
+
 def parse_json(text: str, path: Path, what: str, remedy: str) -> Any:
     """TEXT parsed as JSON, or one line naming the line and column. NaN and Infinity (which Python's json
     writes) are accepted; a number too large for a float becomes inf rather than an error."""
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as e:
         raise LoraforgeError(
             f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); {what} is damaged. {remedy}"
@@ -252,7 +267,7 @@ def _read_line(line: Optional[bytes], lineno: int, schema, optional_keys, out: J
     if not line.strip():
         return
     try:
-        row = json.loads(line.decode("utf-8"))
+        row = loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:
         out.dropped.append((lineno, f"not UTF-8 (byte 0x{line[e.start]:02x})"))
         return

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.readers import loads
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -35,7 +36,9 @@ def read_row_file(path: Path) -> list[dict]:
     text = _read_utf8(path)
     if suffix == ".json":
         try:
-            data = json.loads(text)
+            data = loads(text)
+        except RecursionError:
+            raise LoraforgeError(f"{path} is nested too deeply to read; expected a list of objects") from None
         except json.JSONDecodeError as e:
             raise LoraforgeError(f"{path} is not valid JSON ({e}); expected a list of objects") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -48,7 +51,9 @@ def read_row_file(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(loads(line))
+        except RecursionError:
+            raise LoraforgeError(f"{path}: line {lineno} is nested too deeply to read; expected one object") from None
         except json.JSONDecodeError as e:
             raise LoraforgeError(
                 f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one object per line"

@@ -34,7 +34,8 @@ def typed_values(cls: type, values: dict[str, Any], source: str, lines: dict[str
     - bool: true/false, and the strings true/false/yes/no/on/off/1/0 (any case), and the ints 0 and 1;
     - str: a string only (`verl_version: 0.9` is the float 0.9 to YAML: quote it);
     - None where the field allows it (`key: null`, `key: ~`).
-    NaN and infinity are refused for every number: no setting means anything with them."""
+    NaN and infinity are refused for every number: no setting means anything with them; so is a whole number
+    outside the 64-bit range (INT64), which torch (seeds, sizes) cannot hold, and a number too large for a float."""
     import typing
 
     from loraforge.core.errors import LoraforgeError
@@ -62,6 +63,14 @@ def typed_values(cls: type, values: dict[str, Any], source: str, lines: dict[str
 
 
 _REFUSED = object()
+INT64 = (-(2**63), 2**63 - 1)  # what torch takes for a seed or a size (a larger int: "Overflow when unpacking")
+
+
+def in_int64(value: int) -> bool:
+    """VALUE fits a signed 64-bit integer: a seed or count torch can hold."""
+    return INT64[0] <= value <= INT64[1]
+
+
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -84,11 +93,17 @@ def _convert(value: Any, kind: type) -> Any:
                 value = int(text) if kind is int and text.lstrip("+-").isdigit() else float(text)
             except ValueError:
                 return _REFUSED
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not isinstance(value, (int, float)):
+            return _REFUSED
+        if isinstance(value, float) and not math.isfinite(value):
             return _REFUSED
         if kind is int:
-            return int(value) if float(value).is_integer() else _REFUSED
-        return float(value)
+            whole = isinstance(value, int) or value.is_integer()
+            return int(value) if whole and in_int64(int(value)) else _REFUSED
+        try:
+            return float(value)  # an int past 1.8e308 has no float: OverflowError
+        except OverflowError:
+            return _REFUSED
     if kind is str:
         if isinstance(value, os.PathLike):  # TrainConfig(adapter=Path(...)) from Python
             return os.fspath(value)
@@ -104,11 +119,12 @@ def _found(value: Any) -> str:
         return "null"
     if isinstance(value, (dict, list, tuple, set)):  # never repr'd: a YAML alias bomb is tiny shared, huge printed
         return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    if isinstance(value, int) and not in_int64(value):  # repr of an int past 4,300 digits raises ValueError
+        return f"an int of {len(format(value, 'x')) * 4} bits"
     return f"{type(value).__name__} {value!r}"[:80]
 
 
 def _expected(kind: type, nullable: bool) -> str:
-    what = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text (quote it)"}.get(
-        kind, kind.__name__
-    )
+    names = {bool: "true or false", int: "a whole number (64-bit)", float: "a finite number", str: "text (quote it)"}
+    what = names.get(kind, kind.__name__)
     return what + (" or null" if nullable else "")

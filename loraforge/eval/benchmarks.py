@@ -216,7 +216,7 @@ def load_file(path: str | os.PathLike, limit: int | None = None) -> Benchmark:
     """A benchmark from a local .jsonl / .json / .parquet file."""
     p = Path(path)
     if not p.is_file():
-        what = "is a directory" if p.is_dir() else "does not exist"
+        what = "is a directory" if p.is_dir() else "is not a regular file (a pipe?)" if p.exists() else "does not exist"
         raise LoraforgeError(f"benchmark file {p} {what}; give a .jsonl, .json or .parquet file to --bench")
     rows = read_row_file(p)
     if not rows:

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.readers import loads
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -127,8 +128,8 @@ def parse_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
             raise damaged(path, f"the header claims {n} bytes, but the file has {size - 8} after the length field")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise damaged(path, f"the header is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise damaged(path, f"the header is a JSON {type(header).__name__}, not an object")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.readers import loads
 from loraforge.models.checkpoint import SafetensorsFile
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ot", ".ckpt")
@@ -150,8 +151,8 @@ def is_network_error(e: BaseException) -> bool:
 def read_json_object(path: Path, what: str) -> dict:
     """PATH parsed as a JSON object, or a LoraforgeError naming the file (WHAT says what it should be)."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise LoraforgeError(
             f"{path} is not valid JSON ({type(e).__name__}: {e}); {what} is damaged. Re-download or re-save it."
         ) from None

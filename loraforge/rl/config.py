@@ -284,6 +284,8 @@ def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
         raise LoraforgeError(
             f"--config {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the file"
         ) from None
+    except (ValueError, OverflowError) as e:  # a constructor's own: an int of more than 4,300 digits, a huge date
+        raise LoraforgeError(f"--config {path}: a value cannot be read ({str(e)[:120]}); fix the file") from None
     if values is None:
         return {}, {}
     if not isinstance(values, dict):

@@ -49,7 +49,8 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
     if path.is_file():
         return read_row_file(path)
     if path.exists() or source.startswith((".", "/")) or Path(source).suffix in (".jsonl", ".json", ".parquet"):
-        raise LoraforgeError(f"--data {source}: no such file; expected a .jsonl, .json or .parquet file")
+        found = "a directory" if path.is_dir() else "not a regular file (a pipe?)" if path.exists() else "no such file"
+        raise LoraforgeError(f"--data {source}: {found}; expected a .jsonl, .json or .parquet file")
     return _read_hub(source, split)
 
 

@@ -55,6 +55,18 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] 
         if not metrics:
             raise LoraforgeError(f"{d}: no metrics.jsonl with any step; expected a directory `loraforge train` wrote")
         runs.append(((labels[i] if labels else Path(d).resolve().name), metrics))
+    # Labels are run names, not TeX: a directory or --label such as `lr$1e-5$` or `$\\eta$` would otherwise be
+    # parsed as mathtext, and one that does not parse raises from inside matplotlib while drawing.
+    with plt.rc_context({"text.parse_math": False}):
+        fig = _draw(plt, runs, window)
+    out_path = Path(out)
+    with FileStaging() as stage:  # the previous image stays until the new one is whole
+        fig.savefig(stage.add(out_path), dpi=120, format=fmt)
+    plt.close(fig)
+    return out_path
+
+
+def _draw(plt, runs: list, window: int):
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6), sharex=True)
     for ax, (key, title) in zip(axes, PANELS):
         for label, metrics in runs:
@@ -69,11 +81,7 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] 
         _ticks(ax)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    out_path = Path(out)
-    with FileStaging() as stage:  # the previous image stays until the new one is whole
-        fig.savefig(stage.add(out_path), dpi=120, format=fmt)
-    plt.close(fig)
-    return out_path
+    return fig
 
 
 def image_format(path: str | Path, flag: str) -> str:

@@ -51,7 +51,8 @@ def write_plots(report: InspectReport, out_dir: str | Path, kinds: Optional[list
         figures.append(("update.png", lambda path: _update(plt, report, chosen, path, label)))
     # Every figure is drawn into a staging file first and the set renamed into place at the end: a failure
     # or a kill while drawing leaves the previous figures as they were.
-    with FileStaging() as stage:
+    # Names (method, modules) are text, not TeX: `$...$` in one would be parsed as mathtext and could raise.
+    with plt.rc_context({"text.parse_math": False}), FileStaging() as stage:
         for name, draw in figures:
             draw(stage.add(out_dir / name))
     return [out_dir / name for name, _ in figures]
