@@ -62,6 +62,11 @@ def typed_values(cls: type, values: dict[str, Any], source: str, lines: dict[str
     return out
 
 
+# The smallest temperature sampling divides logits by (vLLM's _SAMPLING_EPS, below which it decodes greedily):
+# logits / 1e-300 overflow to inf and the softmax to NaN, and the draw then takes the last token of the
+# vocabulary on every step, with exit 0. Below it the sampler, eval and train refuse, pointing at 0 (greedy).
+MIN_TEMPERATURE = 1e-5
+
 _REFUSED = object()
 INT64 = (-(2**63), 2**63 - 1)  # what torch takes for a seed or a size (a larger int: "Overflow when unpacking")
 
@@ -119,8 +124,8 @@ def _found(value: Any) -> str:
         return "null"
     if isinstance(value, (dict, list, tuple, set)):  # never repr'd: a YAML alias bomb is tiny shared, huge printed
         return f"a {'mapping' if isinstance(value, dict) else 'list'}"
-    if isinstance(value, int) and not in_int64(value):  # repr of an int past 4,300 digits raises ValueError
-        return f"an int of {len(format(value, 'x')) * 4} bits"
+    if isinstance(value, int) and value.bit_length() > 14_000:  # str() of an int past 4,300 digits raises
+        return f"an int of {value.bit_length():,} bits"
     return f"{type(value).__name__} {value!r}"[:80]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.settings import MIN_TEMPERATURE, in_int64
 from loraforge.eval.scoring import SCORERS
 
 
@@ -53,8 +54,11 @@ class EvalConfig:
                     f"--k {max(self.k)} is larger than --samples {self.samples}: pass@k needs at least "
                     f"k samples per problem; raise --samples to {max(self.k)} or drop that k"
                 )
-        if self.temperature is not None and not 0.0 <= self.temperature <= 10.0:
-            raise LoraforgeError(f"--temperature must be in [0, 10] (0 = greedy), got {self.temperature}")
+        if self.temperature is not None and not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 10):
+            raise LoraforgeError(
+                f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, 10], got {self.temperature}: a "
+                "smaller one overflows the logits and samples garbage; use 0 for greedy decoding"
+            )
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise LoraforgeError(f"--top-p must be in (0, 1], got {self.top_p}")
         _at_least("--max-new-tokens", self.max_new_tokens, 1)
@@ -64,6 +68,9 @@ class EvalConfig:
         _at_least("--bootstrap", self.bootstrap, 0)
         if not self.seeds:
             raise LoraforgeError("--seed needs at least one value")
+        bad = [s for s in self.seeds if not isinstance(s, int) or not in_int64(s)]
+        if bad:
+            raise LoraforgeError(f"--seed {bad[0]} is not a 64-bit integer, which torch needs; use a smaller seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise LoraforgeError(f"--seed values must differ, got {list(self.seeds)}")
         if self.scorer not in SCORERS:

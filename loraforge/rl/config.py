@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.readers import decode_utf8, read_bytes, read_json
-from loraforge.core.settings import setting, typed_values
+from loraforge.core.settings import MIN_TEMPERATURE, setting, typed_values
 
 ALGO_PRESETS: dict[str, dict[str, Any]] = {
     # the paper's 1.5B run: clip 0.2/0.28, dynamic sampling, overlong shaping, no KL
@@ -165,7 +165,12 @@ class TrainConfig:
         )
         need(self.overlong_penalty >= 0, "--overlong-penalty", ">= 0", self.overlong_penalty)
         need(self.group_size >= 1, "--group-size", ">= 1", self.group_size)
-        need(self.temperature > 0, "--temperature", "> 0 for training rollouts", self.temperature)
+        need(
+            self.temperature >= MIN_TEMPERATURE,
+            "--temperature",
+            f">= {MIN_TEMPERATURE:g} for training rollouts (a smaller one overflows the logits)",
+            self.temperature,
+        )
         need(0 < self.top_p <= 1, "--top-p", "in (0, 1]", self.top_p)
         need(self.top_k == -1 or self.top_k >= 1, "--top-k", "-1 (off) or >= 1", self.top_k)
         need(self.max_gen_batches >= 0, "--max-gen-batches", ">= 0 (0 = no limit)", self.max_gen_batches)

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import torch
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.settings import MIN_TEMPERATURE
 
 
 @dataclass
@@ -60,8 +61,11 @@ class SamplingParams:
             raise LoraforgeError(f"samples per prompt must be >= 1, got {self.n}")
         if self.max_new_tokens < 1:
             raise LoraforgeError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LoraforgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+            raise LoraforgeError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, inf), got {self.temperature}: "
+                "a smaller one overflows the logits; use 0 for greedy decoding"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise LoraforgeError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
