@@ -323,3 +323,23 @@ def test_two_outputs_on_one_path_are_refused(world, tmp_path):
          "--samples-out", str(tmp_path / "r.json")]
     )  # fmt: skip
     assert "are the same path" in line
+
+
+def test_a_file_output_ending_in_a_slash_is_refused_in_one_line(world, tmp_path, monkeypatch):
+    """`plot -o figs/`, `eval -o reports/`, `inspect --json out/`: a trailing slash names a directory. Without the
+    guard the slash was dropped and a FILE called `figs` was written, exit 0. Every file output of every command
+    is tried, for a directory that does not exist yet; nothing is created."""
+    monkeypatch.chdir(tmp_path)
+    tried = []
+    for name, command in commands().items():
+        ordinary = ordinary_args(command, world, tmp_path / "outs")
+        for out, kind in command.loraforge_paths.writes.items():
+            if kind not in ("file", "report"):
+                continue
+            target = tmp_path / f"{name}-{out}-dir"
+            line = refused_in_one_line(argv(command, {**ordinary, out: f"{target}/"}))
+            assert "ends with '/'" in line and "takes a file name" in line, line
+            assert not target.exists()
+            tried.append((name, out))
+    # eval -o and --samples-out, inspect --json, plot -o at least
+    assert {("eval", "output"), ("eval", "samples_path"), ("inspect", "json_file"), ("plot", "output")} <= set(tried)

@@ -172,6 +172,12 @@ def test_settings_convert_what_means_one_value(key, value, want):
         ("flag", "maybe", r"flag is the text 'maybe', expected true or false or null"),
         ("name", 0.9, r"name is float 0.9, expected text \(quote it\)"),
         ("name", [[1] * 3] * 3, r"name is a list, expected text"),
+        # past 64 bits: torch cannot seed with it (a ValueError traceback), and float() of it overflowed
+        ("steps", 2**63, r"steps is int 9223372036854775808, expected a whole number \(64-bit\)"),
+        ("steps", "1" + "0" * 400, r"steps is the text '1000.*, expected a whole number \(64-bit\)"),
+        ("steps", 10**400, r"steps is int 1000.*, expected a whole number \(64-bit\)"),
+        ("steps", 1e300, r"steps is float 1e\+300, expected a whole number \(64-bit\)"),
+        ("lr", 10**400, r"lr is int 1000.*, expected a finite number"),
     ],
 )
 def test_settings_refuse_the_rest_in_one_line(key, value, message):
@@ -208,6 +214,9 @@ def test_train_config_is_typed_from_yaml_json_and_python(tmp_path):
         (b"lr: 1\n\xff: 2\n", r"run.yaml: line 2 is not UTF-8 text"),
         (b"- a\n", r"expected a mapping of keys to values, found list"),
         (b"lr: fast\n", r"--config .*run.yaml line 1: lr is the text 'fast'"),
+        # PyYAML's int() of 5,000 digits raises ValueError, outside YAMLError: it was a traceback
+        (b"steps: " + b"9" * 5000 + b"\n", r"--config .*run.yaml: a value cannot be read"),
+        (b"seed: " + b"9" * 400 + b"\n", r"--config .*run.yaml line 1: seed is int 9999.*whole number \(64-bit\)"),
     ],
 )
 def test_a_bad_config_file_is_one_line(tmp_path, text, message):
@@ -295,3 +304,58 @@ def test_a_row_past_a_sane_size_is_skipped_with_a_count(tmp_path):
     path.write_text(json.dumps(huge) + "\n")
     with pytest.raises(LoraforgeError, match="every row is longer than 1,000,000 characters"):
         load_examples(str(path))
+
+
+# --- a whole number no file loraforge writes holds: every JSON reader, one line or tolerated -----------
+
+HUGE = "1" + "0" * 5000  # Python's int() refuses more than 4,300 digits with a ValueError (not a JSONDecodeError)
+BIG = "1" + "0" * 400  # parses, but float() of it overflows and torch cannot hold it
+
+
+@pytest.mark.parametrize("digits", [HUGE, BIG], ids=["5000 digits", "400 digits"])
+def test_a_huge_whole_number_is_refused_by_every_json_reader_in_one_line(tmp_path, digits):
+    """Each reader of a JSON file loraforge reads back: the number is read as a float (inf past 1.8e308), so a
+    key that wants an integer refuses it in one line and a log drops the line; before, a 5,000-digit number
+    was a ValueError traceback in every one of them (plot, verify, inspect, train --resume, eval --bench)."""
+    from loraforge.adapters.directory import _residual_dir as residual_dir
+    from loraforge.core.rowfiles import read_row_file
+    from loraforge.models.checkpoint import parse_header
+    from loraforge.models.source import read_json_object
+
+    obj = tmp_path / "a.json"
+    obj.write_text(f'{{"step": {digits}, "files": {{}}}}')
+    with pytest.raises(LoraforgeError, match=r"a.json: key step is a number \((inf|1e\+400)\), expected an integer"):
+        read_json(obj, "a record", SCHEMA)
+    assert read_json_object(obj, "a config")["step"] == float(digits)
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(f'{{"step": 1}}\n{{"step": {digits}}}\n')
+    got = read_jsonl(log, "a log", {"step": Key(INT)})
+    assert got.rows == [{"step": 1}] and got.dropped[0][0] == 2
+
+    rows = tmp_path / "bench.jsonl"
+    rows.write_text(f'{{"problem": "p", "answer": {digits}}}\n')
+    assert read_row_file(rows) == [{"problem": "p", "answer": float(digits)}]
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).replace(
+        "[0, 4]", f"[0, {digits}]"
+    )
+    blob = header.encode()
+    (tmp_path / "m.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + b"\0" * 4)
+    with pytest.raises(LoraforgeError, match="m.safetensors"):
+        parse_header(tmp_path / "m.safetensors")
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "loraforge.json").write_text(f'{{"base": {digits}}}')
+    with pytest.raises(LoraforgeError, match=r"loraforge.json: expected a JSON object whose \"base\""):
+        residual_dir(adapter)
+
+
+def test_a_manifest_that_is_not_an_object_is_one_line(tmp_path):
+    """`loraforge.json` holding a JSON list: `.get("base")` on it was an AttributeError traceback."""
+    from loraforge.adapters.directory import _residual_dir as residual_dir
+
+    (tmp_path / "loraforge.json").write_text("[1, 2]")
+    with pytest.raises(LoraforgeError, match=r"loraforge.json: expected a JSON object .* found list"):
+        residual_dir(tmp_path)

@@ -228,10 +228,21 @@ def _check_kind(out: NamedPath, kind: str) -> None:
     """A file where a directory is wanted, or the other way round: one line."""
     if kind in ("dir", "run") and out.path.exists() and not out.path.is_dir():
         raise LoraforgeError(f"{out.flag} {out.given} is a file; {out.flag} takes a directory. Choose another path.")
+    if kind in ("file", "report") and out.given.endswith(("/", os.sep)) and not out.path.is_dir():
+        # `-o figs/` names a directory; the path without the slash would silently become a file called `figs`
+        raise LoraforgeError(
+            f"{out.flag} {out.given} ends with '/', which names a directory, but {out.flag} takes a file name; "
+            f"give one, e.g. {out.given}out{_suffix_hint(kind)} (create the directory first if it is missing)."
+        )
     if kind in ("file", "report") and out.path.is_dir():
         raise LoraforgeError(
-            f"{out.flag} {out.given} is a directory; {out.flag} takes a file name, e.g. {out.given}/out.json."
+            f"{out.flag} {out.given} is a directory; {out.flag} takes a file name, "
+            f"e.g. {out.given.rstrip('/')}/out.json."
         )
+
+
+def _suffix_hint(kind: str) -> str:
+    return ".json" if kind == "report" else ""
 
 
 def guard(command: click.Command, declared: Declared, params: dict) -> None:

@@ -156,7 +156,10 @@ def test_bad_settings_are_caught_before_sampling(bigram_model, tokenizer, greedy
         (dict(k=(1, 8), samples=4), "--k 8 is larger than --samples 4"),
         (dict(samples=0), "--samples must be an integer >= 1"),
         (dict(top_p=0.0), "--top-p must be in \\(0, 1\\]"),
-        (dict(temperature=-1.0), "--temperature must be in \\[0, 10\\]"),
+        (dict(temperature=-1.0), "--temperature must be 0 \\(greedy\\) or in \\[1e-05, 10\\]"),
+        # logits / 1e-300 overflowed, the softmax went NaN and every draw was the vocabulary's last token, exit 0
+        (dict(temperature=1e-300), "--temperature must be 0 \\(greedy\\) or in \\[1e-05, 10\\].*overflows"),
+        (dict(seeds=(2**64,)), "--seed 18446744073709551616 is not a 64-bit integer"),  # torch: ValueError
         (dict(batch_size=0), "--batch-size"),
         (dict(limit=0), "--limit"),
         (dict(seeds=(1, 1)), "--seed values must differ"),

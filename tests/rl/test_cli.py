@@ -214,3 +214,28 @@ def test_train_base_model_relative_path_that_does_not_exist(adapter_dir, tmp_pat
     (tmp_path / "models").mkdir()
     r = CliRunner().invoke(main, _args("models/nope", adapter_dir, tmp_path / "run"))
     assert r.exit_code == 1 and "--model models/nope: No such directory: models/nope" in r.output, r.output
+
+
+def test_plot_draws_labels_and_run_names_as_text_not_mathtext(tmp_path):
+    """`--label '$\\foo$'` (or a run directory called so) was parsed as mathtext by matplotlib, and one that does
+    not parse raised ParseFatalException from inside savefig: a traceback. Labels are names: drawn as written."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "lr$\\eta$"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5, "grad_norm": 1.0, "kl": 0.01}\n')
+    out = tmp_path / "p.png"
+    r = CliRunner().invoke(main, ["plot", str(run), str(run), "--label", "$\\foo$", "--label", "$x", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > 10_000
+    r = CliRunner().invoke(main, ["plot", str(run), "-o", str(tmp_path / "q.png")])  # the directory's own name
+    assert r.exit_code == 0, r.output
+
+
+def test_a_number_past_64_bits_on_the_command_line_is_one_line(model_dir, adapter_dir, tmp_path):
+    """`--seed 18446744073709551616`, `--steps 10**40`: torch cannot hold them (ValueError) and float() of a longer
+    one overflows: refused by the typed settings before anything loads, naming the setting."""
+    for flag, value in (("--seed", str(2**64)), ("--steps", "1" + "0" * 40)):
+        r = CliRunner().invoke(main, _args(model_dir, adapter_dir, tmp_path / "run", flag, value))
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert "expected a whole number (64-bit)" in r.output and flag[2:] in r.output, r.output
+        assert not (tmp_path / "run").exists()

@@ -115,3 +115,25 @@ def test_greedy_first_rows_are_greedy_and_leave_the_sampled_rows_unchanged(tiny_
     # the default path (finished rows leave the batch) decodes the same greedy rows
     fast = generate(tiny_model, tokenizer, prompts, mixed, seed=3)
     assert [fast.texts[0], fast.texts[3]] == greedy.texts
+
+
+def test_a_temperature_too_small_to_divide_by_is_refused(tiny_model, tokenizer):
+    """logits / 1e-300 is +-inf in float32, the softmax NaN, and the inverse-CDF draw then took the vocabulary's
+    last token on every step with no error (eval exited 0 with responses of that one token). The sampler, eval
+    and train refuse temperatures in (0, 1e-5) (vLLM's greedy threshold); 1e-5 itself still samples finitely."""
+    import pytest
+
+    from loraforge.core.errors import LoraforgeError
+    from loraforge.rl.config import TrainConfig
+
+    for t in (1e-300, 1e-40, 9e-6):
+        with pytest.raises(LoraforgeError, match="temperature must be 0 \\(greedy\\) or in \\[1e-05, inf\\)"):
+            SamplingParams(temperature=t).check()
+        with pytest.raises(LoraforgeError, match="--temperature must be >= 1e-05"):
+            TrainConfig(adapter="a", data="d", output_dir="o", temperature=t).resolved()
+    logits = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    probs = filter_logits(logits / 1e-5, -1, 1.0).softmax(-1)
+    assert torch.isfinite(probs).all() and probs.argmax().item() == 0
+    out = generate(tiny_model, tokenizer, ["1+2="], SamplingParams(max_new_tokens=4, temperature=1e-5))
+    greedy = generate(tiny_model, tokenizer, ["1+2="], SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert out.texts == greedy.texts  # at 1e-5 the top token takes all the mass: the greedy answer, not garbage
