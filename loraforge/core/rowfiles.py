@@ -7,10 +7,11 @@ with the same messages. Parquet (DAPO-Math-17k ships as parquet) needs pyarrow, 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.readers import loads
+from loraforge.core.readers import describe, loads
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -72,3 +73,14 @@ def _read_utf8(path: Path) -> str:
             f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) {e.reason}; "
             "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8.jsonl`)"
         ) from None
+
+
+def gold_answer(value, where: str, field: str) -> str:
+    """A row's gold answer as text: a non-empty string, or a finite number (AIME stores ints). Anything else (null,
+    true, a list, an object, NaN) is refused naming the row: as its repr ("None", "True", "nan") it would be the
+    answer every sample is compared with, and every reward or score would be 0 with exit 0."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if number or (isinstance(value, str) and value.strip()):
+        return str(value)
+    found = "an empty string" if isinstance(value, str) else describe(value)
+    raise LoraforgeError(f"{where}: `{field}` is {found}, expected the gold answer as text or a number; fix that row")

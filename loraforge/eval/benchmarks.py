@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.rowfiles import read_row_file
+from loraforge.core.rowfiles import gold_answer, read_row_file
 from loraforge.tasks.synthetic import is_synthetic, rows_from_spec
 
 QUESTION_FIELDS = ("problem", "question", "prompt")
@@ -196,7 +196,7 @@ def _rows_to_problems(rows, question_field: str | None, answer_field: str, where
                 f"{where}: row {i + 1} has no question field ({wanted}); its fields are "
                 f"{sorted(row)}. Rename the question field to `problem`"
             )
-        if answer_field not in row or row[answer_field] is None:
+        if answer_field not in row:
             raise LoraforgeError(
                 f"{where}: row {i + 1} has no `{answer_field}` field (fields: {sorted(row)}); every "
                 f"row needs the gold answer in `{answer_field}`"
@@ -208,7 +208,8 @@ def _rows_to_problems(rows, question_field: str | None, answer_field: str, where
                 "(chat-message lists are not supported; put the problem text there)"
             )
         pid = str(row.get("id", row.get("unique_id", i)))
-        problems.append(Problem(pid, question, gold_from_gsm8k(str(row[answer_field]))))
+        gold = gold_answer(row[answer_field], f"{where}: row {i + 1}", answer_field)
+        problems.append(Problem(pid, question, gold_from_gsm8k(gold)))
     return problems
 
 

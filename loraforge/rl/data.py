@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.rowfiles import read_row_file
+from loraforge.core.readers import describe
+from loraforge.core.rowfiles import gold_answer, read_row_file
 from loraforge.tasks.synthetic import SYNTHETIC_LEVELS, is_synthetic, rows_from_spec, synthetic_rows
 
 __all__ = ["SYNTHETIC_LEVELS", "synthetic_rows"]  # the task lives in loraforge.tasks; names kept for imports
@@ -81,15 +82,18 @@ def to_example(row: Any, index: int, source: str = "data") -> Example:
         raise LoraforgeError(f"{where} is a {type(row).__name__}, expected an object with prompt and answer fields")
     if "reward_model" in row:  # DAPO-Math-17k / verl format
         rm = row["reward_model"]
-        if not isinstance(rm, dict) or rm.get("ground_truth") in (None, ""):
+        if not isinstance(rm, dict) or "ground_truth" not in rm:
             raise LoraforgeError(f"{where} has no field reward_model.ground_truth (verl/DAPO format); add it")
         if "prompt" not in row:
             raise LoraforgeError(f"{where} has no field prompt (verl/DAPO format: a list of chat messages)")
-        return Example(_prompt(row["prompt"], where), str(rm["ground_truth"]))
+        gold = gold_answer(rm["ground_truth"], where, "reward_model.ground_truth")
+        return Example(_prompt(row["prompt"], where), gold)
     if "question" in row and "prompt" not in row:  # GSM8K
         if "answer" not in row:
             raise LoraforgeError(f"{where} has no field answer (GSM8K format: question + answer ending in #### N)")
-        answer = str(row["answer"])
+        answer = gold_answer(row["answer"], where, "answer")
+        if not isinstance(row["question"], str):
+            raise LoraforgeError(f"{where}: field question is {describe(row['question'])}, expected the question text")
         if "####" in answer:
             answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
         return Example(str(row["question"]), answer, is_question=True)
@@ -98,9 +102,11 @@ def to_example(row: Any, index: int, source: str = "data") -> Example:
             f"{where} has no field prompt; found fields {sorted(row)}; expected prompt + answer, "
             "question + answer (GSM8K) or prompt + reward_model.ground_truth (DAPO-Math)"
         )
-    for key in ("answer", "ground_truth"):
-        if key in row and row[key] not in (None, ""):
-            return Example(_prompt(row["prompt"], where), str(row[key]), is_question=bool(row.get("_question")))
+    present = [k for k in ("answer", "ground_truth") if k in row]
+    filled = [k for k in present if row[k] is not None and row[k] != ""]
+    for key in (filled or present)[:1]:  # an empty answer beside a filled ground_truth: the filled one
+        gold = gold_answer(row[key], where, key)
+        return Example(_prompt(row["prompt"], where), gold, is_question=bool(row.get("_question")))
     raise LoraforgeError(f"{where} has no field answer (the ground truth); found fields {sorted(row)}")
 
 

@@ -151,3 +151,27 @@ def test_bad_synthetic_benchmark_is_one_line():
 
     with pytest.raises(LoraforgeError, match="--bench synthetic:split=dev: split must be train or heldout"):
         load_benchmark("synthetic:split=dev")
+
+
+GOLD_OF_ANOTHER_KIND = [
+    (None, "null"),
+    (True, "true"),
+    ([1, 2], "a list"),
+    ({"a": 1}, "an object"),
+    (float("nan"), "a number \\(nan\\)"),
+    ("", "an empty string"),
+]
+
+
+@pytest.mark.parametrize("gold, found", GOLD_OF_ANOTHER_KIND)
+def test_a_gold_answer_of_another_kind_is_refused_naming_the_row(tmp_path, gold, found):
+    """eval --bench: the gold was compared as its repr ("None", "True", "[1, 2]", "nan"), so every sample scored
+    wrong and the report said 0.00 with exit 0. The same check reads train --data (tests/rl/test_data.py)."""
+    p = tmp_path / "b.jsonl"
+    p.write_text(
+        json.dumps({"problem": "a", "answer": "1"}) + "\n" + json.dumps({"problem": "b", "answer": gold}) + "\n"
+    )
+    with pytest.raises(LoraforgeError, match=rf"b.jsonl: row 2: `answer` is {found}, expected the gold answer"):
+        load_benchmark(str(p))
+    p.write_text(json.dumps({"problem": "b", "answer": 42}) + "\n")  # AIME stores ints: a number is fine
+    assert load_benchmark(str(p)).problems[0].answer == "42"

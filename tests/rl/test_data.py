@@ -217,3 +217,25 @@ def test_synthetic_heldout_part_is_the_same_for_every_seed_and_n():
 def test_bad_split_is_one_line(spec, message):
     with pytest.raises(LoraforgeError, match=message):
         load_examples(spec)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "q", "answer": None}, r"row 0: `answer` is null, expected the gold answer"),
+        ({"prompt": "q", "answer": [3]}, r"row 0: `answer` is a list"),
+        ({"question": "q", "answer": True}, r"row 0: `answer` is true"),
+        ({"question": ["q"], "answer": "3"}, r"row 0: field question is a list, expected the question text"),
+        ({"prompt": "q", "reward_model": {"ground_truth": None}}, r"`reward_model.ground_truth` is null"),
+        ({"prompt": "q", "reward_model": {"ground_truth": float("nan")}}, r"`reward_model.ground_truth` is a number"),
+    ],
+)
+def test_a_gold_answer_of_another_kind_is_refused_naming_the_row(tmp_path, row, message):
+    """train --data (rows counted from 0 here): the ground truth was str() of whatever the row held ("None", "[3]", "True"), so every reward
+    was 0 and the run trained on nothing, exit 0. Refused in one line, as eval --bench does (core/rowfiles)."""
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(LoraforgeError, match=message):
+        load_examples(str(tmp_path / "d.jsonl"))
+    ok = {"prompt": "q", "answer": None, "ground_truth": 7}  # an empty answer beside a filled ground_truth
+    (tmp_path / "d.jsonl").write_text(json.dumps(ok) + "\n")
+    assert load_examples(str(tmp_path / "d.jsonl"))[0].ground_truth == "7"
