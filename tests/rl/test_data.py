@@ -231,8 +231,9 @@ def test_bad_split_is_one_line(spec, message):
     ],
 )
 def test_a_gold_answer_of_another_kind_is_refused_naming_the_row(tmp_path, row, message):
-    """train --data (rows counted from 0 here): the ground truth was str() of whatever the row held ("None", "[3]", "True"), so every reward
-    was 0 and the run trained on nothing, exit 0. Refused in one line, as eval --bench does (core/rowfiles)."""
+    """train --data (rows counted from 0 here): the ground truth was str() of whatever the row held ("None", "[3]",
+    "True"), so every reward was 0 and the run trained on nothing, exit 0. Refused in one line, as eval --bench does
+    (core/rowfiles.gold_answer)."""
     (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(LoraforgeError, match=message):
         load_examples(str(tmp_path / "d.jsonl"))
