@@ -215,3 +215,33 @@ def test_batch_size_smaller_than_samples(bigram_model, tokenizer, tmp_path, writ
     res = evaluate(bigram_model, tokenizer, str(path), cfg(samples=4, temperature=1.0, max_new_tokens=3, batch_size=3))
     assert res["counts"]["correct_per_problem"] == [[4, 0]]
     assert metric(res, "pass@4")["score"] == pytest.approx(0.5)  # (1 + 0) / 2
+
+
+def test_a_prompt_too_long_for_the_limit_is_refused_before_it_is_tokenised(tokenizer):
+    """A 2,000,000-character problem: eval tokenised it whole (1.3 GB peak and ~40 s on a loaded 2-core CPU with
+    the tiny models' word tokenizer) only to refuse it as over --max-prompt-tokens. A text longer than the limit
+    times the tokenizer's longest token (in characters) cannot fit, so it is refused from its length alone; a
+    prompt that can fit is still tokenised and checked as before."""
+    from loraforge.sampling.generation import max_token_chars
+
+    seen = []
+
+    class Recording:  # the real tokenizer, noting the length of every text it is asked to tokenise
+        chat_template = None
+
+        def __call__(self, text, **kw):
+            seen.append(len(text))
+            return tokenizer(text, **kw)
+
+        def get_vocab(self):
+            return tokenizer.get_vocab()
+
+    tok = Recording()
+    limit = 16
+    huge = Benchmark("b", [Problem("0", "two " * 500_000, "5")], {})
+    with pytest.raises(LoraforgeError, match=r"b: the prompt of problem 0 is 2,000,000 characters, more than "):
+        build_prompts(tok, huge, "{problem}", False, limit)
+    assert seen == []  # refused from its length: never tokenised
+    fits = "two " * (limit * max_token_chars(tok) // 4)  # as long as the bound allows: tokenised, then counted
+    texts, ids, _ = build_prompts(tok, Benchmark("b", [Problem("0", fits, "5")], {}), "{problem}", False, limit)
+    assert seen == [len(fits)] and len(ids[0]) > limit  # the token count is the check that refuses this one
