@@ -140,12 +140,24 @@ def resolve_template(template: str) -> str:
             f"({', '.join(PROMPT_TEMPLATES)}) nor a template containing {{problem}}; "
             "pass one of the names or a string with {problem} where the question goes"
         )
+    import string
+
     try:
-        template.format(problem="x")
-    except (KeyError, IndexError, ValueError) as e:
+        # only the bare {problem}: an index, attribute, conversion or format spec ({problem[0]}, {problem.x},
+        # {problem:>999999999}) is checked here against "x" but applied to every real problem later, where an
+        # empty one raised IndexError and a width took gigabytes
+        odd = [
+            f
+            for _, f, spec, conv in string.Formatter().parse(template)
+            if f is not None and (f, spec, conv) != ("problem", "", None)
+        ]
+    except ValueError as e:
+        odd, error = None, e
+    if odd is None or odd:
+        found = f"{{{odd[0]}...}}" if odd else f"{type(error).__name__}: {error}"
         raise LoraforgeError(
-            f"--prompt-template cannot be filled ({type(e).__name__}: {e}); write literal braces "
-            "as {{ and }}, and use only {problem}"
+            f"--prompt-template cannot be filled ({found}); write literal braces as {{{{ and }}}}, and use only "
+            "{problem}, as it is"
         ) from None
     return template
 

@@ -116,6 +116,18 @@ def test_prompt_templates():
         resolve_template("Solve it")
     with pytest.raises(LoraforgeError, match="cannot be filled"):
         resolve_template("{problem} {other}")
+    assert resolve_template("{{literal}} {problem}") == "{{literal}} {problem}"
+
+
+@pytest.mark.parametrize(
+    "template", ["{problem}{problem[0]}", "{problem} {problem:>999999999}", "{problem}{problem!r}"]
+)
+def test_a_prompt_template_may_use_only_the_bare_problem(template):
+    """An index, conversion or format spec on {problem} passed the check against "x" and was then applied to every
+    real problem: `{problem[0]}` on an empty problem was an IndexError traceback after the model had loaded, a width
+    of 999999999 a gigabyte string per prompt. Only `{problem}` as it is is a template."""
+    with pytest.raises(LoraforgeError, match=r"cannot be filled \(\{problem.*use only \{problem\}, as it is"):
+        resolve_template(template)
 
 
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path, hide_package):
