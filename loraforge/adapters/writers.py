@@ -137,7 +137,7 @@ def adapter_key(module_name: str, which: str) -> str:
     return f"base_model.model.{module_name}.lora_{which}.weight"
 
 
-def tensor_problem(name: str, t: torch.Tensor, experts: int = 1) -> Optional[str]:
+def tensor_problem(name: str, t: torch.Tensor, experts: int = 1, zero_rows: bool = True) -> Optional[str]:
     """The one check on every tensor loraforge writes or hands on (init, save_init, convert, each training step
     and save): None when T is finite and, for a LoRA A factor (`lora_A` in NAME), no row is all zero; else what
     is wrong, naming the tensor, the row and, for a fused stack of EXPERTS experts (PEFT's layout: expert e owns
@@ -151,7 +151,7 @@ def tensor_problem(name: str, t: torch.Tensor, experts: int = 1) -> Optional[str
         row, col = (int(i) for i in bad.nonzero()[0])
         where = _where(row, col, t, name, experts)
         return f"{name} has {int(bad.sum())} non-finite value(s) (NaN or inf), the first at {where}"
-    if "lora_A" in name and t.dim() == 2 and t.numel() > 0:
+    if zero_rows and "lora_A" in name and t.dim() == 2 and t.numel() > 0:
         zero = ~flat.ne(0).any(dim=1)
         if bool(zero.any()):
             row = int(zero.nonzero()[0, 0])
@@ -177,6 +177,17 @@ def check_tensor(name: str, t: torch.Tensor, experts: int = 1, what: str = "") -
     if problem is not None:
         raise LoraforgeError(f"{what + ': ' if what else ''}{problem}; nothing was written. {_ADVICE}")
     return t
+
+
+def check_loaded_adapter(model, what: str) -> None:
+    """The same check on every LoRA tensor of a loaded PeftModel before it is used (eval): a NaN or inf factor
+    makes every output NaN, and sampling then draws the same token everywhere, scored 0 with exit 0. Only
+    finiteness: a zero row of A in an adapter someone else made wastes rank but gives the right outputs."""
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            problem = tensor_problem(name, p, zero_rows=False)
+            if problem is not None:
+                raise LoraforgeError(f"{what}: {problem}; nothing was evaluated. {_ADVICE}")
 
 
 _ADVICE = (

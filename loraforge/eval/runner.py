@@ -395,6 +395,9 @@ def load_model(config: EvalConfig, base: str | None = None):
                 "PEFT adapter directory (adapter_config.json + weights); --model must be the base it was made "
                 "for (for residual inits such as PiSSA/MiLoRA/OLoRA, the residual base)"
             ) from None
+        from loraforge.adapters.writers import check_loaded_adapter
+
+        check_loaded_adapter(model, f"--adapter {config.adapter}")
         adir = Path(config.adapter)
         info["adapter"] = config.adapter
         info["adapter_sha256"] = next(

@@ -150,3 +150,27 @@ def test_eval_greedy_rides_along_with_sampling(model_dir, greedy_file, tmp_path)
 def test_greedy_with_temperature_zero_is_refused(model_dir, greedy_file, tmp_path):
     r = run("--model", str(model_dir), "--bench", str(greedy_file), "--greedy", "-o", str(tmp_path / "r.json"))
     assert r.exit_code == 1 and "drop --greedy, or sample with --temperature > 0" in r.output
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_eval_refuses_an_adapter_with_a_non_finite_factor(model_dir, greedy_file, tmp_path, value):
+    """A B = 0 adapter with one NaN in lora_A: B (A x) is 0 * NaN = NaN, every logit NaN, and every sampled token
+    the vocabulary's last; eval scored that 0 and wrote the report, exit 0. Now the one tensor check
+    (adapters/writers) runs on the loaded factors: one line naming the tensor, and no report."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    adir = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).save_pretrained(str(adir))
+    tensors = load_file(adir / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key][1, 3] = value
+    save_file(tensors, adir / "adapter_model.safetensors")
+    out = tmp_path / "report.json"
+    r = run("--model", str(model_dir), "--adapter", str(adir), "--bench", str(greedy_file), "-o", str(out))
+    errors = [line for line in r.output.splitlines() if line.startswith("Error: ")]  # progress lines aside
+    assert r.exit_code == 1 and len(errors) == 1 and "Traceback" not in r.output, r.output
+    assert "non-finite value(s) (NaN or inf), the first at row 1, column 3" in errors[0] and "lora_A" in errors[0]
+    assert not out.exists() and not (tmp_path / "report.samples.jsonl").exists()
