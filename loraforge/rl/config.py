@@ -53,6 +53,15 @@ class TrainConfig:
         "float32", "float32 | bfloat16 | float16: dtype of the base model weights (16-bit with --rollout vllm)"
     )
     device: str = setting("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    quantize: str | None = setting(
+        None,
+        "nf4 | fp4 | int8: load the base quantized through bitsandbytes (QLoRA; pip install 'loraforge[quant]'); "
+        "the adapter stays float32, the rest of the base stays in --dtype",
+    )
+    quant_compute_dtype: str | None = setting(
+        None,
+        "with --quantize nf4/fp4: float32 | bfloat16 | float16, the dtype 4-bit layers compute in [default: --dtype]",
+    )
     trust_remote_code: bool = setting(False, "allow a model repository's own code to run")
     # --- prompts and rewards ------------------------------------------------------------------
     reward: str = setting(
@@ -155,6 +164,7 @@ class TrainConfig:
         need(bool(self.data), "--data", "a dataset (file, Hub id or synthetic)", self.data)
         need(bool(self.output_dir), "--output/-o", "a run directory", self.output_dir)
         need(self.dtype in ("float32", "bfloat16", "float16"), "--dtype", "float32, bfloat16 or float16", self.dtype)
+        self._check_quantize()
         need(self.max_prompt_length >= 1, "--max-prompt-length", ">= 1", self.max_prompt_length)
         need(self.max_response_length >= 1, "--max-response-length", ">= 1", self.max_response_length)
         need(
@@ -223,6 +233,28 @@ class TrainConfig:
         need(self.eval_every >= 0, "--eval-every", ">= 0", self.eval_every)
         need(self.eval_every == 0 or bool(self.eval_data), "--eval-data", "given when --eval-every > 0", self.eval_data)
         need(self.eval_max_prompts >= 1, "--eval-max-prompts", ">= 1", self.eval_max_prompts)
+
+    def _check_quantize(self) -> None:
+        from loraforge.models.quantize import check_quantize
+
+        check_quantize(self.quantize)
+        if self.quant_compute_dtype is not None:
+            if self.quant_compute_dtype not in ("float32", "bfloat16", "float16"):
+                raise LoraforgeError(
+                    f"--quant-compute-dtype must be float32, bfloat16 or float16, got {self.quant_compute_dtype!r}"
+                )
+            if self.quantize not in ("nf4", "fp4"):
+                raise LoraforgeError(
+                    "--quant-compute-dtype goes with --quantize nf4 or fp4 (int8 layers compute in float16), "
+                    f"got --quantize {self.quantize}"
+                )
+        if self.quantize and self.rollout == "vllm":
+            # vLLM quantizes in flight with its own loader (nf4 only); that its weights equal the trainer's
+            # is not checked anywhere, and the per-step log-prob check would stop the run on any gap
+            raise LoraforgeError(
+                f"--rollout vllm cannot sample from a --quantize {self.quantize} base: vLLM's own bitsandbytes "
+                "loading is not checked against the trainer's; use --rollout transformers (the default)"
+            )
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -140,7 +140,9 @@ def load_policy(
     """(PeftModel with the adapter trainable, tokenizer, device) for the config (`device` overrides cfg.device;
     `base`, when the caller resolved it already, is the base model to load)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from loraforge.rl.loading import load_base
 
     adapter = Path(cfg.adapter)
     base = base or resolve_base(adapter, cfg.model)
@@ -148,12 +150,8 @@ def load_policy(
     if cfg.model is None:
         echo(f"base model: {model_src} (from the adapter directory)")
     device = resolve_device(device or cfg.device)
-    dtype = getattr(torch, cfg.dtype)
-    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.gguf_file:
-        kw["gguf_file"] = cfg.gguf_file
     try:
-        base = AutoModelForCausalLM.from_pretrained(model_src, **kw)
+        base = load_base(cfg, model_src, device)  # straight onto the device, quantized if asked
         tok_kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.tokenizer or model_src, trust_remote_code=cfg.trust_remote_code, **tok_kw
@@ -162,7 +160,6 @@ def load_policy(
         raise LoraforgeError(f"--model {model_src}: could not load the model or its tokenizer ({e})") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base.to(device)
     try:
         model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
     except RuntimeError as e:

@@ -489,6 +489,11 @@ def default_gpus() -> int:
 
 def check_handed_on(cfg: TrainConfig) -> None:
     """Refuse a setting the user gave that verl 0.9 would accept and ignore."""
+    if cfg.quantize:
+        raise LoraforgeError(
+            f"--quantize {cfg.quantize} cannot be handed to verl 0.9: its FSDP actor trains an unquantized base "
+            "(its rollout quantization is fp8 only); drop --quantize, or train with the bundled loop (--backend local)"
+        )
     default_limit = TrainConfig.__dataclass_fields__["max_gen_batches"].default
     # 0 (never give up) is what verl does; the default is not a choice the user made
     if cfg.dynamic_sampling and cfg.max_gen_batches not in (0, default_limit):
