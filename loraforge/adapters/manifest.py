@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Optional
 
 import torch
 
 from loraforge.adapters.writers import UNHASHED
+from loraforge.inits import quantized
 from loraforge.inits.config import InitConfig
 
 INIT_FORMAT = "loraforge-manifest/1"
@@ -59,6 +61,8 @@ def build_manifest(
         "scaling": config.scaling,
         "seed": config.seed,
         "svd": config.svd if method.spectrum else None,
+        # the quantized base the init was computed for (init --quantize), and what was computed against it
+        "quantize": quantized.record(config.quantize, config.quant_iters, method),
         "source": {"model_id": source.model_id, "revision": source.revision, "local": source.is_local},
         "target_modules": target_modules,
         # How adapter_config.json names the targets for PEFT (modules_as_parameters: modules written as
@@ -84,10 +88,14 @@ def build_manifest(
 def summarize(stats: dict[str, dict]) -> dict:
     n = len(stats)
     rel = [s["recon_rel"] for s in stats.values()]
-    return {
+    summary = {
         "modules": n,
         "init_norm_mean": sum(s["init_norm"] for s in stats.values()) / max(n, 1),
         "recon_rel_max": max(rel, default=0.0),
         "recon_rel_mean": sum(rel) / max(n, 1),
         "recon_max_abs": max((s["recon_max_abs"] for s in stats.values()), default=0.0),
     }
+    quant = sorted(s["quant_rel"] for s in stats.values() if "quant_rel" in s)
+    if quant:  # init --quantize: ||Q(base) + s B0 A0 - W|| / ||W|| over the quantized modules
+        summary.update(quant_rel_max=quant[-1], quant_rel_median=statistics.median(quant))
+    return summary

@@ -71,6 +71,8 @@ HELP = help_texts(InitConfig)
     show_default=True,
     help=HELP["svd"],
 )
+@click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]), default=None, help=HELP["quantize"])
+@click.option("--quant-iters", type=click.IntRange(min=0), default=5, show_default=True, help=HELP["quant_iters"])
 @click.option(
     "--batch-mib",
     type=click.IntRange(min=1),
@@ -123,6 +125,11 @@ def init(model, out, revision, device_map, overwrite, trust_remote_code, layers,
         f"{config.method} r={config.r}: {result.modules} modules{experts} in {result.seconds:.1f} s, "
         f"max relative reconstruction error {s['recon_rel_max']:.2e} -> {result.out}"
     )
+    if "quant_rel_max" in s:
+        click.echo(
+            f"on a {config.quantize} base: relative error of Q(base) + s B0 A0 against W, max "
+            f"{s['quant_rel_max']:.2e}, median {s['quant_rel_median']:.2e} (loraforge.json 'quantize')"
+        )
     # which base a server loads, with vLLM's flags for this rank (the same line `loraforge verify` ends with)
     from loraforge.ship.verify import serve_line
 

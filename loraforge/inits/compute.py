@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.inits import quantized
 from loraforge.inits.config import DTYPES, InitConfig
 from loraforge.inits.linalg import at_full_float32, exact_spectrum, fast_spectrum
 from loraforge.inits.methods import MethodInput
@@ -65,9 +66,14 @@ def _init_batch(
     method = config.method_spec
     base_dtypes = [w.dtype if config.base_dtype == "auto" else DTYPES[config.base_dtype] for w in stored]
     W, W32, w_norm = _load_batch(batch, stored, config, device, workspace or Workspace(), base_dtypes)
+    quant_rel = None  # --quantize: B0 = 0 methods decompose Q(W), the weight the model trains on (inits/quantized.py)
+    if config.quantize and not method.residual:
+        quant_rel = quantized.decompose_quantized(batch, W, W32, [w.dtype for w in stored], config.quantize)
     spectrum = _spectrum(batch, W, W32, config)
     seeds = [module_seed(config.seed, t.unit) for t in batch]
     A, B = method.init(MethodInput(W=W, r=config.r, scaling=config.scaling, spectrum=spectrum, seeds=seeds))
+    if config.quantize and method.residual and method.spectrum == "top":
+        A, B = quantized.refine_principal(batch, W, A, B, config, seeds, base_dtypes)
     adapter_dtype = DTYPES[config.adapter_dtype]
     A_s, B_s = A.to(adapter_dtype), B.to(adapter_dtype)
     rounding = torch.maximum(factor_rounding(A, A_s, dim=2), factor_rounding(B, B_s, dim=1)).cpu()
@@ -85,6 +91,13 @@ def _init_batch(
                 stats["rank"] = int(spectrum.rank[i])
             # Share of ||W||_F^2 in the chosen singular directions (captured energy).
             stats["energy"] = float((spectrum.S[i] ** 2).sum() / w_norm[i] ** 2) if w_norm[i] > 0 else 0.0
+        if config.quantize:  # ||Q(base) + s B0 A0 - W|| / ||W||, before the residual's buffer is reused
+            rel = (
+                quant_rel[i]
+                if quant_rel is not None
+                else quantized.residual_error(t, W[i], base_dtypes[i], w_norm[i], config)
+            )
+            stats.update({} if rel is None else {"quant_rel": rel})
         base = None
         if method.residual:
             base = _store_residual(W[i], base_dtypes[i], w_norm[i], t.transposed, stats)

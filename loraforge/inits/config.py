@@ -42,6 +42,14 @@ class InitConfig:
         "auto", "Residual base dtype (pissa, milora, olora, olora-tail); auto keeps the checkpoint's."
     )
     svd: str = setting("exact", "exact, or fast: randomised SVD, principal methods only (rlpo, pissa, olora).")
+    quantize: Optional[str] = setting(
+        None,
+        "nf4, fp4 or int8: compute the init for a base that bitsandbytes quantizes on load (train --quantize): "
+        "rlpo/rlmo take the spectrum of the quantized weight, pissa/olora refine their factors against it.",
+    )
+    quant_iters: int = setting(
+        5, "With --quantize: pissa/olora refinements against the quantized residual (LoftQ-style); 0 = none."
+    )
     batch_mib: int = setting(
         512,
         "Memory budget of one batch of matrices decomposed together (an MoE expert stack is cut into batches of "
@@ -72,6 +80,12 @@ class InitConfig:
                 f"--svd fast cannot be used with {self.method}: it needs the bottom of the spectrum, and a randomised "
                 "SVD finds only the top singular subspace. Drop --svd fast (the exact path is batched and fast)."
             )
+        if self.quantize is not None:
+            from loraforge.models.quantize import check_quantize
+
+            check_quantize(self.quantize)
+        if not isinstance(self.quant_iters, int) or self.quant_iters < 0:
+            raise LoraforgeError(f"--quant-iters must be an integer >= 0, got {self.quant_iters!r}.")
         if self.seed < 0:
             raise LoraforgeError(f"--seed must be >= 0, got {self.seed}.")
         if self.batch_mib < 1:
