@@ -20,13 +20,20 @@ from loraforge.cli._paths import paths
     help="Residualised methods: compare logits through PEFT when the base has at most this many parameters "
     "[default: 200000000].",
 )
-def verify(out, base, device, logit_max_params):
+@click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "fp4", "int8"]),
+    default=None,
+    help="Also check the adapter on the base quantized by bitsandbytes: error per module, PEFT's logits "
+    "[default: the format init --quantize recorded, if any].",
+)
+def verify(out, base, device, logit_max_params, quantize):
     """Check the init directory OUT against its manifest and its base; exit 1 naming failing modules."""
     from loraforge.ship.verify import verify_adapter
 
     with user_errors():
         limit = {} if logit_max_params is None else {"logit_max_params": logit_max_params}
-        report = verify_adapter(out, base=base, device=device, **limit)
+        report = verify_adapter(out, base=base, device=device, quantize=quantize, **limit)
     click.echo(
         f"{report.path}: {report.method} r={report.r}, {len(report.modules)} modules, against {report.base_model}"
     )

@@ -150,15 +150,19 @@ def verify_adapter(
     device: str = "auto",
     batch_mib: int = 512,
     logit_max_params: int = MAX_LOGIT_PARAMS,
+    quantize: Optional[str] = None,
 ) -> VerifyReport:
     """Check the loraforge init directory OUT; BASE overrides the original model the manifest names.
-    The logit check (residualised methods) runs on bases of at most LOGIT_MAX_PARAMS parameters."""
+    The logit checks (residualised methods, quantized bases) run on bases of at most LOGIT_MAX_PARAMS parameters.
+    QUANTIZE (or the manifest's `init --quantize`) adds the checks on a bitsandbytes base (ship/verify_quant.py)."""
     from loraforge.core.devices import resolve_device
     from loraforge.inits.plan import plan_batches
+    from loraforge.ship import verify_quant
 
     out = Path(out)
     adapter = load_adapter(out, "OUT")
     manifest = _init_manifest(adapter)
+    quantize = verify_quant.effective_quantize(manifest, quantize)
     method = METHODS[manifest["method"]]
     original = base or manifest["source"]["model_id"]
     _check_source_exists(manifest, base, original)
@@ -184,6 +188,12 @@ def verify_adapter(
         _check_batch(adapter, manifest, method, batch, weights, residual, dev, checks, report.modules)
     _finish_details(method, checks)
     report.checks.extend(client_checks(out, as_written, source, method.residual, logit_max_params))  # what PEFT builds
+    if quantize:
+        report.checks.append(
+            verify_quant.check_quantized_errors(adapter, manifest, names, weights, residual, quantize, report.modules)
+        )
+        load_on = adapter.base_dir if method.residual else source.path
+        report.checks.append(verify_quant.check_quantized_logits(out, load_on, source.path, quantize, logit_max_params))
     return report
 
 
@@ -258,7 +268,16 @@ def _check_batch(adapter, manifest, method, batch, weights, residual, dev, check
         _check_zero_b(method, batch, B, checks.zero_b)
     if checks.ortho.applies:
         _check_orthonormal(method, batch, A, B, adapter_dtype, checks, stats)
-    _check_formula(method, manifest, batch, W, A, B, adapter_dtype, checks.formula, stats, checks.worst, module_seed)
+    W_ref, refine = W, None
+    if manifest.get("quantize"):  # init --quantize: the factors were computed against the quantized base
+        from loraforge.ship.verify_quant import quantized_reference
+
+        dtypes = [weights.dtype(t.name) for t in batch]
+        base_dtypes = [residual.dtype(t.name) for t in batch] if residual is not None else dtypes
+        W_ref, refine = quantized_reference(method, manifest, batch, W, dtypes, base_dtypes)
+    _check_formula(
+        method, manifest, batch, W_ref, A, B, adapter_dtype, checks.formula, stats, checks.worst, module_seed, refine
+    )
 
 
 def _check_nonzero(method: Method, batch, A, B, check: Check) -> None:
@@ -436,9 +455,10 @@ def _check_config(adapter: Adapter, manifest: dict, check: Check) -> None:
 
 
 def _check_formula(
-    method: Method, manifest: dict, batch, W, A, B, adapter_dtype, check: Check, stats, worst, module_seed
+    method: Method, manifest: dict, batch, W, A, B, adapter_dtype, check: Check, stats, worst, module_seed, refine=None
 ) -> None:
-    """Recompute the method's factors from W and compare them with the stored ones."""
+    """Recompute the method's factors from W and compare them with the stored ones (REFINE: init --quantize's
+    refinement of the factors, see ship/verify_quant.quantized_reference)."""
     r, s = manifest["r"], manifest["scaling"]
     spectrum = None
     if method.spectrum is not None:
@@ -455,6 +475,8 @@ def _check_formula(
                     )
     seeds = [module_seed(manifest["seed"], t.name) for t in batch]
     A_ref, B_ref = method.init(MethodInput(W=W, r=r, scaling=s, spectrum=spectrum, seeds=seeds))
+    if refine is not None:
+        A_ref, B_ref = refine(A_ref, B_ref)
     tol = 4 * _eps(adapter_dtype)
     if manifest.get("svd") == "fast":
         tol += FAST_SVD_TOL
