@@ -117,7 +117,7 @@ def ensure_adapter(args, model: Path, run: Run) -> Path:
     if (out / "adapter_config.json").exists():
         return out
     cmd = cli() + ["init", str(model), "--method", run.method, "-r", str(args.rank), "--alpha", str(args.alpha)]
-    cmd += ["--seed", str(run.seed), "--device", args.device, "-o", str(out)]
+    cmd += ["--seed", str(run.seed), "--device", args.device, "-o", str(out), *shlex.split(args.init_args)]
     if run.method in RESIDUAL:
         cmd += ["--base-dtype", "float32"]  # the residual base exactly W0 - s B0 A0, not rounded to bf16
     if sh(cmd, env=thread_env(args)) != 0:
@@ -262,6 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=10, help="checkpoint (and held-out evaluation) every N steps")
     p.add_argument("--max-gen-batches", type=int, default=10, help="dynamic sampling refills per step, 0 = no limit")
     p.add_argument("--train-args", default="", help="further `loraforge train` flags, as one string")
+    p.add_argument("--init-args", default="", help="further `loraforge init` flags, as one string")
     p.add_argument("--window", type=int, default=5, help="steps averaged for first/last-window columns")
     p.add_argument("--smooth", type=int, default=1, help="moving average of the training figures (steps)")
     p.add_argument("--inspect-layers", default="0,10,20,29", help="layers `inspect` measures ('' = all)")

@@ -1,0 +1,313 @@
+"""Quantized (4-bit) bases per method: weight error, logit error, subspace overlap, train-step memory.
+
+What is measured, on one model (SmolLM2-135M-Instruct from a directory, or a RANDOM checkpoint with
+Qwen2.5 shapes from checkpoints.py: random weights do not have pretrained spectra, so its numbers say
+what the shapes do, not what a pretrained 1.5B does):
+
+- weights: for each method, `loraforge init` writes the adapter (r 16 by default); for every target
+  module, the relative error ||Q(base) + s B0 A0 - W||_F / ||W||_F, where base is W for B0 = 0
+  methods and the residual base for pissa, milora, olora, olora-tail, and Q is the quantization
+  `train --quantize` loads the base with (loraforge.models.quantize.quantize_dequantize: bitsandbytes'
+  own functions). Max and median over modules. With --quant-aware also the adapters `loraforge init
+  --quantize` writes.
+- logits: the same adapters through PEFT on the base loaded with transformers' BitsAndBytesConfig
+  (float32 compute), against the original float32 model: the relative error of centred logits
+  (ship.client_check.logit_error) on 4 x 32 fixed random tokens, max over positions.
+- overlap: for every target module, the principal angles between the top-r (rlpo) and bottom-r nonzero
+  (rlmo) right singular subspaces of W and of Q(W) (float64 SVDs, torch.linalg.svd): the mean cos^2
+  (= ||V_W^T V_Q||_F^2 / r, 1 = the same subspace, r/n = a random one) and the smallest cos.
+- memory: peak RSS of a 1-step `loraforge train` (rlpo adapter, 2 prompts x 4, 16 response tokens) in a
+  fresh process, --dtype float32 / bfloat16 against --quantize nf4 (CPU: RSS, not GPU memory).
+
+    python benchmarks/quant_bases.py --model /work/models/SmolLM2-135M-Instruct
+    python benchmarks/quant_bases.py --preset qwen2.5-1.5b --layers 4
+    python benchmarks/quant_bases.py --preset tiny --parts weights,overlap     # seconds: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoints  # noqa: E402
+import machine  # noqa: E402
+import processes  # noqa: E402
+import report  # noqa: E402
+
+PARTS = ("weights", "logits", "overlap", "memory")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a local checkpoint directory (e.g. SmolLM2-135M-Instruct)")
+    p.add_argument("--preset", default=None, choices=list(checkpoints.QWEN2_PRESETS), help="random Qwen2.5 shapes")
+    p.add_argument("--layers", type=int, default=None, help="blocks of the random checkpoint [preset's]")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for the memory part of a random checkpoint")
+    p.add_argument("--r", type=int, default=16, help="adapter rank [%(default)s]")
+    p.add_argument("--quantize", default="nf4", help="nf4, fp4 or int8 [%(default)s]")
+    p.add_argument("--methods", default="all", help="comma-separated loraforge methods [all]")
+    p.add_argument("--quant-aware", action="store_true", help="also the adapters of `init --quantize`")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)} [all]")
+    p.add_argument("--workdir", default=None, help="where adapters are written [a temporary directory]")
+    p.add_argument("--json", default=None, help="results file [benchmarks/results/quant_bases-<time>.json]")
+    return p.parse_args(argv)
+
+
+def model_dir(args) -> Path:
+    if args.model:
+        return Path(args.model)
+    if not args.preset:
+        raise SystemExit("give --model DIR or --preset NAME")
+    suffix = f"-L{args.layers}" if args.layers else ""
+    path = Path(tempfile.gettempdir()) / "loraforge-bench" / f"{args.preset}{suffix}-random"
+    checkpoints.write_random_checkpoint(path, args.preset, num_hidden_layers=args.layers)
+    return path
+
+
+def write_adapters(model: Path, methods, r: int, workdir: Path, quantize: str | None) -> dict[str, Path]:
+    """`loraforge init` of every method (reused when already written with the same settings)."""
+    from loraforge import InitConfig, init_adapter
+
+    out = {}
+    for method in methods:
+        path = workdir / (f"{method}-{quantize}" if quantize else method)
+        if not (path / "loraforge.json").exists():
+            extra = {"quantize": quantize} if quantize else {}
+            init_adapter(str(model), str(path), InitConfig(method=method, r=r, device="cpu", **extra))
+        out[method] = path
+    return out
+
+
+def weight_errors(model: Path, adapter: Path, quantize: str) -> dict:
+    """Per module ||Q(base) + s B0 A0 - W|| / ||W|| (for B0 = 0 methods: ||Q(W) - W|| / ||W||)."""
+    from loraforge.adapters.directory import load_adapter
+    from loraforge.models.quantize import quantize_dequantize
+    from loraforge.models.weights import open_model_weights
+
+    a = load_adapter(adapter)
+    names = a.modules
+    original = open_model_weights(str(model), names)
+    base = open_model_weights(str(a.base_dir), names) if a.base_dir and a.base_dir.is_dir() else original
+    rel = []
+    for name in names:
+        W = original.matrix(name)
+        A, B = (t.double() for t in a.factors(name))
+        stored = base.stored(name)
+        Qb = quantize_dequantize(stored.T if base.targets[name].transposed else stored, quantize).double()
+        rel.append(float((Qb + a.scaling * (B @ A) - W).norm() / W.norm()))
+    return {"max": max(rel), "median": statistics.median(rel), "modules": len(rel), "per_module": rel}
+
+
+PROBE_TEXT = [
+    "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Answer: 72",
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.",
+    "def add(a, b):\n    return a + b\n\nprint(add(17, 25))  # prints 42",
+    "Let x be a real number such that 3x + 5 = 20. Then 3x = 15, so x = 5. Answer: 5",
+]
+
+
+def probe(model: Path, vocab: int):
+    """Token ids to compare logits on: PROBE_TEXT through the model's tokenizer (4 rows of 24 tokens), or
+    seeded random ids when the checkpoint has no tokenizer (random checkpoints)."""
+    import torch
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model))
+        rows = [tok(t)["input_ids"][:24] for t in PROBE_TEXT]
+        if min(len(r) for r in rows) == 24:
+            return torch.tensor(rows)
+    except (OSError, ValueError):
+        pass
+    return torch.randint(0, vocab, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def reference_logits(model: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    tokens = probe(model, ref.config.vocab_size)
+    with torch.no_grad():
+        return tokens, ref(tokens).logits
+
+
+def logit_errors(want, got) -> dict:
+    """Per position: the relative error of the centred logits, and KL(original || quantized) of the
+    next-token distributions (nats); medians and maxima over the 4 x 24 positions."""
+    import torch
+
+    ref = want.double() - want.double().mean(-1, keepdim=True)
+    diff = got.double() - got.double().mean(-1, keepdim=True) - ref
+    rel = (diff.norm(dim=-1) / ref.norm(dim=-1)).flatten()
+    lp, lq = torch.log_softmax(want.double(), -1), torch.log_softmax(got.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).flatten()
+    return {
+        "rel_median": float(rel.median()),
+        "rel_max": float(rel.max()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+    }
+
+
+def quantized_logit_error(adapter: Path | None, model: Path, quantize: str, tokens, want) -> dict:
+    """PEFT's logits on the base loaded in QUANTIZE (adapter None: the bare quantized original)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.adapters.directory import load_adapter
+    from loraforge.models.quantize import bnb_config
+
+    base_dir = model
+    if adapter is not None:
+        a = load_adapter(adapter)
+        base_dir = a.base_dir if a.base_dir and a.base_dir.is_dir() else model
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_dir),
+        dtype=torch.float32,
+        quantization_config=bnb_config(quantize, torch.float32),
+        device_map={"": "cpu"},
+    )
+    net = base
+    if adapter is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(base, str(adapter))
+    with torch.no_grad():
+        got = net.eval()(tokens).logits
+    return logit_errors(want, got)
+
+
+def subspace_overlap(model: Path, names: list[str], quantize: str, r: int) -> dict:
+    """Principal angles between W's and Q(W)'s top-r and bottom-r nonzero right singular subspaces."""
+    import torch
+
+    from loraforge.models.quantize import quantize_dequantize
+    from loraforge.models.weights import open_model_weights
+
+    weights = open_model_weights(str(model), names)
+    rows = {"top": {"mean_cos2": [], "min_cos": []}, "bottom": {"mean_cos2": [], "min_cos": []}, "random": []}
+    for name in names:
+        W = weights.matrix(name)
+        Q = quantize_dequantize(W.float(), quantize).double()
+        Vw, Vq = _right_vectors(W), _right_vectors(Q)
+        for side, sl in (("top", slice(0, r)), ("bottom", slice(-r, None))):
+            cos = torch.linalg.svdvals(Vw[:, sl].T @ Vq[:, sl])
+            rows[side]["mean_cos2"].append(float((cos**2).mean()))
+            rows[side]["min_cos"].append(float(cos.min()))
+        rows["random"].append(r / W.shape[1])
+    summary = {
+        side: {
+            "mean_cos2_median": statistics.median(rows[side]["mean_cos2"]),
+            "mean_cos2_min": min(rows[side]["mean_cos2"]),
+            "min_cos_median": statistics.median(rows[side]["min_cos"]),
+        }
+        for side in ("top", "bottom")
+    }
+    summary["random_subspace_mean_cos2_median"] = statistics.median(rows["random"])
+    summary["modules"] = len(names)
+    summary["per_module"] = {k: rows[k] for k in ("top", "bottom")}
+    return summary
+
+
+def _right_vectors(W):
+    """V (n, k) of W's thin float64 SVD, restricted to its numerical rank k (as loraforge defines it)."""
+    import torch
+
+    _, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    k = int((S > max(W.shape) * torch.finfo(torch.float32).eps * S[0]).sum())
+    return Vh[:k].T
+
+
+def memory_runs(model: Path, adapter: Path, tokenizer: str | None, workdir: Path, cases) -> dict:
+    """Peak RSS of a 1-step `loraforge train` per (label, extra flags) in CASES, each in a fresh process."""
+    out = {}
+    for label, extra in cases:
+        run_dir = workdir / f"train-{label}"
+        cmd = [
+            *machine.loraforge_cli(),
+            "train",
+            "--model", str(model), "--adapter", str(adapter), "--data", "synthetic:level=1-3", "--reward", "number",
+            "--steps", "1", "--prompt-batch", "2", "--mini-batch", "2", "--group-size", "4",
+            "--max-response-length", "16", "--overlong-buffer", "0", "--device", "cpu", "--no-tensorboard",
+            "--no-dynamic-sampling", "-o", str(run_dir), *extra,
+        ]  # fmt: skip
+        if tokenizer:
+            cmd += ["--tokenizer", tokenizer]
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        res = processes.run_measured(cmd, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+        if res["rc"] != 0:
+            print(processes.tail(res["stderr"]), file=sys.stderr)
+        out[label] = {k: res[k] for k in ("rc", "wall_s", "cpu_s", "peak_rss_mib", "sampled_peak_anon_mib")}
+        print(f"memory {label}: {out[label]}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    machine.ensure_loraforge_importable()
+    from loraforge.inits.methods import METHODS
+
+    parts = [p for p in args.parts.split(",") if p]
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    model = model_dir(args)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lf-quant-"))
+    results = {"machine": machine.machine_info(), "args": vars(args), "model": str(model), "started": time.time()}
+    variants = [None] + ([args.quantize] if args.quant_aware else [])
+    if "weights" in parts or "logits" in parts:
+        adapters = {v: write_adapters(model, methods, args.r, workdir, v) for v in variants}
+        results["weights"] = {str(v): {} for v in variants}
+        if "logits" in parts:
+            tokens, want = reference_logits(model)
+            results["logits_plain"] = quantized_logit_error(None, model, args.quantize, tokens, want)
+            results["logits"] = {str(v): {} for v in variants}
+        for v in variants:
+            for method, path in adapters[v].items():
+                if "weights" in parts:
+                    results["weights"][str(v)][method] = weight_errors(model, path, args.quantize)
+                if "logits" in parts:
+                    results["logits"][str(v)][method] = quantized_logit_error(path, model, args.quantize, tokens, want)
+                print(method, v, _brief(results, str(v), method), flush=True)
+    if "overlap" in parts:
+        from loraforge.adapters.directory import load_adapter
+
+        names = load_adapter(write_adapters(model, ["rlpo"], args.r, workdir, None)["rlpo"]).modules
+        results["overlap"] = subspace_overlap(model, names, args.quantize, args.r)
+        print("overlap", {k: v for k, v in results["overlap"].items() if k != "per_module"}, flush=True)
+    if "memory" in parts:
+        rlpo = write_adapters(model, ["rlpo"], args.r, workdir, None)["rlpo"]
+        cases = [("float32", []), ("bfloat16", ["--dtype", "bfloat16"]), ("nf4", ["--quantize", args.quantize])]
+        results["memory"] = memory_runs(model, rlpo, args.tokenizer, workdir, cases)
+    results["finished"] = time.time()
+    results["load_avg_end"] = list(os.getloadavg())
+    path = args.json or f"benchmarks/results/quant_bases-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report.write_json(path, results)
+    print(f"wrote {path}")
+    return 0
+
+
+def _brief(results: dict, variant: str, method: str) -> str:
+    w = results.get("weights", {}).get(variant, {}).get(method)
+    lg = results.get("logits", {}).get(variant, {}).get(method)
+    parts = []
+    if w:
+        parts.append(f"weight rel err max {w['max']:.4f} median {w['median']:.4f}")
+    if lg is not None:
+        parts.append(f"logits rel median {lg['rel_median']:.4f} KL mean {lg['kl_mean']:.4f}")
+    return json.dumps(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
