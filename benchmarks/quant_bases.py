@@ -54,6 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--quantize", default="nf4", help="nf4, fp4 or int8 [%(default)s]")
     p.add_argument("--methods", default="all", help="comma-separated loraforge methods [all]")
     p.add_argument("--quant-aware", action="store_true", help="also the adapters of `init --quantize`")
+    p.add_argument(
+        "--quant-aware-methods",
+        default="rlpo,rlmo,pissa,olora",
+        help="methods whose `init --quantize` differs from the plain init [%(default)s]",
+    )
     p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)} [all]")
     p.add_argument("--workdir", default=None, help="where adapters are written [a temporary directory]")
     p.add_argument("--json", default=None, help="results file [benchmarks/results/quant_bases-<time>.json]")
@@ -195,27 +200,28 @@ def subspace_overlap(model: Path, names: list[str], quantize: str, r: int) -> di
     from loraforge.models.weights import open_model_weights
 
     weights = open_model_weights(str(model), names)
-    rows = {"top": {"mean_cos2": [], "min_cos": []}, "bottom": {"mean_cos2": [], "min_cos": []}, "random": []}
+    keys = ("mean_cos2", "min_cos", "energy_ratio")
+    rows = {side: {k: [] for k in keys} for side in ("top", "bottom")}
+    rows["random"] = []
     for name in names:
         W = weights.matrix(name)
-        Q = quantize_dequantize(W.float(), quantize).double()
+        Q = quantize_dequantize(W.to(weights.dtype(name)), quantize).double()
         Vw, Vq = _right_vectors(W), _right_vectors(Q)
         for side, sl in (("top", slice(0, r)), ("bottom", slice(-r, None))):
             cos = torch.linalg.svdvals(Vw[:, sl].T @ Vq[:, sl])
             rows[side]["mean_cos2"].append(float((cos**2).mean()))
             rows[side]["min_cos"].append(float(cos.min()))
+            # energy of Q(W) on W's subspace against on its own: top <= 1 (1: W's top directions are Q(W)'s),
+            # bottom >= 1 (1: W's minor directions are as minor for Q(W) as its own minor directions)
+            rows[side]["energy_ratio"].append(float((Q @ Vw[:, sl]).norm() ** 2 / (Q @ Vq[:, sl]).norm() ** 2))
         rows["random"].append(r / W.shape[1])
     summary = {
-        side: {
-            "mean_cos2_median": statistics.median(rows[side]["mean_cos2"]),
-            "mean_cos2_min": min(rows[side]["mean_cos2"]),
-            "min_cos_median": statistics.median(rows[side]["min_cos"]),
-        }
+        side: {f"{k}_{f.__name__}": f(rows[side][k]) for k in keys for f in (statistics.median, min, max)}
         for side in ("top", "bottom")
     }
     summary["random_subspace_mean_cos2_median"] = statistics.median(rows["random"])
     summary["modules"] = len(names)
-    summary["per_module"] = {k: rows[k] for k in ("top", "bottom")}
+    summary["per_module"] = {"names": list(names), **{k: rows[k] for k in ("top", "bottom")}}
     return summary
 
 
@@ -267,7 +273,8 @@ def main(argv=None) -> int:
     results = {"machine": machine.machine_info(), "args": vars(args), "model": str(model), "started": time.time()}
     variants = [None] + ([args.quantize] if args.quant_aware else [])
     if "weights" in parts or "logits" in parts:
-        adapters = {v: write_adapters(model, methods, args.r, workdir, v) for v in variants}
+        aware = [m for m in args.quant_aware_methods.split(",") if m in methods]
+        adapters = {v: write_adapters(model, aware if v else methods, args.r, workdir, v) for v in variants}
         results["weights"] = {str(v): {} for v in variants}
         if "logits" in parts:
             tokens, want = reference_logits(model)
