@@ -82,6 +82,12 @@ def init_model(model: torch.nn.Module, config: InitConfig, adapter_name: str = "
     from loraforge.adapters.peft_view import adapted_in
 
     started = time.perf_counter()
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise LoraforgeError(
+            "init_model needs the model's weights in floating point, but this model was loaded quantized by "
+            "bitsandbytes; load it without quantization_config, or write the adapter with init_adapter / `loraforge "
+            "init --quantize nf4` and load it on the quantized base (README, 'On a 4-bit base')"
+        )
     targets, _ = select_targets(model, config)
     fan_in_fan_out = any(t.transposed and not t.experts for t in targets)
     form = _peft_form(model, targets, config, fan_in_fan_out)

@@ -1,6 +1,7 @@
 """`loraforge train --quantize`: RL on a 4-bit base (QLoRA), on CPU.
 
-- rlpo and pissa adapters written by `loraforge init` train on an NF4 base: every linear layer of the base
+- rlpo (DAPO) and pissa (GRPO, with its KL to the initial adapter) adapters written by `loraforge init` train on an
+  NF4 base: every linear layer of the base
   is a bitsandbytes 4-bit layer, exactly the LoRA factors train (in float32) and move, the quantized base
   does not change, and the run's config.json records the quantization;
 - `--resume` keeps it: a 2 + 1 step run on the 4-bit base ends with the 3-step run's adapter, bit for bit;
@@ -41,14 +42,14 @@ def quantized_layers(model) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
-@pytest.mark.parametrize("method", ["rlpo", "pissa"])
-def test_rlpo_and_pissa_adapters_train_on_an_nf4_base(model_dir, inits, tmp_path, method):
+@pytest.mark.parametrize("method, algo", [("rlpo", "dapo"), ("pissa", "grpo")])  # grpo: KL to the initial adapter
+def test_rlpo_and_pissa_adapters_train_on_an_nf4_base(model_dir, inits, tmp_path, method, algo):
     from loraforge.models.quantize import dequantized_weight, quantize_dequantize
     from loraforge.models.weights import open_model_weights
 
     # pissa trains on its residual base ADAPTER/base, rlpo on the original
     base_dir = inits / method / "base" if method == "pissa" else model_dir
-    cfg = tiny_cfg(base_dir, inits / method, tmp_path / "run", quantize="nf4", max_response_length=3)
+    cfg = tiny_cfg(base_dir, inits / method, tmp_path / "run", quantize="nf4", max_response_length=3, algo=algo)
     trainer = Trainer(cfg, scorer=answer_scorer, echo=lambda s: None)
     assert trainer.run().steps_done == 2
     layers = {n.removesuffix(".base_layer"): m for n, m in quantized_layers(trainer.model).items()}
@@ -70,6 +71,10 @@ def test_rlpo_and_pissa_adapters_train_on_an_nf4_base(model_dir, inits, tmp_path
     assert all(not torch.equal(init[k], saved[k]) for k in init)
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["quantize"] == "nf4" and recorded["quant_compute_dtype"] is None
+    if algo == "grpo":  # the k3 KL against the initial adapter ran on the 4-bit base, and the policy moved from it
+        from loraforge.rl.metrics import read_metrics
+
+        assert all(m["kl_ref"] > 0 for m in read_metrics(tmp_path / "run")[1:])
 
 
 def test_resume_keeps_the_quantized_base_and_replays_the_run(model_dir, inits, tmp_path):
