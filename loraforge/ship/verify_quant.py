@@ -125,6 +125,7 @@ def _quantized_logits(out: Path, load_on: Path, original_path: Path, quantize: s
     of the bare quantized original, and of the original model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     from loraforge.models.quantize import bnb_config, dequantized_weight
 
@@ -147,8 +148,6 @@ def _quantized_logits(out: Path, load_on: Path, original_path: Path, quantize: s
     want = run(reference, False)
     client = load(load_on, True)
     simulated = load(load_on, False)
-    from transformers.pytorch_utils import Conv1D
-
     for name, module in client.named_modules():
         deq = dequantized_weight(module)  # (out, in): transformers quantizes GPT-2's Conv1D as a Linear
         if deq is not None:
