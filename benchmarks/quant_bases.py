@@ -16,8 +16,10 @@ what the shapes do, not what a pretrained 1.5B does):
 - overlap: for every target module, the principal angles between the top-r (rlpo) and bottom-r nonzero
   (rlmo) right singular subspaces of W and of Q(W) (float64 SVDs, torch.linalg.svd): the mean cos^2
   (= ||V_W^T V_Q||_F^2 / r, 1 = the same subspace, r/n = a random one) and the smallest cos.
-- memory: peak RSS of a 1-step `loraforge train` (rlpo adapter, 2 prompts x 4, 16 response tokens) in a
-  fresh process, --dtype float32 / bfloat16 against --quantize nf4 (CPU: RSS, not GPU memory).
+- memory: a 1-step `loraforge train` run (rlpo adapter, 2 prompts x 4, 16 response tokens), each in a fresh
+  process: RSS once the policy is loaded, and the peak RSS of the training step alone (VmHWM reset after loading),
+  --dtype float32 / bfloat16 against --quantize nf4 (with float32 or bfloat16 for the rest). CPU: RSS, not GPU
+  memory; it counts the mapped checkpoint pages too.
 
     python benchmarks/quant_bases.py --model /work/models/SmolLM2-135M-Instruct
     python benchmarks/quant_bases.py --preset qwen2.5-1.5b --layers 4
@@ -38,7 +40,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoints  # noqa: E402
 import machine  # noqa: E402
-import processes  # noqa: E402
 import report  # noqa: E402
 
 PARTS = ("weights", "logits", "overlap", "memory")
@@ -234,34 +235,69 @@ def _right_vectors(W):
     return Vh[:k].T
 
 
-def memory_runs(model: Path, adapter: Path, tokenizer: str | None, workdir: Path, cases) -> dict:
-    """Peak RSS of a 1-step `loraforge train` per (label, extra flags) in CASES, each in a fresh process."""
+def _status_mib() -> dict[str, float]:
+    """VmRSS and VmHWM (the peak since start or since the last reset) of this process, in MiB."""
     out = {}
-    for label, extra in cases:
-        run_dir = workdir / f"train-{label}"
-        cmd = [
-            *machine.loraforge_cli(),
-            "train",
-            "--model", str(model), "--adapter", str(adapter), "--data", "synthetic:level=1-3", "--reward", "number",
-            "--steps", "1", "--prompt-batch", "2", "--mini-batch", "2", "--group-size", "4",
-            "--max-response-length", "16", "--overlong-buffer", "0", "--device", "cpu", "--no-tensorboard",
-            "--no-dynamic-sampling", "-o", str(run_dir), *extra,
-        ]  # fmt: skip
-        if tokenizer:
-            cmd += ["--tokenizer", tokenizer]
-        if run_dir.exists():
-            import shutil
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(rest.split()[0]) / 1024
+    return out
 
-            shutil.rmtree(run_dir)
-        res = processes.run_measured(cmd, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
-        if res["rc"] != 0:
-            print(processes.tail(res["stderr"]), file=sys.stderr)
-        out[label] = {k: res[k] for k in ("rc", "wall_s", "cpu_s", "peak_rss_mib", "sampled_peak_anon_mib")}
+
+def memory_worker(spec: dict) -> dict:
+    """One `loraforge train` run of one step, in this (fresh) process: RSS once the policy is loaded, the peak while
+    loading, and the peak of the training step alone (VmHWM reset through /proc/self/clear_refs after loading)."""
+    from loraforge.rl.config import TrainConfig
+    from loraforge.rl.trainer import Trainer
+
+    marks: dict[str, float] = {}
+
+    class Measured(Trainer):
+        def setup(self):
+            super().setup()
+            st = _status_mib()
+            marks.update(loaded_rss_mib=st["VmRSS"], load_peak_mib=st["VmHWM"])
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: what follows is the step's peak
+
+    cfg = TrainConfig(
+        model=spec["model"], adapter=spec["adapter"], tokenizer=spec.get("tokenizer"), data="synthetic:level=1-3",
+        reward="number", output_dir=spec["out"], steps=1, prompt_batch=2, mini_batch=2, group_size=4,
+        max_response_length=16, overlong_buffer=0, device="cpu", tensorboard=False, dynamic_sampling=False,
+        dtype=spec["dtype"], quantize=spec.get("quantize"), save_every=0,
+    )  # fmt: skip
+    started = time.perf_counter()
+    Measured(cfg, echo=lambda s: None).run()
+    marks.update(step_peak_mib=_status_mib()["VmHWM"], seconds=time.perf_counter() - started)
+    return marks
+
+
+def memory_runs(model: Path, adapter: Path, tokenizer: str | None, workdir: Path, cases) -> dict:
+    """memory_worker per (label, dtype, quantize) in CASES, each in a fresh process (peaks do not mix)."""
+    import shutil
+    import subprocess
+
+    out = {}
+    for label, dtype, quantize in cases:
+        run_dir = workdir / f"train-{label}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        spec = dict(model=str(model), adapter=str(adapter), tokenizer=tokenizer, out=str(run_dir), dtype=dtype)
+        spec["quantize"] = quantize
+        cmd = [sys.executable, __file__, "--memory-worker", json.dumps(spec)]
+        env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+        out[label] = json.loads(lines[-1]) if res.returncode == 0 and lines else {"error": res.stderr[-2000:]}
         print(f"memory {label}: {out[label]}", flush=True)
     return out
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memory-worker"]:
+        machine.ensure_loraforge_importable()
+        print(json.dumps(memory_worker(json.loads(argv[1]))), flush=True)
+        return 0
     args = parse_args(argv)
     machine.ensure_loraforge_importable()
     from loraforge.inits.methods import METHODS
@@ -273,20 +309,7 @@ def main(argv=None) -> int:
     results = {"machine": machine.machine_info(), "args": vars(args), "model": str(model), "started": time.time()}
     variants = [None] + ([args.quantize] if args.quant_aware else [])
     if "weights" in parts or "logits" in parts:
-        aware = [m for m in args.quant_aware_methods.split(",") if m in methods]
-        adapters = {v: write_adapters(model, aware if v else methods, args.r, workdir, v) for v in variants}
-        results["weights"] = {str(v): {} for v in variants}
-        if "logits" in parts:
-            tokens, want = reference_logits(model)
-            results["logits_plain"] = quantized_logit_error(None, model, args.quantize, tokens, want)
-            results["logits"] = {str(v): {} for v in variants}
-        for v in variants:
-            for method, path in adapters[v].items():
-                if "weights" in parts:
-                    results["weights"][str(v)][method] = weight_errors(model, path, args.quantize)
-                if "logits" in parts:
-                    results["logits"][str(v)][method] = quantized_logit_error(path, model, args.quantize, tokens, want)
-                print(method, v, _brief(results, str(v), method), flush=True)
+        weights_and_logits(args, parts, methods, model, workdir, variants, results)
     if "overlap" in parts:
         from loraforge.adapters.directory import load_adapter
 
@@ -295,7 +318,9 @@ def main(argv=None) -> int:
         print("overlap", {k: v for k, v in results["overlap"].items() if k != "per_module"}, flush=True)
     if "memory" in parts:
         rlpo = write_adapters(model, ["rlpo"], args.r, workdir, None)["rlpo"]
-        cases = [("float32", []), ("bfloat16", ["--dtype", "bfloat16"]), ("nf4", ["--quantize", args.quantize])]
+        q = args.quantize
+        cases = [("float32", "float32", None), ("bfloat16", "bfloat16", None)]
+        cases += [(q, "float32", q), (f"{q}+bf16", "bfloat16", q)]  # label, --dtype, --quantize
         results["memory"] = memory_runs(model, rlpo, args.tokenizer, workdir, cases)
     results["finished"] = time.time()
     results["load_avg_end"] = list(os.getloadavg())
@@ -303,6 +328,33 @@ def main(argv=None) -> int:
     report.write_json(path, results)
     print(f"wrote {path}")
     return 0
+
+
+def weights_and_logits(args, parts, methods, model: Path, workdir: Path, variants, results: dict) -> None:
+    """The weights and logits parts. B0 = 0 methods start from Q(W) itself (their base is W and s B0 A0 = 0), with or
+    without --quantize: measured once, on the first of them, and reported for each."""
+    from loraforge.inits.methods import METHODS
+
+    aware = [m for m in args.quant_aware_methods.split(",") if m in methods]
+    adapters = {v: write_adapters(model, aware if v else methods, args.r, workdir, v) for v in variants}
+    results["weights"] = {str(v): {} for v in variants}
+    if "logits" in parts:
+        tokens, want = reference_logits(model)
+        results["logits_plain"] = quantized_logit_error(None, model, args.quantize, tokens, want)
+        results["logits"] = {str(v): {} for v in variants}
+    plain = None  # Q(W) against W, per module
+    for v in variants:
+        for method, path in adapters[v].items():
+            residual = METHODS[method].residual
+            if "weights" in parts:
+                if residual or plain is None:
+                    errors = weight_errors(model, path, args.quantize)
+                    plain = errors if not residual else plain
+                results["weights"][str(v)][method] = errors if residual else plain
+            if "logits" in parts:  # B0 = 0: the bare quantized original
+                lg = quantized_logit_error(path, model, args.quantize, tokens, want) if residual else None
+                results["logits"][str(v)][method] = lg or results["logits_plain"]
+            print(method, v, _brief(results, str(v), method), flush=True)
 
 
 def _brief(results: dict, variant: str, method: str) -> str:
