@@ -7,7 +7,9 @@ bitsandbytes layer computes with, checked against bitsandbytes itself in tests/t
   5 times), recomputed here with full SVDs; the residual base is still W - s B0 A0; the quantized error falls with
   the refinements; and `quant_rel` in the manifest is ||Q(base) + s B0 A0 - W|| / ||W||;
 - verify passes on every such adapter, reports the quantized checks, catches a changed factor, and refuses a
-  --quantize that contradicts the manifest.
+  --quantize that contradicts the manifest;
+- without bitsandbytes, `init --quantize` and `verify --quantize` say in one line how to install it, and init writes
+  nothing.
 """
 
 from __future__ import annotations
@@ -158,3 +160,17 @@ def test_init_model_refuses_a_model_loaded_in_4_bits(tiny_models):
     )
     with pytest.raises(LoraforgeError, match="init_model needs the model's weights in floating point"):
         init_model(model, InitConfig(method="rlpo", r=R))
+
+
+def test_without_bitsandbytes_init_and_verify_say_how_to_install_in_one_line(tiny_models, tmp_path, hide_package):
+    plain = init_adapter(str(tiny_models["llama"]), tmp_path / "plain", InitConfig(method="rlpo", r=R, device="cpu"))
+    hide_package("bitsandbytes")
+    want = (
+        "Error: --quantize needs bitsandbytes, which is not installed: "
+        "pip install 'loraforge[quant]' (bitsandbytes >= 0.50)"
+    )
+    res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", R, "--quantize", "nf4", "-o", tmp_path / "q")
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [want]
+    assert not (tmp_path / "q").exists()
+    res = invoke("verify", plain.out, "--quantize", "nf4", "--device", "cpu")
+    assert res.exit_code == 1 and res.output.strip().splitlines()[-1] == want

@@ -81,9 +81,10 @@ class InitConfig:
                 "SVD finds only the top singular subspace. Drop --svd fast (the exact path is batched and fast)."
             )
         if self.quantize is not None:
-            from loraforge.models.quantize import check_quantize
+            from loraforge.models.quantize import check_quantize, require_bitsandbytes
 
             check_quantize(self.quantize)
+            require_bitsandbytes()  # Q is bitsandbytes' own: one line on how to install it, before any weight is read
         if not isinstance(self.quant_iters, int) or self.quant_iters < 0:
             raise LoraforgeError(f"--quant-iters must be an integer >= 0, got {self.quant_iters!r}.")
         if self.seed < 0:

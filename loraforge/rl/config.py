@@ -235,9 +235,11 @@ class TrainConfig:
         need(self.eval_max_prompts >= 1, "--eval-max-prompts", ">= 1", self.eval_max_prompts)
 
     def _check_quantize(self) -> None:
-        from loraforge.models.quantize import check_quantize
+        from loraforge.models.quantize import check_quantize, require_bitsandbytes
 
         check_quantize(self.quantize)
+        if self.quantize:
+            require_bitsandbytes()  # one line on how to install it, before the run directory is made
         if self.quant_compute_dtype is not None:
             if self.quant_compute_dtype not in ("float32", "bfloat16", "float16"):
                 raise LoraforgeError(

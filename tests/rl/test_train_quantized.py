@@ -7,7 +7,8 @@
 - `--resume` keeps it: a 2 + 1 step run on the 4-bit base ends with the 3-step run's adapter, bit for bit;
 - the CLI flags reach the loader (int8 and a bfloat16 compute dtype);
 - what cannot be handed on is refused in one line: `--rollout vllm`, `--backend verl`, an unknown format,
-  a compute dtype for int8.
+  a compute dtype for int8;
+- without bitsandbytes, `train --quantize` says in one line how to install it, and makes no run directory.
 """
 
 from __future__ import annotations
@@ -132,4 +133,22 @@ def test_the_verl_hand_off_refuses_a_quantized_base(model_dir, inits, tmp_path):
 
     with pytest.raises(LoraforgeError, match="--quantize nf4 cannot be handed to verl 0.9"):
         prepare(tiny_cfg(model_dir, inits / "rlpo", tmp_path / "run", quantize="nf4"), gpus_per_node=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_bitsandbytes_train_says_how_to_install_in_one_line(model_dir, inits, tmp_path, hide_package):
+    from conftest import invoke
+
+    hide_package("bitsandbytes")
+    res = invoke(
+        "train", "--model", model_dir, "--adapter", inits / "rlpo", "--data", "synthetic:n=60,max=2,style=bare",
+        "--reward", "rl_helpers:answer_scorer", "--steps", "1", "--no-tensorboard", "--device", "cpu",
+        "--quantize", "nf4", "-o", tmp_path / "run",
+    )  # fmt: skip
+    assert res.exit_code == 1
+    want = (
+        "Error: --quantize needs bitsandbytes, which is not installed: "
+        "pip install 'loraforge[quant]' (bitsandbytes >= 0.50)"
+    )
+    assert res.output.strip().splitlines() == [want]
     assert not (tmp_path / "run").exists()
