@@ -24,6 +24,7 @@ what the shapes do, not what a pretrained 1.5B does):
     python benchmarks/quant_bases.py --model /work/models/SmolLM2-135M-Instruct
     python benchmarks/quant_bases.py --preset qwen2.5-1.5b --layers 4
     python benchmarks/quant_bases.py --preset tiny --parts weights,overlap     # seconds: checks the script
+    python benchmarks/quant_bases.py --table benchmarks/results/quant_bases-smollm2.json   # markdown tables
 """
 
 from __future__ import annotations
@@ -298,6 +299,9 @@ def main(argv=None) -> int:
         machine.ensure_loraforge_importable()
         print(json.dumps(memory_worker(json.loads(argv[1]))), flush=True)
         return 0
+    if argv[:1] == ["--table"]:
+        print(markdown(json.loads(Path(argv[1]).read_text())))
+        return 0
     args = parse_args(argv)
     machine.ensure_loraforge_importable()
     from loraforge.inits.methods import METHODS
@@ -366,6 +370,47 @@ def _brief(results: dict, variant: str, method: str) -> str:
     if lg is not None:
         parts.append(f"logits rel median {lg['rel_median']:.4f} KL mean {lg['kl_mean']:.4f}")
     return json.dumps(parts)
+
+
+def markdown(results: dict) -> str:
+    """The tables docs/quantized.md shows, from a results file: per method, W vs Q(W) subspaces, memory."""
+    out = []
+    if "weights" in results:
+        out += ["| method | `init` | weight error, median (max) | logit error, median (max) | KL nats, mean (max) |"]
+        out += ["|---|---|---|---|---|"]
+        for variant, methods in results["weights"].items():
+            flag = "plain" if variant == "None" else f"`--quantize {variant}`"
+            for method, w in methods.items():
+                lg = results.get("logits", {}).get(variant, {}).get(method)
+                cells = [f"{w['median']:.4f} ({w['max']:.4f})"]
+                cells += (
+                    [f"{lg['rel_median']:.3f} ({lg['rel_max']:.3f})", f"{lg['kl_mean']:.3f} ({lg['kl_max']:.3f})"]
+                    if lg
+                    else ["", ""]
+                )
+                out.append(f"| {method} | {flag} | " + " | ".join(cells) + " |")
+    if "overlap" in results:
+        ov = results["overlap"]
+        out += [
+            "",
+            "| right singular subspace | mean cos^2, median (min to max) | min cos, median | energy ratio, median |",
+        ]
+        out += ["|---|---|---|---|"]
+        for side in ("top", "bottom"):
+            o = ov[side]
+            c2 = f"{o['mean_cos2_median']:.3f} ({o['mean_cos2_min']:.3f} to {o['mean_cos2_max']:.3f})"
+            out.append(f"| {side} | {c2} | {o['min_cos_median']:.3f} | {o['energy_ratio_median']:.3f} |")
+        out.append(f"| a random subspace | {ov['random_subspace_mean_cos2_median']:.3f} | | |")
+    if "memory" in results:
+        out += ["", "| train step | RSS once loaded (MiB) | peak while loading | peak of the step | seconds |"]
+        out += ["|---|---|---|---|---|"]
+        for label, m in results["memory"].items():
+            if "error" in m:
+                out.append(f"| {label} | failed | | | |")
+                continue
+            row = (m["loaded_rss_mib"], m["load_peak_mib"], m["step_peak_mib"], m["seconds"])
+            out.append(f"| {label} | {row[0]:.0f} | {row[1]:.0f} | {row[2]:.0f} | {row[3]:.0f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
