@@ -82,6 +82,19 @@ def table(work: Path, methods: list[str]) -> str:
         acc = statistics.mean(s["acc"] for s in per_seed)
         kl, grad = _cell(per_seed, "kl", ".2e"), _cell(per_seed, "grad_norm", ".3f")
         rows.append(f"| {method} | {len(per_seed)} | {steps} | {kl} | {grad} | {acc:.3f} |")
+    return "\n".join(rows) + "\n\n" + per_run(work, methods)
+
+
+def per_run(work: Path, methods: list[str]) -> str:
+    """Markdown: every run's kl and grad_norm at each step."""
+    rows = ["| run | kl at steps 1, 2, ... | grad_norm at steps 1, 2, ... | acc at each step |", "|---|---|---|---|"]
+    for method in methods:
+        for f in sorted((work / "runs").glob(f"{method}_s*/metrics.jsonl")):
+            lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            kl = ", ".join(f"{m['kl']:.3f}" for m in lines)
+            grad = ", ".join(f"{m['grad_norm']:.2f}" for m in lines)
+            acc = ", ".join(f"{m['acc']:.2f}" for m in lines)
+            rows.append(f"| {f.parent.name} | {kl} | {grad} | {acc} |")
     return "\n".join(rows)
 
 
