@@ -21,7 +21,7 @@ what the shapes do, not what a pretrained 1.5B does):
   --dtype float32 / bfloat16 against --quantize nf4 (with float32 or bfloat16 for the rest). CPU: RSS, not GPU
   memory; it counts the mapped checkpoint pages too.
 
-    python benchmarks/quant_bases.py --model /work/models/SmolLM2-135M-Instruct
+    python benchmarks/quant_bases.py --model models/SmolLM2-135M-Instruct
     python benchmarks/quant_bases.py --preset qwen2.5-1.5b --layers 4
     python benchmarks/quant_bases.py --preset tiny --parts weights,overlap     # seconds: checks the script
     python benchmarks/quant_bases.py --table benchmarks/results/quant_bases-smollm2.json   # markdown tables

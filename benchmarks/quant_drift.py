@@ -6,7 +6,7 @@ each method and seed on the NF4 base, one run at a time, and tabulates both (mea
 spread over seeds). Adapters come from `loraforge init --quantize nf4` (r 16, alpha 32): rlpo and pissa are
 deterministic functions of the weights, so one adapter serves every seed; lora's A0 is drawn with the seed.
 
-    python benchmarks/quant_drift.py --model /work/models/SmolLM2-135M-Instruct --work /tmp/drift --seeds 0,1
+    python benchmarks/quant_drift.py --model models/SmolLM2-135M-Instruct --work /tmp/drift --seeds 0,1
     python benchmarks/quant_drift.py --work /tmp/drift --table-only         # the table from finished runs
 
 Each run: --data synthetic:level=1-3 --reward number, 2 prompts x 4 responses, 24 response tokens, 2 optimizer
@@ -105,7 +105,8 @@ def _cell(per_seed: list[dict], key: str, fmt: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="/work/models/SmolLM2-135M-Instruct")
+    # what examples/quickstart.sh writes
+    p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"))
     p.add_argument("--work", required=True, help="adapters/ and runs/ go here (finished runs are reused)")
     p.add_argument("--methods", default="lora,rlpo,pissa")
     p.add_argument("--seeds", default="0,1")

@@ -31,7 +31,9 @@ TRAIN = "# train on the 4-bit base:"
 
 def readme_recipe() -> dict[str, str]:
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"```python\n(import torch\nfrom datasets import Dataset\n.*?)```", text, re.S).group(1)
+    # the README's block that loads a 4-bit base (the plain TRL recipe before it starts with the same imports)
+    blocks = re.findall(r"```python\n(import torch\nfrom datasets import Dataset\n.*?)```", text, re.S)
+    block = next(b for b in blocks if LOAD in b and "BitsAndBytesConfig" in b)
     imports, rest = block.split(YOUR_RUN)
     _, recipe = rest.split(LOAD)
     load, train = recipe.split(TRAIN)
