@@ -278,7 +278,7 @@ def main(argv=None):
         try:
             import vllm  # noqa: F401
         except ImportError:
-            print("vllm is not installed: pip install 'loraforge[vllm]' to compare", flush=True)
+            print("vllm is not installed: pip install -e '.[vllm]' to compare", flush=True)
             want_vllm = False
     base_dir = None
     if want_vllm:  # vLLM loads the base from a directory: save it before the LoRA layers are injected

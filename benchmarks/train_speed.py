@@ -4,7 +4,7 @@
     python benchmarks/train_speed.py --quick              # setting 1x8x32 only, 2 timed steps, 1 alternation
     python benchmarks/train_speed.py --setting 8x8x128 --steps 2 --repeats 2 --threads 1 --json out.json
 
-Needs TRL (benchmark only): pip install 'loraforge[bench]'.
+Needs TRL (benchmark only): pip install -e '.[bench]'.
 
 Both sides get the same base model and adapter (a PEFT adapter dir, loaded with
 PeftModel.from_pretrained(..., is_trainable=True) in float32), the same prompts (the synthetic

@@ -254,7 +254,7 @@ def test_reader_finds_markers_synopses_and_continuations(tmp_path):
 
 
 def test_no_block_installs_loraforge_from_the_package_index():
-    """loraforge is not on the package index: a block that says `pip install 'loraforge[train]'` fails for every
+    """loraforge is not on the package index: a block that says `pip install -e '.[train]'` fails for every
     reader who copies it; the pages install from a clone (`pip install -e '.[train]'`)."""
     import shlex
 

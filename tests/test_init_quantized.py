@@ -166,8 +166,7 @@ def test_without_bitsandbytes_init_and_verify_say_how_to_install_in_one_line(tin
     plain = init_adapter(str(tiny_models["llama"]), tmp_path / "plain", InitConfig(method="rlpo", r=R, device="cpu"))
     hide_package("bitsandbytes")
     want = (
-        "Error: --quantize needs bitsandbytes, which is not installed: "
-        "pip install 'loraforge[quant]' (bitsandbytes >= 0.50)"
+        "Error: --quantize needs bitsandbytes, which is not installed: pip install -e '.[quant]' (bitsandbytes >= 0.50)"
     )
     res = invoke("init", tiny_models["llama"], "--method", "rlpo", "-r", R, "--quantize", "nf4", "-o", tmp_path / "q")
     assert res.exit_code == 1 and res.output.strip().splitlines() == [want]

@@ -227,7 +227,7 @@ def test_plots_are_written_as_pngs(inits, tmp_path):
 def test_plots_without_matplotlib_say_how_to_install(inits, tmp_path, hide_package):
     hide_package("matplotlib")
     res = invoke("inspect", inits["rlpo"], "--plots", tmp_path / "figs")
-    assert res.exit_code == 1 and "pip install 'loraforge[plots]'" in res.output
+    assert res.exit_code == 1 and "pip install -e '.[plots]'" in res.output
     assert not (tmp_path / "figs").exists()
 
 

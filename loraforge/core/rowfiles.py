@@ -26,7 +26,7 @@ def read_row_file(path: Path) -> list[dict]:
         except ImportError:
             raise LoraforgeError(
                 f"{path} is a parquet file, which needs pyarrow: `pip install pyarrow` "
-                "(or `pip install 'loraforge[train]'`), or convert it to .jsonl"
+                "(or `pip install -e '.[train]'`), or convert it to .jsonl"
             ) from None
         try:
             return pq.read_table(path).to_pylist()

@@ -116,7 +116,7 @@ class MathVerifyScorer:
         except ImportError:
             raise LoraforgeError(
                 "the math-verify scorer needs the math-verify package, which is not installed: "
-                "run `pip install 'loraforge[eval]'` (or `pip install math-verify`), "
+                "run `pip install -e '.[eval]'` (or `pip install math-verify`), "
                 "or pass --scorer dapo"
             ) from None
         self._mv = math_verify

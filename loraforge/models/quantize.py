@@ -25,7 +25,7 @@ from loraforge.core.errors import LoraforgeError
 QUANT_TYPES = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block, the one transformers' BitsAndBytesConfig loads with
 MIN_BNB = (0, 50)  # bitsandbytes 0.50 is the first release that runs 4-bit layers on CPU
-INSTALL = "pip install 'loraforge[quant]' (bitsandbytes >= 0.50)"
+INSTALL = "pip install -e '.[quant]' (bitsandbytes >= 0.50)"
 
 
 def check_quantize(value: str | None, flag: str = "--quantize") -> None:

@@ -55,7 +55,7 @@ class TrainConfig:
     device: str = setting("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     quantize: str | None = setting(
         None,
-        "nf4 | fp4 | int8: load the base quantized through bitsandbytes (QLoRA; pip install 'loraforge[quant]'); "
+        "nf4 | fp4 | int8: load the base quantized through bitsandbytes (QLoRA; pip install -e '.[quant]'); "
         "the adapter stays float32, the rest of the base stays in --dtype",
     )
     quant_compute_dtype: str | None = setting(
@@ -93,7 +93,7 @@ class TrainConfig:
     rollout_batch_size: int = setting(64, "rows (prompt x sample) decoded at once; lower it on out-of-memory")
     rollout: str = setting(
         "transformers",
-        "rollout engine: transformers (in-process), vllm (pip install 'loraforge[vllm]', CUDA), or module:factory",
+        "rollout engine: transformers (in-process), vllm (pip install -e '.[vllm]', CUDA), or module:factory",
     )
     vllm_gpu_memory: float = setting(
         0.5, "fraction of each GPU's memory vLLM may take (--rollout vllm, --backend verl); the trainer uses the rest"
@@ -309,7 +309,7 @@ def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
     try:
         import yaml
     except ImportError as e:
-        raise LoraforgeError("--config needs pyyaml: pip install 'loraforge[train]'") from e
+        raise LoraforgeError("--config needs pyyaml: pip install -e '.[train]'") from e
     p = Path(path)
     if not p.exists():
         raise LoraforgeError(f"--config {path}: no such file")

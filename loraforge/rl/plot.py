@@ -43,9 +43,7 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1, labels: list[str] 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise LoraforgeError(
-            "plotting needs matplotlib: pip install 'loraforge[plots]' (or pip install matplotlib)"
-        ) from e
+        raise LoraforgeError("plotting needs matplotlib: pip install -e '.[plots]' (or pip install matplotlib)") from e
     fmt = image_format(out, "-o")
     if labels and len(labels) != len(run_dirs):
         raise LoraforgeError(f"--label given {len(labels)} times for {len(run_dirs)} runs; give one per run or none")

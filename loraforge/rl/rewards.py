@@ -36,9 +36,7 @@ def math_verify_result(response: str, ground_truth: str) -> ScoreResult:
     try:
         from math_verify import parse, verify
     except ImportError as e:
-        raise LoraforgeError(
-            "the math-verify scorer needs the math-verify package: pip install 'loraforge[train]'"
-        ) from e
+        raise LoraforgeError("the math-verify scorer needs the math-verify package: pip install -e '.[train]'") from e
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # silence its "timeout disabled" warning
     try:

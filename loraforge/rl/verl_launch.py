@@ -61,7 +61,7 @@ SUPPORTED_VERL = ("0.9.0", "0.9.1")
 # verl 0.9's PPO entry point runs DAPO itself (dynamic sampling in ppo_trainer.yaml): no recipe checkout.
 VERL_ENTRY = "verl.trainer.main_ppo"
 VERL_INSTALL = (
-    f"pip install 'loraforge[verl]' (verl {SUPPORTED_VERL[-1]} with vLLM, on a CUDA machine; "
+    f"pip install -e '.[verl]' (verl {SUPPORTED_VERL[-1]} with vLLM, on a CUDA machine; "
     "see https://verl.readthedocs.io/en/latest/start/install.html)"
 )
 # Keys the shipped config does not define but verl 0.9 reads: added with Hydra's `++` (add or override).
@@ -435,9 +435,7 @@ def write_parquet(examples, path: Path, template: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise LoraforgeError(
-            "--backend verl writes parquet data and needs pyarrow: pip install 'loraforge[train]'"
-        ) from e
+        raise LoraforgeError("--backend verl writes parquet data and needs pyarrow: pip install -e '.[train]'") from e
     rows = [
         {
             "data_source": "loraforge",

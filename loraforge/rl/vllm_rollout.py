@@ -30,7 +30,7 @@ from loraforge.rl.verl_launch import read_lora_settings
 from loraforge.sampling.generation import SamplingParams, pad_id, prompt_ids
 
 VLLM_MISSING = (
-    "--rollout vllm needs vLLM, which is not installed: pip install 'loraforge[vllm]' "
+    "--rollout vllm needs vLLM, which is not installed: pip install -e '.[vllm]' "
     "(on a Linux machine with a CUDA GPU), or use --rollout transformers"
 )
 

@@ -26,7 +26,7 @@ def require_matplotlib():
         import matplotlib.pyplot as plt
     except ImportError:
         raise LoraforgeError(
-            "--plots needs matplotlib, which is not installed. Install it with `pip install 'loraforge[plots]'` "
+            "--plots needs matplotlib, which is not installed. Install it with `pip install -e '.[plots]'` "
             "(or `pip install matplotlib`), or drop --plots."
         ) from None
     return plt

@@ -160,7 +160,7 @@ def test_plot_without_runs_or_matplotlib(tmp_path, hide_package):
     assert r.exit_code == 1 and "no metrics.jsonl" in r.output
     hide_package("matplotlib")
     r = CliRunner().invoke(main, ["plot", str(tmp_path / "empty")])
-    assert r.exit_code == 1 and "pip install 'loraforge[plots]'" in r.output
+    assert r.exit_code == 1 and "pip install -e '.[plots]'" in r.output
 
 
 def test_docs_list_every_flag():

@@ -139,7 +139,7 @@ def test_rollout_vllm_without_vllm_says_what_to_install(model_dir, adapter_dir, 
             "bfloat16",
         ],
     )
-    assert r.exit_code == 1 and "pip install 'loraforge[vllm]'" in r.output, r.output
+    assert r.exit_code == 1 and "pip install -e '.[vllm]'" in r.output, r.output
     assert not (tmp_path / "run" / "config.json").exists()  # stopped before loading anything
 
 

@@ -147,8 +147,7 @@ def test_without_bitsandbytes_train_says_how_to_install_in_one_line(model_dir, i
     )  # fmt: skip
     assert res.exit_code == 1
     want = (
-        "Error: --quantize needs bitsandbytes, which is not installed: "
-        "pip install 'loraforge[quant]' (bitsandbytes >= 0.50)"
+        "Error: --quantize needs bitsandbytes, which is not installed: pip install -e '.[quant]' (bitsandbytes >= 0.50)"
     )
     assert res.output.strip().splitlines() == [want]
     assert not (tmp_path / "run").exists()

@@ -391,7 +391,7 @@ def test_run_without_verl_says_how_to_install(model_dir, adapter_dir, tmp_path):
         *ONE_GPU,
         "--run",
     )
-    assert r.exit_code == 1 and "--run needs verl" in r.output and "pip install 'loraforge[verl]'" in r.output
+    assert r.exit_code == 1 and "--run needs verl" in r.output and "pip install -e '.[verl]'" in r.output
     assert (tmp_path / "run" / "verl" / "run_verl.sh").is_file()  # written anyway, to copy to a GPU machine
     r = CliRunner().invoke(main, ["train", "--run", "--adapter", "x"])
     assert r.exit_code == 2 and "go with --backend verl" in r.output
