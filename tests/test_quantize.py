@@ -112,7 +112,7 @@ def test_without_bitsandbytes_one_line_says_how_to_install(hide_package):
     hide_package("bitsandbytes")
     with pytest.raises(LoraforgeError, match=r"--quantize needs bitsandbytes, which is not installed: pip install "):
         require_bitsandbytes()
-    with pytest.raises(LoraforgeError, match=r"loraforge\[quant\]"):
+    with pytest.raises(LoraforgeError, match=r"pip install -e '\.\[quant\]'"):
         bnb_config("nf4", torch.float32)
 
 
