@@ -195,11 +195,11 @@ def analyse(args, model: Path, runs: list, status: dict) -> None:
     for r in runs:
         curves[r.name] = heldout_curve(args, r)
         dest = out / "runs" / r.name
-        if len(curves[r.name]) > 1:  # evaluated beyond its init: its reports enter the statistics, so they ship
+        done = is_done(args, r)
+        if done or len(curves[r.name]) > 1:  # a run evaluated beyond its init enters the statistics: it ships too
             copy_run(args, r, dest)
-        if not is_done(args, r):
+        if not done:
             continue
-        copy_run(args, r, dest)
         summary = run_summary(read_metrics(run_dir(args, r)), args.window)
         geometry = inspect_run(args, model, r, dest, cli, env) if not args.no_inspect else None
         for k in ("sim_top", "sim_bottom", "p_top", "update_norm"):

@@ -49,13 +49,6 @@ def test_heldout_stats_of_a_grid_cut_short_use_the_finished_runs(tmp_path):
     args = rep.parse_args(["--work", str(tmp_path), "--steps", "2", "--save-every", "2"])
     runs = rep.plan_runs(rep.parse_grid(["1e-4:0,1"], ["rlpo", "pissa"]))
     finished = {"rlpo_lr0.0001_s0", "pissa_lr0.0001_s0", "rlpo_lr0.0001_s1"}  # pissa's seed 1 was cut short
-    for r in runs:
-        d = tmp_path / "runs" / r.name
-        (d / "adapter").mkdir(parents=True)
-        steps = 2 if r.name in finished else 1
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, steps + 1)))
-        if r.name in finished:
-            (d / "adapter" / "adapter_config.json").write_text("{}")
     # 4 problems; rlpo solves 3 of 4 at step 2 on both seeds, pissa 1 of 4
     solved = {"rlpo": np.array([1.0, 1, 1, 0]), "pissa": np.array([1.0, 0, 0, 0])}
     curves = {r.name: {0: {"greedy": np.zeros(4), "mean": np.zeros(4)}} for r in runs}
