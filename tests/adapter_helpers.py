@@ -85,3 +85,20 @@ def front_matter(card: str) -> dict:
     assert card.startswith("---\n"), card[:80]
     end = card.index("\n---\n", 4)
     return yaml.safe_load(card[4:end])
+
+
+def assert_top_r_matches_float64_svd(weights: dict, r: int) -> None:
+    """exact_spectrum's rank-r part of each float64 weight equals numpy's float64 SVD truncated at r (relative
+    Frobenius error under TOP_RANK_R_RTOL), and so does its energy sum(S[:r]^2) (to 1e-6)."""
+    import numpy as np
+
+    from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum
+
+    for name, W in weights.items():
+        spectrum = exact_spectrum(W.unsqueeze(0), r, "top")
+        U, S, Vt = np.linalg.svd(W.numpy(), full_matrices=False)
+        ref = (U[:, :r] * S[:r]) @ Vt[:r]
+        got = ((spectrum.U[0] * spectrum.S[0]) @ spectrum.V[0].T).numpy()
+        assert np.linalg.norm(got - ref) < TOP_RANK_R_RTOL * np.linalg.norm(ref), name
+        energy = float((spectrum.S[0] ** 2).sum())
+        assert abs(energy - (S[:r] ** 2).sum()) / (S[:r] ** 2).sum() < 1e-6, name

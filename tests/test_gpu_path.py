@@ -16,9 +16,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from adapter_helpers import assert_top_r_matches_float64_svd
 
 from loraforge.inits import compute, linalg
-from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum, full_float32_matmul
+from loraforge.inits.linalg import exact_spectrum, full_float32_matmul
 
 # A caller's TF32 / reduced-precision setting, each by one of the ways torch offers. torch refuses to READ the
 # setting once both its legacy and its per-backend API were used in a process, so each runs in its own process.
@@ -178,14 +179,7 @@ def test_gpu_path_top_r_matches_a_float64_svd_on_real_weights(smollm2, monkeypat
         names = [n for n in f.keys() if n.endswith("proj.weight") and n.split(".")[2] in ("0", "15", "29")]
         weights = {n: f.get_tensor(n).double() for n in names}
     assert len(weights) == 21
-    for name, W in weights.items():
-        spectrum = exact_spectrum(W.unsqueeze(0), r, "top")
-        U, S, Vt = np.linalg.svd(W.numpy(), full_matrices=False)
-        ref = (U[:, :r] * S[:r]) @ Vt[:r]
-        got = ((spectrum.U[0] * spectrum.S[0]) @ spectrum.V[0].T).numpy()
-        assert np.linalg.norm(got - ref) < TOP_RANK_R_RTOL * np.linalg.norm(ref), name
-        energy = float((spectrum.S[0] ** 2).sum())
-        assert abs(energy - (S[:r] ** 2).sum()) / (S[:r] ** 2).sum() < 1e-6, name
+    assert_top_r_matches_float64_svd(weights, r)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu path on the cpu"])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from adapter_helpers import assert_top_r_matches_float64_svd
 
 from loraforge import InitConfig, init_adapter
 
@@ -66,24 +67,14 @@ def test_exact_top_r_matches_a_float64_svd_on_real_weights(smollm2):
     # float32 Gram + float64 Rayleigh-Ritz path: its rank-r part must stay within TOP_RANK_R_RTOL
     # (float32's rtol, 1.3e-6, Frobenius-relative; ~6e-7 measured) of np.linalg.svd's, and its captured
     # energy within 1e-6 (the exactness bars).
-    import numpy as np
     from safetensors import safe_open
-
-    from loraforge.inits.linalg import TOP_RANK_R_RTOL, exact_spectrum
 
     r = 32
     with safe_open(str(smollm2 / "model.safetensors"), "pt") as f:
         names = [n for n in f.keys() if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
         weights = {n: f.get_tensor(n).double() for n in names}
     assert len(weights) == 7
-    for name, W in weights.items():
-        spectrum = exact_spectrum(W.unsqueeze(0), r, "top")
-        U, S, Vt = np.linalg.svd(W.numpy(), full_matrices=False)
-        ref = (U[:, :r] * S[:r]) @ Vt[:r]
-        got = ((spectrum.U[0] * spectrum.S[0]) @ spectrum.V[0].T).numpy()
-        assert np.linalg.norm(got - ref) < TOP_RANK_R_RTOL * np.linalg.norm(ref), name
-        energy = float((spectrum.S[0] ** 2).sum())
-        assert abs(energy - (S[:r] ** 2).sum()) / (S[:r] ** 2).sum() < 1e-6, name
+    assert_top_r_matches_float64_svd(weights, r)
 
 
 @pytest.mark.parametrize("svd", ["exact", "fast"])
