@@ -20,6 +20,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No fsync before each result's rename (core/atomic): the suite writes thousands of small results, ~10 ms each on
+# a virtual disk; tests/test_reliability.py turns it back on to check it. kill -9 safety does not depend on it.
+os.environ.setdefault("LORAFORGE_FSYNC", "0")
 
 TINY = {
     "llama": dict(

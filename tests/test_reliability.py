@@ -99,6 +99,63 @@ def test_a_failure_inside_keeps_the_old_out_and_leaves_nothing(tmp_path):
     assert litter(tmp_path, "out") == []
 
 
+def _record_fsyncs(monkeypatch):
+    """Turn the flushes on (the suite turns them off) and record, per fsync, the path and whether it existed
+    under that name at that moment (a staged name, not yet renamed)."""
+    from loraforge.core import atomic
+
+    monkeypatch.setenv("LORAFORGE_FSYNC", "1")
+    synced = []
+    real = atomic.fsync_path
+
+    def record(path):
+        real(path)
+        synced.append(Path(path))
+
+    monkeypatch.setattr(atomic, "fsync_path", record)
+    return synced
+
+
+def test_a_claimed_directory_is_on_the_disk_before_its_name(tmp_path, monkeypatch, claim_mode):
+    """A rename is atomic for other processes at once, but after a power cut the new name could point at
+    contents never written: every staged file and the staging directory are flushed before the rename, and
+    the parent after it."""
+    synced = _record_fsyncs(monkeypatch)
+    out = make_old(tmp_path / "out")
+    with writers.staged_dir(out, overwrite=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "a.txt").write_text("a")
+        (tmp / "sub" / "b.txt").write_text("b")
+    assert {p.relative_to(tmp) for p in synced if tmp in p.parents or p == tmp} == {
+        Path("."),
+        Path("sub"),
+        Path("a.txt"),
+        Path("sub/b.txt"),
+    }
+    assert synced[-1] == tmp_path  # the rename itself, last
+    assert (out / "sub" / "b.txt").read_text() == "b"
+
+
+def test_staged_files_are_on_the_disk_before_their_names(tmp_path, monkeypatch):
+    from loraforge.core.atomic import FileStaging
+
+    synced = _record_fsyncs(monkeypatch)
+    with FileStaging() as stage:
+        staged = [stage.add(tmp_path / "report.json"), stage.add(tmp_path / "d" / "samples.jsonl")]
+        for f in staged:
+            f.write_text("x")
+    assert synced == [*staged, tmp_path, tmp_path / "d"]  # each file before any rename, then the directories
+    assert (tmp_path / "d" / "samples.jsonl").read_text() == "x"
+
+
+def test_loraforge_fsync_0_skips_the_flushes(tmp_path, monkeypatch):
+    synced = _record_fsyncs(monkeypatch)
+    monkeypatch.setenv("LORAFORGE_FSYNC", "0")
+    with writers.staged_dir(tmp_path / "out", overwrite=False) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert synced == [] and (tmp_path / "out" / "a.txt").exists()
+
+
 def test_a_second_writer_of_the_same_out_fails_at_once(tmp_path):
     out = tmp_path / "out"
     with writers.staged_dir(out, overwrite=False) as tmp:

@@ -13,6 +13,11 @@ for), in one atomic step where the kernel offers it:
 Where renameat2 is missing (not Linux, or a filesystem without it) the fallback re-checks, then
 renames (overwrite: old OUT aside to a trash name first); the window between check and rename is
 then a few system calls wide, not zero.
+
+Before a result is renamed into place its files are flushed to the disk (fsync), and after the rename the
+directory holding it: a rename is atomic for other processes at once, but after a power cut or a kernel crash
+the disk could otherwise hold the new name with empty or partial contents. LORAFORGE_FSYNC=0 skips the flushes
+(the test suite does: thousands of small results on one disk); kill -9 safety does not depend on them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,35 @@ def _libc():
 
 
 _LIBC = _libc()
+
+
+def _durable() -> bool:
+    return os.environ.get("LORAFORGE_FSYNC", "1") != "0"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush PATH (a file or a directory) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush_tree(root: Path) -> None:
+    """fsync every file and directory under ROOT (a staging directory about to be renamed into place)."""
+    if not _durable():
+        return
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def flush_dir(path: Path) -> None:
+    """fsync the directory PATH, so that a rename inside it survives a crash."""
+    if _durable():
+        fsync_path(path)
 
 
 def renameat2(src: Path, dst: Path, flags: int) -> bool:
@@ -114,6 +148,12 @@ def claim(staging: Path, out: Path, was: Snapshot) -> None:
     """Put STAGING at OUT if OUT is still WAS; otherwise raise ClaimLost and leave OUT untouched.
 
     On success STAGING no longer exists (with --overwrite the old OUT is deleted)."""
+    flush_tree(staging)
+    _claim(staging, out, was)
+    flush_dir(out.parent)
+
+
+def _claim(staging: Path, out: Path, was: Snapshot) -> None:
     import shutil
 
     if was.ident is None:
@@ -131,7 +171,7 @@ def claim(staging: Path, out: Path, was: Snapshot) -> None:
 
     now = Snapshot.of(out)
     if now.ident is None:  # the old OUT is gone already: nothing left to replace
-        return claim(staging, out, now)
+        return _claim(staging, out, now)
     if now != was:
         raise _lost(out, was)
     if renameat2(staging, out, _RENAME_EXCHANGE):
@@ -321,8 +361,13 @@ class FileStaging:
         return tmp
 
     def commit(self) -> None:
+        if _durable():
+            for tmp, _ in self.staged:
+                fsync_path(tmp)
         for tmp, path in self.staged:
             _replace(tmp, path)
+        for parent in dict.fromkeys(path.parent for _, path in self.staged):
+            flush_dir(parent)
         self.staged = []
 
     def discard(self) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from loraforge.adapters.lineage import LINEAGE_FILE, LINEAGE_FORMAT, read_lineage, write_lineage  # noqa: F401
+from loraforge.core.atomic import flush_dir, flush_tree
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.readers import INT, OBJECT, Key, at_least, read_json, regular_file
 from loraforge.models.checkpoint import SafetensorsFile
@@ -137,9 +138,11 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
     old = dest.parent / f"{OLD}{dest.name}"
     if old.exists():
         shutil.rmtree(old)
+    flush_tree(tmp)  # on the disk before its name is: a crash must not leave a named, empty checkpoint
     if dest.exists():
         os.replace(dest, old)
     os.replace(tmp, dest)
+    flush_dir(dest.parent)
     if old.exists():
         shutil.rmtree(old)
 

@@ -5,6 +5,7 @@ adapters record the init they came from."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import rl_helpers
@@ -109,7 +110,7 @@ def test_reward_that_raises_or_returns_a_non_number_names_function_and_row(model
         train(tiny_cfg(model_dir, adapter_dir, tmp_path / "a"), scorer=none, echo=quiet([]))
     msg = str(e.value)
     assert "reward function test_reward_that_raises_or_returns_a_non_number_names_function_and_row.<locals>.none" in msg
-    assert "returned NoneType None for prompt 0 of this batch (data row " in msg and "response row 0" in msg
+    assert "returned NoneType None for prompt 1 of this batch (data row " in msg and "response row 1" in msg
     assert "Traceback" not in msg and "\n" not in msg
     # a module:function reward, by name, through the CLI: one line, exit status 1
     args = ["train", "--model", str(model_dir), "--adapter", str(adapter_dir), "-o", str(tmp_path / "b")]
@@ -275,6 +276,30 @@ def test_litter_of_a_killed_save_is_cleaned_or_put_back(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"old"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003"]
     assert len(done) == 5 and any(ln.startswith(f"put back {run / 'adapter'}") for ln in done)
+
+
+def test_a_checkpoint_is_on_the_disk_before_its_name(tmp_path, monkeypatch):
+    """After a power cut a renamed-in checkpoint must not be empty: its files and directories are flushed
+    before the rename, the run directory after it (the suite turns flushing off; on here)."""
+    from loraforge.core import atomic
+
+    monkeypatch.setenv("LORAFORGE_FSYNC", "1")
+    synced = []
+    monkeypatch.setattr(atomic, "fsync_path", lambda p: synced.append((Path(p), Path(p).exists())))
+    tmp, dest = tmp_path / ".tmp-adapter", tmp_path / "adapter"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "adapter_model.safetensors").write_bytes(b"new")
+    (tmp / "sub" / "x").write_bytes(b"x")
+    ckpt._replace_dir(tmp, dest)
+    # every flush of the staged tree happened while it still had its staging name, then the parent's
+    assert [p.relative_to(tmp).as_posix() for p, existed in synced[:-1] if existed] == [
+        "adapter_model.safetensors",
+        ".",
+        "sub/x",
+        "sub",
+    ]
+    assert synced[-1] == (tmp_path, True)
+    assert (dest / "adapter_model.safetensors").read_bytes() == b"new"
 
 
 def test_non_utf8_data_file_is_one_line(model_dir, adapter_dir, tmp_path):
