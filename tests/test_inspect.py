@@ -256,6 +256,26 @@ def test_bad_inputs(inits, tiny_models, tmp_path):
     assert inspect_adapter(trained, init=inits["pissa"], config=InspectConfig(layers=[0])).trained
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_adapter_with_a_non_finite_factor_is_refused_and_nothing_written(inits, tiny_models, tmp_path, value):
+    """One NaN in a trained B: the table came out all NaN statistics, --json wrote them, exit 0. Now one line
+    naming the tensor and where, exit 1, and no JSON file."""
+    from safetensors.torch import load_file, save_file
+
+    trained = fake_train(inits["rlpo"], tiny_models["llama"], tmp_path / "t")
+    path = trained / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(k for k in tensors if "layers.1.mlp.up_proj.lora_B" in k)[0]
+    tensors[key][2, 1] = value
+    save_file(tensors, path)
+    res = invoke("inspect", trained, "--init", inits["rlpo"], "--json", tmp_path / "d.json")
+    errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+    assert res.exit_code == 1 and len(errors) == 1 and "Traceback" not in res.output, res.output
+    assert "model.layers.1.mlp.up_proj.lora_B has 1 non-finite value(s)" in errors[0]
+    assert "row 2, column 1" in errors[0] and "nothing was inspected" in errors[0]
+    assert not (tmp_path / "d.json").exists()
+
+
 def test_unreachable_hub_base_is_a_clear_error(inits, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)

@@ -190,6 +190,16 @@ def check_loaded_adapter(model, what: str) -> None:
                 raise LoraforgeError(f"{what}: {problem}; nothing was evaluated. {_ADVICE}")
 
 
+def check_factors(what: str, module: str, factors: dict, done: str) -> None:
+    """`tensor_problem` (finiteness only) on one module's FACTORS ({"lora_A": A, "lora_B": B}) of an adapter that is
+    about to be read for a result (inspect): a LoraforgeError naming WHAT, the tensor and where, else nothing. DONE
+    says what did not happen ("nothing was inspected")."""
+    for which, t in factors.items():
+        problem = tensor_problem(f"{module}.{which}", t, zero_rows=False)
+        if problem is not None:
+            raise LoraforgeError(f"{what}: {problem}; {done}. {_ADVICE}")
+
+
 _ADVICE = (
     "An adapter with NaN or inf gives wrong outputs in every client, and a row of A that is all zero never trains: "
     "find where it came from (a diverged training run? take an earlier checkpoint of it)."

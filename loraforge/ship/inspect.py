@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from loraforge.adapters.directory import Adapter, load_adapter, residual_base_of
-from loraforge.adapters.writers import ADAPTER_WEIGHTS
+from loraforge.adapters.writers import ADAPTER_WEIGHTS, check_factors
 from loraforge.core.errors import LoraforgeError
 from loraforge.models.checkpoint import sha256_file
 from loraforge.models.source import resolve_source
@@ -287,6 +287,8 @@ def inspect_adapter(
             A0r, B0r = (x.to(device, torch.float64) for x in via_residual.factors(name))
             W0 = W0 + via_residual.scaling * (B0r @ A0r)
         A, B = (x.to(device, torch.float64) for x in ad.factors(name))
+        # NaN or inf factors gave a table of NaN statistics with exit 0: refuse, as eval does
+        check_factors(str(ad.path), name, {"lora_A": A, "lora_B": B}, "nothing was inspected")
         if A.shape[1] != t.in_features or B.shape[0] != t.out_features:
             raise LoraforgeError(
                 f"Module {name}: the adapter is {B.shape[0]} x {A.shape[1]} but {candidate} has "
@@ -295,6 +297,7 @@ def inspect_adapter(
         A0 = B0 = None
         if init_ad is not None:
             A0, B0 = (x.to(device, torch.float64) for x in init_ad.factors(name))
+            check_factors(f"{init_ad.path} (the init)", name, {"lora_A": A0, "lora_B": B0}, "nothing was inspected")
         if trained:
             d = diagnose_module(W0, r, A0, B0, init_ad.scaling if init_ad else 1.0, A, B, ad.scaling)
         else:
