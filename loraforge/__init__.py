@@ -9,7 +9,7 @@ Heavy modules (transformers, peft) are imported only when a function needs them.
 
 from loraforge.core.errors import LoraforgeError
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 __all__ = ["LoraforgeError", "InitConfig", "init_adapter", "init_model", "save_init", "METHODS"]
 
 

@@ -299,8 +299,8 @@ def test_a_row_past_a_sane_size_is_skipped_with_a_count(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = []
     got = load_examples(str(path), echo=lines.append)
-    assert [(e.prompt, e.row) for e in got] == [("1+1=", 0), ("2+2=", 2)]  # messages name the file's rows
-    assert lines == [f"warning: --data {path}: skipped 1 row(s) longer than 1,000,000 characters (row 1: 1,000,002)"]
+    assert [(e.prompt, e.row) for e in got] == [("1+1=", 0), ("2+2=", 2)]  # .row counts from 0; messages from 1
+    assert lines == [f"warning: --data {path}: skipped 1 row(s) longer than 1,000,000 characters (row 2: 1,000,002)"]
     path.write_text(json.dumps(huge) + "\n")
     with pytest.raises(LoraforgeError, match="every row is longer than 1,000,000 characters"):
         load_examples(str(path))

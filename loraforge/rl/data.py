@@ -76,8 +76,9 @@ def _read_hub(name: str, split: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # recognising rows
 def to_example(row: Any, index: int, source: str = "data") -> Example:
-    """One row -> Example; a row without the needed fields raises naming the field and the row."""
-    where = f"{source}: row {index}"
+    """One row -> Example; a row without the needed fields raises naming the field and the row. INDEX counts from 0;
+    messages count rows from 1, as eval's and the line numbers of a JSONL file do."""
+    where = f"{source}: row {index + 1}"
     if not isinstance(row, dict):
         raise LoraforgeError(f"{where} is a {type(row).__name__}, expected an object with prompt and answer fields")
     if "reward_model" in row:  # DAPO-Math-17k / verl format
@@ -148,13 +149,13 @@ def load_examples(source: str, split: str = "train", echo: Callable[[str], None]
             examples.append(dataclasses.replace(e, row=i))
     if skipped and not examples:
         raise LoraforgeError(
-            f"--data {source}: every row is longer than {MAX_ROW_CHARS:,} characters (row {skipped[0][0]}: "
+            f"--data {source}: every row is longer than {MAX_ROW_CHARS:,} characters (row {skipped[0][0] + 1}: "
             f"{skipped[0][1]:,}); expected prompts with answers, not whole documents"
         )
     if skipped and echo is not None:
         echo(
             f"warning: --data {source}: skipped {len(skipped)} row(s) longer than {MAX_ROW_CHARS:,} characters "
-            f"(row {skipped[0][0]}: {skipped[0][1]:,})"
+            f"(row {skipped[0][0] + 1}: {skipped[0][1]:,})"
         )
     return examples
 

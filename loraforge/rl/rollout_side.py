@@ -72,10 +72,11 @@ class RolloutSide:
         return groups
 
     def _where(self, example, prompt_index: int, row: int) -> str:
-        """ "prompt 2 of this batch (data row 17 of --data), response row 5": where a reward was computed."""
+        """ "prompt 2 of this batch (data row 17 of --data), response row 5": where a reward was computed. Every
+        position counts from 1, as eval's rows and a JSONL file's lines do."""
         data_row = self._row_of.get(id(example))
-        source = f"data row {data_row} of --data {self.cfg.data}" if data_row is not None else "--eval-data"
-        return f"prompt {prompt_index} of this batch ({source}), response row {row}"
+        source = f"data row {data_row + 1} of --data {self.cfg.data}" if data_row is not None else "--eval-data"
+        return f"prompt {prompt_index + 1} of this batch ({source}), response row {row + 1}"
 
     def _generate_shared(self, examples, n: int, greedy: bool = False) -> list[Group]:
         """Groups for `examples`: each process generates its contiguous share, then all are gathered, so

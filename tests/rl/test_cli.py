@@ -151,7 +151,7 @@ def test_missing_field_in_data_file(model_dir, adapter_dir, tmp_path):
     args[args.index("--data") + 1] = str(data)
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1
-    assert "row 1 has no field answer" in r.output and "solution" in r.output
+    assert "row 2 has no field answer" in r.output and "solution" in r.output
 
 
 def test_plot_without_runs_or_matplotlib(tmp_path, hide_package):

@@ -46,7 +46,8 @@ def test_row_formats():
 def test_missing_field_names_field_and_row(row, field):
     with pytest.raises(LoraforgeError) as e:
         to_example(row, 7, "train.jsonl")
-    assert "train.jsonl: row 7" in str(e.value) and f"no field {field}" in str(e.value)
+    # index 7 is the 8th row: messages count rows from 1
+    assert "train.jsonl: row 8" in str(e.value) and f"no field {field}" in str(e.value)
 
 
 def test_files_jsonl_parquet_and_errors(tmp_path):
@@ -60,7 +61,7 @@ def test_files_jsonl_parquet_and_errors(tmp_path):
     pq.write_table(pa.Table.from_pylist(dapo), tmp_path / "d.parquet")
     assert load_examples(str(tmp_path / "d.parquet"))[0].ground_truth == "7"
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n')
-    with pytest.raises(LoraforgeError, match="row 1 has no field answer"):
+    with pytest.raises(LoraforgeError, match="row 2 has no field answer"):
         load_examples(str(tmp_path / "bad.jsonl"))
     with pytest.raises(LoraforgeError, match="no such file"):
         load_examples(str(tmp_path / "missing.jsonl"))
@@ -222,10 +223,10 @@ def test_bad_split_is_one_line(spec, message):
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"prompt": "q", "answer": None}, r"row 0: `answer` is null, expected the gold answer"),
-        ({"prompt": "q", "answer": [3]}, r"row 0: `answer` is a list"),
-        ({"question": "q", "answer": True}, r"row 0: `answer` is true"),
-        ({"question": ["q"], "answer": "3"}, r"row 0: field question is a list, expected the question text"),
+        ({"prompt": "q", "answer": None}, r"row 1: `answer` is null, expected the gold answer"),
+        ({"prompt": "q", "answer": [3]}, r"row 1: `answer` is a list"),
+        ({"question": "q", "answer": True}, r"row 1: `answer` is true"),
+        ({"question": ["q"], "answer": "3"}, r"row 1: field question is a list, expected the question text"),
         ({"prompt": "q", "reward_model": {"ground_truth": None}}, r"`reward_model.ground_truth` is null"),
         ({"prompt": "q", "reward_model": {"ground_truth": float("nan")}}, r"`reward_model.ground_truth` is a number"),
     ],

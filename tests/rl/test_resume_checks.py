@@ -135,6 +135,6 @@ def test_a_huge_row_is_skipped_and_long_prompts_are_cut_before_tokenising(model_
     over = dict(data=str(data), steps=1, prompt_batch=3, mini_batch=3, dynamic_sampling=False)
     cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", **over)
     train(cfg, scorer=answer_scorer, echo=lines.append)
-    assert f"warning: --data {data}: skipped 1 row(s) longer than 1,000,000 characters (row 2: 2,000,004)" in lines
+    assert f"warning: --data {data}: skipped 1 row(s) longer than 1,000,000 characters (row 3: 2,000,004)" in lines
     prompts = [json.loads(ln)["prompt"] for ln in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert max(len(p) for p in prompts) <= cfg.max_prompt_length  # one character per token here
