@@ -10,15 +10,17 @@ Two entry points:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.core.atomic import FileStaging
+from loraforge.core.atomic import DirLock, FileStaging
 from loraforge.core.errors import LoraforgeError
 from loraforge.eval.benchmarks import Benchmark, load_benchmark, resolve_template
 from loraforge.eval.config import EvalConfig
@@ -442,9 +444,19 @@ def run_eval(
         if config.samples_path
         else (samples_path_for(config.output) if config.output else None)
     )
-    for path, what in ((config.output, "report"), (samples_path, "per-sample jsonl")):
-        if path:
-            check_writable(Path(path), what)  # before the model loads: a directory there fails in a second
+    outputs = [(Path(p), what) for p, what in ((config.output, "report"), (samples_path, "per-sample jsonl")) if p]
+    for path, what in outputs:
+        check_writable(path, what)  # before the model loads: a directory there fails in a second
+    # A second eval writing the same report or samples file fails at once, naming the first one's pid; without
+    # the lock both ran to the end and the last to finish replaced the other's files.
+    with contextlib.ExitStack() as locks:
+        for path, _ in outputs:
+            locks.enter_context(DirLock(Path(os.path.abspath(path))))
+        return _evaluate(config, benches, scorer, samples_path, model, tokenizer, sample_fn, echo)
+
+
+def _evaluate(config, benches, scorer, samples_path, model, tokenizer, sample_fn, echo) -> dict:
+    """run_eval past its checks: load the model (unless given), run every benchmark, stage and commit the files."""
     if model is None:
         base = _base_for(config)  # before anything loads: an adapter on the wrong base is refused here
         echo(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""))

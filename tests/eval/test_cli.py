@@ -41,6 +41,25 @@ def test_eval_command_end_to_end(model_dir, greedy_file, tmp_path):
     assert sum(s["correct"] for s in samples) == 3
 
 
+@pytest.mark.parametrize("held", ["report.json", "report.samples.jsonl"])
+def test_a_second_eval_writing_the_same_files_fails_at_once(model_dir, greedy_file, tmp_path, held):
+    """Two evals with one -o both ran to the end and the last replaced the other's report. Now the first holds
+    a lock on each file it writes (here: this process, as another eval would), and the second stops at once."""
+    import os
+
+    from loraforge.core.atomic import DirLock
+
+    out = tmp_path / "report.json"
+    out.write_text("{}")  # the first run's report, say: kept
+    with DirLock(tmp_path / held):
+        r = run("--model", str(model_dir), "--bench", str(greedy_file), "--max-new-tokens", "2", "-o", str(out))
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"Another loraforge command (pid {os.getpid()}) is writing {tmp_path / held} right now" in r.output
+    assert "loading" not in r.output  # refused before the model loaded
+    assert out.read_text() == "{}" and not (tmp_path / "report.samples.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.json", greedy_file.name])  # locks gone
+
+
 def test_eval_command_with_adapter(model_dir, greedy_file, tmp_path):
     # A fresh LoRA adapter (B = 0) leaves the model's answers unchanged: the same 3 of 5.
     from peft import LoraConfig, get_peft_model
