@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_check.sh            # on the GPU machine; results in $OUT (or ./device-check-out)
 #   bash benchmarks/device_check.sh --cpu      # tiny shapes on a CPU with the GPU path's code forced: checks the script
+#                                              (rlpo and pissa; determinism: pissa)
 #
 # From a session with the device tool: run(command="bash benchmarks/device_check.sh", timeout_s=540); the files come
 # back from $OUT: device_check.md (paste into RESULTS.md), gpu_init.json, gpu_determinism.json, train_smoke.json,
@@ -48,8 +49,11 @@ if [ $MODE = gpu ]; then  # limits (s): init, determinism, train, train-vllm; ab
     PEFT_LAYERS=4
     LIMITS=(270 85 40 40)
 else  # the GPU path's code (torch backend) on the CPU, tiny shapes
-    INIT_ARGS=(--tiny --device cpu --force-gpu-backend)
-    DET_ARGS=(--device cpu --force-gpu-backend)
+    # rlpo and pissa only: each method is one more process (imports are most of a CPU run) and runs the same code;
+    # B0 = 0 before the like-with-like step and a residual base after it are what the order needs. The three methods'
+    # bytes under other batch plans on the GPU path's code are tests/test_gpu_path.py's.
+    INIT_ARGS=(--tiny --device cpu --force-gpu-backend --methods rlpo,pissa)
+    DET_ARGS=(--device cpu --force-gpu-backend --methods pissa)
     TRAIN_ARGS=(--device cpu --dtype bfloat16)
     CKPT="$BENCH_DIR/tiny-powerlaw"
     PEFT_LAYERS=2

@@ -30,13 +30,15 @@ def test_device_check_runs_every_step_in_cpu_mode(tmp_path):
         assert f"=== {step}: rc 0" in log, log[-3000:]
 
     init = json.loads((out / "gpu_init.json").read_text())
-    for method in ("rlpo", "rlmo", "pissa"):
+    assert set(init["steps"]) == {"rlpo", "peft-pissa", "loraforge-pissa-small", "pissa"}  # the CPU mode's methods
+    for method in ("rlpo", "pissa"):
         runs = init["steps"][method]["runs"]
         assert runs["cold"]["page_cache_resident_at_start"] < 0.5 <= runs["warm"]["page_cache_resident_at_start"]
         assert runs["cold"]["modules"] == runs["warm"]["modules"] == 28  # 4 blocks x 7
     assert init["results"]["like_with_like"]["x_faster"] > 0
 
     det = json.loads((out / "gpu_determinism.json").read_text())
+    assert list(det["summary"]) == ["pissa"] and len(det["summary"]["pissa"]) == 4, det["summary"]
     assert all(all(plans.values()) for plans in det["summary"].values()), det["summary"]  # byte-identical
     assert det["verify_on_cpu"]["ok"], det["verify_on_cpu"]
 
@@ -46,4 +48,9 @@ def test_device_check_runs_every_step_in_cpu_mode(tmp_path):
     assert "skipped" in vllm or vllm.get("ok")
 
     section = (out / "device_check.md").read_text()
-    assert section.startswith("### GPU: ") and "| rlpo |" in section and "byte-identical" in section
+    assert (
+        section.startswith("### GPU: ")
+        and "| rlpo |" in section
+        and "| pissa |" in section
+        and "byte-identical" in section
+    )

@@ -22,7 +22,10 @@ from loraforge.inits import compute, linalg
 from loraforge.inits.linalg import exact_spectrum, full_float32_matmul
 
 # A caller's TF32 / reduced-precision setting, each by one of the ways torch offers. torch refuses to READ the
-# setting once both its legacy and its per-backend API were used in a process, so each runs in its own process.
+# setting once both its legacy and its per-backend API were used in a process, so each runs in its own process: one
+# forked per setting from a parent that imported torch and loraforge once (and ran nothing: the precision settings
+# and torch's thread pools are as a fresh process has them), where five fresh interpreters spent most of their time
+# importing.
 CALLER_SETTINGS = {
     "default": "pass",
     "legacy high": 'torch.set_float32_matmul_precision("high")',
@@ -33,7 +36,8 @@ CALLER_SETTINGS = {
 }
 
 PROBE = r"""
-import hashlib, json, sys, torch
+import hashlib, json, os, sys, torch
+import safetensors.torch, transformers  # noqa: F401 (what an init imports, once, before the forks)
 from loraforge import InitConfig, init_adapter
 from loraforge.inits import compute, linalg
 
@@ -47,18 +51,42 @@ def snap():
     return [get(torch.get_float32_matmul_precision), m.cuda.matmul.fp32_precision, m.mkldnn.matmul.fp32_precision,
             get(lambda: m.cuda.matmul.allow_tf32)]
 
-model, out, setting = sys.argv[1:4]
-exec(setting)
-before, inside = snap(), []
-linalg._backend = lambda X: linalg._TorchBackend  # the GPU path's code, on the CPU
-gram, residualise = linalg._TorchBackend.gram, compute._residualise
-linalg._TorchBackend.gram = staticmethod(lambda X, full=False: (inside.append(snap()), gram(X, full))[1])
-compute._residualise = lambda *a, **k: (inside.append(snap()), residualise(*a, **k))[1]
-digests = {}
-for svd in ("exact", "fast"):
-    init_adapter(model, f"{out}/{svd}", InitConfig(method="pissa", r=4, svd=svd))
-    digests[svd] = hashlib.sha256(open(f"{out}/{svd}/adapter_model.safetensors", "rb").read()).hexdigest()
-print(json.dumps({"before": before, "inside": inside, "after": snap(), "digests": digests}))
+def probe(model, out, setting):
+    exec(setting)
+    before, inside = snap(), []
+    linalg._backend = lambda X: linalg._TorchBackend  # the GPU path's code, on the CPU
+    gram, residualise = linalg._TorchBackend.gram, compute._residualise
+    linalg._TorchBackend.gram = staticmethod(lambda X, full=False: (inside.append(snap()), gram(X, full))[1])
+    compute._residualise = lambda *a, **k: (inside.append(snap()), residualise(*a, **k))[1]
+    digests = {}
+    for svd in ("exact", "fast"):
+        init_adapter(model, f"{out}/{svd}", InitConfig(method="pissa", r=4, svd=svd))
+        digests[svd] = hashlib.sha256(open(f"{out}/{svd}/adapter_model.safetensors", "rb").read()).hexdigest()
+    return {"before": before, "inside": inside, "after": snap(), "digests": digests}
+
+model, root, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+results = {}
+for i, (name, setting) in enumerate(settings.items()):
+    out = f"{root}/{i}"
+    pid = os.fork()
+    if pid == 0:  # the child: one caller's setting in a process of its own
+        code = 1
+        try:
+            with open(f"{out}.json", "w") as f:
+                json.dump(probe(model, out, setting), f)
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()  # os._exit below would end the child without a word
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        sys.exit(f"the probe of {name!r} failed (wait status {status})")
+    results[name] = json.load(open(f"{out}.json"))
+print(json.dumps(results))
 """
 
 
@@ -66,17 +94,16 @@ print(json.dumps({"before": before, "inside": inside, "after": snap(), "digests"
 def probes(tiny_models, tmp_path_factory):
     """Per caller setting: the precision settings before, inside (at every Gram and residual) and after a pissa
     init (exact and --svd fast) through the GPU path's code, and the adapter's sha256."""
-    out = {}
-    for name, setting in CALLER_SETTINGS.items():
-        work = tmp_path_factory.mktemp("tf32")
-        p = subprocess.run(
-            [sys.executable, "-c", PROBE, str(tiny_models["llama"]), str(work), setting],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        out[name] = json.loads(p.stdout.strip().splitlines()[-1])
+    work = tmp_path_factory.mktemp("tf32")
+    p = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tiny_models["llama"]), str(work), json.dumps(CALLER_SETTINGS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert list(out) == list(CALLER_SETTINGS)
     return out
 
 
