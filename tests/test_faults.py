@@ -2,7 +2,7 @@
 convert, and push (which writes nothing locally). Each is run once to leave an "old" result, then again
 for a different "new" one while the disk fails: an OS error at the first write or at the final rename
 (the OS-error shim), a real full tmpfs and a real read-only tmpfs (these skip where `mount` is not
-permitted), and kill -9 at random points (tests/test_kill.py's method, in subprocesses). Always: one line
+permitted), and kill -9 at points spread over the run (tests/test_kill.py's method and fork server). Always: one line
 naming the error and the path, exit 1, the old result byte-for-byte, no staging file left behind (or one
 the next run removes).
 """
@@ -13,17 +13,16 @@ import errno
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from adapter_helpers import fake_train, one_torch_thread  # noqa: F401 (autouse fixture)
 from click.testing import CliRunner
+from test_kill import Forks, env, kill_when, spread
 
 from loraforge import InitConfig, init_adapter
 from loraforge.cli import main
@@ -48,6 +47,7 @@ def things(tiny_models, tmp_path_factory):
         fx[f"RUN{i}"] = run
     fx["B"] = root / "bench.jsonl"
     fx["B"].write_text("".join(json.dumps({"problem": f"t{i} t{i + 1}", "answer": str(i)}) + "\n" for i in range(3)))
+    fx["old"] = root / "old"  # each command's old result, made once (make_old) and copied where a test needs it
     return fx
 
 
@@ -94,9 +94,14 @@ def litter(out: Path) -> list[str]:
 
 
 def make_old(fx, command: str, out: Path) -> dict[str, str]:
+    """Put COMMAND's old result at OUT; its digest. Run once per command, then copied: the same bytes, and
+    the tests here are about the run that follows."""
     args, files = COMMANDS[command]
-    code, output = cli(args(fx, out, new=False))
-    assert code == 0, output
+    made = fx["old"] / command.replace(" ", "_")
+    if not made.exists():
+        code, output = cli(args(fx, made, new=False))
+        assert code == 0, output
+    shutil.copytree(made, out)
     return digest(out, files)
 
 
@@ -223,7 +228,7 @@ def test_push_refuses_an_adapter_that_changes_while_pushing(things, tmp_path):
     assert [c.kwargs["repo_id"] for c in api.create_commit.call_args_list] == ["me/x-residual-base"]
 
 
-# --- kill -9 at random points --------------------------------------------------------------------
+# --- kill -9 at points spread over the run -------------------------------------------------------
 
 
 def complete(command: str, out: Path, files: list[str]) -> bool:
@@ -243,52 +248,64 @@ def complete(command: str, out: Path, files: list[str]) -> bool:
     return manifest["format"] == CONVERTED_FORMAT and manifest["files"]["adapter_model.safetensors"] == sha
 
 
-def kill_runs(fx, command: str, tmp_path: Path, runs: int, seed: int) -> dict[str, int]:
-    """RUNS runs of COMMAND over an old result, each killed after a random delay; what each left."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+@pytest.fixture(scope="module")
+def forks():
+    forks = Forks(env())
+    yield forks
+    forks.close()
+
+
+KILLS = 5  # per command, at points spread over its run; then the next run
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_kill_9_at_points_spread_over_the_run_loses_nothing(things, forks, tmp_path, command):
+    """KILLS runs of COMMAND over an old result, each killed at its point; what each left is the old result or
+    a new whole one; the next run cleans up."""
     args, files = COMMANDS[command]
     out = tmp_path / "out"
-
-    def argv(new):
-        return [sys.executable, "-m", "loraforge", *[str(a) for a in args(fx, out, new)]]
-
-    started = time.monotonic()
-    subprocess.run(argv(True), env=env, check=True, capture_output=True)  # how long a whole run takes
-    full = time.monotonic() - started
-    rng = random.Random(seed)
+    argv = [str(a) for a in args(things, out, True)]
+    old = make_old(things, command, tmp_path / "old")
+    shutil.copytree(tmp_path / "old", out)
+    code, full = forks.run(argv, tmp_path / "calibrate.log")  # how long a whole run takes
+    assert code == 0, (tmp_path / "calibrate.log").read_text()
     outcomes = {"old intact": 0, "new complete": 0, "litter left": 0}
-    for i in range(runs):
+
+    def killed(i: int, kill) -> None:
         shutil.rmtree(out)
-        subprocess.run(argv(False), env=env, check=True, capture_output=True)
-        old = digest(out, files)
-        proc = subprocess.Popen(argv(True), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3 * full, 1.05 * full))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        shutil.copytree(tmp_path / "old", out)
+        inodes = {f: os.stat(out / f).st_ino for f in files}
+        child = forks.start(argv, tmp_path / f"kill{i}.log")
+        kill(child, inodes)
+        child.wait()
         outcomes["litter left"] += bool(litter(out))
-        now = digest(out, files)
-        if now == old:
+        if digest(out, files) == old:
             outcomes["old intact"] += 1
         else:
             # each file alone is old or whole: for eval, a kill between the two renames (a few microseconds)
             # would leave the new samples with the old report, which the report's samples_sha256 tells
             assert complete(command, out, files), f"{command} run {i}: a result that is neither old nor whole"
             outcomes["new complete"] += 1
-    r = subprocess.run(argv(True), env=env, capture_output=True, text=True)  # the next run cleans up
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    assert litter(out) == [] and complete(command, out, files)
-    return outcomes
 
+    for i, at in enumerate(spread(KILLS)):
+        killed(i, lambda child, _, at=at: (time.sleep(at * full), child.send_signal(signal.SIGKILL)))
+    # The points are fractions of the calibrated length; should the machine's speed change afterwards and move
+    # them all to one side of the final rename, one kill placed on the missing side makes sure both were hit:
+    # before the run has loaded anything, or once every file of OUT is a new one (then it can only stay new).
+    if not outcomes["old intact"]:
+        killed(KILLS, lambda child, _: child.send_signal(signal.SIGKILL))
+    if not outcomes["new complete"]:
 
-@pytest.mark.parametrize("command", ["eval", "inspect --json", "plot", "convert"])
-def test_kill_9_at_random_points_loses_nothing(things, tmp_path, command):
-    outcomes = kill_runs(things, command, tmp_path, runs=2, seed=0)
-    assert outcomes["old intact"] + outcomes["new complete"] == 2
+        def replaced(inodes) -> bool:
+            try:
+                return all(os.stat(out / f).st_ino != inodes[f] for f in files)
+            except FileNotFoundError:  # convert's directory between the two renames of the fallback
+                return False
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_kill_9_many_times(things, tmp_path, command):
-    outcomes = kill_runs(things, command, tmp_path, runs=6, seed=1)
+        killed(KILLS + 1, lambda child, inodes: kill_when(child, lambda: replaced(inodes)))
     print(f"kill outcomes {command}:", outcomes)  # README "Reliability" quotes these counts
-    assert outcomes["old intact"] + outcomes["new complete"] == 6
+    assert outcomes["old intact"] and outcomes["new complete"], outcomes
+    code, _ = forks.run(argv, tmp_path / "next.log")  # the next run cleans up
+    log = (tmp_path / "next.log").read_text()
+    assert code == 0 and "Traceback" not in log, log
+    assert litter(out) == [] and complete(command, out, files)

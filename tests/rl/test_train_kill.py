@@ -1,40 +1,43 @@
-"""kill -9 (and SIGTERM) at random points of `python -m loraforge train`: a killed run loses no completed
-checkpoint, leaves only litter the next run cleans up, and `--resume` (again and again) ends with the adapter
-an uninterrupted run writes, bit for bit.
+"""kill -9 (and SIGTERM) at points of `loraforge train` spread over its start-up and its steps: a killed run
+loses no completed checkpoint, leaves only litter the next run cleans up, and `--resume` (again and again) ends
+with the adapter an uninterrupted run writes, bit for bit.
 
-The kill times are random (seeded), so which points are hit varies with the machine's speed; what is
-asserted does not: every invariant must hold whatever point a kill lands on.
+The runs are children of tests/test_kill.py's fork server (torch imported once, so each run's time is its own
+work: start-up is loading the model, not importing torch). The kill points are fractions of the uninterrupted
+run's start-up and steps, so which points are hit varies with the machine's speed; what is asserted does not:
+every invariant must hold whatever point a kill lands on.
 """
 
 import json
-import os
-import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_kill import Forks, env
 
 from loraforge.rl import checkpoint as ckpt
 from loraforge.rl import failsafe
 
-pytestmark = pytest.mark.slow
-
-KILLS = 10  # signals per test run (fewer if the run reaches its end first), then one --resume to the end
-TERMS = 3  # the last TERMS of them are SIGTERM, the others SIGKILL
-STEPS = 20
-ROOT = Path(__file__).parents[2]
+# (phase, signal, fraction) per kill, then one --resume to the end; fewer if the run reaches its end first.
+# start-up: FRACTION of the start-up and first step; loop: once training runs, FRACTION of the steps left
+# (a save, a prune, a metrics line, a step). SIGTERM: 143 after saving once the loop runs; -15 (the
+# default action) during start-up or the final adapter write, where nothing needs saving or the write is atomic.
+KILLS = [
+    ("start-up", signal.SIGKILL, 0.5),
+    ("loop", signal.SIGKILL, 0.15),
+    ("loop", signal.SIGKILL, 0.6),
+    ("start-up", signal.SIGKILL, 0.95),
+    ("loop", signal.SIGTERM, 0.35),
+    ("start-up", signal.SIGTERM, 0.3),
+]
+STEPS = 12
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the same arithmetic in every run
-    return env
+    return env(Path(__file__).parent)  # the same arithmetic (one thread) in every run; rl_helpers importable
 
 
 def _args(model_dir, adapter_dir, run):
@@ -45,13 +48,6 @@ def _args(model_dir, adapter_dir, run):
         *("--mini-batch", "2", "--lr", "1e-2", "--max-gen-batches", "0", "--no-tensorboard"),
         *("--steps", str(STEPS), "--save-every", "1", "--keep-checkpoints", "2"),
     ]
-
-
-def _start(argv, log: Path):
-    out = log.open("w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "loraforge", *argv], stdout=out, stderr=subprocess.STDOUT, env=_env()
-    )
 
 
 def _newest_sound(run: Path) -> int:
@@ -85,39 +81,41 @@ def _check_invariants(run: Path, newest_before: int) -> int:
     return newest
 
 
-def _wait_for(log: Path, text: str, proc) -> float:
+def _wait_for(log: Path, text: str, child) -> float:
     """Wait until `text` appears in the log (or the process ends); returns the time it appeared."""
     deadline = time.monotonic() + 600
-    while text not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while text not in log.read_text() and not child.exited() and time.monotonic() < deadline:
+        time.sleep(0.01)
     return time.monotonic()
 
 
-def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_dir, adapter_dir, tmp_path):
-    # the uninterrupted run, timed: its start-up (imports, model load) and its steps
-    t0 = time.monotonic()
-    straight = _start(_args(model_dir, adapter_dir, tmp_path / "straight"), tmp_path / "straight.log")
-    t_loop = _wait_for(tmp_path / "straight.log", "training dapo", straight)
-    assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()
-    startup, per_step = t_loop - t0, (time.monotonic() - t_loop) / STEPS
+@pytest.fixture(scope="module")
+def forks():
+    forks = Forks(_env(), preload=("rl_helpers",))
+    yield forks
+    forks.close()
 
-    rng = random.Random(1234)
+
+def test_kill_9_and_sigterm_then_resume_equals_the_uninterrupted_run(model_dir, adapter_dir, forks, tmp_path):
+    # the uninterrupted run, timed: its start-up (model load) and its steps
+    straight = forks.start(_args(model_dir, adapter_dir, tmp_path / "straight"), tmp_path / "straight.log")
+    t_loop = _wait_for(tmp_path / "straight.log", "training dapo", straight)
+    assert straight.wait() == 0, (tmp_path / "straight.log").read_text()
+    startup, per_step = t_loop - straight.started, (time.monotonic() - t_loop) / STEPS
+
     run = tmp_path / "run"
     newest, outcomes = 0, []
-    for i in range(KILLS):
+    for i, (phase, sig, fraction) in enumerate(KILLS):
         argv = ["train", "--resume", str(run)] if (run / "config.json").exists() else _args(model_dir, adapter_dir, run)
         log = tmp_path / f"kill{i}.log"
-        proc = _start(argv, log)
-        if i % 3 == 0:  # during start-up or the first steps
-            time.sleep(rng.uniform(0, startup + per_step))
-        else:  # inside the training loop, somewhere in the steps left (a save, a prune, a metrics line, a step)
+        proc = forks.start(argv, log)
+        if phase == "start-up":
+            time.sleep(fraction * (startup + per_step))
+        else:
             _wait_for(log, "training dapo", proc)
-            time.sleep(rng.uniform(0, per_step * (STEPS - newest)))
-        # SIGKILL, and for the last few a SIGTERM: 143 after saving once the loop runs; -15 (the default
-        # action) during start-up or the final adapter write, where nothing needs saving or the write is atomic
-        sig = signal.SIGKILL if i < KILLS - TERMS else signal.SIGTERM
+            time.sleep(fraction * per_step * (STEPS - newest))
         proc.send_signal(sig)
-        rc = proc.wait(timeout=120)
+        rc = proc.wait()
         outcomes.append((signal.Signals(sig).name, rc, _newest_sound(run)))
         assert rc in (0, -sig) + ((143,) if sig == signal.SIGTERM else ()), log.read_text()
         if rc == 143:
@@ -126,14 +124,8 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(model_
         if newest == STEPS:
             break  # the run got to its end before the kill: nothing left to interrupt
 
-    final = subprocess.run(
-        [sys.executable, "-m", "loraforge", "train", "--resume", str(run)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert final.returncode == 0, final.stdout + final.stderr
+    code = forks.run(["train", "--resume", str(run)], tmp_path / "final.log")[0]
+    assert code == 0, (tmp_path / "final.log").read_text()
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), outcomes
