@@ -69,21 +69,28 @@ SAVE = {
 }
 
 
-# Test files by CPU seconds, heaviest first, as measured on the whole suite (one process, 2-core machine under load,
-# 2026-12-02: test_smollm2 376, test_kill 131, test_verify_client 61, rl/test_verl_real 44, rl/test_replication_study
-# 41, test_model_zoo 35, rl/test_distributed 32, rl/test_train_kill 31, test_init_cli 16, rl/test_trainer 13;
-# everything else under 13). scripts/test.sh hands whole files to the workers (pytest-xdist --dist loadscope, so a
-# module's fixtures are built once) in collection order; these go first, so that no long file starts last while the
-# other workers sit idle. Only the order changes: a file missing here runs after them.
+# Test files by worker seconds, heaviest first, as measured on the whole suite (2 xdist workers on a 2-core machine
+# with a background job, 2026-12-02, at 6bea076: test_device_check 96, test_faults 68, rl/test_replication_study 63,
+# test_smollm2 47, rl/test_verl_real 46, test_model_zoo 40, rl/test_reader_fuzz 29, test_docs 29, test_verify_client
+# 23, rl/test_train_kill 23, rl/test_distributed 23, test_kill 20, test_gpu_path 20, test_init_cli 16; everything
+# else under 15). scripts/test.sh hands whole files to the workers (pytest-xdist --dist loadscope, so a module's
+# fixtures are built once) in collection order; these go first, so that no long file starts last while the other
+# worker sits idle. Only the order changes: a file missing here runs after them. test_smollm2 leads: its first test
+# writes SmolLM2 (from the GGUF file) that test_verify_client and test_gpu_path wait for.
 HEAVY_FIRST = [
     "test_smollm2.py",
-    "test_kill.py",
-    "test_verify_client.py",
-    "rl/test_verl_real.py",
+    "test_device_check.py",
+    "test_faults.py",
     "rl/test_replication_study.py",
+    "rl/test_verl_real.py",
     "test_model_zoo.py",
-    "rl/test_distributed.py",
+    "rl/test_reader_fuzz.py",
+    "test_docs.py",
+    "test_verify_client.py",
     "rl/test_train_kill.py",
+    "rl/test_distributed.py",
+    "test_kill.py",
+    "test_gpu_path.py",
     "test_init_cli.py",
     "rl/test_trainer.py",
     "test_verify.py",
