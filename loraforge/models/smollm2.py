@@ -9,9 +9,12 @@ llama-cpp-python, are not needed to read the file).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,30 +43,144 @@ def gguf_path() -> Path:
 
 
 def materialize_smollm2(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write SmolLM2-135M-Instruct to DEST as a transformers model directory (once; reused after)."""
+    """Write SmolLM2-135M-Instruct to DEST as a transformers model directory (once; reused after).
+
+    The same transformers calls as `_materialize_via_transformers` (the reference, kept as the fallback), in
+    under half the CPU time, and the same directory, byte for byte (tests/test_smollm2_gguf.py). The
+    departures from the plain path are all about cost:
+
+    - transformers reads a Llama GGUF with its legacy loader (`load_gguf_checkpoint`; its newer reader does
+      not cover Llama), which builds a `gguf.GGUFReader` three times (the config, the tokenizer's config, the
+      weights), and the reader's Python parse of the 49k-token vocabulary and merges was most of the run.
+      While the loading runs, `gguf.GGUFReader` hands back one reader per file, built over a plain ndarray
+      view of its memory map rather than the np.memmap itself (the same read-only bytes; slicing a memmap
+      runs Python code each time, ~250k times here), and `gguf.get_tensor_name_map`, which that loader calls
+      again at every one of the ~400 modules, one map per (architecture, layer count). The loader only reads
+      both; the gguf module's own attributes are back in place afterwards.
+    - The plain model that is saved (the dequantised one still carries its GGUF quantizer, which
+      save_pretrained refuses) is built on the meta device and takes the loaded tensors as they are, instead
+      of first being randomly initialised and then overwritten. A parameter the checkpoint did not fill would
+      stay on the meta device, so that case takes the reference's randomly initialised model instead.
+
+    If gguf or transformers lacks what this relies on (other versions), it is the reference path.
+    """
     dest = Path(dest)
     if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
         return dest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = _require_gguf()
+    gguf_module = sys.modules["gguf"]
+    if not all(hasattr(gguf_module, name) for name in ("GGUFReader", "get_tensor_name_map")):
+        return _materialize_via_transformers(dest, dtype)
+    with _gguf_parsed_once(gguf_module):
+        quantised, tokenizer = _load_dequantised(gguf)
+    model = _plain_model(quantised, dtype, meta=True)
+    return _write(dest, model, tokenizer)
 
+
+def _materialize_via_transformers(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """materialize_smollm2 by the plain transformers calls: the reference and the fallback (~3x the CPU time)."""
+    dest = Path(dest)
+    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
+        return dest
+    quantised, tokenizer = _load_dequantised(_require_gguf())
+    model = _plain_model(quantised, dtype, meta=False)
+    return _write(dest, model, tokenizer)
+
+
+def _require_gguf() -> Path:
     gguf = gguf_path()
     try:
         import gguf as _  # noqa: F401
     except ImportError:
         raise LoraforgeError("Reading the GGUF file needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def _load_dequantised(gguf: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The dequantised model still carries a GGUF quantization_config, so save_pretrained refuses it:
-    # rebuild a plain model from the config without it and load the dequantised weights.
+    return quantised, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once(gguf_module):
+    """Within: one `GGUFReader` per file path, one tensor name map per (architecture, layer count)."""
+    import numpy as np
+
+    reader_class, name_map = gguf_module.GGUFReader, gguf_module.get_tensor_name_map
+
+    class ArrayReader(reader_class):
+        # The reader maps the file as an np.memmap and slices it ~250k times for the vocabulary alone; every
+        # slice of a memmap runs memmap's Python __array_finalize__, most of the parse. A plain ndarray view
+        # of the same mapping holds the same bytes (read-only, as the memmap is) and slices in C.
+        @property
+        def data(self):
+            return self.__dict__["_array"]
+
+        @data.setter
+        def data(self, value):
+            self.__dict__["_array"] = np.asarray(value)
+
+    readers = {}
+
+    def reader(path, *args, **kwargs):
+        if args or kwargs:  # another mode than the default read-only one: not shared
+            return reader_class(path, *args, **kwargs)
+        key = os.fspath(path)
+        if key not in readers:
+            try:
+                readers[key] = ArrayReader(path)
+            except Exception:  # a gguf whose reader this does not fit: its own class, as it would be
+                readers[key] = reader_class(path)
+        return readers[key]
+
+    gguf_module.GGUFReader = reader
+    gguf_module.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf_module.GGUFReader, gguf_module.get_tensor_name_map = reader_class, name_map
+
+
+def _plain_model(quantised, dtype: torch.dtype, meta: bool):
+    """The dequantised weights in a model without the GGUF quantizer, which save_pretrained refuses."""
+    from transformers import AutoModelForCausalLM
+
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantised.state_dict(), strict=False)
-    model.tie_weights()
+    state_dict = quantised.state_dict()
+    model = None
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(state_dict, strict=False, assign=True)
+        model.tie_weights()
+        if any(p.is_meta for p in model.parameters()) or any(
+            b.is_meta for n, b in model.named_buffers() if n in model.state_dict()
+        ):
+            model = None  # something the checkpoint does not hold: the reference's random init fills it
+        else:
+            # buffers that are not saved (the rotary frequencies) are computed at init: take the loaded model's
+            for name, buffer in quantised.named_buffers():
+                owner, _, attr = name.rpartition(".")
+                module = model.get_submodule(owner)
+                if getattr(module, attr).is_meta:
+                    module.register_buffer(attr, buffer, persistent=False)
+    if model is None:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(state_dict, strict=False)
+        model.tie_weights()
     model.to(dtype)
     model.generation_config = quantised.generation_config
+    return model
+
+
+def _write(dest: Path, model, tokenizer) -> Path:
+    """Save into a staging directory next to DEST, then rename it to DEST."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
@@ -80,6 +197,4 @@ def materialize_smollm2(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -
 
 
 if __name__ == "__main__":  # python -m loraforge.models.smollm2 DEST
-    import sys
-
     print(materialize_smollm2(sys.argv[1] if len(sys.argv) > 1 else "models/SmolLM2-135M-Instruct"))
