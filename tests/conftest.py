@@ -73,10 +73,11 @@ SAVE = {
 # with a background job, 2026-12-02, at 6bea076: test_device_check 96, test_faults 68, rl/test_replication_study 63,
 # test_smollm2 47, rl/test_verl_real 46, test_model_zoo 40, rl/test_reader_fuzz 29, test_docs 29, test_verify_client
 # 23, rl/test_train_kill 23, rl/test_distributed 23, test_kill 20, test_gpu_path 20, test_init_cli 16; everything
-# else under 15; test_smollm2_gguf, added since, about 35). scripts/test.sh hands whole files to the workers (pytest-xdist --dist loadscope, so a module's
-# fixtures are built once) in collection order; these go first, so that no long file starts last while the other
-# worker sits idle. Only the order changes: a file missing here runs after them. test_smollm2 leads: its first test
-# writes SmolLM2 (from the GGUF file) that test_verify_client and test_gpu_path wait for.
+# else under 15; test_smollm2_gguf, added since, about 35). scripts/test.sh hands whole files to the workers
+# (pytest-xdist --dist loadscope, so a module's fixtures are built once) in collection order; these go first, so
+# that no long file starts last while the other worker sits idle. Only the order changes: a file missing here
+# runs after them. test_smollm2 leads: its first test writes SmolLM2 (from the GGUF file) that
+# test_verify_client and test_gpu_path wait for.
 HEAVY_FIRST = [
     "test_smollm2.py",
     "test_device_check.py",
