@@ -185,9 +185,12 @@ class _Launcher:
 
 @contextlib.contextmanager
 def _forked(rep, monkeypatch):
-    """The study's modules launch through _Launcher while inside; the server gets this process's environment."""
+    """The study's modules launch through _Launcher while inside; the server gets this process's environment
+    (each child then takes its client's)."""
     path = str(Path(tempfile.mkdtemp(prefix="lf-forks-")) / "sock")  # short: a socket's path has ~100 bytes at most
-    env = dict(os.environ)
+    # one thread, as replicate.py's thread_env gives every command under its default --threads 1: torch reads
+    # it at import, which is the server's
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     server = subprocess.Popen(
         [sys.executable, "-c", "import sys, test_replication_study as t; t._serve(sys.argv[1])", path], env=env
