@@ -185,15 +185,15 @@ def truncate_checkpoint(src, dst, num_layers: int) -> Path:
     """Copy the safetensors checkpoint SRC to DST keeping only blocks 0..NUM_LAYERS-1 (for quick
     runs: both sides of a benchmark then read the same smaller checkpoint). Tokenizer and other
     small files are copied; reused when DST already holds the same truncation."""
+    src, dst = Path(src), Path(dst)
+    marker = {"src": str(src.resolve()), "num_layers": num_layers, "format": 2}  # 2: layer_types truncated too
+    if (dst / "bench_truncated.json").exists() and json.loads((dst / "bench_truncated.json").read_text()) == marker:
+        return dst  # before importing safetensors.torch (torch): a reuse is then a quick process of its own
     import re
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    src, dst = Path(src), Path(dst)
-    marker = {"src": str(src.resolve()), "num_layers": num_layers, "format": 2}  # 2: layer_types truncated too
-    if (dst / "bench_truncated.json").exists() and json.loads((dst / "bench_truncated.json").read_text()) == marker:
-        return dst
     config = json.loads((src / "config.json").read_text())
     config["num_hidden_layers"] = num_layers
     if isinstance(config.get("layer_types"), list):  # transformers 5 checks it has one entry per block

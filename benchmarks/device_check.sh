@@ -67,7 +67,11 @@ INIT_ARGS+=(--budget-s $((LIMITS[0] - 30)))  # gpu_init.py's own budget, inside 
 {
     echo "device_check.sh ($MODE) at $(date -u +%FT%TZ), loraforge commit $(git rev-parse HEAD 2>/dev/null || echo 'unknown (no .git here)')"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "no nvidia-smi"
-    "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), '| transformers', transformers.__version__, '| peft', peft.__version__)" 2>&1
+    if [ $MODE = gpu ]; then
+        "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), '| transformers', transformers.__version__, '| peft', peft.__version__)" 2>&1
+    else  # the installed versions, not imported: on a CPU an import of all three is seconds, and no GPU is looked for
+        "$PY" -c "from importlib.metadata import version as v; print('torch', v('torch'), '| transformers', v('transformers'), '| peft', v('peft'), '(installed; CPU mode)')" 2>&1
+    fi
     mkdir -p "$BENCH_DIR" && df -hT "$BENCH_DIR" 2>&1 | tail -1
 } | tee -a "$LOG"
 

@@ -1,10 +1,17 @@
 """examples/replication/replicate.py, the study script: its grid order, and on a tiny model that it
-trains through the real CLI, skips a finished run, and continues a run when --steps is raised."""
+trains through the real CLI, skips a finished run, and continues a run when --steps is raised (its commands are
+real processes: the first the console script, the rest forked from a server that imported loraforge once)."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -62,51 +69,204 @@ def test_heldout_stats_of_a_grid_cut_short_use_the_finished_runs(tmp_path):
     assert stats[2]["contrasts"]["rlpo-pissa"]["diff"] == pytest.approx(0.5)
 
 
+# --- a fork server for the study's commands ------------------------------------------------------
+# The study test below runs nine `loraforge` commands (init, two evals, train, inspect, three plots, train
+# --resume) whose work on the tiny model is a fraction of a second; started as the console script, each spends
+# seconds importing torch, transformers and peft on a 2-core machine, most of the test. So the study's own
+# subprocess calls (replicate.py's and study_analysis.py's, unchanged) are pointed at a small client that asks a
+# server, which imported all of that once, to fork a child running `main(prog_name="loraforge")`: a real process
+# with the client's argv, environment, working directory, stdin/stdout/stderr and exit status, run in parallel
+# as the study schedules it. The first command (the init) still runs as the real console script: the entry
+# point the study uses is covered too. (tests/test_kill.py's fork server is the same idea for one command at a
+# time, killed by signals.)
+_CLIENT = """
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+socket.send_fds(s, [b"."], [0, 1, 2])
+s.sendall(json.dumps({"argv": sys.argv[2:], "env": dict(os.environ), "cwd": os.getcwd()}).encode())
+s.shutdown(socket.SHUT_WR)
+code = s.recv(16)
+sys.exit(int(code) if code else 1)
+"""
+
+
+def _serve(path: str) -> None:
+    """The server's loop (its own process): per connection, the client's three descriptors and its request
+    (argv, env, cwd) until EOF; fork a child that runs the command and sends back its exit status."""
+    import importlib
+    import pkgutil
+    import signal
+
+    import test_kill
+
+    import loraforge
+
+    names = [m.name for m in pkgutil.walk_packages(loraforge.__path__, "loraforge.") if not m.name.endswith("__main__")]
+    for name in [*names, *test_kill.LAZY_IMPORTS]:  # what the commands import, once here
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 (an optional extra that is not installed: the child fails as it would)
+            pass
+    from loraforge.cli import main
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the children are reaped by the kernel
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    while True:
+        conn, _ = server.accept()
+        _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+        data = b""
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+        if os.fork() == 0:
+            server.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _child(main, json.loads(data), fds, conn)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def _child(main, request: dict, fds: list[int], conn) -> None:
+    import atexit
+    import traceback
+
+    code = 1
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = ["loraforge", *request["argv"]]
+        main(request["argv"], prog_name="loraforge")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()  # what interpreter shutdown would run (os._exit skips it)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            conn.sendall(str(code).encode())
+        finally:
+            os._exit(code)
+
+
+class _Launcher:
+    """Stands in for the `subprocess` module in replicate.py and study_analysis.py: a `loraforge` command (CLI
+    prefix) after the first goes through the fork server's client; anything else is started as given."""
+
+    STDOUT = subprocess.STDOUT
+
+    def __init__(self, prefix: list[str], client: list[str]):
+        self.prefix, self.client, self.real, self.forked = prefix, client, [], []
+
+    def _cmd(self, cmd: list[str]) -> list[str]:
+        if cmd[: len(self.prefix)] != self.prefix:
+            return cmd
+        if not self.real:
+            self.real.append(cmd)
+            return cmd
+        self.forked.append(cmd)
+        return self.client + cmd[len(self.prefix) :]
+
+    def call(self, cmd, **kwargs):
+        return subprocess.call(self._cmd(cmd), **kwargs)
+
+    def Popen(self, cmd, **kwargs):  # noqa: N802 (subprocess's name)
+        return subprocess.Popen(self._cmd(cmd), **kwargs)
+
+
+@contextlib.contextmanager
+def _forked(rep, monkeypatch):
+    """The study's modules launch through _Launcher while inside; the server gets this process's environment
+    (each child then takes its client's)."""
+    path = str(Path(tempfile.mkdtemp(prefix="lf-forks-")) / "sock")  # short: a socket's path has ~100 bytes at most
+    # one thread, as replicate.py's thread_env gives every command under its default --threads 1: torch reads
+    # it at import, which is the server's
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import sys, test_replication_study as t; t._serve(sys.argv[1])", path], env=env
+    )
+    try:
+        while not os.path.exists(path):  # bound once its imports are done
+            assert server.poll() is None, f"the fork server exited ({server.returncode})"
+            time.sleep(0.05)
+        launcher = _Launcher(rep.cli(), [sys.executable, "-c", _CLIENT, path])
+        monkeypatch.setattr(rep, "subprocess", launcher)
+        monkeypatch.setattr(sys.modules["study_analysis"], "subprocess", launcher)
+        yield launcher
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
+
+
 def test_study_runs_the_cli_skips_done_runs_and_continues_raised_steps(model_dir, tmp_path, monkeypatch, capsys):
     rep = _script()
     # the trainings are subprocesses: they find loraforge and the test reward through PYTHONPATH
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), here, os.environ.get("PYTHONPATH", "")]))
-    work, out = tmp_path / "work", tmp_path / "out"
-    argv = [
-        "--work", str(work), "--out", str(out), "--model", str(model_dir), "--methods", "rlpo",
-        "--grid", "1e-2:0", "--data", "synthetic:n=40,max=2,style=bare", "--reward", "rl_helpers:answer_scorer",
-        "--prompt-template", "none", "--max-response-length", "1", "--overlong-buffer", "0", "--group-size", "4",
-        "--prompt-batch", "2", "--mini-batch", "1", "--micro-batch", "8", "--window", "1", "--poll", "0.2",
-        "--inspect-layers", "0", "--rank", "2", "--alpha", "4", "--train-args=--no-chat-template",
-        "--heldout", "synthetic:n=5,max=9,style=bare,split=heldout", "--eval-args=--no-chat-template",
-        "--eval-samples", "2", "--save-every", "1",
-    ]  # fmt: skip
-    rep.main(argv + ["--steps", "1"])
-    run = work / "runs" / "rlpo_lr0.01_s0"
-    first = capsys.readouterr().out
-    assert "loraforge init" in first and "loraforge train --algo dapo" in first and "loraforge inspect" in first
-    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == {"rlpo_lr0.01_s0": "done"}
-    # held-out evaluation of the init (step 0) and of the step-1 checkpoint, on its own base, copied beside the run
-    for step in (0, 1):
-        report = json.loads((out / "runs" / "rlpo_lr0.01_s0" / "heldout" / f"step_{step:06d}.json").read_text())
-        bench = report["benchmarks"]["synthetic:n=5,max=9,style=bare,split=heldout"]
-        assert bench["problems"] == 5 and {m["metric"] for m in bench["metrics"]} >= {"greedy", "mean@2"}
-    stats = json.loads((out / "stats.json").read_text())
-    assert set(stats["heldout"]["0.01"]["heldout"]["mean"]) == {"0", "1"}
-    assert "Held-out mean@2" in (out / "table.md").read_text() and (out / "fig_heldout_lr0.01.png").is_file()
-    row = summary["runs"]["rlpo_lr0.01_s0"]
-    metrics = json.loads((run / "metrics.jsonl").read_text())
-    assert row["kl_step1"] == metrics["kl"] and row["grad_mean"] == metrics["grad_norm"]
-    assert row["sim_top"] > 0.99  # RLPO's A starts in the principal subspace and moved little in one step
-    assert "| 0.01 | LoRA-RLPO | 1 |" in (out / "table.md").read_text()
-    assert (out / "runs" / "rlpo_lr0.01_s0" / "samples.jsonl").is_file()
-    # a finished run is skipped: nothing is trained again
-    before = (run / "metrics.jsonl").stat().st_mtime_ns
-    rep.main(argv + ["--steps", "1", "--no-eval"])
-    assert "skip rlpo_lr0.01_s0: done" in capsys.readouterr().out
-    assert (run / "metrics.jsonl").stat().st_mtime_ns == before
-    # more steps: the run is continued from its checkpoint, not restarted
-    rep.main(argv + ["--steps", "2", "--no-inspect", "--no-eval"])
-    assert "train --resume" in capsys.readouterr().out
-    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with _forked(rep, monkeypatch) as launcher:
+        work, out = tmp_path / "work", tmp_path / "out"
+        argv = [
+            "--work", str(work), "--out", str(out), "--model", str(model_dir), "--methods", "rlpo",
+            "--grid", "1e-2:0", "--data", "synthetic:n=40,max=2,style=bare", "--reward", "rl_helpers:answer_scorer",
+            "--prompt-template", "none", "--max-response-length", "1", "--overlong-buffer", "0", "--group-size", "4",
+            "--prompt-batch", "2", "--mini-batch", "1", "--micro-batch", "8", "--window", "1", "--poll", "0.2",
+            "--inspect-layers", "0", "--rank", "2", "--alpha", "4", "--train-args=--no-chat-template",
+            "--heldout", "synthetic:n=5,max=9,style=bare,split=heldout", "--eval-args=--no-chat-template",
+            "--eval-samples", "2", "--save-every", "1",
+        ]  # fmt: skip
+        rep.main(argv + ["--steps", "1"])
+        run = work / "runs" / "rlpo_lr0.01_s0"
+        first = capsys.readouterr().out
+        assert "loraforge init" in first and "loraforge train --algo dapo" in first and "loraforge inspect" in first
+        assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == {"rlpo_lr0.01_s0": "done"}
+        # held-out evaluation of the init (step 0) and of the step-1 checkpoint, on its own base, copied beside the run
+        for step in (0, 1):
+            report = json.loads((out / "runs" / "rlpo_lr0.01_s0" / "heldout" / f"step_{step:06d}.json").read_text())
+            bench = report["benchmarks"]["synthetic:n=5,max=9,style=bare,split=heldout"]
+            assert bench["problems"] == 5 and {m["metric"] for m in bench["metrics"]} >= {"greedy", "mean@2"}
+        stats = json.loads((out / "stats.json").read_text())
+        assert set(stats["heldout"]["0.01"]["heldout"]["mean"]) == {"0", "1"}
+        assert "Held-out mean@2" in (out / "table.md").read_text() and (out / "fig_heldout_lr0.01.png").is_file()
+        row = summary["runs"]["rlpo_lr0.01_s0"]
+        metrics = json.loads((run / "metrics.jsonl").read_text())
+        assert row["kl_step1"] == metrics["kl"] and row["grad_mean"] == metrics["grad_norm"]
+        assert row["sim_top"] > 0.99  # RLPO's A starts in the principal subspace and moved little in one step
+        assert "| 0.01 | LoRA-RLPO | 1 |" in (out / "table.md").read_text()
+        assert (out / "runs" / "rlpo_lr0.01_s0" / "samples.jsonl").is_file()
+        # a finished run is skipped: nothing is trained again
+        before = (run / "metrics.jsonl").stat().st_mtime_ns
+        rep.main(argv + ["--steps", "1", "--no-eval"])
+        assert "skip rlpo_lr0.01_s0: done" in capsys.readouterr().out
+        assert (run / "metrics.jsonl").stat().st_mtime_ns == before
+        # more steps: the run is continued from its checkpoint, not restarted
+        rep.main(argv + ["--steps", "2", "--no-inspect", "--no-eval"])
+        assert "train --resume" in capsys.readouterr().out
+        assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        # one real console-script start (the init), every other command forked from the server
+        cmds = [c[len(launcher.prefix)] for c in launcher.real + launcher.forked]
+        assert cmds[0] == "init" and sorted(cmds[1:]) == [
+            "eval",
+            "eval",
+            "inspect",
+            "plot",
+            "plot",
+            "plot",
+            "train",
+            "train",
+        ]
 
 
 def _stats():

@@ -7,7 +7,8 @@ verl itself is never imported here: scripts/verl_cache.sh installs each release'
 requirements are GPU-scale) into .cache/verl/VERSION and the few packages its configuration and reward code
 import into .cache/verl/deps, run by this test when they are missing (so the suite's set-up does not wait for them);
 tests/rl/verl_probe.py runs in a subprocess with them first on PYTHONPATH (hydra-core needs antlr4 4.9, while
-math-verify in the test venv needs 4.13).
+math-verify in the test venv needs 4.13), one process for every release (each release's package on its path in
+turn).
 """
 
 from __future__ import annotations
@@ -75,13 +76,14 @@ def _fill_cache() -> str:
     return p.stderr.strip()[-500:]
 
 
-def _probe(version: str, job: dict) -> dict:
-    paths = [str(p) for p in _runtime(version)] + [str(ROOT)]
+def _probe(releases: list[dict]) -> list[dict]:
+    """verl_probe.py on RELEASES (each with its package's directory), in one process: see its docstring."""
+    paths = [str(CACHE / "deps"), str(ROOT)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]))
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     p = subprocess.run(
         [sys.executable, str(PROBE)],
-        input=json.dumps({"version": version, **job}),
+        input=json.dumps({"releases": releases}),
         env=env,
         capture_output=True,
         text=True,
@@ -124,40 +126,56 @@ def _at(config: dict, dotted: str):
     return node
 
 
-@pytest.fixture(scope="module", params=SUPPORTED_VERL)
-def composed(request, model_dir, adapter_dir, tmp_path_factory):
-    """For one release: each RUNS hand-off (its overrides, overrides.json, the composed config or error), the
-    REFUSED errors, and verl's DAPO reward manager run on the "dapo" and "grpo" hand-offs."""
-    version = request.param
-    _runtime(version)
-    runs = {
-        name: _hand_off(version, model_dir, adapter_dir, tmp_path_factory.mktemp(name), extra)
-        for name, extra in RUNS.items()
-    }
+@pytest.fixture(scope="module")
+def probed(model_dir, adapter_dir, tmp_path_factory):
+    """Every release's RUNS hand-offs, composed and scored by one verl_probe.py process for all releases (most of
+    a probe is importing torch, tensordict and ray, which the releases share): version -> what `composed` gives,
+    or the reason its release is missing."""
     # (response, ground truth, valid response length): the DAPO vectors well inside the length limit, then
     # "Answer: 5" (right) and "Answer: 4" (wrong) at lengths reaching into the overlong buffer
     vectors = [[r, gt, 10] for r, gt, _ in RLVR_VECTORS]
     lengths = [192, 224, 256]
     vectors += [["Answer: 5", "5", n] for n in lengths] + [["Answer: 4", "5", n] for n in lengths]
-    result = _probe(
-        version,
-        {
+    out, jobs = {}, {}
+    for version in SUPPORTED_VERL:
+        try:
+            _runtime(version)
+        except pytest.skip.Exception as e:
+            out[version] = str(e)
+            continue
+        runs = {
+            name: _hand_off(version, model_dir, adapter_dir, tmp_path_factory.mktemp(name), extra)
+            for name, extra in RUNS.items()
+        }
+        out[version] = {"runs": runs, "vectors": vectors}
+        jobs[version] = {
+            "version": version,
+            "path": str(CACHE / version),
             "compose": [argv for argv, _ in runs.values()] + [[key] for key in REFUSED] + [documented_overrides()],
             "rewards": [
                 {"overrides": runs[name][0], "cases": vectors, "response_length": 256} for name in ("dapo", "grpo")
             ],
-        },
-    )
-    assert result["version"] == version
-    composed_runs = dict(zip(runs, result["composed"][: len(runs)]))
-    return {
-        "runs": runs,
-        "configs": composed_runs,
-        "refused": result["composed"][len(runs) : -1],
-        "documented": result["composed"][-1],
-        "rewards": dict(zip(("dapo", "grpo"), result["rewards"])),
-        "vectors": vectors,
-    }
+        }
+    for version, result in zip(jobs, _probe(list(jobs.values())) if jobs else []):
+        assert result["version"] == version
+        runs = out[version]["runs"]
+        out[version].update(
+            configs=dict(zip(runs, result["composed"][: len(runs)])),
+            refused=result["composed"][len(runs) : -1],
+            documented=result["composed"][-1],
+            rewards=dict(zip(("dapo", "grpo"), result["rewards"])),
+        )
+    return out
+
+
+@pytest.fixture(scope="module", params=SUPPORTED_VERL)
+def composed(request, probed):
+    """For one release: each RUNS hand-off (its overrides, overrides.json, the composed config or error), the
+    REFUSED errors, and verl's DAPO reward manager run on the "dapo" and "grpo" hand-offs."""
+    found = probed[request.param]
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))

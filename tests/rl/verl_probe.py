@@ -1,13 +1,20 @@
-"""Run in a subprocess by tests/rl/test_verl_real.py, with one real verl release (and hydra-core, omegaconf,
-antlr4 4.9) first on PYTHONPATH: compose Hydra override lists strictly against that release's shipped
-configuration, and score responses with verl's own DAPO reward manager built from a composed config.
+"""Run in a subprocess by tests/rl/test_verl_real.py, with hydra-core, omegaconf, antlr4 4.9 (and verl's other
+dependencies) first on PYTHONPATH: for each real verl release given, compose Hydra override lists strictly against
+that release's shipped configuration, and score responses with verl's own DAPO reward manager built from a
+composed config.
 
-stdin: {"version": "0.9.1",
-        "compose": [[override, ...], ...],                        # each composed with ppo_trainer.yaml
-        "rewards": [{"overrides": [...], "cases": [[response, ground_truth, valid_len], ...], "response_length": R}]}
-stdout (last line): {"version": ..., "composed": [{"config": {...}} | {"error": "..."}, ...],
-                     "rewards": [{"manager": "module.Class", "overlong_buffer_cfg": {...}, "max_resp_len": ...,
-                                  "scores": [{"reward": float, "extra": {...}}, ...]}, ...]}
+stdin: {"releases": [{"version": "0.9.1", "path": ".cache/verl/0.9.1",     # the directory holding its package
+                      "compose": [[override, ...], ...],                   # each composed with ppo_trainer.yaml
+                      "rewards": [{"overrides": [...], "cases": [[response, ground_truth, valid_len], ...],
+                                   "response_length": R}]}, ...]}
+stdout (last line): [{"version": ..., "composed": [{"config": {...}} | {"error": "..."}, ...],
+                      "rewards": [{"manager": "module.Class", "overlong_buffer_cfg": {...}, "max_resp_len": ...,
+                                   "scores": [{"reward": float, "extra": {...}}, ...]}, ...]}, ...]
+
+One process for all releases: importing verl is mostly importing torch, tensordict and ray (seconds), which the
+releases share. Each release's package is on the path only while its own work runs: every composition first
+(Hydra reads the release's YAML; verl is not imported), then per release, with the previous release's verl
+modules dropped, its reward manager, imported from its own package, on the configs composed from its files.
 
 Kept out of the pytest process: hydra-core needs antlr4 4.9, math-verify in the test venv needs 4.13.
 """
@@ -15,6 +22,8 @@ Kept out of the pytest process: hydra-core needs antlr4 4.9, math-verify in the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import importlib.util
 import json
 import sys
@@ -44,11 +53,13 @@ def compose(config_dir: Path, overrides: list[str]):
         return hydra_compose(config_name="ppo_trainer", overrides=overrides)
 
 
-def compose_result(config_dir: Path, overrides: list[str]) -> dict:
+def compose_result(config_dir: Path, overrides: list[str], kept: dict) -> dict:
+    """The composed config as plain data, or the error; a config that composes is also kept (by its overrides)
+    for the reward managers."""
     from omegaconf import OmegaConf
 
     try:
-        cfg = compose(config_dir, overrides)
+        cfg = kept[tuple(overrides)] = compose(config_dir, overrides)
     except Exception as e:  # hydra's ConfigCompositionException; the cause names the key
         cause = f" | {e.__cause__}" if e.__cause__ is not None else ""
         return {"error": f"{type(e).__name__}: {e}{cause}"}
@@ -67,13 +78,12 @@ class TextTokenizer:
         return self.texts[int(ids[0])]
 
 
-def score(config_dir: Path, spec: dict) -> dict:
+def score(cfg, spec: dict) -> dict:
     import numpy as np
     import torch
     from verl import DataProto
     from verl.trainer.ppo.reward import load_reward_manager
 
-    cfg = compose(config_dir, spec["overrides"])
     cases = spec["cases"]
     R, P = spec["response_length"], 4
 
@@ -120,12 +130,36 @@ def _plain(v):
     return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
 
 
+@contextlib.contextmanager
+def release(path: str, version: str):
+    """RELEASE's package first on sys.path (no other verl imported), yielding its config directory."""
+    for name in [m for m in sys.modules if m == "verl" or m.startswith("verl.")]:
+        del sys.modules[name]  # the previous release's modules: `import verl` below reads this one's files
+    sys.path.insert(0, path)
+    importlib.invalidate_caches()
+    try:
+        yield verl_root(version) / "trainer" / "config"
+    finally:
+        sys.path.remove(path)
+
+
 def main() -> None:
-    job = json.loads(sys.stdin.read())
-    config_dir = verl_root(job["version"]) / "trainer" / "config"
-    result = {"version": job["version"], "composed": [compose_result(config_dir, o) for o in job.get("compose", [])]}
-    result["rewards"] = [score(config_dir, spec) for spec in job.get("rewards", [])]
-    print(json.dumps(result))
+    releases = json.loads(sys.stdin.read())["releases"]
+    results, configs = [], []
+    for rel in releases:  # every composition before any verl import
+        with release(rel["path"], rel["version"]) as config_dir:
+            kept = {}
+            composed = [compose_result(config_dir, o, kept) for o in rel["compose"]]
+            results.append({"version": rel["version"], "composed": composed})
+            rewards = rel.get("rewards", [])
+            configs.append([kept.get(tuple(r["overrides"])) or compose(config_dir, r["overrides"]) for r in rewards])
+    for rel, result, cfgs in zip(releases, results, configs):
+        with release(rel["path"], rel["version"]):
+            result["rewards"] = [score(cfg, spec) for cfg, spec in zip(cfgs, rel.get("rewards", []))]
+            import verl  # the manager above came from this release's files
+
+            assert Path(verl.__file__).resolve().is_relative_to(Path(rel["path"]).resolve()), verl.__file__
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
