@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from loraforge import InitConfig, init_adapter
@@ -47,29 +48,57 @@ LAZY_IMPORTS = (
 )
 
 
-def serve() -> None:
-    """The fork server's loop, in its own process (Forks starts it). Per request line (JSON: argv, log): fork a
-    child that runs the command with stdout and stderr to LOG, print its pid; on the next line ("wait") reap
-    it and print its exit status (negative: killed by that signal)."""
-    import gc
+def preload(extra=()):
+    """Import everything a command may import, once, in a fork server (here and in
+    tests/rl/test_replication_study.py): loraforge's modules, what they import inside functions (peft alone, with
+    the transformers modules it pulls in, is most of a command's start-up) and EXTRA. Optional extras that are not
+    installed (vllm, ...) fail to import; a child that needs one then fails as the real command would. Returns
+    the command line's `main`."""
     import importlib
     import pkgutil
 
     import loraforge
 
-    # Everything a command may import, once here instead of in every child: loraforge's modules, and what
-    # they import inside functions (peft alone, with the transformers modules it pulls in, is most of a
-    # command's start-up). Optional extras that are not installed (vllm, ...) fail to import; a child that
-    # needs one then fails as the real command would.
     names = [m.name for m in pkgutil.walk_packages(loraforge.__path__, "loraforge.")]
     names = [n for n in names if not n.endswith("__main__")]  # that one runs the command line
-    for name in [*names, *LAZY_IMPORTS, *sys.argv[1:]]:
+    for name in [*names, *LAZY_IMPORTS, *extra]:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001
             pass
     from loraforge.cli import main
 
+    return main
+
+
+def run_command(main, argv: list[str]) -> int:
+    """Run `loraforge ARGV` in this forked child as loraforge/__main__.py would, then what interpreter shutdown
+    would run (the child leaves by os._exit, which skips it); its exit status."""
+    import atexit
+
+    code = 1
+    try:
+        sys.argv = ["loraforge", *argv]
+        main(argv, prog_name="loraforge")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    finally:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+def serve() -> None:
+    """The fork server's loop, in its own process (Forks starts it). Per request line (JSON: argv, log): fork a
+    child that runs the command with stdout and stderr to LOG, print its pid; on the next line ("wait") reap
+    it and print its exit status (negative: killed by that signal)."""
+    import gc
+
+    main = preload(sys.argv[1:])
     gc.freeze()  # the children's collector leaves the imported objects alone (their pages stay shared)
 
     while line := sys.stdin.readline():
@@ -86,29 +115,17 @@ def serve() -> None:
 
 
 def _child(main, request) -> None:
-    import atexit
-    import traceback
-
     code = 1
     try:
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the server's request pipe
-        sys.argv = ["loraforge", *request["argv"]]
-        main(request["argv"], prog_name="loraforge")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001
+        code = run_command(main, request["argv"])
+    except BaseException:  # noqa: BLE001 (setting up the child failed: say why, exit 1)
         traceback.print_exc()
     finally:
-        try:
-            atexit._run_exitfuncs()  # what interpreter shutdown would run (os._exit skips it)
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        os._exit(code)
 
 
 def env(*paths: Path) -> dict[str, str]:

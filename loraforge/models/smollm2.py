@@ -159,9 +159,8 @@ def _plain_model(quantised, dtype: torch.dtype, meta: bool):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(state_dict, strict=False, assign=True)
         model.tie_weights()
-        if any(p.is_meta for p in model.parameters()) or any(
-            b.is_meta for n, b in model.named_buffers() if n in model.state_dict()
-        ):
+        saved = model.state_dict().keys()
+        if any(p.is_meta for p in model.parameters()) or any(b.is_meta for n, b in model.named_buffers() if n in saved):
             model = None  # something the checkpoint does not hold: the reference's random init fills it
         else:
             # buffers that are not saved (the rotary frequencies) are computed at init: take the loaded model's

@@ -94,22 +94,11 @@ sys.exit(int(code) if code else 1)
 def _serve(path: str) -> None:
     """The server's loop (its own process): per connection, the client's three descriptors and its request
     (argv, env, cwd) until EOF; fork a child that runs the command and sends back its exit status."""
-    import importlib
-    import pkgutil
     import signal
 
     import test_kill
 
-    import loraforge
-
-    names = [m.name for m in pkgutil.walk_packages(loraforge.__path__, "loraforge.") if not m.name.endswith("__main__")]
-    for name in [*names, *test_kill.LAZY_IMPORTS]:  # what the commands import, once here
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 (an optional extra that is not installed: the child fails as it would)
-            pass
-    from loraforge.cli import main
-
+    main = test_kill.preload()  # what the commands import, once here
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the children are reaped by the kernel
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
@@ -130,8 +119,9 @@ def _serve(path: str) -> None:
 
 
 def _child(main, request: dict, fds: list[int], conn) -> None:
-    import atexit
     import traceback
+
+    import test_kill
 
     code = 1
     try:
@@ -141,18 +131,11 @@ def _child(main, request: dict, fds: list[int], conn) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = ["loraforge", *request["argv"]]
-        main(request["argv"], prog_name="loraforge")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001
+        code = test_kill.run_command(main, request["argv"])
+    except BaseException:  # noqa: BLE001 (setting up the child failed: say why, exit 1)
         traceback.print_exc()
     finally:
         try:
-            atexit._run_exitfuncs()  # what interpreter shutdown would run (os._exit skips it)
-            sys.stdout.flush()
-            sys.stderr.flush()
             conn.sendall(str(code).encode())
         finally:
             os._exit(code)
