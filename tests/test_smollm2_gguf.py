@@ -24,6 +24,7 @@ def both(tmp_path_factory):
     """(the plain transformers path's directory, the fast path's), each written once from nothing."""
     root = tmp_path_factory.mktemp("smollm2_gguf")
     reference = smollm2._materialize_via_transformers(root / "reference" / "SmolLM2-135M-Instruct")
+    (root / "fast" / "SmolLM2-135M-Instruct").mkdir(parents=True)  # an empty DEST is taken (and replaced)
     fast = smollm2.materialize_smollm2(root / "fast" / "SmolLM2-135M-Instruct")
     return reference, fast
 

