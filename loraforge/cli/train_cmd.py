@@ -53,8 +53,14 @@ EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 14
     help="With --backend verl: trainer.n_gpus_per_node [default: the visible GPUs, at least 1].",
 )
 @click.option("--verl-nodes", type=int, default=1, show_default=True, help="With --backend verl: trainer.nnodes.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="With --backend verl: replace a RUN_DIR/verl/ job prepared with other settings "
+    "(never one holding verl's checkpoints).",
+)
 @config_options
-def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_nodes, **flags):
+def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_nodes, overwrite, **flags):
     """Train a LoRA adapter with DAPO or GRPO on prompts with verifiable answers.
 
     loraforge train --algo dapo --model BASE --adapter ADAPTER --data DATA -o RUN_DIR
@@ -67,11 +73,13 @@ def train(config_file, resume_dir, backend, run_verl, verl_gpus_per_node, verl_n
         if backend == "verl":
             from loraforge.cli.train_options import run_verl_backend
 
-            run_verl_backend(flags, config_file, resume_dir, run_verl, verl_gpus_per_node, verl_nodes, click.echo)
+            run_verl_backend(
+                flags, config_file, resume_dir, run_verl, verl_gpus_per_node, verl_nodes, click.echo, overwrite
+            )
             return
-        if run_verl or verl_gpus_per_node is not None or verl_nodes != 1 or flags.get("verl_version"):
+        if run_verl or overwrite or verl_gpus_per_node is not None or verl_nodes != 1 or flags.get("verl_version"):
             raise click.UsageError(
-                "--run, --verl-gpus-per-node, --verl-nodes and --verl-version go with --backend verl"
+                "--run, --overwrite, --verl-gpus-per-node, --verl-nodes and --verl-version go with --backend verl"
             )
         try:
             result = run_train(flags, config_file, resume_dir)

@@ -94,6 +94,7 @@ def run_verl_backend(
     gpus_per_node: int | None,
     nodes: int,
     echo,
+    overwrite: bool = False,
 ) -> None:
     """`loraforge train --backend verl`: write RUN_DIR/verl/ (and with --run, launch it)."""
     from loraforge.rl import verl_launch
@@ -101,13 +102,19 @@ def run_verl_backend(
     if resume_dir:
         raise LoraforgeError(
             "--backend verl starts a verl job; verl resumes its own runs (trainer.resume_mode=auto): "
-            "run RUN_DIR/verl/run_verl.sh again"
+            "run RUN_DIR/verl/run_verl.sh again (or this command again, with the same settings and --run)"
         )
-    prepared = verl_launch.prepare(build_config(flags, config_file), gpus_per_node, nodes)
-    echo(
-        f"wrote {prepared.script} for verl {prepared.verl_version} "
-        f"(and overrides.json, train.parquet, val.parquet, reward.py in {prepared.directory})"
-    )
+    prepared = verl_launch.prepare(build_config(flags, config_file), gpus_per_node, nodes, overwrite)
+    if prepared.unchanged:
+        echo(
+            f"{prepared.directory} already holds this job for verl {prepared.verl_version}, file for file: "
+            "left it as it is (with any checkpoints verl saved there)"
+        )
+    else:
+        echo(
+            f"wrote {prepared.script} for verl {prepared.verl_version} "
+            f"(and overrides.json, train.parquet, val.parquet, reward.py in {prepared.directory})"
+        )
     for note in prepared.notes:
         echo(f"note: {note}")
     echo("command:\n" + verl_launch.format_command(prepared.argv))

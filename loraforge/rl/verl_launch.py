@@ -5,6 +5,13 @@
         overrides.json   the same overrides as data {dotted key: value}
         train.parquet    the training prompts in verl's row format (val.parquet: --eval-data or a copy)
         reward.py        compute_score() calling loraforge's scorer (--reward), for reward.custom_reward_function
+        checkpoints/     written by verl itself when the job runs (trainer.default_local_dir)
+
+The five files are written together into a staging directory beside RUN_DIR/verl and claimed in one rename
+(loraforge.core.atomic), so a failure or a kill leaves the previous job or none, never a mix. An existing
+RUN_DIR/verl holding the very same job is left as it is (its checkpoints too: running the script again continues
+it); one holding another job is replaced only with --overwrite, and never while it holds anything besides those
+five files (verl's checkpoints belong to the job that made them).
 
 Supported verl: the releases in SUPPORTED_VERL (0.9.0 and 0.9.1, the newest two on PyPI). Both run DAPO from the
 pip package itself: `verl.trainer.main_ppo` composes `verl/trainer/config/ppo_trainer.yaml`, which has
@@ -42,15 +49,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from loraforge.adapters.directory import BaseModel, resolve_base
+from loraforge.adapters.writers import clean_stale
+from loraforge.core import atomic
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.config import TrainConfig
 
@@ -474,6 +486,7 @@ class VerlLaunch:
     overrides: dict[str, Any]
     verl_version: str
     notes: list[str] = field(default_factory=list)
+    unchanged: bool = False  # RUN_DIR/verl already held this very job: nothing was written
 
 
 def default_gpus() -> int:
@@ -502,8 +515,8 @@ def check_handed_on(cfg: TrainConfig) -> None:
         )
 
 
-def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) -> VerlLaunch:
-    """Check the run, write RUN_DIR/verl/ and return what it holds. `cfg` may be unresolved."""
+def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1, overwrite: bool = False) -> VerlLaunch:
+    """Check the run, write RUN_DIR/verl/ (see put_job) and return what it holds. `cfg` may be unresolved."""
     from loraforge.rl.data import load_examples
 
     cfg = cfg.resolved()
@@ -521,23 +534,21 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
     lora = read_lora_settings(cfg.adapter)
     check_adapter_fits_base(cfg.adapter, base)
     skipped: list[str] = []  # rows past data.MAX_ROW_CHARS: said in the notes
+    # every input is read before anything is written
     examples = load_examples(cfg.data, cfg.data_split, skipped.append)
-    out = Path(cfg.output_dir) / "verl"
-    out.mkdir(parents=True, exist_ok=True)
-    files = VerlFiles(
-        train=(out / "train.parquet").resolve(),
-        val=(out / "val.parquet").resolve(),
-        reward=(out / "reward.py").resolve(),
-        checkpoints=(out / "checkpoints").resolve(),
-    )
-    write_parquet(examples, files.train, cfg.prompt_template)
     val = (
         load_examples(cfg.eval_data, "test", skipped.append)[: cfg.eval_max_prompts]
         if cfg.eval_data
         else examples[: cfg.eval_max_prompts]
     )
-    write_parquet(val, files.val, cfg.prompt_template)
-    files.reward.write_text(REWARD_TEMPLATE.format(reward=cfg.reward))
+    shown = Path(cfg.output_dir) / "verl"  # as the user named it, for messages
+    out = Path(cfg.output_dir).resolve() / "verl"
+    files = VerlFiles(
+        train=out / "train.parquet",
+        val=out / "val.parquet",
+        reward=out / "reward.py",
+        checkpoints=out / "checkpoints",
+    )
     overrides = verl_overrides(cfg, base, lora, files, gpus_per_node, nodes, len(examples))
 
     notes = list(version_notes) + [line.removeprefix("warning: ") for line in skipped]
@@ -566,11 +577,139 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1) 
         "verl seeds its own data order and sampling"
     )
     argv = command_line(overrides)
-    script = out / "run_verl.sh"
-    script.write_text(render_script(argv, notes, version))
-    script.chmod(0o755)
-    (out / "overrides.json").write_text(json.dumps(overrides, indent=2) + "\n")
-    return VerlLaunch(directory=out, script=script, argv=argv, overrides=overrides, verl_version=version, notes=notes)
+
+    def write(d: Path) -> None:
+        write_parquet(examples, d / files.train.name, cfg.prompt_template)
+        write_parquet(val, d / files.val.name, cfg.prompt_template)
+        (d / files.reward.name).write_text(REWARD_TEMPLATE.format(reward=cfg.reward))
+        (d / SCRIPT).write_text(render_script(argv, notes, version))
+        (d / "overrides.json").write_text(json.dumps(overrides, indent=2) + "\n")
+
+    changed = put_job(out, write, overwrite)
+    return VerlLaunch(
+        directory=shown,
+        script=shown / SCRIPT,
+        argv=argv,
+        overrides=overrides,
+        verl_version=version,
+        notes=notes,
+        unchanged=not changed,
+    )
+
+
+SCRIPT = "run_verl.sh"
+# what prepare writes into RUN_DIR/verl; anything else there (verl's checkpoints/) is not loraforge's to replace
+JOB_FILES = ("train.parquet", "val.parquet", "reward.py", SCRIPT, "overrides.json")
+
+
+def _job_differences(new: Path, old: Path) -> tuple[list[str], list[str]]:
+    """(the job files of OLD that are missing or differ from NEW's, the other entries of OLD). An empty
+    checkpoints/ (a verl run that saved nothing) is not counted as another entry."""
+
+    def same(name: str) -> bool:
+        path = old / name
+        return path.is_file() and not path.is_symlink() and path.read_bytes() == (new / name).read_bytes()
+
+    differ = [name for name in JOB_FILES if not same(name)]
+    others = sorted(
+        p.name + ("/" if p.is_dir() and not p.is_symlink() else "")
+        for p in old.iterdir()
+        if p.name not in JOB_FILES
+        and not (p.name == "checkpoints" and p.is_dir() and not p.is_symlink() and not any(p.iterdir()))
+    )
+    return differ, others
+
+
+def _made_dirs(path: Path) -> list[Path]:
+    """mkdir -p PATH; return the directories it created, deepest first (removed again if nothing is written)."""
+    missing = [p for p in [path, *path.parents] if not os.path.lexists(p)]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in [path, *path.parents] if os.path.lexists(p) and not p.is_dir())
+        raise LoraforgeError(f"-o {path}: {blocker} is a file, not a directory; choose another -o.") from None
+    return missing
+
+
+def put_job(out: Path, write: Callable[[Path], None], overwrite: bool) -> bool:
+    """Write the job with WRITE(directory) into a staging directory beside OUT and claim it as OUT; return whether
+    OUT changed. OUT holding the same job is kept as it is; another job is replaced only with OVERWRITE, and never
+    when OUT holds anything besides JOB_FILES. A refusal or a failure leaves OUT (and what is beside it) as it was."""
+    run_dir = out.parent
+    created = _made_dirs(run_dir)
+    ours = (str(run_dir / f".{out.name}."), str(out) + os.sep)  # staging and lock names: the error names OUT
+    try:
+        with atomic.DirLock(out):
+            clean_stale(out)
+            if out.is_symlink():
+                raise LoraforgeError(
+                    f"{out} is a symlink (to {os.readlink(out)}); loraforge writes RUN_DIR/verl itself and would "
+                    "replace the link, or write through it into a directory -o does not name. Nothing was changed: "
+                    "remove the link, or choose another -o."
+                )
+            if os.path.lexists(out) and not out.is_dir():
+                raise LoraforgeError(
+                    f"{out} exists and is not a directory; expected RUN_DIR/verl to be absent or a verl job "
+                    "directory. Nothing was changed: choose another -o."
+                )
+            was = atomic.Snapshot.of(out, hold=True)
+            tmp = None
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=run_dir))
+                atomic.write_owner(tmp)
+                write(tmp)
+                (tmp / atomic.OWNER_FILE).unlink()
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the files have the umask's modes
+                os.chmod(tmp / SCRIPT, 0o755)
+                if was.ident is not None:
+                    differ, others = _job_differences(tmp, out)
+                    if not differ:
+                        return False
+                    if (
+                        others
+                        and len(differ) == len(JOB_FILES)
+                        and not any(os.path.lexists(out / name) for name in JOB_FILES)
+                    ):
+                        raise LoraforgeError(
+                            f"{out} holds {', '.join(others)} and no verl job written by loraforge. Nothing was "
+                            "changed: choose another -o, or move those away yourself."
+                        )
+                    if others:
+                        raise LoraforgeError(
+                            f"{out} holds a verl job prepared with other settings ({', '.join(differ)} differ) and "
+                            f"also {', '.join(others)}, which --overwrite never deletes (verl's checkpoints belong "
+                            f"to that job). Nothing was changed: continue that job with bash {out / SCRIPT}, or "
+                            "choose another -o for this one."
+                        )
+                    if not overwrite and any(os.path.lexists(out / name) for name in JOB_FILES):
+                        raise LoraforgeError(
+                            f"{out} holds a verl job prepared with other settings ({', '.join(differ)} differ). "
+                            "Nothing was changed: pass --overwrite to replace it with this one, or choose another -o."
+                        )
+                atomic.claim(tmp, out, was)
+                return True
+            finally:
+                was.close()
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        _remove_empty(created)
+        if e.filename is None or str(e.filename).startswith(ours):
+            raise OSError(e.errno, e.strerror, str(out)) from None
+        raise
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def launch(prepared: VerlLaunch, echo: Callable[[str], None] = print) -> int:

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -526,3 +527,160 @@ def test_adapters_with_target_parameters_are_not_handed_on(tmp_path):
     )
     with pytest.raises(LoraforgeError, match="target_parameters .*experts.gate_up_proj.*bundled loop"):
         read_lora_settings(tmp_path)
+
+
+# --- an -o that already holds things ----------------------------------------------------------------------------
+def _digest(root):
+    """{relative path: bytes} of every file under ROOT, and its symlinks as 'link -> target'."""
+    found = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            found[rel] = ("link -> " + os.readlink(path)) if os.path.islink(path) else open(path, "rb").read()
+    return found
+
+
+def _error_line(r):
+    lines = [x for x in r.output.strip().splitlines() if x.startswith("Error: ")]
+    assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+def test_a_job_with_verl_checkpoints_is_never_rewritten(model_dir, adapter_dir, tmp_path):
+    """-o RUN where verl already ran RUN/verl/run_verl.sh and saved checkpoints: the checkpoints belong to that job
+    (verl resumes from them with trainer.resume_mode=auto), so another job is refused, even with --overwrite; the same
+    job again is left as it is (so `--run` continues it)."""
+    run = tmp_path / "run"
+    assert _invoke(model_dir, adapter_dir, run, *ONE_GPU).exit_code == 0
+    step = run / "verl" / "checkpoints" / "global_step_50" / "actor"
+    step.mkdir(parents=True)
+    (step / "model.pt").write_bytes(b"verl's weights")
+    (run / "verl" / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("50")
+    before = _digest(run)
+    for extra in ((), ("--overwrite",)):
+        r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, "--lr", "3e-5", "--data", "synthetic:n=20,max=2", *extra)
+        line = _error_line(r)
+        assert "holds a verl job prepared with other settings" in line and "checkpoints" in line, line
+        assert "run_verl.sh" in line and "choose another -o" in line, line
+        assert _digest(run) == before
+    # the very same job: nothing is written, the checkpoints stay
+    r = _invoke(model_dir, adapter_dir, run, *ONE_GPU)
+    assert r.exit_code == 0 and "already holds this job" in r.output, r.output
+    assert _digest(run) == before
+
+
+def test_another_job_replaces_a_prepared_one_only_with_overwrite(model_dir, adapter_dir, tmp_path):
+    run = tmp_path / "run"
+    assert _invoke(model_dir, adapter_dir, run, *ONE_GPU).exit_code == 0
+    before = _digest(run)
+    r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, "--lr", "3e-5")
+    line = _error_line(r)
+    assert "holds a verl job prepared with other settings" in line and "--overwrite" in line, line
+    assert "run_verl.sh" in line and "overrides.json" in line and "train.parquet" not in line, line
+    assert _digest(run) == before
+    r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, "--lr", "3e-5", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert read_command(run / "verl" / "run_verl.sh")["actor_rollout_ref.actor.optim.lr"] == "3e-05"
+    assert os.access(run / "verl" / "run_verl.sh", os.X_OK)
+    assert sorted(os.listdir(run)) == ["verl"]  # no staging directory or lock left beside it
+    # --overwrite goes with --backend verl only
+    r = CliRunner().invoke(main, ["train", "--overwrite", "--adapter", "x"])
+    assert r.exit_code == 2 and "go with --backend verl" in r.output
+
+
+def test_a_failed_prepare_changes_nothing(model_dir, adapter_dir, tmp_path, monkeypatch):
+    """An error after the first file is written (here: --eval-data that cannot be read, then a full disk while
+    writing val.parquet) left a mixed job: the new train.parquet under the old run_verl.sh."""
+    run = tmp_path / "run"
+    assert _invoke(model_dir, adapter_dir, run, *ONE_GPU).exit_code == 0
+    before = _digest(run)
+    missing = tmp_path / "missing.jsonl"
+    new_data = ("--overwrite", "--data", "synthetic:n=20")
+    r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, *new_data, "--eval-data", missing)
+    assert str(missing) in _error_line(r)
+    assert _digest(run) == before
+    r = _invoke(model_dir, adapter_dir, tmp_path / "new", *ONE_GPU, "--eval-data", missing)
+    assert str(missing) in _error_line(r)
+    assert not (tmp_path / "new").exists()
+
+    import errno
+
+    from loraforge.rl import verl_launch
+
+    real, calls = verl_launch.write_parquet, []
+
+    def full_disk_at_the_second(examples, path, template):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(examples, path, template)
+
+    monkeypatch.setattr(verl_launch, "write_parquet", full_disk_at_the_second)
+    r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, "--overwrite", "--data", "synthetic:n=20")
+    line = _error_line(r)
+    assert "ENOSPC" in line and str((run / "verl").resolve()) in line and ".partial" not in line, line
+    assert _digest(run) == before
+
+
+def test_a_verl_directory_that_is_a_symlink_is_refused(model_dir, adapter_dir, tmp_path):
+    """RUN/verl a symlink to the directory --data is in: the path guard checks RUN, and the data file was read, then
+    written over through the link."""
+    elsewhere = tmp_path / "other" / "verl"
+    assert _invoke(model_dir, adapter_dir, tmp_path / "other", *ONE_GPU).exit_code == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "verl").symlink_to(elsewhere)
+    before = _digest(tmp_path / "other")
+    r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, "--data", elsewhere / "train.parquet", "--overwrite")
+    line = _error_line(r)
+    assert "is a symlink" in line and str(elsewhere) in line, line
+    assert _digest(tmp_path / "other") == before and _digest(run) == {"verl": f"link -> {elsewhere}"}
+
+
+def test_an_output_that_cannot_be_a_directory_is_one_line(model_dir, adapter_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out in (afile, afile / "sub"):
+        line = _error_line(_invoke(model_dir, adapter_dir, out, *ONE_GPU))
+        assert str(afile.name) in line and "file" in line, line
+        assert afile.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
+    # RUN/verl a file: refused, kept
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "verl").write_text("mine")
+    line = _error_line(_invoke(model_dir, adapter_dir, tmp_path / "run", *ONE_GPU, "--overwrite"))
+    assert "not a directory" in line, line
+    assert (tmp_path / "run" / "verl").read_text() == "mine" and os.listdir(tmp_path / "run") == ["verl"]
+
+
+KILLED_PREPARE = """
+import os, signal, sys
+from click.testing import CliRunner
+from loraforge.cli import main
+from loraforge.rl import verl_launch
+real, calls = verl_launch.write_parquet, []
+def killed_at_the_second(examples, path, template):
+    calls.append(path)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(examples, path, template)
+verl_launch.write_parquet = killed_at_the_second
+CliRunner().invoke(main, sys.argv[1:], catch_exceptions=False)
+"""
+
+
+def test_kill_9_while_writing_leaves_the_old_job(model_dir, adapter_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--backend", "verl", "--model", str(model_dir), "--adapter", str(adapter_dir), "-o", str(run)]
+    args += ["--verl-version", SUPPORTED_VERL[-1], *ONE_GPU]
+    assert CliRunner().invoke(main, [*args, "--data", "synthetic:n=40,max=2"]).exit_code == 0
+    before = _digest(run / "verl")
+    new = [*args, "--data", "synthetic:n=20,max=2", "--overwrite"]
+    p = subprocess.run([sys.executable, "-c", KILLED_PREPARE, *new], capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr
+    assert _digest(run / "verl") == before  # train.parquet was new before the kill; it is in the staging directory
+    assert [n for n in os.listdir(run) if n.startswith(".verl.partial-")]
+    # the next run removes what the killed one left, and writes the new job
+    r = CliRunner().invoke(main, new)
+    assert r.exit_code == 0 and "left by an interrupted run" in r.output, r.output
+    assert sorted(os.listdir(run)) == ["verl"] and len(pq.read_table(run / "verl" / "train.parquet")) == 20
