@@ -620,6 +620,33 @@ def _job_differences(new: Path, old: Path) -> tuple[list[str], list[str]]:
     return differ, others
 
 
+def _replaceable(new: Path, out: Path, overwrite: bool) -> bool:
+    """Whether the existing OUT may be replaced by the job staged in NEW: False when OUT already holds that very
+    job (nothing to write); raises when OUT holds anything --overwrite does not cover."""
+    differ, others = _job_differences(new, out)
+    if not differ:
+        return False
+    prepared = any(os.path.lexists(out / name) for name in JOB_FILES)
+    if others and not prepared:
+        raise LoraforgeError(
+            f"{out} holds {', '.join(others)} and no verl job written by loraforge. Nothing was "
+            "changed: choose another -o, or move those away yourself."
+        )
+    if others:
+        raise LoraforgeError(
+            f"{out} holds a verl job prepared with other settings ({', '.join(differ)} differ) and "
+            f"also {', '.join(others)}, which --overwrite never deletes (verl's checkpoints belong "
+            f"to that job). Nothing was changed: continue that job with bash {out / SCRIPT}, or "
+            "choose another -o for this one."
+        )
+    if prepared and not overwrite:
+        raise LoraforgeError(
+            f"{out} holds a verl job prepared with other settings ({', '.join(differ)} differ). "
+            "Nothing was changed: pass --overwrite to replace it with this one, or choose another -o."
+        )
+    return True
+
+
 def _made_dirs(path: Path) -> list[Path]:
     """mkdir -p PATH; return the directories it created, deepest first (removed again if nothing is written)."""
     missing = [p for p in [path, *path.parents] if not os.path.lexists(p)]
@@ -663,31 +690,8 @@ def put_job(out: Path, write: Callable[[Path], None], overwrite: bool) -> bool:
                 os.umask(umask)
                 os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the files have the umask's modes
                 os.chmod(tmp / SCRIPT, 0o755)
-                if was.ident is not None:
-                    differ, others = _job_differences(tmp, out)
-                    if not differ:
-                        return False
-                    if (
-                        others
-                        and len(differ) == len(JOB_FILES)
-                        and not any(os.path.lexists(out / name) for name in JOB_FILES)
-                    ):
-                        raise LoraforgeError(
-                            f"{out} holds {', '.join(others)} and no verl job written by loraforge. Nothing was "
-                            "changed: choose another -o, or move those away yourself."
-                        )
-                    if others:
-                        raise LoraforgeError(
-                            f"{out} holds a verl job prepared with other settings ({', '.join(differ)} differ) and "
-                            f"also {', '.join(others)}, which --overwrite never deletes (verl's checkpoints belong "
-                            f"to that job). Nothing was changed: continue that job with bash {out / SCRIPT}, or "
-                            "choose another -o for this one."
-                        )
-                    if not overwrite and any(os.path.lexists(out / name) for name in JOB_FILES):
-                        raise LoraforgeError(
-                            f"{out} holds a verl job prepared with other settings ({', '.join(differ)} differ). "
-                            "Nothing was changed: pass --overwrite to replace it with this one, or choose another -o."
-                        )
+                if was.ident is not None and not _replaceable(tmp, out, overwrite):
+                    return False
                 atomic.claim(tmp, out, was)
                 return True
             finally:
