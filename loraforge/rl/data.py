@@ -42,8 +42,9 @@ class Example:
 
 # ------------------------------------------------------------------------------------------------
 # reading
-def read_rows(source: str, split: str = "train") -> list[dict]:
-    """Rows of a local jsonl/json/parquet file, a Hub dataset, or the synthetic task, as dicts."""
+def read_rows(source: str, split: str = "train", flag: str = "--data") -> list[dict]:
+    """Rows of a local jsonl/json/parquet file, a Hub dataset, or the synthetic task, as dicts. FLAG is the
+    option that named SOURCE (--data, --eval-data), for messages."""
     if is_synthetic(source):
         return rows_from_spec(source)
     path = Path(source)
@@ -51,16 +52,16 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
         return read_row_file(path)
     if path.exists() or source.startswith((".", "/")) or Path(source).suffix in (".jsonl", ".json", ".parquet"):
         found = "a directory" if path.is_dir() else "not a regular file (a pipe?)" if path.exists() else "no such file"
-        raise LoraforgeError(f"--data {source}: {found}; expected a .jsonl, .json or .parquet file")
-    return _read_hub(source, split)
+        raise LoraforgeError(f"{flag} {source}: {found}; expected a .jsonl, .json or .parquet file")
+    return _read_hub(source, split, flag)
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def _read_hub(name: str, split: str, flag: str) -> list[dict]:
     try:
         import datasets
     except ImportError as e:
         raise LoraforgeError(
-            f"--data {name}: not a local file; reading a Hub dataset needs the datasets package "
+            f"{flag} {name}: not a local file; reading a Hub dataset needs the datasets package "
             "(pip install datasets), or download it and pass the .parquet/.jsonl file"
         ) from e
     config = None
@@ -69,7 +70,7 @@ def _read_hub(name: str, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # network, missing split, ...: say what was asked
-        raise LoraforgeError(f"--data {name}: could not load split {split!r} from the Hub ({e})") from e
+        raise LoraforgeError(f"{flag} {name}: could not load split {split!r} from the Hub ({e})") from e
     return [dict(r) for r in ds]
 
 
@@ -133,12 +134,14 @@ def row_chars(example: Example) -> int:
     return text + len(example.ground_truth)
 
 
-def load_examples(source: str, split: str = "train", echo: Callable[[str], None] | None = None) -> list[Example]:
+def load_examples(
+    source: str, split: str = "train", echo: Callable[[str], None] | None = None, flag: str = "--data"
+) -> list[Example]:
     """The rows of SOURCE as Examples; rows longer than MAX_ROW_CHARS are skipped, with one line to ECHO
-    naming how many and the first (all of them skipped is an error)."""
-    rows = read_rows(source, split)
+    naming how many and the first (all of them skipped is an error). FLAG names SOURCE's option in messages."""
+    rows = read_rows(source, split, flag)
     if not rows:
-        raise LoraforgeError(f"--data {source}: no rows found")
+        raise LoraforgeError(f"{flag} {source}: no rows found")
     examples, skipped = [], []
     for i, r in enumerate(rows):
         e = to_example(r, i, source)
@@ -149,12 +152,12 @@ def load_examples(source: str, split: str = "train", echo: Callable[[str], None]
             examples.append(dataclasses.replace(e, row=i))
     if skipped and not examples:
         raise LoraforgeError(
-            f"--data {source}: every row is longer than {MAX_ROW_CHARS:,} characters (row {skipped[0][0] + 1}: "
+            f"{flag} {source}: every row is longer than {MAX_ROW_CHARS:,} characters (row {skipped[0][0] + 1}: "
             f"{skipped[0][1]:,}); expected prompts with answers, not whole documents"
         )
     if skipped and echo is not None:
         echo(
-            f"warning: --data {source}: skipped {len(skipped)} row(s) longer than {MAX_ROW_CHARS:,} characters "
+            f"warning: {flag} {source}: skipped {len(skipped)} row(s) longer than {MAX_ROW_CHARS:,} characters "
             f"(row {skipped[0][0] + 1}: {skipped[0][1]:,})"
         )
     return examples

@@ -122,7 +122,7 @@ class Trainer(RolloutSide, PolicyUpdate, FailSafe):
         self.examples = load_examples(cfg.data, cfg.data_split, self.echo)
         self._row_of = {id(e): e.row for e in self.examples}  # for messages naming a data row
         self.eval_examples = (
-            load_examples(cfg.eval_data, "test", self.echo)[: cfg.eval_max_prompts]
+            load_examples(cfg.eval_data, "test", self.echo, flag="--eval-data")[: cfg.eval_max_prompts]
             if cfg.eval_data and cfg.eval_every
             else []
         )

@@ -350,7 +350,8 @@ def verl_overrides(
         "trainer.default_local_dir": str(files.checkpoints),
         "trainer.max_actor_ckpt_to_keep": cfg.keep_checkpoints or None,
         "trainer.project_name": "loraforge",
-        "trainer.experiment_name": Path(cfg.output_dir).name or "run",
+        # the run directory's own name: `-o .` or `-o ..` named "." or ".." before
+        "trainer.experiment_name": Path(cfg.output_dir).resolve().name or "run",
         "trainer.logger": logger,
     }
     return o
@@ -537,7 +538,7 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1, 
     # every input is read before anything is written
     examples = load_examples(cfg.data, cfg.data_split, skipped.append)
     val = (
-        load_examples(cfg.eval_data, "test", skipped.append)[: cfg.eval_max_prompts]
+        load_examples(cfg.eval_data, "test", skipped.append, flag="--eval-data")[: cfg.eval_max_prompts]
         if cfg.eval_data
         else examples[: cfg.eval_max_prompts]
     )
@@ -731,4 +732,7 @@ def launch(prepared: VerlLaunch, echo: Callable[[str], None] = print) -> int:
         )
     argv = [sys.executable] + prepared.argv[1:]
     echo(f"launching verl {installed}: {prepared.script}")
-    return subprocess.call(argv)
+    # RUN_DIR/verl's lock, held while verl runs: another prepare (with --overwrite) would otherwise replace the
+    # job's files under it before its first checkpoint, which is what protects a job afterwards (put_job)
+    with atomic.DirLock(Path(prepared.directory).resolve()):
+        return subprocess.call(argv)

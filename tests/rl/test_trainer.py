@@ -244,6 +244,14 @@ def test_eval_every_logs_greedy_accuracy(model_dir, adapter_dir, tmp_path):
     assert "eval_acc" not in m[0] and 0.0 <= m[1]["eval_acc"] <= 1.0
 
 
+def test_an_unreadable_eval_data_is_named_by_its_flag(model_dir, adapter_dir, tmp_path):
+    missing = tmp_path / "held_out.jsonl"
+    cfg = tiny_cfg(model_dir, adapter_dir, tmp_path / "run", steps=1, eval_data=str(missing), eval_every=1)
+    with pytest.raises(LoraforgeError) as err:
+        train(cfg, scorer=answer_scorer, echo=quiet([]))
+    assert str(err.value).startswith(f"--eval-data {missing}: no such file")
+
+
 def test_out_of_memory_names_the_setting(model_dir, adapter_dir, tmp_path, monkeypatch):
     import loraforge.rl.update as update_mod
 

@@ -598,7 +598,7 @@ def test_a_failed_prepare_changes_nothing(model_dir, adapter_dir, tmp_path, monk
     missing = tmp_path / "missing.jsonl"
     new_data = ("--overwrite", "--data", "synthetic:n=20")
     r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, *new_data, "--eval-data", missing)
-    assert str(missing) in _error_line(r)
+    assert f"--eval-data {missing}: no such file" in _error_line(r)  # the flag that named it, not --data
     assert _digest(run) == before
     r = _invoke(model_dir, adapter_dir, tmp_path / "new", *ONE_GPU, "--eval-data", missing)
     assert str(missing) in _error_line(r)
@@ -684,3 +684,33 @@ def test_kill_9_while_writing_leaves_the_old_job(model_dir, adapter_dir, tmp_pat
     r = CliRunner().invoke(main, new)
     assert r.exit_code == 0 and "left by an interrupted run" in r.output, r.output
     assert sorted(os.listdir(run)) == ["verl"] and len(pq.read_table(run / "verl" / "train.parquet")) == 20
+
+
+def test_the_experiment_name_is_the_run_directorys_own(model_dir, adapter_dir, tmp_path):
+    # `-o run/sub/..` is the directory `run`: its name, not "..", goes to verl's trainer.experiment_name
+    (tmp_path / "run" / "sub").mkdir(parents=True)
+    assert _invoke(model_dir, adapter_dir, tmp_path / "run" / "sub" / "..", *ONE_GPU).exit_code == 0
+    overrides = json.loads((tmp_path / "run" / "verl" / "overrides.json").read_text())
+    assert overrides["trainer.experiment_name"] == "run"
+
+
+def test_a_running_job_is_not_replaced_under_verl(model_dir, adapter_dir, tmp_path, monkeypatch):
+    """While `--run` runs verl (before its first checkpoint protects the job), RUN/verl stays locked: another
+    prepare with --overwrite is refused naming the running command, and the job's files are unchanged."""
+    from loraforge.rl import verl_launch
+
+    run, seen = tmp_path / "run", []
+
+    def verl_running(argv):  # the moment verl runs: a second command tries to put another job there
+        before = _digest(run / "verl")
+        r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, "--overwrite", "--lr", "3e-5")
+        seen.append((_error_line(r), _digest(run / "verl") == before))
+        return 0
+
+    monkeypatch.setattr(verl_launch, "installed_verl_version", lambda: SUPPORTED_VERL[-1])
+    monkeypatch.setattr(verl_launch.subprocess, "call", verl_running)
+    r = _invoke(model_dir, adapter_dir, run, *ONE_GPU, "--run")
+    assert r.exit_code == 0, r.output
+    [(line, unchanged)] = seen
+    assert f"Another loraforge command (pid {os.getpid()}) is writing" in line and unchanged
+    assert not list(run.glob(".verl*"))  # the lock is released (and removed) when verl ends
