@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from study_layout import LABELS, adapter_dir, eval_steps, heldout_report, is_done, read_metrics, run_dir
-from study_stats import collapse, difference, hier_bootstrap, method_mean, percentile_interval, t_interval
+from study_stats import collapse, dead_from, difference, hier_bootstrap, method_mean, percentile_interval, t_interval
 
 # the comparisons the paper's claim is about: (a, b) reads "a - b"
 CONTRASTS = [("rlpo", "pissa"), ("rlpo", "lora"), ("rlmo", "milora"), ("rlpo", "milora")]
@@ -173,13 +173,19 @@ def step_stats(by_method: dict[str, list[np.ndarray]]) -> dict:
     return {"methods": methods, "contrasts": contrasts}
 
 
-def collapses(runs: list, curves: dict, drop: float = 0.10) -> dict[str, dict | None]:
-    """Which runs meet the collapse criterion, on held-out mean@k (study_stats.collapse)."""
-    out = {}
+def collapses(runs: list, curves: dict, metrics: dict, drop: float = 0.10) -> dict[str, dict]:
+    """The collapse criterion (study_stats.collapse) on held-out mean@k, as stated before the study, and on greedy
+    accuracy (added with the stress entry: mean@k starts at a few percent, so a fall from the start cannot reach
+    10 points); and each run's rollout accuracy dead from a step on (study_stats.dead_from). kind -> run -> result."""
+    out: dict[str, dict] = {"mean": {}, "greedy": {}, "rollout_dead_from": {}}
     for r in runs:
-        curve = {step: float(s["mean"].mean()) for step, s in curves.get(r.name, {}).items()}
-        if curve:
-            out[r.name] = collapse(curve, drop)
+        for kind in ("mean", "greedy"):
+            curve = {step: float(s[kind].mean()) for step, s in curves.get(r.name, {}).items()}
+            if curve:
+                out[kind][r.name] = collapse(curve, drop)
+        accuracy = [float(m["acc"]) for m in metrics.get(r.name, []) if "acc" in m]
+        if accuracy:
+            out["rollout_dead_from"][r.name] = dead_from(accuracy)
     return out
 
 
@@ -207,7 +213,7 @@ def analyse(args, model: Path, runs: list, status: dict) -> None:
         summaries[r.name] = summary
     plot_training(args, runs, out, cli)
     stats = heldout_stats(args, runs, curves)
-    collapsed = collapses(runs, curves)
+    collapsed = collapses(runs, curves, {r.name: read_metrics(run_dir(args, r)) for r in runs})
     for entry, st in stats.items():
         heldout_figure(args, [r for r in runs if f"{r.lr:g}" == entry], st, out / f"fig_heldout_lr{entry}.png")
     text = write_tables(args, runs, summaries, stats, collapsed, out)

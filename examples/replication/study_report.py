@@ -116,16 +116,26 @@ def contrast_table(entry: dict, kind: str, label: str) -> list[str]:
 
 
 def collapse_lines(collapsed: dict, samples: int) -> list[str]:
-    hit = {name: c for name, c in collapsed.items() if c}
     lines = [
-        f"Collapse criterion: held-out mean@{samples} at an evaluated step at least 10 points below the run's own "
-        "highest value at an earlier evaluated step.",
-        "",
-        f"Runs meeting it: {len(hit)} of {len(collapsed)}" + (":" if hit else "."),
+        "Collapse criterion, stated before the study: held-out mean@"
+        f"{samples} at an evaluated step at least 10 points below the run's own highest value at an earlier "
+        "evaluated step. The same rule on greedy accuracy was added with the stress entry (mean@"
+        f"{samples} starts at a few percent, so a fall from the start cannot reach 10 points on it).",
     ]
-    for name, c in hit.items():
-        peak = f"peak {100 * c['peak']:.1f}% at step {c['peak_step']}"
-        lines.append(f"- {name}: {100 * c['value']:.1f}% at step {c['step']}, {peak}")
+    for kind, label in (("mean", f"mean@{samples}"), ("greedy", "greedy accuracy")):
+        hit = {name: c for name, c in collapsed[kind].items() if c}
+        lines += ["", f"Runs meeting it on {label}: {len(hit)} of {len(collapsed[kind])}" + (":" if hit else ".")]
+        for name, c in hit.items():
+            peak = f"peak {100 * c['peak']:.1f}% at step {c['peak_step']}"
+            lines.append(f"- {name}: {100 * c['value']:.1f}% at step {c['step']}, {peak}")
+    dead = {name: step for name, step in collapsed["rollout_dead_from"].items() if step is not None}
+    lines += [
+        "",
+        "Rollout accuracy 0 (every response of every group wrong, so no learning signal) from a step to the end of "
+        f"the run, for at least 3 steps: {len(dead)} of {len(collapsed['rollout_dead_from'])} runs"
+        + (":" if dead else "."),
+    ]
+    lines += [f"- {name}: from step {step}" for name, step in dead.items()]
     return lines
 
 

@@ -112,3 +112,14 @@ def collapse(curve: dict[int, float], drop: float = 0.10) -> dict | None:
         if value > peak:
             peak_step, peak = step, value
     return None
+
+
+def dead_from(accuracy: list[float]) -> int | None:
+    """The first step (counted from 1) from which the rollout accuracy is 0 at every later step, when that lasts at
+    least 3 steps and to the end of the run; None otherwise. A policy that gets every response of every group
+    wrong gets no learning signal from DAPO (every advantage is 0), so it stays there: a collapse seen in training,
+    which the held-out criterion on mean@k cannot see when mean@k starts near 0."""
+    start = len(accuracy)
+    while start > 0 and accuracy[start - 1] == 0:
+        start -= 1
+    return start + 1 if len(accuracy) - start >= 3 else None

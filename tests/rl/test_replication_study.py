@@ -222,6 +222,13 @@ def test_study_runs_the_cli_skips_done_runs_and_continues_raised_steps(model_dir
             assert bench["problems"] == 5 and {m["metric"] for m in bench["metrics"]} >= {"greedy", "mean@2"}
         stats = json.loads((out / "stats.json").read_text())
         assert set(stats["heldout"]["0.01"]["heldout"]["mean"]) == {"0", "1"}
+        # the collapse criterion on both held-out measures, and the rollout check, each with a verdict for the run
+        assert {k: list(v) for k, v in stats["collapse"].items()} == {
+            "mean": ["rlpo_lr0.01_s0"],
+            "greedy": ["rlpo_lr0.01_s0"],
+            "rollout_dead_from": ["rlpo_lr0.01_s0"],
+        }
+        assert "Runs meeting it on greedy accuracy: " in (out / "table.md").read_text()
         assert "Held-out mean@2" in (out / "table.md").read_text() and (out / "fig_heldout_lr0.01.png").is_file()
         row = summary["runs"]["rlpo_lr0.01_s0"]
         metrics = json.loads((run / "metrics.jsonl").read_text())
@@ -270,6 +277,16 @@ def test_collapse_criterion_is_a_drop_of_ten_points_below_an_earlier_peak():
     }
     assert st.collapse({0: 0.20, 10: 0.50, 20: 0.41, 30: 0.60}) is None  # 0.41 > 0.50 - 0.10
     assert st.collapse({0: 0.30, 10: 0.10}) == {"step": 10, "value": 0.10, "peak_step": 0, "peak": 0.30}
+
+
+def test_rollout_accuracy_dead_from_a_step_to_the_end():
+    st = _stats()
+    # steps 1-2 learn, 3-6 are all wrong: dead from step 3 (4 steps >= 3)
+    assert st.dead_from([0.07, 0.12, 0.0, 0.0, 0.0, 0.0]) == 3
+    assert st.dead_from([0.0, 0.0, 0.0]) == 1
+    assert st.dead_from([0.1, 0.0, 0.0]) is None  # 2 steps: too short to call
+    assert st.dead_from([0.0, 0.0, 0.0, 0.2]) is None  # it recovered: not dead at the end
+    assert st.dead_from([]) is None
 
 
 def test_t_interval_over_seeds():
