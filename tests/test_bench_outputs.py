@@ -112,3 +112,47 @@ def test_gpu_init_refuses_a_taken_dir_and_json_before_any_work(tmp_path):
     p = run(["benchmarks/gpu_init.py", "--tiny", "--dir", tmp_path / "ck", "--json", tmp_path / "g.json"], REPO)
     assert p.returncode == 2 and "already exists" in p.stderr and (tmp_path / "g.json").read_text() == "old"
     assert not (tmp_path / "ck").exists()
+
+
+SCRIPTS = sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "benchmarks").glob("*.py") if '__name__ == "__main__"' in p.read_text()
+) + ["examples/load_in_peft.py", "examples/replication/replicate.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_usage_and_does_nothing(script, tmp_path):
+    p = run([REPO / script, "--help"], tmp_path, timeout=120)
+    assert p.returncode == 0 and "usage" in p.stdout.lower(), p.stdout[-500:] + p.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran (such as a directory named --help)
+
+
+def test_device_check_help_and_unknown_arguments_run_nothing(tmp_path):
+    env = dict(ENV, OUT=str(tmp_path / "out"), PYTHON="false")  # a step that ran would fail at once
+    sh = ["bash", str(REPO / "benchmarks" / "device_check.sh")]
+    p = subprocess.run([*sh, "--help"], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "--cpu" in p.stdout and not (tmp_path / "out").exists()
+    p = subprocess.run([*sh, "--cpu", "extra"], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "unknown arguments" in p.stderr and not (tmp_path / "out").exists()
+
+
+def test_device_check_refuses_an_out_with_a_previous_check(tmp_path):
+    (tmp_path / "gpu_init.json").write_text("previous")
+    env = dict(ENV, OUT=str(tmp_path), PYTHON="false")
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "device_check.sh"), "--cpu"], env=env, capture_output=True)
+    assert p.returncode == 2 and b"already exists" in p.stderr
+    assert [f.name for f in tmp_path.iterdir()] == ["gpu_init.json"]
+    assert (tmp_path / "gpu_init.json").read_text() == "previous"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["examples/load_in_peft.py", "no-such-model", "no-such-adapter"], "has no config.json"),
+        (["benchmarks/device_report.py", "no-such-dir"], "is not a directory"),
+        (["benchmarks/workers.py", "no_such_worker", "{}"], "expected a worker name"),
+        (["benchmarks/workers.py", "peft_init", "{not json"], "is not JSON"),
+    ],
+)
+def test_a_wrong_argument_is_one_message_not_a_traceback(args, words, tmp_path):
+    p = run([REPO / args[0], *args[1:]], tmp_path, timeout=60)
+    assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
