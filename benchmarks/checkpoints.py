@@ -7,13 +7,19 @@
   projections a pretrained-like top spectrum (the init's partial eigensolver is timed on those; Gaussian
   weights crowd their top singular values at the noise edge, which no pretrained model does).
 - `truncate_checkpoint(...)`: a copy of a checkpoint keeping only its first N blocks.
+
+A checkpoint directory is only ever written where there is nothing, an empty directory, or a checkpoint these
+benchmarks wrote (its marker file, `bench_checkpoint.json` / `bench_truncated.json`, inside): anything else (a
+mistyped --dir, a real model) is refused in one line before any work, never deleted to make room.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -88,10 +94,10 @@ def write_random_checkpoint(
     by SEED and its name, so the files are reproducible) and written shard by shard with
     safetensors, plus model.safetensors.index.json and config.json. At most one shard (SHARD_MIB)
     is in memory. The directory is built next to PATH and renamed into place; with REUSE an
-    existing directory made with the same settings is kept. Returns {"path", "reused", "seconds",
+    existing directory made with the same settings is kept, one of ours with other settings is replaced, and
+    anything else at PATH is refused (`check_dest`) before any work. Returns {"path", "reused", "seconds",
     "bytes"}.
     """
-    from safetensors.torch import save_file
     from transformers import Qwen2Config
 
     path = Path(path)
@@ -105,6 +111,7 @@ def write_random_checkpoint(
         if json.loads((path / "bench_checkpoint.json").read_text()) == marker:
             size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
             return {"path": str(path), "reused": True, "seconds": 0.0, "bytes": size}
+    check_dest(path, "bench_checkpoint.json")
     started = time.perf_counter()
     # `architectures` as save_pretrained of a real model writes it (loraforge reads targets off the header then)
     config = Qwen2Config(**spec, dtype="bfloat16", architectures=["Qwen2ForCausalLM"])
@@ -121,9 +128,17 @@ def write_random_checkpoint(
     if current:
         shards.append(current)
 
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with staging(path, "bench_checkpoint.json") as tmp:
+        _write_shards(tmp, shards, seed, device, spectrum)
+        config.save_pretrained(str(tmp))
+        (tmp / "bench_checkpoint.json").write_text(json.dumps(marker))
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return {"path": str(path), "reused": False, "seconds": time.perf_counter() - started, "bytes": size}
+
+
+def _write_shards(tmp: Path, shards, seed: int, device: str, spectrum: str) -> int:
+    from safetensors.torch import save_file
+
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
@@ -138,13 +153,46 @@ def write_random_checkpoint(
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
-    config.save_pretrained(str(tmp))
-    (tmp / "bench_checkpoint.json").write_text(json.dumps(marker))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return {"path": str(path), "reused": False, "seconds": time.perf_counter() - started, "bytes": size}
+    return total
+
+
+def check_dest(path, marker: str) -> None:
+    """PATH may be (re)written: nothing there, an empty directory, or a directory holding MARKER (a checkpoint
+    these benchmarks wrote, with other settings). Anything else is refused in one line, and nothing is changed."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink() and ((path / marker).is_file() or not any(path.iterdir())):
+        return
+    import report
+
+    kind = "a directory" if path.is_dir() and not path.is_symlink() else "a file or link"
+    report.refuse(
+        f"{path} exists and is {kind} these benchmarks did not write (expected nothing there, an empty directory, "
+        f"or a checkpoint with {marker}). Nothing was changed: choose another directory (--dir), or remove it "
+        "yourself and run again."
+    )
+
+
+@contextlib.contextmanager
+def staging(path: Path, marker: str):
+    """A new staging directory beside PATH to write into; on success it is renamed to PATH (a previous checkpoint of
+    ours there is replaced, anything else refused: `check_dest`); on failure it is removed and PATH left alone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; this is an ordinary model directory
+        check_dest(path, marker)  # again: something may have been put there while this was written
+        old = None
+        if path.exists() and any(path.iterdir()):  # ours (check_dest): moved aside, removed once replaced
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)  # onto nothing, or onto an empty directory
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _numel(shape) -> int:
@@ -189,6 +237,7 @@ def truncate_checkpoint(src, dst, num_layers: int) -> Path:
     marker = {"src": str(src.resolve()), "num_layers": num_layers, "format": 2}  # 2: layer_types truncated too
     if (dst / "bench_truncated.json").exists() and json.loads((dst / "bench_truncated.json").read_text()) == marker:
         return dst  # before importing safetensors.torch (torch): a reuse is then a quick process of its own
+    check_dest(dst, "bench_truncated.json")
     import re
 
     from safetensors import safe_open
@@ -207,20 +256,15 @@ def truncate_checkpoint(src, dst, num_layers: int) -> Path:
                 m = layer_re.search(k)
                 if m is None or int(m.group(1)) < num_layers:
                     tensors[k] = h.get_tensor(k)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if (
-            f.is_file()
-            and not f.name.endswith(".safetensors")
-            and f.name not in ("config.json", "model.safetensors.index.json")
-        ):
-            shutil.copy2(f, tmp / f.name)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "bench_truncated.json").write_text(json.dumps(marker))
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    with staging(dst, "bench_truncated.json") as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in src.iterdir():
+            if (
+                f.is_file()
+                and not f.name.endswith(".safetensors")
+                and f.name not in ("config.json", "model.safetensors.index.json")
+            ):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "bench_truncated.json").write_text(json.dumps(marker))
     return dst

@@ -5,6 +5,8 @@
 #   bash benchmarks/device_check.sh            # on the GPU machine; results in $OUT (or ./device-check-out)
 #   bash benchmarks/device_check.sh --cpu      # tiny shapes on a CPU with the GPU path's code forced: checks the script
 #                                              (rlpo and pissa; determinism: pissa)
+#   bash benchmarks/device_check.sh --help     # this text
+# $OUT must not hold a previous check's files (they are never written over): use a new directory each time.
 #
 # From a session with the device tool: run(command="bash benchmarks/device_check.sh", timeout_s=540); the files come
 # back from $OUT: device_check.md (paste into RESULTS.md), gpu_init.json, gpu_determinism.json, train_smoke.json,
@@ -20,12 +22,29 @@
 #  5. --rollout vllm: the same 2 steps with vLLM, if vLLM imports (it is not in the device image)        (<= 40 s)
 #  6. device_check.md from the JSON files (benchmarks/device_report.py)
 set -u
+case "$#:${1:-}" in
+    0:) MODE=gpu ;;
+    1:--cpu) MODE=cpu ;;
+    1:-h | 1:--help)
+        sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "device_check.sh: error: unknown arguments: $*; expected none (the GPU check) or --cpu (see --help)" >&2
+        exit 2
+        ;;
+esac
 cd "$(dirname "$0")/.."
-MODE=gpu
-[ "${1:-}" = "--cpu" ] && MODE=cpu
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/device-check-out}
-mkdir -p "$OUT"
+for f in device_check.md device_check.log gpu_init.json gpu_determinism.json train_smoke.json train_vllm.json; do
+    if [ -e "$OUT/$f" ]; then  # a previous check's results: never written over or appended to
+        echo "device_check.sh: error: $OUT/$f already exists (a previous check's results); nothing was run:" \
+            "set OUT to a new directory, or move that one away" >&2
+        exit 2
+    fi
+done
+mkdir -p "$OUT" || exit 2
 BENCH_DIR=${DEVICE_CHECK_DIR:-${TMPDIR:-/tmp}/loraforge-bench}
 LOG="$OUT/device_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

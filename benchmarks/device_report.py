@@ -108,7 +108,13 @@ def train_line(name: str, t: dict | None) -> str:
 
 
 def main(argv=None) -> int:
-    out = Path((argv or sys.argv)[1])
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", help="the device check's output directory ($OUT of device_check.sh)")
+    out = Path(p.parse_args(argv).dir)
+    if not out.is_dir():
+        p.error(f"{out} is not a directory; expected the directory device_check.sh wrote its JSON files to")
     lines = []
     g = load(out / "gpu_init.json")
     lines += init_section(g) if g else ["### GPU: gpu_init.json missing"]
@@ -122,4 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    out_json = report.ResultFile(args.json) if args.json else None  # a taken or unwritable path: refused now
     machine.ensure_loraforge_importable()
     import torch
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
             rows[label] = row
             print(f"[{method} batch-mib {label}] {row.get('identical', 'reference')} {row.get('max_abs_diff', '')}")
         result["methods"][method] = rows
-        save(result, args.json)  # after each method: a run cut short keeps what it found
+        save(result, out_json)  # after each method: a run cut short keeps what it found
         if method == "pissa" and not args.no_verify:
             result["verify_on_cpu"] = verify(ref)
         for label, _ in PLANS[1:]:
@@ -87,16 +88,16 @@ def main(argv=None) -> int:
         shutil.rmtree(ref, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     print(result["summary"], result.get("verify_on_cpu"))
-    save(result, args.json)
+    save(result, out_json)
     return 0
 
 
-def save(result: dict, path) -> None:
+def save(result: dict, out: report.ResultFile | None) -> None:
     result["summary"] = {
         m: {label: row.get("identical", True) for label, row in rows.items()} for m, rows in result["methods"].items()
     }
-    if path:
-        report.write_json(path, result)
+    if out:
+        out.write(result)
 
 
 def verify(out: Path) -> dict:

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--n7b", type=int, default=3584, help="Gram size of the 7B-sized matrices [%(default)s]")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    out = report.ResultFile(args.json) if args.json else None  # a taken or unwritable path: refused now
     machine.ensure_loraforge_importable()
     import torch
 
@@ -117,8 +118,8 @@ def main(argv=None) -> int:
         print(summary["rows"][-1], flush=True)
     summary["totals"] = totals(summary["rows"], args.n7b)
     print(report.table(*table(summary["totals"])))
-    if args.json:
-        report.write_json(args.json, summary)
+    if out:
+        out.write(summary)
     return 0
 
 

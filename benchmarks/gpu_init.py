@@ -99,6 +99,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.peft_layers is None:
         args.peft_layers = 2 if args.tiny else 4
+    preset = "tiny" if args.tiny else "qwen2.5-7b"
+    layers = checkpoints.QWEN2_PRESETS[preset]["num_hidden_layers"]
+    ckpt = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "loraforge-bench" / f"{preset}-powerlaw"
+    # refused now, before the imports and minutes of work: a taken or unwritable summary file, a --dir (or its
+    # truncated copy) holding anything but a checkpoint of ours
+    out_json = report.ResultFile(args.json or Path(os.environ.get("OUT", ".")) / "gpu_init.json")
+    checkpoints.check_dest(ckpt, "bench_checkpoint.json")
+    if not args.no_peft:
+        checkpoints.check_dest(small_dir(ckpt, args.peft_layers), "bench_truncated.json")
     budget = Budget(args.budget_s)
     machine.ensure_loraforge_importable()  # a bare GPU machine has only the repository
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -106,16 +115,12 @@ def main(argv=None) -> int:
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    preset = "tiny" if args.tiny else "qwen2.5-7b"
-    layers = checkpoints.QWEN2_PRESETS[preset]["num_hidden_layers"]
-    ckpt = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "loraforge-bench" / f"{preset}-powerlaw"
     summary = {"benchmark": "gpu_init", "preset": preset, "device": device, "r": args.r, "args": vars(args)}
     summary.update(machine=machine.machine_info(), steps={})
-    out_json = Path(args.json) if args.json else Path(os.environ.get("OUT", ".")) / "gpu_init.json"
 
     def save():
         summary["elapsed_s"] = round(budget.seconds - budget.left(), 1)
-        report.write_json(out_json, summary)
+        out_json.write(summary)
 
     print(f"[checkpoint] {ckpt} ({preset}, powerlaw spectrum, generated on {device})", flush=True)
     gen_device = device if device.startswith("cuda") else "cpu"
@@ -145,13 +150,13 @@ def main(argv=None) -> int:
     summary["results"] = headline(summary["steps"], args, layers)
     save()
     print(json.dumps({k: summary[k] for k in ("preset", "device", "checkpoint", "results", "elapsed_s")}, indent=2))
-    print(f"summary: {out_json}")
+    print(f"summary: {out_json.path}")
     return 0
 
 
 def like_with_like(ckpt: Path, work: Path, args, device: str, budget: Budget) -> dict:
     """PEFT pissa and loraforge pissa, both writing adapter + residual base, on the first --peft-layers blocks."""
-    small = checkpoints.truncate_checkpoint(ckpt, ckpt.with_name(f"{ckpt.name}-{args.peft_layers}L"), args.peft_layers)
+    small = checkpoints.truncate_checkpoint(ckpt, small_dir(ckpt, args.peft_layers), args.peft_layers)
     (peft_out, lf_out) = (work / "peft", work / "lf")
     steps = {}
     peft_kwargs = dict(model_dir=str(small), out=str(peft_out), r=args.r, init="pissa", device=device, save_base=True)
@@ -164,6 +169,10 @@ def like_with_like(ckpt: Path, work: Path, args, device: str, budget: Budget) ->
     )
     shutil.rmtree(lf_out, ignore_errors=True)
     return steps
+
+
+def small_dir(ckpt: Path, layers: int) -> Path:
+    return ckpt.with_name(f"{ckpt.name}-{layers}L")
 
 
 def headline(steps: dict, args, layers: int) -> dict:

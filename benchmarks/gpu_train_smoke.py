@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout-s", type=float, default=240)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    out = report.ResultFile(args.json) if args.json else None  # a taken or unwritable path: refused now
     machine.ensure_loraforge_importable()
     started = time.perf_counter()
     result = {"benchmark": "gpu_train_smoke", "args": vars(args)}
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         if probe.returncode != 0:
             result["skipped"] = "vllm does not import here: " + (probe.stderr.strip().splitlines() or ["?"])[-1]
             print(result["skipped"])
-            return _done(result, args)
+            return _done(result, out)
         result["vllm"] = probe.stdout.strip()
     with tempfile.TemporaryDirectory(prefix="lf-train-smoke-") as tmp:
         tmp = Path(tmp)
@@ -118,12 +119,12 @@ def main(argv=None) -> int:
             result["metrics"] = rows
             result["ok"] = result["train"]["rc"] == 0 and len(rows) == args.steps
     print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2, default=str))
-    return _done(result, args)
+    return _done(result, out)
 
 
-def _done(result: dict, args) -> int:
-    if args.json:
-        report.write_json(args.json, result)
+def _done(result: dict, out: report.ResultFile | None) -> int:
+    if out:
+        out.write(result)
     return 0
 
 

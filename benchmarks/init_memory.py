@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ckpt = checkpoint_dir(args)
+    default = Path(__file__).resolve().parent / "results" / f"init_memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_json = report.ResultFile(args.json or default)  # a taken or unwritable path: refused before the work
     print(f"checkpoint {ckpt} ({args.preset}{f', {args.layers} blocks' if args.layers else ''})", flush=True)
     made = checkpoints.write_random_checkpoint(ckpt, args.preset, num_hidden_layers=args.layers)
     how = "reused" if made["reused"] else f"written in {made['seconds']:.1f} s"
@@ -168,10 +170,7 @@ def main(argv=None) -> int:
         "target": {"limit_gib": LIMIT_GIB, "value_gib": lf, "pass": lf < LIMIT_GIB, "full_shapes": full},
         "runs": runs,
     }
-    path = (
-        args.json or Path(__file__).resolve().parent / "results" / f"init_memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
-    report.write_json(path, result)
+    path = out_json.write(result)
     print(f"results: {path}")
     return 0
 

@@ -30,6 +30,7 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoints  # noqa: E402
 import machine  # noqa: E402
 import processes  # noqa: E402
 import report  # noqa: E402
@@ -112,50 +113,47 @@ def write_moe_checkpoint(path: Path, preset: str, layers: int, seed: int = 0, sh
     marker = {"preset": preset, "spec": spec, "seed": seed, "format": "loraforge-bench-moe/1"}
     if (path / "bench_checkpoint.json").exists() and json.loads((path / "bench_checkpoint.json").read_text()) == marker:
         return {"path": str(path), "reused": True, "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+    checkpoints.check_dest(path, "bench_checkpoint.json")  # before the minutes of work: never a user's directory
     started = time.perf_counter()
     config = Qwen3MoeConfig(**spec, dtype="bfloat16")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     plan = [(k, tuple(p.shape)) for k, p in skeleton.named_parameters()]
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weight_map, shard, size, n, total = {}, {}, 0, 0, 0
+    with checkpoints.staging(path, "bench_checkpoint.json") as tmp:
+        weight_map, shard, size, n, total = {}, {}, 0, 0, 0
 
-    def flush():
-        nonlocal shard, size, n
-        if shard:
-            n += 1
-            fname = f"model-{n:05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-            shard, size = {}, 0
+        def flush():
+            nonlocal shard, size, n
+            if shard:
+                n += 1
+                fname = f"model-{n:05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+                shard, size = {}, 0
 
-    for name, shape in plan:
-        if name.endswith("norm.weight"):
-            full = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            full = torch.randn(shape, generator=g, dtype=torch.bfloat16).mul_(0.02)
-        for key, key_shape, where in _expert_keys(name, shape):
-            if where is None:
-                t = full
+        for name, shape in plan:
+            if name.endswith("norm.weight"):
+                full = torch.ones(shape, dtype=torch.bfloat16)
             else:
-                e, half = where
-                t = full[e] if half is None else full[e].chunk(2, dim=0)[half]
-            shard[key] = t.contiguous().clone().reshape(key_shape)
-            size += t.numel() * 2
-            total += t.numel() * 2
-            if size >= shard_mib * 2**20:
-                flush()
-    flush()
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-    )
-    config.save_pretrained(str(tmp))
-    (tmp / "bench_checkpoint.json").write_text(json.dumps(marker))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+                g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                full = torch.randn(shape, generator=g, dtype=torch.bfloat16).mul_(0.02)
+            for key, key_shape, where in _expert_keys(name, shape):
+                if where is None:
+                    t = full
+                else:
+                    e, half = where
+                    t = full[e] if half is None else full[e].chunk(2, dim=0)[half]
+                shard[key] = t.contiguous().clone().reshape(key_shape)
+                size += t.numel() * 2
+                total += t.numel() * 2
+                if size >= shard_mib * 2**20:
+                    flush()
+        flush()
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
+        config.save_pretrained(str(tmp))
+        (tmp / "bench_checkpoint.json").write_text(json.dumps(marker))
     return {"path": str(path), "reused": False, "seconds": time.perf_counter() - started, "bytes": total}
 
 
@@ -176,6 +174,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     machine.ensure_loraforge_importable()
     ckpt = Path(args.dir or Path(tempfile.gettempdir()) / "loraforge-bench" / f"{args.preset}-L{args.layers}-moe")
+    default = Path(__file__).resolve().parent / "results" / f"init_moe-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_json = report.ResultFile(args.json or default)  # a taken or unwritable path: refused before the work
     print(f"checkpoint {ckpt} ...", flush=True)
     made = write_moe_checkpoint(ckpt, args.preset, args.layers)
     print(f"  {made['bytes'] / 2**30:.2f} GiB ({'reused' if made['reused'] else 'written'})", flush=True)
@@ -215,9 +215,7 @@ def main(argv=None) -> int:
         "checkpoint_gib": made["bytes"] / 2**30,
         "runs": rows,
     }
-    default = Path(__file__).resolve().parent / "results" / f"init_moe-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path = Path(args.json) if args.json else default
-    report.write_json(path, result)
+    path = out_json.write(result)
     print(f"results: {path}")
     return 0
 

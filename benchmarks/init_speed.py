@@ -441,6 +441,8 @@ def print_report(rows, energy, targets) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    default = Path(__file__).resolve().parent / "results" / f"init_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_json = report.ResultFile(args.json or default)  # a taken or unwritable path: refused before the work
     machine.ensure_loraforge_importable()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # same for both sides; keeps the log readable
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -508,10 +510,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "runs": records,
     }
-    path = (
-        args.json or Path(__file__).resolve().parent / "results" / f"init_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
-    report.write_json(path, result)
+    path = out_json.write(result)
     print(f"\nraw results: {path}")
     return 0
 

@@ -303,6 +303,7 @@ def main(argv=None) -> int:
         print(markdown(json.loads(Path(argv[1]).read_text())))
         return 0
     args = parse_args(argv)
+    out_json = report.ResultFile(args.json or f"benchmarks/results/quant_bases-{time.strftime('%Y%m%d-%H%M%S')}.json")
     machine.ensure_loraforge_importable()
     from loraforge.inits.methods import METHODS
 
@@ -328,8 +329,7 @@ def main(argv=None) -> int:
         results["memory"] = memory_runs(model, rlpo, args.tokenizer, workdir, cases)
     results["finished"] = time.time()
     results["load_avg_end"] = list(os.getloadavg())
-    path = args.json or f"benchmarks/results/quant_bases-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    report.write_json(path, results)
+    path = out_json.write(results)
     print(f"wrote {path}")
     return 0
 

@@ -18,7 +18,6 @@ Nothing is downloaded: weights are random, prompts are token ids.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))
+import report  # noqa: E402
 
 SECTION = "## Rollout throughput"
 SHAPES = {
@@ -254,6 +255,7 @@ def main(argv=None):
     )
     ap.add_argument("--json", default=None, help="also write the raw figures as JSON here")
     a = ap.parse_args(argv)
+    out_json = report.ResultFile(a.json) if a.json else None  # a taken or unwritable path: refused before the runs
     cuda = a.device.startswith("cuda")
     shape = a.shape or ("qwen2.5-1.5b" if cuda else "smollm2-135m")
     P = a.prompts or (32 if cuda else 2)
@@ -327,23 +329,20 @@ def main(argv=None):
             row("vllm", "adapter sync + 1st", P * G * L / first, first)
     load1 = os.getloadavg()
     print(f"load average {load0[0]:.2f} -> {load1[0]:.2f}; {time.perf_counter() - t_start:.0f} s in all", flush=True)
-    if a.json:
-        Path(a.json).write_text(
-            json.dumps(
-                {
-                    "device": device_name,
-                    "machine": mach,
-                    "shape": shape,
-                    "P": P,
-                    "G": G,
-                    "new_tokens": L,
-                    "prompt_tokens": PL,
-                    "dtype": dtype_name,
-                    "results": results,
-                    "loadavg": [load0, load1],
-                },
-                indent=2,
-            )
+    if out_json:
+        out_json.write(
+            {
+                "device": device_name,
+                "machine": mach,
+                "shape": shape,
+                "P": P,
+                "G": G,
+                "new_tokens": L,
+                "prompt_tokens": PL,
+                "dtype": dtype_name,
+                "results": results,
+                "loadavg": [load0, load1],
+            }
         )
     if a.write:
         header = (

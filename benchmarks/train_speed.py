@@ -51,6 +51,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 # what examples/quickstart.sh writes (`python -m loraforge.models.smollm2 models/SmolLM2-135M-Instruct` alone)
 DEFAULT_MODEL = str(REPO / "models" / "SmolLM2-135M-Instruct")
@@ -393,6 +396,7 @@ def main(argv=None) -> None:
     if a.child:
         child(a)
         return
+    out_json = report.ResultFile(a.json) if a.json else None  # a taken or unwritable path: refused before the runs
     if a.quick:
         a.setting, a.steps, a.repeats = "1x8x32", 2, 1
     settings = list(SETTINGS) if a.setting == "both" else [a.setting]
@@ -420,8 +424,8 @@ def main(argv=None) -> None:
     summaries = [summarise(runs, s) for s in settings]
     print(table(summaries))
     print(f"load average at end {os.getloadavg()}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"runs": runs, "summary": summaries}, indent=1) + "\n")
+    if out_json:
+        out_json.write({"runs": runs, "summary": summaries})
 
 
 if __name__ == "__main__":

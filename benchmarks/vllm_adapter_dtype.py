@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info  # noqa: E402
+import report  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 
 def effective_weights(out: Path, base_dtype_cast: bool):
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("-r", type=int, default=32)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    out_json = report.ResultFile(args.json) if args.json else None  # a taken or unwritable path: refused now
 
     import torch
 
@@ -115,8 +117,8 @@ def main() -> None:
             f"{a['weight_rel_err_max']:.2e} | {a['logits_max_abs_diff']:.3f} |"
         )
     result = {"machine": machine_info(), "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if out_json:
+        out_json.write(result)
     print(json.dumps(result["machine"]))
 
 

@@ -262,7 +262,20 @@ WORKERS = {
 
 
 def main(argv: list[str]) -> None:
-    name, args = argv[1], json.loads(argv[2])
+    usage = f"usage: python benchmarks/workers.py NAME ARGS_JSON  (NAME: {', '.join(WORKERS)})"
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(usage)
+        return
+    if len(argv) != 3 or argv[1] not in WORKERS:
+        print(
+            f"{usage}\nworkers.py: error: expected a worker name and one JSON argument, got {argv[1:]}", file=sys.stderr
+        )
+        sys.exit(2)
+    try:
+        name, args = argv[1], json.loads(argv[2])
+    except ValueError as e:
+        print(f"workers.py: error: ARGS_JSON is not JSON ({e}): {argv[2]!r}", file=sys.stderr)
+        sys.exit(2)
     result = WORKERS[name](**args) if isinstance(args, dict) else WORKERS[name](*args)
     print(RESULT_MARKER + json.dumps(result), flush=True)
 

@@ -4,15 +4,24 @@
 For residualised methods (pissa, milora, olora, olora-tail) the adapter goes on ADAPTER_DIR/base.
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("model_dir", type=Path, help="the base model directory the adapter was made from")
+parser.add_argument("adapter", type=Path, help="the directory `loraforge init -o` wrote")
+cli = parser.parse_args()  # before the imports below: --help and a wrong path answer at once
+model_dir, adapter = cli.model_dir, cli.adapter
+if not (model_dir / "config.json").is_file():
+    parser.error(f"MODEL_DIR {model_dir} has no config.json; expected a transformers model directory")
+if not (adapter / "loraforge.json").is_file():
+    parser.error(f"ADAPTER_DIR {adapter} has no loraforge.json; expected a directory written by `loraforge init -o`")
 
-model_dir, adapter = Path(sys.argv[1]), Path(sys.argv[2])
+import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
 manifest = json.loads((adapter / "loraforge.json").read_text())
 base_dir = adapter / manifest["base"] if manifest["base"] else model_dir
 
