@@ -127,14 +127,21 @@ def _quantized_logits(out: Path, load_on: Path, original_path: Path, quantize: s
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from loraforge.models.quantize import bnb_config, dequantized_weight
+    from loraforge.models.quantize import bnb_config, dequantized_weight, pin_cpu_kernel
 
     def load(path, quantized: bool):
         extra = {"quantization_config": bnb_config(quantize, torch.float32), "device_map": {"": "cpu"}}
         try:
-            return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **(extra if quantized else {}))
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **(extra if quantized else {}))
         except (OSError, ValueError) as e:
             raise LoraforgeError(f"transformers could not load {path} for the logit check: {e}") from None
+        if quantized:
+            # On CPUs with AVX512-BF16, bitsandbytes runs a gradient-free eval forward through its own bf16 kernel
+            # (activations and block scales rounded to bf16: ~5e-3 on the logits), which would hide what this check
+            # is for, the weights. The dequantize-then-matmul path is the one train pins on CPU and the one a
+            # client computes with on a GPU.
+            pin_cpu_kernel(model)
+        return model
 
     def run(model, adapter: bool):
         with warnings.catch_warnings():  # PEFT's warnings about this load are the other checks' findings
