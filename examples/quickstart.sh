@@ -6,6 +6,11 @@
 #   3. loraforge init: a LoRA-RLPO adapter, r = 32, all linear layers,
 #   4. load it in PEFT and show that the adapter starts as an exact no-op.
 set -euo pipefail
+case "${1-}" in
+"") ;;
+-h | --help) sed -n '2,7s/^# \{0,1\}//p' "$0" && exit 0 ;;
+*) echo "usage: bash examples/quickstart.sh   (no arguments; --help says what it does)" >&2 && exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo
 export HF_HUB_OFFLINE=1

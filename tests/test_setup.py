@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import subprocess
 from pathlib import Path
+
+import pytest
 
 try:
     import tomllib
@@ -82,3 +85,18 @@ def test_benchmarks_default_to_the_quickstarts_model():
     source = (ROOT / "benchmarks" / "init_speed.py").read_text()
     line = re.search(r"^DEFAULT_MODEL = (.+)$", source, re.M).group(1)
     assert line == 'str(Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct")', line
+
+
+@pytest.mark.parametrize("arg, code", [("--help", 0), ("-h", 0), ("--model", 2)])
+def test_quickstart_help_says_what_it_does_and_installs_nothing(tmp_path, arg, code):
+    # run from a copy: whatever the script did would land in tmp_path, not in this checkout
+    (tmp_path / "examples").mkdir()
+    script = tmp_path / "examples" / "quickstart.sh"
+    script.write_text((ROOT / "examples" / "quickstart.sh").read_text())
+    out = subprocess.run(["bash", str(script), arg], capture_output=True, text=True, timeout=30)
+    assert out.returncode == code, out.stderr
+    if code == 0:
+        assert "install what the demo needs" in out.stdout and "loraforge init" in out.stdout
+    else:
+        assert out.stderr.startswith("usage: bash examples/quickstart.sh")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["examples", "quickstart.sh"]
