@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -55,7 +55,7 @@ def check_destination(out: Path, overwrite: bool, protect: Optional[Path] = None
 
 
 @contextlib.contextmanager
-def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+def staged_dir(out: Path, overwrite: bool, replace: Optional[Callable[[Path, Path], bool]] = None) -> Iterator[Path]:
     """Yield a temporary directory beside OUT; on success it replaces OUT, on any failure it is removed.
 
     While it runs, `.OUT.lock` keeps other loraforge writers of OUT out. At the end the staging
@@ -63,6 +63,11 @@ def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     still the directory --overwrite was given for; otherwise the result is discarded with a message
     and OUT is left as it is. Staging directories of killed runs (`.OUT.partial-*` whose owner pid is
     gone) are removed first, with one line on stderr.
+
+    REPLACE, when given, decides about an OUT that exists instead of OVERWRITE: it is called with (the written
+    staging directory, OUT) and returns True to replace OUT, False to leave it as it is (the result is
+    discarded), or raises to refuse. An OS error inside the staging directory (or naming no file, as a write on
+    a full disk does) is reported as OUT's.
     """
     out = Path(os.path.abspath(out))
     try:
@@ -72,7 +77,7 @@ def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         raise LoraforgeError(f"-o {out}: {blocker} is a file, not a directory; choose another -o.") from None
     with atomic.DirLock(out):
         clean_stale(out)  # first: it may put back an OUT that a killed run had moved aside
-        check_destination(out, overwrite)
+        check_destination(out, overwrite or replace is not None)
         was = atomic.Snapshot.of(out, hold=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
@@ -80,16 +85,14 @@ def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             yield tmp
             (tmp / atomic.OWNER_FILE).unlink()
             _normalise_permissions(tmp)
-            atomic.claim(tmp, out, was)
+            if replace is None or was.ident is None or replace(tmp, out):
+                atomic.claim(tmp, out, was)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if e.filename is None and e.errno is not None:  # a write() on a full disk names no file: name OUT
+            if e.errno is not None and (e.filename is None or str(e.filename).startswith(str(tmp))):
                 raise OSError(e.errno, e.strerror, str(out)) from None
             raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already once claimed
             was.close()
 
 
@@ -125,11 +128,12 @@ def clean_stale(out: Path) -> list[str]:
 
 def _normalise_permissions(root: Path) -> None:
     # mkdtemp creates 0700 and some writers create 0600 files; give the result the permissions an
-    # ordinary mkdir/open would have under the user's umask.
+    # ordinary mkdir/open would have under the user's umask (a file made executable stays executable).
     umask = os.umask(0)
     os.umask(umask)
     for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        executable = path.is_dir() or os.stat(path).st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
 def adapter_key(module_name: str, which: str) -> str:

@@ -7,11 +7,7 @@
         reward.py        compute_score() calling loraforge's scorer (--reward), for reward.custom_reward_function
         checkpoints/     written by verl itself when the job runs (trainer.default_local_dir)
 
-The five files are written together into a staging directory beside RUN_DIR/verl and claimed in one rename
-(loraforge.core.atomic), so a failure or a kill leaves the previous job or none, never a mix. An existing
-RUN_DIR/verl holding the very same job is left as it is (its checkpoints too: running the script again continues
-it); one holding another job is replaced only with --overwrite, and never while it holds anything besides those
-five files (verl's checkpoints belong to the job that made them).
+How the directory is written and when an existing one is kept, replaced or refused: rl/verl_job.py.
 
 Supported verl: the releases in SUPPORTED_VERL (0.9.0 and 0.9.1, the newest two on PyPI). Both run DAPO from the
 pip package itself: `verl.trainer.main_ppo` composes `verl/trainer/config/ppo_trainer.yaml`, which has
@@ -49,22 +45,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from loraforge.adapters.directory import BaseModel, resolve_base
-from loraforge.adapters.writers import clean_stale
 from loraforge.core import atomic
 from loraforge.core.errors import LoraforgeError
 from loraforge.rl.config import TrainConfig
+from loraforge.rl.verl_job import REWARD_TEMPLATE, SCRIPT, put_job, write_parquet
 
 # The verl releases the hand-off is written for, oldest first; both share the key layout below (composed
 # strictly against each release's shipped config in tests/rl/test_verl_real.py). The `verl` extra in
@@ -424,60 +417,6 @@ def format_command(argv: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# data and reward files
-def _verl_prompt(example, template: str) -> list[dict]:
-    from loraforge.rl.data import DAPO_TEMPLATE
-
-    prompt = example.prompt
-    if isinstance(prompt, list):
-        return prompt
-    if example.is_question and template != "none":
-        text = DAPO_TEMPLATE if template == "dapo" else template
-        if "{question}" not in text:
-            raise LoraforgeError(
-                f"--prompt-template must be dapo, none, or a text containing {{question}}, got {template!r}"
-            )
-        prompt = text.replace("{question}", prompt)
-    return [{"role": "user", "content": prompt}]
-
-
-def write_parquet(examples, path: Path, template: str) -> None:
-    """Rows in verl's format: data_source, prompt (chat messages; verl applies the chat template),
-    reward_model.ground_truth, extra_info.index."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise LoraforgeError("--backend verl writes parquet data and needs pyarrow: pip install -e '.[train]'") from e
-    rows = [
-        {
-            "data_source": "loraforge",
-            "prompt": _verl_prompt(e, template),
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": e.ground_truth},
-            "extra_info": {"index": i},
-        }
-        for i, e in enumerate(examples)
-    ]
-    pq.write_table(pa.Table.from_pylist(rows), str(path))
-
-
-REWARD_TEMPLATE = '''"""Written by `loraforge train --backend verl`: verl's reward.custom_reward_function calling
-loraforge's scorer ({reward!r}), so the verl run scores exactly as `loraforge train` does. verl's DAPO reward
-manager adds the overlong penalty; "acc" feeds dynamic sampling (algorithm.filter_groups.metric=acc)."""
-
-from loraforge.rl.rewards import get_scorer
-
-_SCORER = get_scorer({reward!r})
-
-
-def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
-    result = _SCORER(solution_str, ground_truth)
-    return {{"score": float(result.score), "acc": bool(result.acc), "pred": str(result.pred)}}
-'''
-
-
-# ------------------------------------------------------------------------------------------------
 # the whole hand-off
 @dataclass
 class VerlLaunch:
@@ -596,125 +535,6 @@ def prepare(cfg: TrainConfig, gpus_per_node: int | None = None, nodes: int = 1, 
         notes=notes,
         unchanged=not changed,
     )
-
-
-SCRIPT = "run_verl.sh"
-# what prepare writes into RUN_DIR/verl; anything else there (verl's checkpoints/) is not loraforge's to replace
-JOB_FILES = ("train.parquet", "val.parquet", "reward.py", SCRIPT, "overrides.json")
-
-
-def _job_differences(new: Path, old: Path) -> tuple[list[str], list[str]]:
-    """(the job files of OLD that are missing or differ from NEW's, the other entries of OLD). An empty
-    checkpoints/ (a verl run that saved nothing) is not counted as another entry."""
-
-    def same(name: str) -> bool:
-        path = old / name
-        return path.is_file() and not path.is_symlink() and path.read_bytes() == (new / name).read_bytes()
-
-    differ = [name for name in JOB_FILES if not same(name)]
-    others = sorted(
-        p.name + ("/" if p.is_dir() and not p.is_symlink() else "")
-        for p in old.iterdir()
-        if p.name not in JOB_FILES
-        and not (p.name == "checkpoints" and p.is_dir() and not p.is_symlink() and not any(p.iterdir()))
-    )
-    return differ, others
-
-
-def _replaceable(new: Path, out: Path, overwrite: bool) -> bool:
-    """Whether the existing OUT may be replaced by the job staged in NEW: False when OUT already holds that very
-    job (nothing to write); raises when OUT holds anything --overwrite does not cover."""
-    differ, others = _job_differences(new, out)
-    if not differ:
-        return False
-    prepared = any(os.path.lexists(out / name) for name in JOB_FILES)
-    if others and not prepared:
-        raise LoraforgeError(
-            f"{out} holds {', '.join(others)} and no verl job written by loraforge. Nothing was "
-            "changed: choose another -o, or move those away yourself."
-        )
-    if others:
-        raise LoraforgeError(
-            f"{out} holds a verl job prepared with other settings ({', '.join(differ)} differ) and "
-            f"also {', '.join(others)}, which --overwrite never deletes (verl's checkpoints belong "
-            f"to that job). Nothing was changed: continue that job with bash {out / SCRIPT}, or "
-            "choose another -o for this one."
-        )
-    if prepared and not overwrite:
-        raise LoraforgeError(
-            f"{out} holds a verl job prepared with other settings ({', '.join(differ)} differ). "
-            "Nothing was changed: pass --overwrite to replace it with this one, or choose another -o."
-        )
-    return True
-
-
-def _made_dirs(path: Path) -> list[Path]:
-    """mkdir -p PATH; return the directories it created, deepest first (removed again if nothing is written)."""
-    missing = [p for p in [path, *path.parents] if not os.path.lexists(p)]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next(p for p in [path, *path.parents] if os.path.lexists(p) and not p.is_dir())
-        raise LoraforgeError(f"-o {path}: {blocker} is a file, not a directory; choose another -o.") from None
-    return missing
-
-
-def put_job(out: Path, write: Callable[[Path], None], overwrite: bool) -> bool:
-    """Write the job with WRITE(directory) into a staging directory beside OUT and claim it as OUT; return whether
-    OUT changed. OUT holding the same job is kept as it is; another job is replaced only with OVERWRITE, and never
-    when OUT holds anything besides JOB_FILES. A refusal or a failure leaves OUT (and what is beside it) as it was."""
-    run_dir = out.parent
-    created = _made_dirs(run_dir)
-    ours = (str(run_dir / f".{out.name}."), str(out) + os.sep)  # staging and lock names: the error names OUT
-    try:
-        with atomic.DirLock(out):
-            clean_stale(out)
-            if out.is_symlink():
-                raise LoraforgeError(
-                    f"{out} is a symlink (to {os.readlink(out)}); loraforge writes RUN_DIR/verl itself and would "
-                    "replace the link, or write through it into a directory -o does not name. Nothing was changed: "
-                    "remove the link, or choose another -o."
-                )
-            if os.path.lexists(out) and not out.is_dir():
-                raise LoraforgeError(
-                    f"{out} exists and is not a directory; expected RUN_DIR/verl to be absent or a verl job "
-                    "directory. Nothing was changed: choose another -o."
-                )
-            was = atomic.Snapshot.of(out, hold=True)
-            tmp = None
-            try:
-                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=run_dir))
-                atomic.write_owner(tmp)
-                write(tmp)
-                (tmp / atomic.OWNER_FILE).unlink()
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the files have the umask's modes
-                os.chmod(tmp / SCRIPT, 0o755)
-                if was.ident is not None and not _replaceable(tmp, out, overwrite):
-                    return False
-                atomic.claim(tmp, out, was)
-                return True
-            finally:
-                was.close()
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        _remove_empty(created)
-        if e.filename is None or str(e.filename).startswith(ours):
-            raise OSError(e.errno, e.strerror, str(out)) from None
-        raise
-    except BaseException:
-        _remove_empty(created)
-        raise
-
-
-def _remove_empty(dirs: list[Path]) -> None:
-    for d in dirs:  # deepest first
-        try:
-            d.rmdir()
-        except OSError:
-            return
 
 
 def launch(prepared: VerlLaunch, echo: Callable[[str], None] = print) -> int:
